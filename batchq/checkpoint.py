@@ -1,0 +1,198 @@
+"""The state folder ``<output>.batchq/``: a manifest and append-only result shards.
+
+    manifest.json          what the results belong to: the input's digest and row count,
+                           and the request settings that change answers
+    lock                   held (flock) by the running process
+    shards/000001.parquet  finished rows (SHARD_SCHEMA), each shard written atomically:
+                           temp file, fsync, rename, fsync of the folder
+
+A crash at any instant leaves only whole shards. A row may appear in several shards
+(``--retry-errors`` answers it again); the shard with the highest number wins.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from batchq.config import Job
+from batchq.errors import RunStopped, UsageError
+from batchq.io.preflight import InputInfo
+from batchq.io.schema import SHARD_SCHEMA
+
+__all__ = ["StateDir", "manifest_for", "write_atomic"]
+
+VERSION = 1
+
+
+def manifest_for(job: Job, info: InputInfo) -> dict[str, Any]:
+    """What a state folder records about the job it belongs to."""
+    r = job.request
+    return {
+        "version": VERSION,
+        "input": str(info.path),
+        "input_digest": info.digest,
+        "input_rows": info.total_rows,
+        "id_column": info.id_column,
+        "request": {
+            "model": r.model,
+            "system": r.system,
+            "template": r.template,
+            "max_tokens": r.max_tokens,
+            "temperature": r.temperature,
+            "params": r.params,
+        },
+    }
+
+
+class StateDir:
+    """One job's checkpoint folder, locked by this process while open."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.shards = path / "shards"
+        self._lock: int | None = None
+        self._next_seq: int | None = None
+
+    @classmethod
+    def open(cls, job: Job, info: InputInfo, *, restart: bool = False) -> StateDir:
+        """Open (creating, or checking against the job) and lock the job's state folder."""
+        state = cls(job.state_dir)
+        state.shards.mkdir(parents=True, exist_ok=True)
+        state._acquire_lock()
+        wanted = manifest_for(job, info)
+        manifest = state.path / "manifest.json"
+        if manifest.exists() and restart:
+            state.clear()
+        elif manifest.exists():
+            _refuse_changes(orjson.loads(manifest.read_bytes()), wanted, job)
+        if not manifest.exists():
+            write_atomic(
+                manifest, lambda f: f.write(orjson.dumps(wanted, option=orjson.OPT_INDENT_2))
+            )
+        return state
+
+    def _acquire_lock(self) -> None:
+        fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UsageError(
+                f"another batchq run is using {self.path}: wait for it to finish "
+                "(or stop it) before running this job again"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock = fd
+
+    def close(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def clear(self) -> None:
+        """Forget every finished row (``--restart``)."""
+        for shard in self.shard_paths():
+            shard.unlink()
+        self._next_seq = None
+        (self.path / "manifest.json").unlink(missing_ok=True)
+
+    def remove(self) -> None:
+        """Delete the folder (after a verified merge)."""
+        self.close()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def shard_paths(self) -> list[Path]:
+        """Whole shards in the order they were written (temp files are ignored)."""
+        return sorted(self.shards.glob("[0-9]*.parquet"))
+
+    def done_mask(self, total_rows: int, *, retry_errors: bool = False) -> bytearray:
+        """One byte a row: 1 where a finished result is on disk (``ok`` only, with
+        ``retry_errors``). Reads just the ``_row`` and ``status`` columns."""
+        done = bytearray(total_rows)
+        for _, table in self.iter_shards(columns=["_row", "status"]):
+            rows = table.column("_row")
+            if retry_errors:
+                # A later shard may hold an error for a row an earlier one had ok: rows
+                # flagged error are cleared so only their latest state counts.
+                for row, status in zip(rows.to_pylist(), table.column("status").to_pylist(), strict=True):
+                    done[row] = status == "ok"
+            else:
+                for row in rows.to_pylist():
+                    done[row] = 1
+        return done
+
+    def iter_shards(self, *, columns: list[str] | None = None) -> Iterator[tuple[int, pa.Table]]:
+        """``(sequence number, table)`` for every shard, oldest first."""
+        for path in self.shard_paths():
+            yield int(path.stem), pq.read_table(path, columns=columns)
+
+    def write_shard(self, rows: list[dict[str, Any]]) -> Path:
+        """Write finished rows as the next shard, atomically. RunStopped on a disk error."""
+        if self._next_seq is None:
+            paths = self.shard_paths()
+            self._next_seq = int(paths[-1].stem) + 1 if paths else 1
+        path = self.shards / f"{self._next_seq:06d}.parquet"
+        table = pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
+        try:
+            write_atomic(path, lambda f: pq.write_table(table, f))
+        except OSError as e:
+            raise RunStopped(
+                f"cannot write to the state folder {self.path}: {e.strerror}. What was "
+                "flushed before is safe: free some space or fix permissions, then rerun "
+                "the same command to resume"
+            ) from None
+        self._next_seq += 1
+        return path
+
+    def max_attempts_by_row(self) -> dict[int, int]:
+        """Attempts made so far for rows whose latest result is an error."""
+        attempts: dict[int, int] = {}
+        for _, table in self.iter_shards(columns=["_row", "status", "attempts"]):
+            errors = table.filter(pc.equal(table.column("status"), "error"))
+            rows, counts = errors.column("_row"), errors.column("attempts")
+            for row, n in zip(rows.to_pylist(), counts.to_pylist(), strict=True):
+                attempts[row] = n or 0
+        return attempts
+
+
+def _refuse_changes(old: dict[str, Any], new: dict[str, Any], job: Job) -> None:
+    changed = []
+    if old.get("input_digest") != new["input_digest"]:
+        changed.append(f"the input file ({old.get('input')} has changed)")
+    for key, value in new["request"].items():
+        if old.get("request", {}).get(key) != value:
+            changed.append(f"{key} (was {old.get('request', {}).get(key)!r}, now {value!r})")
+    if old.get("id_column") != new["id_column"] and not changed:
+        changed.append("the id column")
+    if changed:
+        raise UsageError(
+            f"{job.state_dir} holds results of a different job; changed: {'; '.join(changed)}. "
+            "Rerun with --restart to throw those results away and start over, "
+            "or undo the change to resume"
+        )
+
+
+def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write a file so that a crash leaves either the old one or the whole new one."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    with tmp.open("wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

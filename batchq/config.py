@@ -1,0 +1,245 @@
+"""Job settings: frozen dataclasses, loaded from a TOML job file with flag overrides.
+
+A job is the input and output paths, the request settings and the limits. Every key of
+the job file can be overridden by a flag (see ``batchq run --help``); a job can be given
+by flags alone. Provider presets fill in the base URL and the key's variable name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from batchq.errors import UsageError
+
+__all__ = ["PRESETS", "Job", "Limits", "Preset", "RequestSettings", "load_job"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    base_url: str | None
+    api_key_env: str | None
+
+
+# Base URLs: Alibaba Cloud Model Studio, "OpenAI compatible - Chat"
+# (alibabacloud.com/help/en/model-studio/compatibility-of-openai-with-dashscope,
+# last updated 2026-03-18): Singapore dashscope-intl, China (Beijing) dashscope.
+PRESETS: dict[str, Preset] = {
+    "dashscope-intl": Preset(
+        "https://dashscope-intl.aliyuncs.com/compatible-mode/v1", "DASHSCOPE_API_KEY"
+    ),
+    "dashscope": Preset("https://dashscope.aliyuncs.com/compatible-mode/v1", "DASHSCOPE_API_KEY"),
+    "openai": Preset("https://api.openai.com/v1", "OPENAI_API_KEY"),
+    "custom": Preset(None, None),
+}
+
+
+@dataclass(frozen=True)
+class RequestSettings:
+    """What each request is made of. ``params`` holds every other body field, passed through."""
+
+    provider: str = "dashscope-intl"
+    base_url: str | None = None
+    api_key_env: str | None = None
+    model: str | None = None
+    system: str | None = None
+    template: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        """The base URL: the one set, else the preset's."""
+        url = self.base_url or PRESETS[self.provider].base_url
+        if not url:
+            raise UsageError(
+                "provider 'custom' needs a base_url: set it in [request] or --base-url"
+            )
+        return url.rstrip("/")
+
+    @property
+    def key_env(self) -> str | None:
+        """The name of the environment variable holding the key, or None for no key."""
+        return self.api_key_env or PRESETS[self.provider].api_key_env
+
+    def api_key(self) -> str | None:
+        """Read the key from the environment. Raises UsageError when it is named but unset."""
+        name = self.key_env
+        if name is None:
+            return None
+        key = os.environ.get(name)
+        if not key:
+            raise UsageError(
+                f"the API key variable {name} is not set: export {name}=... "
+                "(or name another variable with api_key_env / --api-key-env, "
+                "or rehearse with --simulate)"
+            )
+        return key
+
+    def fingerprint(self) -> str:
+        """A hash of every setting that changes what a row's answer is (not where it is sent)."""
+        what = {
+            "model": self.model,
+            "system": self.system,
+            "template": self.template,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "params": self.params,
+        }
+        return hashlib.sha256(orjson.dumps(what, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Client-side limits. None means no limit of that kind."""
+
+    qps: float | None = None
+    qpm: float | None = None
+    tpm: float | None = None
+    concurrency: int = 64
+    max_attempts: int = 8
+    timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    input: Path
+    output: Path
+    request: RequestSettings
+    limits: Limits
+    id_column: str | None = None
+
+    @property
+    def state_dir(self) -> Path:
+        """The checkpoint folder beside the output: ``<output>.batchq/``."""
+        return self.output.with_name(self.output.name + ".batchq")
+
+
+_TOP_KEYS = {"name", "input", "output", "id_column"}
+_REQUEST_KEYS = {f.name for f in fields(RequestSettings)} - {"params"}
+_LIMIT_KEYS = {f.name for f in fields(Limits)}
+_TYPES: dict[str, tuple[type, ...]] = {
+    "name": (str,),
+    "input": (str,),
+    "output": (str,),
+    "id_column": (str,),
+    "provider": (str,),
+    "base_url": (str,),
+    "api_key_env": (str,),
+    "model": (str,),
+    "system": (str,),
+    "template": (str,),
+    "max_tokens": (int,),
+    "temperature": (int, float),
+    "qps": (int, float),
+    "qpm": (int, float),
+    "tpm": (int, float),
+    "concurrency": (int,),
+    "max_attempts": (int,),
+    "timeout_s": (int, float),
+}
+
+
+def load_job(path: str | Path | None, *, overrides: dict[str, Any] | None = None) -> Job:
+    """Read a job file (or none) and apply flag overrides, checking every key and type.
+
+    ``overrides`` uses the job file's key names (``timeout_s``, not ``timeout``) plus
+    ``params`` for extra request fields. Relative paths are taken from the current folder.
+
+    >>> load_job(None, overrides={"input": "in.jsonl", "model": "qwen-plus"}).output
+    PosixPath('in.batchq.parquet')
+    """
+    raw = _read_toml(Path(path)) if path is not None else {}
+    flat, params = _flatten(raw, source=str(path) if path else "flags")
+    for key, value in (overrides or {}).items():
+        if key == "params":
+            params.update(value)
+        elif value is not None:
+            flat[key] = value
+    for key, value in flat.items():
+        _check_type(key, value, source=str(path) if path else "flags")
+    return _build(flat, params, default_name=Path(path).stem if path else None)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"job file {path} does not exist: check the path") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"job file {path} is not valid TOML: {e}") from None
+
+
+def _flatten(raw: dict[str, Any], *, source: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    flat: dict[str, Any] = {}
+    params: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "request" and isinstance(value, dict):
+            for k, v in value.items():
+                (flat if k in _REQUEST_KEYS else params)[k] = v
+        elif key == "limits" and isinstance(value, dict):
+            for k, v in value.items():
+                if k not in _LIMIT_KEYS:
+                    known = ", ".join(sorted(_LIMIT_KEYS))
+                    raise UsageError(f"{source}: unknown key [limits].{k}; known: {known}")
+                flat[k] = v
+        elif key in _TOP_KEYS:
+            flat[key] = value
+        else:
+            known = ", ".join(sorted(_TOP_KEYS | {"[request]", "[limits]"}))
+            raise UsageError(f"{source}: unknown key {key!r}; known: {known}")
+    return flat, params
+
+
+def _check_type(key: str, value: Any, *, source: str) -> None:
+    types = _TYPES.get(key)
+    if types is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, types):
+        want = " or ".join(t.__name__ for t in types)
+        raise UsageError(f"{source}: {key} must be {want}, not {value!r}")
+    if isinstance(value, int | float) and (
+        (value <= 0 and key != "temperature") or math.isnan(value)
+    ):
+        raise UsageError(f"{source}: {key} must be positive, not {value!r}")
+
+
+def _build(flat: dict[str, Any], params: dict[str, Any], *, default_name: str | None) -> Job:
+    if "input" not in flat:
+        raise UsageError("no input: set input in the job file or pass --input FILE")
+    provider = flat.get("provider") or ("custom" if flat.get("base_url") else "dashscope-intl")
+    if provider not in PRESETS:
+        raise UsageError(f"unknown provider {provider!r}; choose one of {', '.join(PRESETS)}")
+    request = RequestSettings(
+        provider=provider,
+        **{k: flat[k] for k in _REQUEST_KEYS - {"provider"} if k in flat},
+        params=params,
+    )
+    limits = Limits(**{k: flat[k] for k in _LIMIT_KEYS if k in flat})
+    if limits.max_attempts < 1:
+        raise UsageError("max_attempts must be at least 1")
+    input_path = Path(flat["input"])
+    output = Path(flat.get("output") or _default_output(input_path))
+    name = flat.get("name") or default_name or input_path.stem
+    return Job(name, input_path, output, request, limits, flat.get("id_column"))
+
+
+def _default_output(input_path: Path) -> Path:
+    stem = input_path.name.split(".")[0]
+    return input_path.with_name(f"{stem}.batchq.parquet")
+
+
+def with_base_url(job: Job, base_url: str, *, api_key_env: str | None = None) -> Job:
+    """The same job pointed at another endpoint (used by ``--simulate``)."""
+    request = replace(job.request, provider="custom", base_url=base_url, api_key_env=api_key_env)
+    return replace(job, request=request)

@@ -1,0 +1,184 @@
+"""One pass over the whole input before anything is sent.
+
+It finds every problem that can be found up front (unreadable file, bad JSON line, a row
+that cannot become a request, missing or duplicate ids, a request larger than the TPM
+limit, an input column that clashes with an output column) and learns what the output
+needs: the row count, the input's columns and their types, and the input's digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from batchq.config import Job
+from batchq.errors import InputError, UsageError
+from batchq.io.reader import InputBatch, input_format, read_batches
+from batchq.io.schema import RESULT_COLUMNS, ColumnKinds
+from batchq.request import RowProblem, build_body, estimate_tokens
+
+__all__ = ["InputInfo", "preflight", "request_tokens", "row_id"]
+
+#: The column written when the input has no id column: the row's 0-based position.
+ROW_COLUMN = "row"
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    """What the preflight pass learnt about the input."""
+
+    path: Path
+    format: str
+    total_rows: int
+    #: Input columns in order, each with its Arrow type (None: kept as JSON text).
+    columns: tuple[tuple[str, pa.DataType | None], ...]
+    #: The id column, or None when rows are identified by position (``row``).
+    id_column: str | None
+    digest: str
+
+
+def request_tokens(body: dict[str, Any]) -> int:
+    """Tokens one request may use at most: its prompt estimate plus its completion cap."""
+    cap = body.get("max_tokens") or body.get("max_completion_tokens") or 0
+    return estimate_tokens(body) + (cap if isinstance(cap, int) else 0)
+
+
+def row_id(row: dict[str, Any], id_column: str | None, index: int) -> str:
+    """A row's id as text: its id column's value, else its position."""
+    return str(index) if id_column is None else str(row[id_column])
+
+
+def preflight(job: Job) -> InputInfo:
+    """Check the whole input and the output path. Raises InputError / UsageError."""
+    _check_output(job.output)
+    path = job.input
+    fmt = input_format(path)
+    kinds = ColumnKinds()
+    ids = _IdChecker(path)
+    id_column = job.id_column
+    total = 0
+    parquet_schema: pa.Schema | None = None
+    for batch in read_batches(path):
+        if total == 0:
+            id_column = id_column or _default_id_column(batch.rows[0])
+        if batch.arrow is not None:
+            parquet_schema = batch.arrow.schema
+        else:
+            for row in batch.rows:
+                kinds.add(row)
+        _check_rows(batch, job, id_column, ids)
+        total += len(batch.rows)
+    if total == 0:
+        raise InputError("the input has no rows: it is empty", path=str(path))
+    ids.verify(id_column)
+    if parquet_schema is not None:
+        columns = tuple((f.name, f.type) for f in parquet_schema)
+    else:
+        columns = tuple((name, kinds.arrow_type(name)) for name in kinds.kinds)
+    _check_clash([name for name, _ in columns], id_column, path)
+    return InputInfo(path, fmt, total, columns, id_column, _digest(path))
+
+
+def _default_id_column(first: dict[str, Any]) -> str | None:
+    if "custom_id" in first and isinstance(first.get("body"), dict):
+        return "custom_id"
+    return "id" if "id" in first else None
+
+
+def _check_rows(batch: InputBatch, job: Job, id_column: str | None, ids: _IdChecker) -> None:
+    path = str(job.input)
+    tpm = job.limits.tpm
+    for i, row in enumerate(batch.rows):
+        try:
+            body = build_body(row, job.request)
+        except RowProblem as e:
+            raise InputError(str(e), path=path, column=e.column, **batch.where(i)) from None
+        if tpm and (need := request_tokens(body)) > tpm:
+            raise InputError(
+                f"this request may use about {need:,} tokens, more than the whole TPM limit "
+                f"({tpm:,.0f}), so it could never be sent: raise tpm, lower max_tokens, "
+                "or shorten the row",
+                path=path,
+                **batch.where(i),
+            )
+        if id_column is not None:
+            value = row.get(id_column)
+            if value is None:
+                raise InputError(
+                    f"the id column {id_column!r} is missing or null: every row needs an id "
+                    "(or set id_column to another column)",
+                    path=path,
+                    column=id_column,
+                    **batch.where(i),
+                )
+            ids.add(str(value), batch.start + i)
+
+
+class _IdChecker:
+    """Duplicate-id detection in flat memory: 8 bytes a row, exact on a second look."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._hashes = array("q")
+
+    def add(self, value: str, index: int) -> None:
+        self._hashes.append(hash(value))
+
+    def verify(self, id_column: str | None) -> None:
+        n = len(self._hashes)
+        hashes = pa.Array.from_buffers(pa.int64(), n, [None, pa.py_buffer(self._hashes)])
+        if id_column is None or pc.count_distinct(hashes).as_py() == n:
+            return
+        seen: dict[str, int] = {}
+        for batch in read_batches(self._path):
+            for i, row in enumerate(batch.rows):
+                value = str(row[id_column])
+                where = batch.where(i)
+                label = next(iter(where))
+                if value in seen:
+                    raise InputError(
+                        f"duplicate id {value!r} (also at {label} {seen[value]}): "
+                        "ids must be unique so each row's answer can be found again",
+                        path=str(self._path),
+                        column=id_column,
+                        **where,
+                    )
+                seen[value] = where[label]
+
+
+def _check_clash(columns: list[str], id_column: str | None, path: Path) -> None:
+    for name in columns:
+        if name in RESULT_COLUMNS and name != "model":
+            raise InputError(
+                f"the input column {name!r} clashes with the output column of that name: "
+                "rename it in the input",
+                path=str(path),
+                column=name,
+            )
+    if id_column is None and ROW_COLUMN in columns:
+        raise InputError(
+            f"the input has a {ROW_COLUMN!r} column but no id column, and batchq writes the "
+            f"row number as {ROW_COLUMN!r}: set id_column (or --id-column) to a unique column",
+            path=str(path),
+            column=ROW_COLUMN,
+        )
+
+
+def _check_output(output: Path) -> None:
+    folder = output.parent if str(output.parent) else Path(".")
+    if not folder.is_dir():
+        raise UsageError(f"the output folder {folder} does not exist: create it first")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"the output folder {folder} is not writable: choose another output")
+
+
+def _digest(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:32]

@@ -1,0 +1,103 @@
+"""The output's columns: the result columns of SPEC, and how input columns are typed.
+
+Parquet input keeps its Arrow types. JSONL input is typed from what the whole file holds
+(found by the preflight pass): integers, floats, booleans and strings become those types;
+objects, lists and columns of mixed kinds are kept as JSON text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+import pyarrow as pa
+
+__all__ = [
+    "RESULT_SCHEMA",
+    "SHARD_SCHEMA",
+    "ColumnKinds",
+    "input_arrays",
+]
+
+RESULT_SCHEMA = pa.schema(
+    [
+        ("status", pa.string()),
+        ("response", pa.string()),
+        ("reasoning", pa.string()),
+        ("tool_calls", pa.string()),
+        ("finish_reason", pa.string()),
+        ("choices", pa.list_(pa.string())),
+        ("model", pa.string()),
+        ("response_model", pa.string()),
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("total_tokens", pa.int64()),
+        ("cached_tokens", pa.int64()),
+        ("reasoning_tokens", pa.int64()),
+        ("request_id", pa.string()),
+        ("attempts", pa.int32()),
+        ("latency_ms", pa.float64()),
+        ("http_status", pa.int32()),
+        ("error_type", pa.string()),
+        ("error_code", pa.string()),
+        ("error_message", pa.string()),
+    ]
+)
+#: A checkpoint shard: the input position, the id as text, and the result columns.
+SHARD_SCHEMA = pa.schema([("_row", pa.int64()), ("_id", pa.string()), *RESULT_SCHEMA])
+RESULT_COLUMNS = frozenset(RESULT_SCHEMA.names)
+
+
+class ColumnKinds:
+    """Which kinds of JSON value each column holds, in first-seen column order."""
+
+    def __init__(self) -> None:
+        self.kinds: dict[str, set[str]] = {}
+
+    def add(self, row: dict[str, Any]) -> None:
+        for name, value in row.items():
+            kinds = self.kinds.setdefault(name, set())
+            if value is not None:
+                kinds.add(_kind(value))
+
+    def arrow_type(self, name: str) -> pa.DataType | None:
+        """The column's Arrow type, or None when it is kept as JSON text."""
+        kinds = self.kinds[name]
+        if kinds <= {"int"} or kinds == {"int", "float"} or kinds == {"float"}:
+            return pa.float64() if "float" in kinds else pa.int64()
+        if kinds in ({"bool"}, {"str"}):
+            return pa.bool_() if "bool" in kinds else pa.string()
+        return None
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int" if -(2**63) <= value < 2**63 else "big"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "str"
+    return "json"
+
+
+def input_arrays(
+    rows: list[dict[str, Any]], columns: Iterable[tuple[str, pa.DataType | None]]
+) -> list[pa.Array]:
+    """Arrow arrays for JSONL rows, one per ``(name, type)``; type None means JSON text."""
+    arrays = []
+    for name, type_ in columns:
+        values = [row.get(name) for row in rows]
+        if type_ is None:
+            arrays.append(pa.array([_json_text(v) for v in values], pa.string()))
+        else:
+            arrays.append(pa.array(values, type_))
+    return arrays
+
+
+def _json_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return orjson.dumps(value).decode()

@@ -1,0 +1,116 @@
+"""Merge the state folder's shards with the input into the one output Parquet file.
+
+The input is read again in order, a block of rows at a time; for each block the results
+for exactly those rows are read from the shards that hold any (found from each shard's
+``_row`` range), so memory stays flat in the row count. The file is written beside the
+output and renamed over it: a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from batchq.checkpoint import StateDir, write_atomic
+from batchq.io.preflight import ROW_COLUMN, InputInfo
+from batchq.io.reader import InputBatch, read_batches
+from batchq.io.schema import RESULT_SCHEMA, input_arrays
+
+__all__ = ["MergeCounts", "merge_output", "missing_rows"]
+
+BLOCK = 65_536
+
+
+@dataclass(frozen=True)
+class MergeCounts:
+    rows: int
+    statuses: dict[str, int]
+
+
+@dataclass(frozen=True)
+class _Shard:
+    seq: int
+    path: Path
+    low: int
+    high: int
+
+
+def missing_rows(done: bytearray) -> int:
+    return len(done) - sum(done)
+
+
+def merge_output(state: StateDir, info: InputInfo, output: Path) -> MergeCounts:
+    """Write ``output`` from the input and the shards. Every row must have a result."""
+    shards = _index(state)
+    schema = _output_schema(info)
+    statuses: Counter[str] = Counter()
+
+    def write(f: object) -> None:
+        with pq.ParquetWriter(f, schema) as writer:
+            for batch in read_batches(info.path, batch_size=BLOCK):
+                results = _results_for(shards, batch.start, len(batch.rows))
+                statuses.update(results.column("status").to_pylist())
+                writer.write_table(_assemble(batch, results, info, schema))
+
+    write_atomic(output, write)
+    return MergeCounts(sum(statuses.values()), dict(statuses))
+
+
+def _index(state: StateDir) -> list[_Shard]:
+    shards = []
+    for seq, table in state.iter_shards(columns=["_row"]):
+        rows = table.column("_row")
+        if len(rows):
+            low, high = pc.min_max(rows).values()
+            shards.append(
+                _Shard(seq, state.shards / f"{seq:06d}.parquet", low.as_py(), high.as_py())
+            )
+    return shards
+
+
+def _results_for(shards: list[_Shard], start: int, count: int) -> pa.Table:
+    end = start + count
+    parts = []
+    for shard in shards:
+        if shard.high >= start and shard.low < end:
+            table = pq.read_table(shard.path, filters=[("_row", ">=", start), ("_row", "<", end)])
+            parts.append(pl.from_arrow(table).with_columns(pl.lit(shard.seq).alias("_seq")))
+    if not parts:
+        raise RuntimeError(f"no results for rows {start}..{end - 1}")
+    merged = (
+        pl.concat(parts, how="vertical_relaxed")
+        .sort(["_row", "_seq"])
+        .unique("_row", keep="last", maintain_order=True)
+    )
+    if merged.height != count:
+        raise RuntimeError(f"rows {start}..{end - 1}: {merged.height} results for {count} rows")
+    return merged.to_arrow().select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA)
+
+
+def _output_schema(info: InputInfo) -> pa.Schema:
+    fields: list[pa.Field] = []
+    if info.id_column is None:
+        fields.append(pa.field(ROW_COLUMN, pa.int64()))
+    for name, type_ in info.columns:
+        if name != "model":
+            fields.append(pa.field(name, type_ if type_ is not None else pa.string()))
+    return pa.schema([*fields, *RESULT_SCHEMA])
+
+
+def _assemble(batch: InputBatch, results: pa.Table, info: InputInfo, schema: pa.Schema) -> pa.Table:
+    columns: list[pa.Array | pa.ChunkedArray] = []
+    if info.id_column is None:
+        columns.append(pa.array(range(batch.start, batch.start + len(batch.rows)), pa.int64()))
+    kept = [(name, type_) for name, type_ in info.columns if name != "model"]
+    if batch.arrow is not None:
+        columns.extend(batch.arrow.column(name) for name, _ in kept)
+    else:
+        columns.extend(input_arrays(batch.rows, kept))
+    columns.extend(results.columns)
+    return pa.Table.from_arrays(columns, schema=schema)

@@ -1,0 +1,239 @@
+"""The pipeline of one run:
+
+    input ──feed──▶ items (bounded stream) ──N workers──▶ journal ──every second──▶ shards
+                                                                                     │
+                                                output.parquet ◀──merge at the end───┘
+
+One task group; a fixed pool of workers (``limits.concurrency``), never a task per row;
+a bounded memory object stream gives back-pressure, so memory is flat in the row count.
+Workers hand finished rows to the journal without awaiting, and the journal is flushed
+at least once a second and whenever the run stops, so a killed run loses none of them.
+Observation goes out as events; nothing here prints.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+
+from batchq.checkpoint import StateDir
+from batchq.client import Client
+from batchq.config import Job
+from batchq.errors import BatchqError
+from batchq.events import Flushed, Notice, RowFinished, RunFinished, RunStarted, Sink, discard
+from batchq.io.preflight import InputInfo, preflight, request_tokens, row_id
+from batchq.io.reader import read_batches
+from batchq.io.writer import merge_output
+from batchq.limiter import Pacer, RatePacer
+from batchq.request import build_body
+from batchq.work import Item, answer
+
+__all__ = ["FLUSH_EVERY_S", "RunSummary", "run_job"]
+
+FLUSH_EVERY_S = 1.0
+FLUSH_MAX_ROWS = 10_000
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    output: Path
+    total: int
+    ok: int
+    error: int
+    #: Rows answered by this run (not counting rows resumed from the state folder).
+    sent: int
+    elapsed_s: float
+    already_complete: bool
+
+
+async def run_job(
+    job: Job,
+    *,
+    api_key: str | None,
+    sink: Sink = discard,
+    transport: httpx.AsyncBaseTransport | None = None,
+    pacer: Pacer | None = None,
+    restart: bool = False,
+    retry_errors: bool = False,
+    keep_state: bool = False,
+    seed: int | None = None,
+) -> RunSummary:
+    """Run (or resume) ``job`` to its output file. Raises a BatchqError subclass."""
+    started = time.monotonic()
+    info = preflight(job)
+    state = StateDir.open(job, info, restart=restart)
+    try:
+        if job.output.exists() and not state.shard_paths() and not restart:
+            sink(Notice(f"{job.output} is complete already: nothing to send"))
+            return _finish(sink, job, info, ok_error=None, sent=0, started=started, done=True)
+        done = state.done_mask(info.total_rows, retry_errors=retry_errors)
+        todo = info.total_rows - sum(done)
+        sink(RunStarted(job.name, info.total_rows, todo, job.output))
+        if todo < info.total_rows:
+            sink(Notice(f"resuming: {info.total_rows - todo:,} rows already done"))
+        if todo:
+            prior = state.max_attempts_by_row() if retry_errors else {}
+            await _send_all(
+                job, info, state, done, prior,
+                api_key=api_key, sink=sink, transport=transport,
+                pacer=pacer or RatePacer(job.limits), rng=random.Random(seed),
+            )  # fmt: skip
+        counts = merge_output(state, info, job.output)
+        if not keep_state:
+            state.remove()
+        ok_error = (counts.statuses.get("ok", 0), counts.statuses.get("error", 0))
+        return _finish(sink, job, info, ok_error=ok_error, sent=todo, started=started, done=False)
+    finally:
+        state.close()
+
+
+def _finish(
+    sink: Sink,
+    job: Job,
+    info: InputInfo,
+    *,
+    ok_error: tuple[int, int] | None,
+    sent: int,
+    started: float,
+    done: bool,
+) -> RunSummary:
+    if ok_error is None:
+        ok_error = _count_statuses(job.output)
+    summary = RunSummary(
+        job.output, info.total_rows, *ok_error, sent, time.monotonic() - started, done
+    )
+    sink(RunFinished(summary.output, summary.total, summary.ok, summary.error, sent,
+                     summary.elapsed_s, done))  # fmt: skip
+    return summary
+
+
+def _count_statuses(output: Path) -> tuple[int, int]:
+    import pyarrow.parquet as pq
+
+    statuses = pq.read_table(output, columns=["status"]).column("status").to_pylist()
+    return statuses.count("ok"), statuses.count("error")
+
+
+async def _send_all(
+    job: Job,
+    info: InputInfo,
+    state: StateDir,
+    done: bytearray,
+    prior: dict[int, int],
+    *,
+    api_key: str | None,
+    sink: Sink,
+    transport: httpx.AsyncBaseTransport | None,
+    pacer: Pacer,
+    rng: random.Random,
+) -> None:
+    limits = job.limits
+    workers = max(1, min(limits.concurrency, info.total_rows))
+    items_send, items_recv = anyio.create_memory_object_stream[Item](workers)
+    client = Client(job.request.url, api_key=api_key, timeout_s=limits.timeout_s,
+                    max_connections=workers, transport=transport)  # fmt: skip
+    journal = Journal(state, sink)
+    try:
+        async with client, anyio.create_task_group() as tg:
+            tg.start_soon(_tick, journal)
+            async with anyio.create_task_group() as pool:
+                pool.start_soon(_feed, job, info, done, prior, items_send)
+                async with items_recv:
+                    for _ in range(workers):
+                        pool.start_soon(
+                            _work, items_recv.clone(), journal, client, pacer,
+                            limits.max_attempts, sink, rng,
+                        )  # fmt: skip
+            tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise _first_batchq_error(group) from None
+    finally:
+        journal.flush()
+
+
+def _first_batchq_error(group: BaseExceptionGroup[Any]) -> BaseException:
+    matched, _ = group.split(BatchqError)
+    if matched is None:
+        return group
+    first: BaseException = matched
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first
+
+
+class Journal:
+    """Finished rows on their way to a shard.
+
+    Workers add rows synchronously (no await, so a row that came back is never lost to
+    a cancellation); ``flush`` writes them as one atomic shard.
+    """
+
+    def __init__(self, state: StateDir, sink: Sink) -> None:
+        self._state = state
+        self._sink = sink
+        self._rows: list[dict[str, Any]] = []
+
+    def add(self, row: dict[str, Any]) -> None:
+        self._rows.append(row)
+        if len(self._rows) >= FLUSH_MAX_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._rows:
+            rows, self._rows = self._rows, []
+            self._state.write_shard(rows)
+            self._sink(Flushed(len(rows)))
+
+
+async def _tick(journal: Journal) -> None:
+    """Flush at least every FLUSH_EVERY_S while the run goes on."""
+    while True:
+        await anyio.sleep(FLUSH_EVERY_S)
+        journal.flush()
+
+
+async def _feed(
+    job: Job,
+    info: InputInfo,
+    done: bytearray,
+    prior: dict[int, int],
+    items: ObjectSendStream[Item],
+) -> None:
+    async with items:
+        for batch in read_batches(info.path):
+            for i, row in enumerate(batch.rows):
+                index = batch.start + i
+                if done[index]:
+                    continue
+                body = build_body(row, job.request)
+                ident = row_id(row, info.id_column, index)
+                await items.send(
+                    Item(index, ident, body, request_tokens(body), prior.get(index, 0))
+                )
+
+
+async def _work(
+    items: ObjectReceiveStream[Item],
+    journal: Journal,
+    client: Client,
+    pacer: Pacer,
+    max_attempts: int,
+    sink: Sink,
+    rng: random.Random,
+) -> None:
+    async with items:
+        async for item in items:
+            row = await answer(
+                item, client=client, pacer=pacer, max_attempts=max_attempts,
+                emit=sink, sleep=anyio.sleep, rng=rng,
+            )  # fmt: skip
+            journal.add(row)
+            tokens = (row.get("prompt_tokens") or 0, row.get("completion_tokens") or 0)
+            sink(RowFinished(row["status"], row["attempts"], *tokens))
