@@ -21,7 +21,6 @@ from typing import Any, BinaryIO
 
 import orjson
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchq.config import Job
@@ -69,17 +68,22 @@ class StateDir:
         state = cls(job.state_dir)
         state.shards.mkdir(parents=True, exist_ok=True)
         state._acquire_lock()
-        wanted = manifest_for(job, info)
-        manifest = state.path / "manifest.json"
+        try:
+            state._check_manifest(manifest_for(job, info), job, restart=restart)
+        except BaseException:
+            state.close()
+            raise
+        return state
+
+    def _check_manifest(self, wanted: dict[str, Any], job: Job, *, restart: bool) -> None:
+        manifest = self.path / "manifest.json"
         if manifest.exists() and restart:
-            state.clear()
+            self.clear()
         elif manifest.exists():
             _refuse_changes(orjson.loads(manifest.read_bytes()), wanted, job)
         if not manifest.exists():
-            write_atomic(
-                manifest, lambda f: f.write(orjson.dumps(wanted, option=orjson.OPT_INDENT_2))
-            )
-        return state
+            text = orjson.dumps(wanted, option=orjson.OPT_INDENT_2)
+            write_atomic(manifest, lambda f: f.write(text))
 
     def _acquire_lock(self) -> None:
         fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -125,7 +129,8 @@ class StateDir:
             if retry_errors:
                 # A later shard may hold an error for a row an earlier one had ok: rows
                 # flagged error are cleared so only their latest state counts.
-                for row, status in zip(rows.to_pylist(), table.column("status").to_pylist(), strict=True):
+                statuses = table.column("status").to_pylist()
+                for row, status in zip(rows.to_pylist(), statuses, strict=True):
                     done[row] = status == "ok"
             else:
                 for row in rows.to_pylist():
@@ -159,10 +164,12 @@ class StateDir:
         """Attempts made so far for rows whose latest result is an error."""
         attempts: dict[int, int] = {}
         for _, table in self.iter_shards(columns=["_row", "status", "attempts"]):
-            errors = table.filter(pc.equal(table.column("status"), "error"))
-            rows, counts = errors.column("_row"), errors.column("attempts")
-            for row, n in zip(rows.to_pylist(), counts.to_pylist(), strict=True):
-                attempts[row] = n or 0
+            columns = (table.column(c).to_pylist() for c in ("_row", "status", "attempts"))
+            for row, status, n in zip(*columns, strict=True):
+                if status == "error":
+                    attempts[row] = n or 0
+                else:
+                    attempts.pop(row, None)
         return attempts
 
 

@@ -102,6 +102,8 @@ def _messages(row: dict[str, Any], settings: RequestSettings) -> list[dict[str, 
     if settings.template is not None:
         try:
             text = settings.template.format_map(_Columns(row))
+        except RowProblem:
+            raise
         except (IndexError, AttributeError, TypeError, ValueError) as e:
             raise RowProblem(f"the template cannot be filled from this row: {e}") from None
         messages: list[dict[str, Any]] = [{"role": "user", "content": text}]

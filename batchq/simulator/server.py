@@ -5,7 +5,8 @@ Content is a deterministic function of the request: the reply to a conversation 
 *its* answer. Usage counts words (one token a word, three more a message); ``max_tokens``
 truncates the reply and gives ``finish_reason: "length"``. Around that: a lognormal
 latency, server-side QPS / QPM limits answered with 429 and Model Studio's error body
-(optionally with ``Retry-After``), injected 500 / 503 rates, and 401 for a wrong key.
+(optionally with ``Retry-After``), injected 500 / 503 rates, 401 for a wrong key, and
+a moderation refusal (400 ``data_inspection_failed``) for a message with MODERATION_MARKER.
 It serves every path ending in ``/chat/completions`` (``/v1/…``, ``/compatible-mode/v1/…``).
 """
 
@@ -26,7 +27,17 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-__all__ = ["SimConfig", "SimStats", "Simulator", "reply_for", "serve_in_thread"]
+#: A user message containing this is refused like Model Studio's content moderation.
+MODERATION_MARKER = "FLAGGED-CONTENT"
+
+__all__ = [
+    "MODERATION_MARKER",
+    "SimConfig",
+    "SimStats",
+    "Simulator",
+    "reply_for",
+    "serve_in_thread",
+]
 
 
 @dataclass(frozen=True)
@@ -132,7 +143,11 @@ class Simulator:
                           "it needs model and messages.", "invalid_request_error")  # fmt: skip
         if config.latency_ms > 0:
             await asyncio.sleep(self._latency_s())
-        self.stats.by_prompt[reply_for(messages)] += 1
+        reply = reply_for(messages)
+        self.stats.by_prompt[reply] += 1
+        if MODERATION_MARKER in reply:
+            return _error(400, "data_inspection_failed", "Input data may contain inappropriate "
+                          "content.", "data_inspection_failed")  # fmt: skip
         return web.Response(body=orjson.dumps(self._completion(body, messages, model)),
                             content_type="application/json")  # fmt: skip
 

@@ -1,0 +1,85 @@
+"""The state folder: atomic shards, done rows, refusing a changed job, the lock."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchq.checkpoint import StateDir
+from batchq.config import load_job
+from batchq.errors import UsageError
+from batchq.io.preflight import preflight
+
+
+def result(row: int, status: str = "ok", attempts: int = 1) -> dict[str, Any]:
+    return {"_row": row, "_id": str(row), "status": status, "attempts": attempts}
+
+
+@pytest.fixture
+def job(write_jsonl: Callable[..., Path], tmp_path: Path):  # type: ignore[no-untyped-def]
+    path = write_jsonl([{"prompt": f"p{i}"} for i in range(5)])
+    return load_job(None, overrides={"input": str(path), "model": "m",
+                                     "output": str(tmp_path / "o.parquet")})  # fmt: skip
+
+
+def test_shards_record_done_rows(job) -> None:  # type: ignore[no-untyped-def]
+    info = preflight(job)
+    state = StateDir.open(job, info)
+    state.write_shard([result(0), result(3, "error", 2)])
+    state.write_shard([result(4)])
+    assert [p.name for p in state.shard_paths()] == ["000001.parquet", "000002.parquet"]
+    assert list(state.done_mask(5)) == [1, 0, 0, 1, 1]
+    assert list(state.done_mask(5, retry_errors=True)) == [1, 0, 0, 0, 1]
+    assert state.max_attempts_by_row() == {3: 2}
+    assert not list(state.shards.glob(".tmp-*"))
+    state.close()
+
+
+def test_a_later_ok_supersedes_an_earlier_error(job) -> None:  # type: ignore[no-untyped-def]
+    state = StateDir.open(job, preflight(job))
+    state.write_shard([result(1, "error")])
+    state.write_shard([result(1, "ok")])
+    assert state.done_mask(5, retry_errors=True)[1] == 1
+    assert state.max_attempts_by_row() == {}
+    state.close()
+
+
+def test_a_changed_request_is_refused_unless_restart(job) -> None:  # type: ignore[no-untyped-def]
+    info = preflight(job)
+    state = StateDir.open(job, info)
+    state.write_shard([result(0)])
+    state.close()
+    changed = load_job(None, overrides={"input": str(job.input), "model": "other",
+                                        "output": str(job.output)})  # fmt: skip
+    with pytest.raises(UsageError, match=r"model \(was 'm', now 'other'\).*--restart"):
+        StateDir.open(changed, info)
+    state = StateDir.open(changed, info, restart=True)
+    assert state.shard_paths() == []
+    state.close()
+
+
+def test_changed_limits_are_allowed(job) -> None:  # type: ignore[no-untyped-def]
+    info = preflight(job)
+    StateDir.open(job, info).close()
+    faster = load_job(None, overrides={"input": str(job.input), "model": "m", "qps": 99,
+                                       "output": str(job.output)})  # fmt: skip
+    StateDir.open(faster, info).close()
+
+
+def test_a_changed_input_is_refused(job) -> None:  # type: ignore[no-untyped-def]
+    StateDir.open(job, preflight(job)).close()
+    job.input.write_text('{"prompt": "different"}\n')
+    with pytest.raises(UsageError, match="the input file"):
+        StateDir.open(job, preflight(job))
+
+
+def test_one_run_at_a_time(job) -> None:  # type: ignore[no-untyped-def]
+    info = preflight(job)
+    first = StateDir.open(job, info)
+    with pytest.raises(UsageError, match="another batchq run"):
+        StateDir.open(job, info)
+    first.close()
+    StateDir.open(job, info).close()

@@ -1,0 +1,99 @@
+"""The client against httpx.MockTransport: what each kind of answer is classified as."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import httpx
+import orjson
+import pytest
+
+from batchq.client import Client, Outcome
+
+pytestmark = pytest.mark.anyio
+
+BODY = {"model": "qwen-plus", "messages": [{"role": "user", "content": "hi"}]}
+OK = {
+    "id": "c1",
+    "model": "qwen-plus",
+    "choices": [{"message": {"role": "assistant", "content": "yo"}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+}
+KEY = "sk-SECRETSECRET1234"
+
+
+def error(status: int, code: str, message: str = "m", **headers: str) -> httpx.Response:
+    body = {"error": {"message": message, "type": code, "param": None, "code": code}}
+    return httpx.Response(status, json=body, headers=headers)
+
+
+async def send(handler: Callable[[httpx.Request], httpx.Response], **kw: object) -> Outcome:
+    transport = httpx.MockTransport(handler)
+    client = Client("http://sim/v1", api_key=KEY, timeout_s=5, max_connections=4,
+                    transport=transport, **kw)  # type: ignore[arg-type]  # fmt: skip
+    async with client:
+        return await client.send(BODY)
+
+
+async def test_ok_sends_the_body_with_the_key_to_the_endpoint() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json=OK)
+
+    outcome = await send(handler)
+    assert outcome.kind == "ok"
+    assert outcome.result is not None
+    assert outcome.result["response"] == "yo"
+    assert outcome.http_status == 200
+    assert str(seen[0].url) == "http://sim/v1/chat/completions"
+    assert seen[0].headers["authorization"] == f"Bearer {KEY}"
+    assert orjson.loads(seen[0].content) == BODY
+
+
+@pytest.mark.parametrize(
+    ("response", "kind", "code"),
+    [
+        (error(429, "limit_requests"), "retry", "limit_requests"),
+        (error(429, "insufficient_quota"), "fatal", "insufficient_quota"),
+        (error(500, "internal_error"), "retry", "internal_error"),
+        (httpx.Response(502, text="Bad Gateway"), "retry", "502"),
+        (error(503, "ServiceUnavailable"), "retry", "ServiceUnavailable"),
+        (httpx.Response(504), "retry", "504"),
+        (error(400, "data_inspection_failed"), "row_error", "data_inspection_failed"),
+        (error(400, "invalid_parameter_error"), "row_error", "invalid_parameter_error"),
+        (error(404, "model_not_found"), "row_error", "model_not_found"),
+        (error(401, "invalid_api_key"), "fatal", "invalid_api_key"),
+        (error(403, "AccessDenied"), "fatal", "AccessDenied"),
+        (httpx.Response(200, text='{"choices": [{"mess'), "retry", "invalid_response"),
+        (httpx.Response(200, json={"object": "error"}), "retry", "invalid_response"),
+    ],
+)
+async def test_classification(response: httpx.Response, kind: str, code: str) -> None:
+    outcome = await send(lambda request: response)
+    assert (outcome.kind, outcome.error_code) == (kind, code)
+
+
+async def test_retry_after_is_read_from_a_429() -> None:
+    outcome = await send(lambda r: error(429, "limit_requests", **{"Retry-After": "2"}))
+    assert outcome.retry_after == 2.0
+
+
+async def test_transport_errors_are_retried() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused")
+
+    outcome = await send(refuse)
+    assert (outcome.kind, outcome.error_type, outcome.error_code) == (
+        "retry", "transport", "ConnectError",
+    )  # fmt: skip
+
+
+async def test_the_key_never_reaches_an_error_message() -> None:
+    echoed = f"Incorrect API key provided: {KEY}. Also sk-ab***yz and Bearer {KEY}"
+    outcome = await send(lambda r: error(401, "invalid_api_key", echoed))
+    assert outcome.error_message is not None
+    assert KEY not in outcome.error_message
+    assert "SECRET" not in outcome.error_message
+    assert "sk-ab" not in outcome.error_message
