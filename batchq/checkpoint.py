@@ -25,10 +25,10 @@ import pyarrow.parquet as pq
 
 from batchq.config import Job
 from batchq.errors import RunStopped, UsageError
-from batchq.io.preflight import InputInfo
-from batchq.io.schema import SHARD_SCHEMA
+from batchq.io.preflight import ROW_COLUMN, InputInfo
+from batchq.io.schema import RESULT_SCHEMA, SHARD_SCHEMA
 
-__all__ = ["StateDir", "manifest_for", "write_atomic"]
+__all__ = ["StateDir", "check_same_job", "manifest_for", "write_atomic"]
 
 VERSION = 1
 
@@ -80,7 +80,7 @@ class StateDir:
         if manifest.exists() and restart:
             self.clear()
         elif manifest.exists():
-            _refuse_changes(orjson.loads(manifest.read_bytes()), wanted, job)
+            check_same_job(orjson.loads(manifest.read_bytes()), wanted, job)
         if not manifest.exists():
             text = orjson.dumps(wanted, option=orjson.OPT_INDENT_2)
             write_atomic(manifest, lambda f: f.write(text))
@@ -144,11 +144,13 @@ class StateDir:
 
     def write_shard(self, rows: list[dict[str, Any]]) -> Path:
         """Write finished rows as the next shard, atomically. RunStopped on a disk error."""
+        return self._write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA))
+
+    def _write_table(self, table: pa.Table) -> Path:
         if self._next_seq is None:
             paths = self.shard_paths()
             self._next_seq = int(paths[-1].stem) + 1 if paths else 1
         path = self.shards / f"{self._next_seq:06d}.parquet"
-        table = pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
         try:
             write_atomic(path, lambda f: pq.write_table(table, f))
         except OSError as e:
@@ -159,6 +161,25 @@ class StateDir:
             ) from None
         self._next_seq += 1
         return path
+
+    def adopt_output(self, output: Path, id_column: str | None) -> bool:
+        """Take a finished output's results back as shards, for ``--retry-errors``.
+
+        Returns False (and adopts nothing) when the output has no error rows.
+        """
+        statuses = pq.read_table(output, columns=["status"]).column("status")
+        if "error" not in statuses.to_pylist():
+            return False
+        names = [id_column or ROW_COLUMN, *RESULT_SCHEMA.names]
+        start = 0
+        for batch in pq.ParquetFile(output).iter_batches(batch_size=65_536, columns=names):
+            table = pa.Table.from_batches([batch])
+            ids = table.column(0).cast(pa.string())
+            rows = pa.array(range(start, start + table.num_rows), pa.int64())
+            shard = pa.Table.from_arrays([rows, ids, *table.columns[1:]], schema=SHARD_SCHEMA)
+            self._write_table(shard)
+            start += table.num_rows
+        return True
 
     def max_attempts_by_row(self) -> dict[int, int]:
         """Attempts made so far for rows whose latest result is an error."""
@@ -173,7 +194,10 @@ class StateDir:
         return attempts
 
 
-def _refuse_changes(old: dict[str, Any], new: dict[str, Any], job: Job) -> None:
+def check_same_job(old: dict[str, Any] | None, new: dict[str, Any], job: Job) -> None:
+    """Refuse, naming what changed, to mix results of ``old`` into a job that is ``new``."""
+    if old is None:
+        return
     changed = []
     if old.get("input_digest") != new["input_digest"]:
         changed.append(f"the input file ({old.get('input')} has changed)")
@@ -184,7 +208,7 @@ def _refuse_changes(old: dict[str, Any], new: dict[str, Any], job: Job) -> None:
         changed.append("the id column")
     if changed:
         raise UsageError(
-            f"{job.state_dir} holds results of a different job; changed: {'; '.join(changed)}. "
+            f"{job.output} holds results of a different job; changed: {'; '.join(changed)}. "
             "Rerun with --restart to throw those results away and start over, "
             "or undo the change to resume"
         )

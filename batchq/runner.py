@@ -23,14 +23,14 @@ import anyio
 import httpx
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
-from batchq.checkpoint import StateDir
+from batchq.checkpoint import StateDir, check_same_job, manifest_for
 from batchq.client import Client
 from batchq.config import Job
 from batchq.errors import BatchqError
 from batchq.events import Flushed, Notice, RowFinished, RunFinished, RunStarted, Sink, discard
 from batchq.io.preflight import InputInfo, preflight, request_tokens, row_id
 from batchq.io.reader import read_batches
-from batchq.io.writer import merge_output
+from batchq.io.writer import merge_output, read_output_manifest
 from batchq.limiter import Pacer, RatePacer
 from batchq.request import build_body
 from batchq.work import Item, answer
@@ -71,8 +71,11 @@ async def run_job(
     state = StateDir.open(job, info, restart=restart)
     try:
         if job.output.exists() and not state.shard_paths() and not restart:
-            sink(Notice(f"{job.output} is complete already: nothing to send"))
-            return _finish(sink, job, info, ok_error=None, sent=0, started=started, done=True)
+            check_same_job(read_output_manifest(job.output), manifest_for(job, info), job)
+            if not (retry_errors and state.adopt_output(job.output, info.id_column)):
+                state.remove()
+                sink(Notice(f"{job.output} is complete already: nothing to send"))
+                return _finish(sink, job, info, ok_error=None, sent=0, started=started, done=True)
         done = state.done_mask(info.total_rows, retry_errors=retry_errors)
         todo = info.total_rows - sum(done)
         sink(RunStarted(job.name, info.total_rows, todo, job.output))
@@ -85,7 +88,7 @@ async def run_job(
                 api_key=api_key, sink=sink, transport=transport,
                 pacer=pacer or RatePacer(job.limits), rng=random.Random(seed),
             )  # fmt: skip
-        counts = merge_output(state, info, job.output)
+        counts = merge_output(state, info, job.output, manifest=manifest_for(job, info))
         if not keep_state:
             state.remove()
         ok_error = (counts.statuses.get("ok", 0), counts.statuses.get("error", 0))

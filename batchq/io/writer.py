@@ -11,7 +11,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import orjson
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -22,9 +24,10 @@ from batchq.io.preflight import ROW_COLUMN, InputInfo
 from batchq.io.reader import InputBatch, read_batches
 from batchq.io.schema import RESULT_SCHEMA, input_arrays
 
-__all__ = ["MergeCounts", "merge_output", "missing_rows"]
+__all__ = ["MergeCounts", "merge_output", "read_output_manifest"]
 
 BLOCK = 65_536
+MANIFEST_KEY = b"batchq.manifest"
 
 
 @dataclass(frozen=True)
@@ -41,14 +44,16 @@ class _Shard:
     high: int
 
 
-def missing_rows(done: bytearray) -> int:
-    return len(done) - sum(done)
+def merge_output(
+    state: StateDir, info: InputInfo, output: Path, *, manifest: dict[str, Any]
+) -> MergeCounts:
+    """Write ``output`` from the input and the shards. Every row must have a result.
 
-
-def merge_output(state: StateDir, info: InputInfo, output: Path) -> MergeCounts:
-    """Write ``output`` from the input and the shards. Every row must have a result."""
+    The job's manifest goes into the file's metadata, so that a rerun can tell whether
+    the output answers the same job.
+    """
     shards = _index(state)
-    schema = _output_schema(info)
+    schema = _output_schema(info).with_metadata({MANIFEST_KEY: orjson.dumps(manifest)})
     statuses: Counter[str] = Counter()
 
     def write(f: object) -> None:
@@ -60,6 +65,13 @@ def merge_output(state: StateDir, info: InputInfo, output: Path) -> MergeCounts:
 
     write_atomic(output, write)
     return MergeCounts(sum(statuses.values()), dict(statuses))
+
+
+def read_output_manifest(output: Path) -> dict[str, Any] | None:
+    """The manifest of the job that wrote ``output``, or None for a file batchq did not write."""
+    metadata = pq.read_schema(output).metadata or {}
+    raw = metadata.get(MANIFEST_KEY)
+    return orjson.loads(raw) if raw else None
 
 
 def _index(state: StateDir) -> list[_Shard]:

@@ -212,7 +212,7 @@ def test_retry_errors_resends_only_the_failed_rows(
     flaky = simulator(fail_503=0.4, seed=1)
     path = write_jsonl(rows(100))
     out = tmp_path / "o.parquet"
-    first = cli(*run_args(flaky, path, out, "--max-attempts", "1", "--keep-state"))
+    first = cli(*run_args(flaky, path, out, "--max-attempts", "1"))
     assert first.exit_code == 0
     failed = pl.read_parquet(out).filter(pl.col("status") == "error")["id"].to_list()
     assert 10 < len(failed) < 90
@@ -226,6 +226,24 @@ def test_retry_errors_resends_only_the_failed_rows(
     assert df["id"].to_list() == [f"r{i}" for i in range(100)]
     retried = df.filter(pl.col("id").is_in(failed))
     assert set(retried["attempts"]) == {2}
+    assert not (tmp_path / "o.parquet.batchq").exists()
+
+
+def test_a_completed_output_is_not_silently_reused_for_a_changed_job(
+    simulator: Callable[..., Any], write_jsonl: Callable[..., Path], cli: Any, tmp_path: Path
+) -> None:
+    sim = simulator()
+    path = write_jsonl(rows(10))
+    out = tmp_path / "o.parquet"
+    assert cli(*run_args(sim, path, out)).exit_code == 0
+    changed = cli(*run_args(sim, path, out, "--model", "qwen-max"))
+    assert changed.exit_code == 2
+    assert "model (was 'qwen-plus', now 'qwen-max')" in changed.output
+    assert "--restart" in changed.output
+    restarted = cli(*run_args(sim, path, out, "--model", "qwen-max", "--restart"))
+    assert restarted.exit_code == 0
+    assert set(pl.read_parquet(out)["model"]) == {"qwen-max"}
+    assert sim.stats.requests == 20
 
 
 def test_quickstart_through_the_installed_command(tmp_path: Path) -> None:
