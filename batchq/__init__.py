@@ -1,11 +1,14 @@
 """batchq: run batches of prompts against OpenAI-compatible chat/completions endpoints.
 
 The command line (``batchq run``) is a thin shell over :func:`batchq.runner.run_job`.
+Names are imported on first use, so that the console entry point can set process-wide
+defaults before pyarrow loads.
 """
 
-from batchq.config import Job, load_job
-from batchq.errors import BatchqError, InputError, RunStopped, UsageError
-from batchq.runner import RunSummary, run_job
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __all__ = [
     "BatchqError",
@@ -18,3 +21,20 @@ __all__ = [
     "run_job",
 ]
 __version__ = "0.1.0"
+
+_HOMES = {
+    "BatchqError": "batchq.errors",
+    "InputError": "batchq.errors",
+    "RunStopped": "batchq.errors",
+    "UsageError": "batchq.errors",
+    "Job": "batchq.config",
+    "load_job": "batchq.config",
+    "RunSummary": "batchq.runner",
+    "run_job": "batchq.runner",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    raise AttributeError(f"module 'batchq' has no attribute {name!r}")

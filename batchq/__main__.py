@@ -1,3 +1,3 @@
-from batchq.cli import main
+from batchq._entry import main
 
 main()

@@ -112,7 +112,15 @@ def _run(
     async def go() -> RunSummary:
         return await run_job(job, api_key=key, sink=sink, seed=seed, **options)
 
-    return anyio.run(go)
+    return anyio.run(go, backend_options={"use_uvloop": _has_uvloop()})
+
+
+def _has_uvloop() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _print_summary(s: RunSummary) -> None:

@@ -1,7 +1,9 @@
 """Send one chat/completions request and classify what came back.
 
-The only module that speaks HTTP. It holds one ``httpx.AsyncClient``; the transport is a
-parameter so tests fake it with ``httpx.MockTransport`` and a faster one can be swapped in.
+The only module that speaks HTTP. Bytes go over a *wire*: by default one aiohttp session
+(its per-request CPU cost is a fraction of httpx's pool: see bench/), or, when an
+``httpx`` transport is given, an ``httpx.AsyncClient`` on it, which is how tests fake the
+server (``httpx.MockTransport``). Everything above the wire is the same code.
 Every outcome is one of four kinds, decided by status code and the API's ``error.code``,
 never by searching message text:
 
@@ -16,9 +18,11 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
+import aiohttp
 import anyio
 import httpx
 import orjson
@@ -50,8 +54,65 @@ class Outcome:
     latency_ms: float | None = None
 
 
+class WireError(Exception):
+    """A request that got no HTTP answer: connection refused or reset, a broken body."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Wire(Protocol):
+    """How bytes reach the server: POST ``content`` to ``url``, return status, body, headers."""
+
+    async def post(self, url: str, content: bytes) -> tuple[int, bytes, Mapping[str, str]]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class HttpxWire:
+    """Through an ``httpx.AsyncClient`` on the given transport (``httpx.MockTransport`` in
+    tests, or any transport a user brings)."""
+
+    def __init__(self, transport: httpx.AsyncBaseTransport, headers: dict[str, str]) -> None:
+        self._http = httpx.AsyncClient(transport=transport, headers=headers, timeout=None)
+
+    async def post(self, url: str, content: bytes) -> tuple[int, bytes, Mapping[str, str]]:
+        try:
+            response = await self._http.post(url, content=content)
+        except httpx.TransportError as e:
+            raise WireError(type(e).__name__, str(e) or type(e).__name__) from None
+        return response.status_code, response.content, response.headers
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+
+class AiohttpWire:
+    """Through one ``aiohttp.ClientSession``: the default, since its per-request CPU cost is
+    a fraction of httpx's own pool (see bench/), which scans every connection per request."""
+
+    def __init__(self, headers: dict[str, str], *, max_connections: int) -> None:
+        connector = aiohttp.TCPConnector(limit=max_connections, limit_per_host=max_connections)
+        self._session = aiohttp.ClientSession(
+            connector=connector, headers=headers, timeout=aiohttp.ClientTimeout(total=None),
+            auto_decompress=True, skip_auto_headers=("User-Agent",),
+        )  # fmt: skip
+
+    async def post(self, url: str, content: bytes) -> tuple[int, bytes, Mapping[str, str]]:
+        try:
+            async with self._session.post(url, data=content) as response:
+                return response.status, await response.read(), response.headers
+        except aiohttp.ClientError as e:
+            raise WireError(type(e).__name__, str(e) or type(e).__name__) from None
+
+    async def aclose(self) -> None:
+        await self._session.close()
+
+
 class Client:
-    """One connection pool to one base URL. Use as an async context manager."""
+    """One connection pool to one base URL. Use as an async context manager (in a running
+    asyncio loop). ``transport`` sends through httpx on that transport instead of aiohttp."""
 
     def __init__(
         self,
@@ -62,42 +123,43 @@ class Client:
         max_connections: int,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        headers = {"Content-Type": "application/json"}
+        self._headers = {"Content-Type": "application/json", "User-Agent": "batchq"}
         if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
+            self._headers["Authorization"] = f"Bearer {api_key}"
         self._key = api_key
         self._timeout_s = timeout_s
+        self._max_connections = max_connections
+        self._transport = transport
         self._url = base_url.rstrip("/") + "/chat/completions"
-        self._http = httpx.AsyncClient(
-            headers=headers,
-            timeout=httpx.Timeout(timeout_s),
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
-            transport=transport,
-            follow_redirects=False,
-        )
+        self._wire: Wire | None = None
 
     async def __aenter__(self) -> Client:
+        if self._transport is not None:
+            self._wire = HttpxWire(self._transport, self._headers)
+        else:
+            self._wire = AiohttpWire(self._headers, max_connections=self._max_connections)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self._http.aclose()
+        if self._wire is not None:
+            await self._wire.aclose()
 
     async def send(self, body: dict[str, Any]) -> Outcome:
         """One attempt, never raising for anything the server or network does."""
+        assert self._wire is not None, "use the client as an async context manager"
         started = time.perf_counter()
         try:
             with anyio.fail_after(self._timeout_s):
-                response = await self._http.post(self._url, content=orjson.dumps(body))
+                status, content, headers = await self._wire.post(self._url, orjson.dumps(body))
         except TimeoutError:
             return Outcome("retry", error_type="timeout", error_code="timeout",
                            error_message=f"no answer within {self._timeout_s:g} s")  # fmt: skip
-        except httpx.TransportError as e:
-            return Outcome("retry", error_type="transport", error_code=type(e).__name__,
-                           error_message=str(e) or type(e).__name__)  # fmt: skip
-        latency_ms = (time.perf_counter() - started) * 1000
-        outcome = classify(response.status_code, response.content, response.headers, latency_ms)
+        except WireError as e:
+            message = redact(str(e), self._key)
+            return Outcome(
+                "retry", error_type="transport", error_code=e.code, error_message=message
+            )
+        outcome = classify(status, content, headers, (time.perf_counter() - started) * 1000)
         if outcome.error_message:
             outcome.error_message = redact(outcome.error_message, self._key)
         return outcome
@@ -114,9 +176,7 @@ def redact(text: str, key: str | None) -> str:
     return _KEYLIKE.sub(lambda m: m.group(1) + "***", text)
 
 
-def classify(
-    status: int, content: bytes, headers: httpx.Headers | dict[str, str], latency_ms: float
-) -> Outcome:
+def classify(status: int, content: bytes, headers: Mapping[str, str], latency_ms: float) -> Outcome:
     """Pure: the outcome of one HTTP answer."""
     if status == 200:
         try:

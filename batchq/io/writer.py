@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -22,11 +21,11 @@ import pyarrow.parquet as pq
 from batchq.checkpoint import StateDir, write_atomic
 from batchq.io.preflight import ROW_COLUMN, InputInfo
 from batchq.io.reader import InputBatch, read_batches
-from batchq.io.schema import RESULT_SCHEMA, input_arrays
+from batchq.io.schema import RESULT_SCHEMA, SHARD_SCHEMA, input_arrays
 
 __all__ = ["MergeCounts", "merge_output", "read_output_manifest"]
 
-BLOCK = 65_536
+BLOCK = 16384
 MANIFEST_KEY = b"batchq.manifest"
 
 
@@ -91,18 +90,21 @@ def _results_for(shards: list[_Shard], start: int, count: int) -> pa.Table:
     parts = []
     for shard in shards:
         if shard.high >= start and shard.low < end:
-            table = pq.read_table(shard.path, filters=[("_row", ">=", start), ("_row", "<", end)])
-            parts.append(pl.from_arrow(table).with_columns(pl.lit(shard.seq).alias("_seq")))
+            table = pq.ParquetFile(shard.path).read()
+            rows = table.column("_row")
+            table = table.filter(pc.and_(pc.greater_equal(rows, start), pc.less(rows, end)))
+            seq = pa.array([shard.seq] * table.num_rows, pa.int32())
+            parts.append(table.cast(SHARD_SCHEMA).append_column("_seq", seq))
     if not parts:
         raise RuntimeError(f"no results for rows {start}..{end - 1}")
-    merged = (
-        pl.concat(parts, how="vertical_relaxed")
-        .sort(["_row", "_seq"])
-        .unique("_row", keep="last", maintain_order=True)
-    )
-    if merged.height != count:
-        raise RuntimeError(f"rows {start}..{end - 1}: {merged.height} results for {count} rows")
-    return merged.to_arrow().select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA)
+    merged = pa.concat_tables(parts).sort_by([("_row", "ascending"), ("_seq", "ascending")])
+    rows = merged.column("_row").combine_chunks()
+    # A row answered twice (--retry-errors) keeps its latest answer: the last of its run.
+    latest = pc.not_equal(rows.slice(0, len(rows) - 1), rows.slice(1))
+    merged = merged.filter(pa.concat_arrays([latest, pa.array([True])]))
+    if merged.num_rows != count:
+        raise RuntimeError(f"rows {start}..{end - 1}: {merged.num_rows} results for {count} rows")
+    return merged.select(RESULT_SCHEMA.names)
 
 
 def _output_schema(info: InputInfo) -> pa.Schema:
