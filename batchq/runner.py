@@ -14,6 +14,8 @@ Observation goes out as events; nothing here prints.
 from __future__ import annotations
 
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,7 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from batchq.checkpoint import StateDir, check_same_job, manifest_for
 from batchq.client import Client
 from batchq.config import Job
-from batchq.errors import BatchqError
+from batchq.errors import BatchqError, Interrupted
 from batchq.events import Flushed, Notice, RowFinished, RunFinished, RunStarted, Sink, discard
 from batchq.io.preflight import InputInfo, preflight, request_tokens, row_id
 from batchq.io.reader import read_batches
@@ -39,6 +41,7 @@ __all__ = ["FLUSH_EVERY_S", "RunSummary", "run_job"]
 
 FLUSH_EVERY_S = 1.0
 FLUSH_MAX_ROWS = 10_000
+STOP_GRACE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,87 @@ def _count_statuses(output: Path) -> tuple[int, int]:
     return statuses.count("ok"), statuses.count("error")
 
 
+@dataclass
+class _Pipeline:
+    """One run's sending stage: feed, workers, journal ticks and the signal watch."""
+
+    job: Job
+    info: InputInfo
+    done: bytearray
+    prior: dict[int, int]
+    client: Client
+    pacer: Pacer
+    journal: Journal
+    sink: Sink
+    rng: random.Random
+    stopping: bool = False
+
+    async def run(self) -> None:
+        """Send every row not done. Raises Interrupted after a clean stop on a signal."""
+        workers = max(1, min(self.job.limits.concurrency, self.info.total_rows))
+        items_send, items_recv = anyio.create_memory_object_stream[Item](workers)
+        feeding = anyio.CancelScope()
+        async with self.client, anyio.create_task_group() as tg:
+            tg.start_soon(self._tick)
+            async with anyio.create_task_group() as pool:
+                if threading.current_thread() is threading.main_thread():
+                    tg.start_soon(self._watch_signals, pool.cancel_scope, feeding)
+                pool.start_soon(self._feed, items_send, feeding)
+                async with items_recv:
+                    for _ in range(workers):
+                        pool.start_soon(self._work, items_recv.clone())
+            tg.cancel_scope.cancel()
+        if self.stopping:
+            raise Interrupted("stopped: finished rows are saved; rerun the same command to resume")
+
+    async def _feed(self, items: ObjectSendStream[Item], scope: anyio.CancelScope) -> None:
+        with scope:
+            async with items:
+                for batch in read_batches(self.info.path):
+                    for i, row in enumerate(batch.rows):
+                        index = batch.start + i
+                        if self.done[index]:
+                            continue
+                        body = build_body(row, self.job.request)
+                        ident = row_id(row, self.info.id_column, index)
+                        tokens = request_tokens(body)
+                        await items.send(Item(index, ident, body, tokens, self.prior.get(index, 0)))
+
+    async def _work(self, items: ObjectReceiveStream[Item]) -> None:
+        async with items:
+            async for item in items:
+                if self.stopping:
+                    return
+                row = await answer(
+                    item, client=self.client, pacer=self.pacer,
+                    max_attempts=self.job.limits.max_attempts, emit=self.sink,
+                    sleep=anyio.sleep, rng=self.rng,
+                )  # fmt: skip
+                self.journal.add(row)
+                tokens = (row.get("prompt_tokens") or 0, row.get("completion_tokens") or 0)
+                self.sink(RowFinished(row["status"], row["attempts"], *tokens))
+
+    async def _tick(self) -> None:
+        """Flush at least every FLUSH_EVERY_S while the run goes on."""
+        while True:
+            await anyio.sleep(FLUSH_EVERY_S)
+            self.journal.flush()
+
+    async def _watch_signals(self, pool: anyio.CancelScope, feeding: anyio.CancelScope) -> None:
+        """First SIGINT / SIGTERM: send no more, give requests in flight STOP_GRACE_S.
+        A second one: stop at once. Either way the journal is flushed on the way out."""
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                if self.stopping:
+                    pool.cancel()
+                    return
+                self.stopping = True
+                feeding.cancel()
+                pool.deadline = anyio.current_time() + STOP_GRACE_S
+                self.sink(Notice(f"stopping: waiting up to {STOP_GRACE_S:g} s for requests "
+                                 "in flight (Ctrl-C again to stop now)"))  # fmt: skip
+
+
 async def _send_all(
     job: Job,
     info: InputInfo,
@@ -137,24 +221,13 @@ async def _send_all(
     pacer: Pacer,
     rng: random.Random,
 ) -> None:
-    limits = job.limits
-    workers = max(1, min(limits.concurrency, info.total_rows))
-    items_send, items_recv = anyio.create_memory_object_stream[Item](workers)
-    client = Client(job.request.url, api_key=api_key, timeout_s=limits.timeout_s,
+    workers = max(1, min(job.limits.concurrency, info.total_rows))
+    client = Client(job.request.url, api_key=api_key, timeout_s=job.limits.timeout_s,
                     max_connections=workers, transport=transport)  # fmt: skip
     journal = Journal(state, sink)
+    pipeline = _Pipeline(job, info, done, prior, client, pacer, journal, sink, rng)
     try:
-        async with client, anyio.create_task_group() as tg:
-            tg.start_soon(_tick, journal)
-            async with anyio.create_task_group() as pool:
-                pool.start_soon(_feed, job, info, done, prior, items_send)
-                async with items_recv:
-                    for _ in range(workers):
-                        pool.start_soon(
-                            _work, items_recv.clone(), journal, client, pacer,
-                            limits.max_attempts, sink, rng,
-                        )  # fmt: skip
-            tg.cancel_scope.cancel()
+        await pipeline.run()
     except BaseExceptionGroup as group:
         raise _first_batchq_error(group) from None
     finally:
@@ -190,53 +263,6 @@ class Journal:
 
     def flush(self) -> None:
         if self._rows:
-            rows, self._rows = self._rows, []
-            self._state.write_shard(rows)
-            self._sink(Flushed(len(rows)))
-
-
-async def _tick(journal: Journal) -> None:
-    """Flush at least every FLUSH_EVERY_S while the run goes on."""
-    while True:
-        await anyio.sleep(FLUSH_EVERY_S)
-        journal.flush()
-
-
-async def _feed(
-    job: Job,
-    info: InputInfo,
-    done: bytearray,
-    prior: dict[int, int],
-    items: ObjectSendStream[Item],
-) -> None:
-    async with items:
-        for batch in read_batches(info.path):
-            for i, row in enumerate(batch.rows):
-                index = batch.start + i
-                if done[index]:
-                    continue
-                body = build_body(row, job.request)
-                ident = row_id(row, info.id_column, index)
-                await items.send(
-                    Item(index, ident, body, request_tokens(body), prior.get(index, 0))
-                )
-
-
-async def _work(
-    items: ObjectReceiveStream[Item],
-    journal: Journal,
-    client: Client,
-    pacer: Pacer,
-    max_attempts: int,
-    sink: Sink,
-    rng: random.Random,
-) -> None:
-    async with items:
-        async for item in items:
-            row = await answer(
-                item, client=client, pacer=pacer, max_attempts=max_attempts,
-                emit=sink, sleep=anyio.sleep, rng=rng,
-            )  # fmt: skip
-            journal.add(row)
-            tokens = (row.get("prompt_tokens") or 0, row.get("completion_tokens") or 0)
-            sink(RowFinished(row["status"], row["attempts"], *tokens))
+            self._state.write_shard(self._rows)  # on a disk error the rows stay here
+            self._sink(Flushed(len(self._rows)))
+            self._rows = []

@@ -40,9 +40,19 @@ __all__ = [
 ]
 
 
+#: The faults the simulator can inject, each at its own rate per request.
+FAULTS = ("500", "503", "429", "drop", "truncate", "malformed", "slow")
+
+
 @dataclass(frozen=True)
 class SimConfig:
-    """How the simulated server behaves. Rates are probabilities per request."""
+    """How the simulated server behaves. ``fail_*`` are probabilities per request.
+
+    A ``drop`` closes the connection without an answer, ``truncate`` sends half of a
+    completion's JSON with status 200, ``malformed`` a 200 whose JSON is no completion,
+    ``slow`` waits ``slow_s`` before answering. With ``burst_s``, a fault that fires
+    repeats for every request in the next ``burst_s`` seconds.
+    """
 
     latency_ms: float = 0.0
     latency_sigma: float = 0.5
@@ -51,13 +61,21 @@ class SimConfig:
     retry_after: float | None = None
     fail_500: float = 0.0
     fail_503: float = 0.0
+    fail_429: float = 0.0
+    fail_drop: float = 0.0
+    fail_truncate: float = 0.0
+    fail_malformed: float = 0.0
+    fail_slow: float = 0.0
+    slow_s: float = 30.0
+    burst_s: float = 0.0
     api_key: str | None = None
     seed: int = 0
 
 
 @dataclass
 class SimStats:
-    """What the server saw. ``by_prompt`` counts completed requests per last user message."""
+    """What the server saw. ``by_prompt`` counts requests per reply (so per input row, when
+    rows differ), whatever the answer; ``by_status`` counts answers by status (0: dropped)."""
 
     requests: int = 0
     by_status: Counter[int] = field(default_factory=Counter)
@@ -71,6 +89,10 @@ def reply_for(messages: list[dict[str, Any]]) -> str:
     if isinstance(content, list):
         content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
     return f"echo: {content}"
+
+
+def _json(data: dict[str, Any]) -> web.Response:
+    return web.Response(body=orjson.dumps(data), content_type="application/json")
 
 
 def _error(status: int, code: str, message: str, type_: str) -> web.Response:
@@ -107,49 +129,79 @@ class Simulator:
             for limit, period in ((self.config.qps, 1.0), (self.config.qpm, 60.0))
             if limit
         ]
+        self._burst: tuple[str, float] | None = None
         self.app = web.Application(client_max_size=64 * 1024**2)
         self.app.router.add_post(r"/{prefix:.*}chat/completions", self.handle)
 
-    async def handle(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         self.stats.requests += 1
         response = await self._answer(request)
-        self.stats.by_status[response.status] += 1
+        self.stats.by_status[response.status if response is not None else 0] += 1
+        if response is None:  # a dropped connection
+            assert request.transport is not None
+            request.transport.abort()
+            raise asyncio.CancelledError
         return response
 
-    async def _answer(self, request: web.Request) -> web.Response:
+    async def _answer(self, request: web.Request) -> web.Response | None:
         config = self.config
-        if config.api_key and request.headers.get("Authorization") != f"Bearer {config.api_key}":
-            return _error(
-                401, "invalid_api_key", "Incorrect API key provided.", "invalid_request_error"
-            )
-        now = time.monotonic()
-        if not all(w.admit(now) for w in self._windows):
-            return self._too_many()
-        roll = self._rng.random()
-        if roll < config.fail_500:
-            return _error(
-                500, "internal_error", "An internal error has occurred.", "internal_error"
-            )
-        if roll < config.fail_500 + config.fail_503:
-            return _error(
-                503, "ServiceUnavailable", "The service is overloaded.", "service_unavailable"
-            )
         try:
             body = orjson.loads(await request.read())
             messages = body["messages"]
             model = str(body["model"])
-        except (orjson.JSONDecodeError, KeyError, TypeError):
+            reply = reply_for(messages)
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
             return _error(400, "invalid_parameter_error", "The request body is not valid: "
                           "it needs model and messages.", "invalid_request_error")  # fmt: skip
+        self.stats.by_prompt[reply] += 1
+        if config.api_key and request.headers.get("Authorization") != f"Bearer {config.api_key}":
+            return _error(401, "invalid_api_key", "Incorrect API key provided.",
+                          "invalid_request_error")  # fmt: skip
+        if not all(w.admit(time.monotonic()) for w in self._windows):
+            return self._too_many()
         if config.latency_ms > 0:
             await asyncio.sleep(self._latency_s())
-        reply = reply_for(messages)
-        self.stats.by_prompt[reply] += 1
+        fault = self._fault()
+        if fault is not None:
+            return await self._inject(fault, body, messages, model)
         if MODERATION_MARKER in reply:
             return _error(400, "data_inspection_failed", "Input data may contain inappropriate "
                           "content.", "data_inspection_failed")  # fmt: skip
-        return web.Response(body=orjson.dumps(self._completion(body, messages, model)),
-                            content_type="application/json")  # fmt: skip
+        return _json(self._completion(body, messages, model))
+
+    def _fault(self) -> str | None:
+        now = time.monotonic()
+        if self._burst is not None and now < self._burst[1]:
+            return self._burst[0]
+        roll = self._rng.random()
+        for kind in FAULTS:
+            rate = getattr(self.config, f"fail_{kind}")
+            if roll < rate:
+                self._burst = (kind, now + self.config.burst_s)
+                return kind
+            roll -= rate
+        return None
+
+    async def _inject(
+        self, fault: str, body: dict[str, Any], messages: list[Any], model: str
+    ) -> web.Response | None:
+        if fault == "500":
+            return _error(500, "internal_error", "An internal error has occurred.",
+                          "internal_error")  # fmt: skip
+        if fault == "503":
+            return _error(503, "ServiceUnavailable", "The service is overloaded.",
+                          "service_unavailable")  # fmt: skip
+        if fault == "429":
+            return self._too_many()
+        if fault == "drop":
+            return None
+        if fault == "malformed":
+            return _json({"object": "error", "detail": "upstream returned no choices"})
+        full = orjson.dumps(self._completion(body, messages, model))
+        if fault == "truncate":
+            return web.Response(body=full[: len(full) // 2], content_type="application/json")
+        await asyncio.sleep(self.config.slow_s)  # slow
+        return web.Response(body=full, content_type="application/json")
 
     def _too_many(self) -> web.Response:
         response = _error(429, "limit_requests", "Requests rate limit exceeded, please try "
