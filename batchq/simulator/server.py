@@ -154,8 +154,10 @@ class Simulator:
             return _error(400, "invalid_parameter_error", "The request body is not valid: "
                           "it needs model and messages.", "invalid_request_error")  # fmt: skip
         self.stats.by_prompt[reply] += 1
-        if config.api_key and request.headers.get("Authorization") != f"Bearer {config.api_key}":
-            return _error(401, "invalid_api_key", "Incorrect API key provided.",
+        sent = request.headers.get("Authorization", "")
+        if config.api_key and sent != f"Bearer {config.api_key}":
+            # Echo what was sent, as some servers do: clients must not repeat it anywhere.
+            return _error(401, "invalid_api_key", f"Incorrect API key provided: {sent[7:]}.",
                           "invalid_request_error")  # fmt: skip
         if not all(w.admit(time.monotonic()) for w in self._windows):
             return self._too_many()

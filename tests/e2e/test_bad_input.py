@@ -1,0 +1,160 @@
+"""The bad-input catalogue: each kind is reported with where and what to do, exit 2, and
+nothing is sent (the simulator counts zero requests) or written."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+OK = '{"id": 1, "text": "fine"}\n'
+T = ["--template", "{text}"]
+
+# (name, input file bytes, extra flags, words the message must hold)
+CASES: list[tuple[str, bytes, list[str], list[str]]] = [
+    ("empty file", b"", T, ["in.jsonl", "no rows"]),
+    ("only blank lines", b"\n\n", T, ["no rows"]),
+    ("not JSON", (OK + "{'id': 2}\n").encode(), T, ["in.jsonl, line 2", "not valid JSON"]),
+    ("JSON that is not an object", (OK + "[2, 3]\n").encode(), T,
+     ["line 2", "a JSON list where an object was expected"]),
+    ("a BOM inside the file", OK.encode() + b'\xef\xbb\xbf{"id": 2, "text": "x"}\n', T,
+     ["line 2", "not valid JSON"]),
+    ("invalid UTF-8", OK.encode() + b'{"id": 2, "text": "caf\xe9"}\n', T,
+     ["line 2", "not valid JSON"]),
+    ("no messages or prompt", b'{"id": 1, "prompt": "a"}\n{"id": 2, "title": "x"}\n', [],
+     ["line 2, column messages", "give a messages or prompt column"]),
+    ("a prompt that is not text", b'{"id": 1, "prompt": ["a"]}\n', [],
+     ["line 1, column prompt", "prompt must be a string"]),
+    ("missing template column", (OK + '{"id": 2, "body_text": "x"}\n').encode(), T,
+     ["line 2, column text", "template names column 'text'"]),
+    ("messages of the wrong shape", b'{"id": 1, "messages": {"role": "user"}}\n',
+     [], ["line 1, column messages", "list"]),
+    ("unknown role", b'{"id": 1, "messages": [{"role": "human", "content": "x"}]}\n',
+     [], ["line 1, column messages", "unknown role 'human'"]),
+    ("duplicate ids", (OK + OK).encode(), T, ["line 2, column id", "duplicate id '1'",
+                                               "also at line 1"]),
+    ("null id", (OK + '{"id": null, "text": "x"}\n').encode(), T,
+     ["line 2, column id", "missing or null"]),
+    ("an input column clashing with the output", b'{"id": 1, "text": "a", "response": "x"}\n',
+     T, ["column response", "clashes", "rename it"]),
+    ("a request larger than the TPM limit", ('{"id": 1, "text": "' + "w " * 5000 + '"}\n').encode(),
+     [*T, "--tpm", "1000"], ["line 1", "more than the whole TPM limit", "raise tpm"]),
+    ("a negative limit", OK.encode(), [*T, "--qps", "-5"], ["qps must be positive"]),
+    ("zero concurrency", OK.encode(), [*T, "--concurrency", "0"], ["concurrency must be positive"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "content", "flags", "words"), CASES, ids=[c[0] for c in CASES])
+def test_bad_input(
+    simulator: Callable[..., Any],
+    cli: Any,
+    tmp_path: Path,
+    name: str,
+    content: bytes,
+    flags: list[str],
+    words: list[str],
+) -> None:
+    sim = simulator()
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(content)
+    result = cli("run", "--input", path, "--output", tmp_path / "o.parquet", "--model", "m",
+                 "--base-url", sim.base_url, *flags)  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: ")
+    for word in words:
+        assert word in result.output
+    assert sim.stats.requests == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+JOB_CASES = [
+    ("unknown key", 'input = "in.jsonl"\nmodle = "m"\n', "unknown key 'modle'"),
+    ("wrong type", 'input = "in.jsonl"\n[limits]\nqps = "fast"\n', "qps must be int or float"),
+    ("unknown limit", 'input = "in.jsonl"\n[limits]\nrps = 3\n', "unknown key [limits].rps"),
+    ("not TOML", 'input = "in.jsonl\n', "is not valid TOML"),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "words"), JOB_CASES, ids=[c[0] for c in JOB_CASES])
+def test_bad_job_file(
+    simulator: Callable[..., Any], cli: Any, tmp_path: Path, name: str, text: str, words: str
+) -> None:
+    sim = simulator()
+    job = tmp_path / "job.toml"
+    job.write_text(text)
+    (tmp_path / "in.jsonl").write_text(OK)
+    result = cli("run", job, "--base-url", sim.base_url)
+    assert result.exit_code == 2
+    assert f"error: {job}: " in result.output or f"error: job file {job}" in result.output
+    assert words in result.output
+    assert sim.stats.requests == 0
+
+
+def test_parquet_that_is_not_parquet(
+    simulator: Callable[..., Any], cli: Any, tmp_path: Path
+) -> None:
+    sim = simulator()
+    path = tmp_path / "in.parquet"
+    path.write_text(OK)
+    result = cli("run", "--input", path, "--model", "m", "--base-url", sim.base_url)
+    assert result.exit_code == 2
+    assert f"error: {path}: not a readable Parquet file" in result.output
+    assert sim.stats.requests == 0
+
+
+@pytest.mark.parametrize(
+    ("input_name", "words"),
+    [("missing.jsonl", "does not exist"), ("in.csv", "unknown input format")],
+)
+def test_unreadable_inputs(
+    simulator: Callable[..., Any], cli: Any, tmp_path: Path, input_name: str, words: str
+) -> None:
+    sim = simulator()
+    (tmp_path / "in.csv").write_text("id,text\n1,x\n")
+    result = cli("run", "--input", tmp_path / input_name, "--model", "m", "--base-url",
+                 sim.base_url)  # fmt: skip
+    assert result.exit_code == 2
+    assert words in result.output
+    assert sim.stats.requests == 0
+
+
+def test_output_in_a_missing_folder(
+    simulator: Callable[..., Any], cli: Any, tmp_path: Path
+) -> None:
+    sim = simulator()
+    (tmp_path / "in.jsonl").write_text(OK)
+    result = cli("run", "--input", tmp_path / "in.jsonl", "--output", tmp_path / "no" / "o.parquet",
+                 "--model", "m", "--template", "{text}", "--base-url", sim.base_url)  # fmt: skip
+    assert result.exit_code == 2
+    assert "the output folder" in result.output
+    assert "does not exist: create it first" in result.output
+    assert sim.stats.requests == 0
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder")
+def test_output_in_a_read_only_folder(
+    simulator: Callable[..., Any], cli: Any, tmp_path: Path
+) -> None:
+    sim = simulator()
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    (tmp_path / "in.jsonl").write_text(OK)
+    folder.chmod(0o500)
+    try:
+        output = folder / "o.parquet"
+        result = cli("run", "--input", tmp_path / "in.jsonl", "--output", output, "--model", "m",
+                     "--template", "{text}", "--base-url", sim.base_url)  # fmt: skip
+    finally:
+        folder.chmod(0o700)
+    assert result.exit_code == 2
+    assert "is not writable" in result.output
+    assert sim.stats.requests == 0
+
+
+def test_a_malformed_param_flag(cli: Any, tmp_path: Path) -> None:
+    result = cli("run", "--input", tmp_path / "in.jsonl", "--param", "top_p")
+    assert result.exit_code == 2
+    assert "is not KEY=JSON" in result.output
