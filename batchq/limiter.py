@@ -27,10 +27,12 @@ BURST_S = 0.05
 
 class Pacer(Protocol):
     async def acquire(self, tokens: int) -> None:
-        """Wait until one more request of ``tokens`` estimated tokens may be sent."""
+        """Wait until one more request of ``tokens`` estimated tokens may be sent now.
+        Every acquire is followed by exactly one ``release``."""
 
-    def settle(self, estimated: int, used: int | None) -> None:
-        """Report the tokens an answer actually used, against what was reserved."""
+    def release(self, estimated: int, used: int | None) -> None:
+        """The request is over: free its slot, and correct its token reservation by the
+        tokens the answer reports (None: no answer)."""
 
     def penalise(self, retry_after: float | None) -> None:
         """Report a 429: every sender pauses for ``retry_after`` seconds when given."""
@@ -42,10 +44,12 @@ def _bucket(rate_per_s: float) -> AsyncLimiter:
 
 
 class RatePacer:
-    """QPS, QPM and TPM leaky buckets (aiolimiter) plus a run-wide pause after a 429."""
+    """The concurrency cap, QPS, QPM and TPM leaky buckets (aiolimiter), and a run-wide
+    pause after a 429."""
 
     def __init__(self, limits: Limits, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
+        self._slots = anyio.Semaphore(limits.concurrency)
         self._paused_until = 0.0
         self._requests = [_bucket(r) for r in (limits.qps, (limits.qpm or 0) / 60) if r]
         self._tokens: AsyncLimiter | None = None
@@ -54,6 +58,14 @@ class RatePacer:
             self._tokens = AsyncLimiter(per_s, 1.0)
 
     async def acquire(self, tokens: int) -> None:
+        await self._slots.acquire()
+        try:
+            await self._pace(tokens)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    async def _pace(self, tokens: int) -> None:
         # Not polling: each sleep lasts exactly until the pause ends; the loop only
         # repeats when another 429 extended the pause meanwhile.
         while (wait := self._paused_until - self._clock()) > 0:  # noqa: ASYNC110
@@ -63,8 +75,8 @@ class RatePacer:
         if self._tokens is not None:
             await self._tokens.acquire(min(tokens, self._tokens.max_rate))
 
-    def settle(self, estimated: int, used: int | None) -> None:
-        return None
+    def release(self, estimated: int, used: int | None) -> None:
+        self._slots.release()
 
     def penalise(self, retry_after: float | None) -> None:
         if retry_after:

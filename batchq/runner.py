@@ -42,6 +42,7 @@ __all__ = ["FLUSH_EVERY_S", "RunSummary", "run_job"]
 FLUSH_EVERY_S = 1.0
 FLUSH_MAX_ROWS = 10_000
 STOP_GRACE_S = 5.0
+ROWS_PER_SLOT = 4
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,9 @@ class _Pipeline:
 
     async def run(self) -> None:
         """Send every row not done. Raises Interrupted after a clean stop on a signal."""
-        workers = max(1, min(self.job.limits.concurrency, self.info.total_rows))
+        # More rows in progress than requests in flight: a row waiting out its backoff
+        # holds no slot of the pacer's concurrency cap.
+        workers = max(1, min(self.job.limits.concurrency * ROWS_PER_SLOT, len(self.done)))
         items_send, items_recv = anyio.create_memory_object_stream[Item](workers)
         feeding = anyio.CancelScope()
         async with self.client, anyio.create_task_group() as tg:

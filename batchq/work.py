@@ -45,11 +45,15 @@ async def answer(
     attempts = 0
     while True:
         await pacer.acquire(item.tokens)
-        outcome = await client.send(item.body)
+        outcome: Outcome | None = None
+        try:
+            outcome = await client.send(item.body)
+        finally:
+            pacer.release(
+                item.tokens, (outcome.result or {}).get("total_tokens") if outcome else None
+            )
         attempts += 1
         if outcome.kind == "ok":
-            usage = outcome.result or {}
-            pacer.settle(item.tokens, usage.get("total_tokens"))
             return _row(item, outcome, attempts)
         if outcome.kind == "fatal":
             raise RunStopped(_fatal_message(outcome))

@@ -161,14 +161,14 @@ class Simulator:
                           "invalid_request_error")  # fmt: skip
         if not all(w.admit(time.monotonic()) for w in self._windows):
             return self._too_many()
+        if MODERATION_MARKER in reply:  # input moderation comes before any generation
+            return _error(400, "data_inspection_failed", "Input data may contain inappropriate "
+                          "content.", "data_inspection_failed")  # fmt: skip
         if config.latency_ms > 0:
             await asyncio.sleep(self._latency_s())
         fault = self._fault()
         if fault is not None:
             return await self._inject(fault, body, messages, model)
-        if MODERATION_MARKER in reply:
-            return _error(400, "data_inspection_failed", "Input data may contain inappropriate "
-                          "content.", "data_inspection_failed")  # fmt: skip
         return _json(self._completion(body, messages, model))
 
     def _fault(self) -> str | None:

@@ -33,13 +33,14 @@ def err(status: int, code: str = "x", **headers: str) -> httpx.Response:
 class Pacer:
     def __init__(self) -> None:
         self.acquired = 0
+        self.released: list[int | None] = []
         self.penalties: list[float | None] = []
 
     async def acquire(self, tokens: int) -> None:
         self.acquired += 1
 
-    def settle(self, estimated: int, used: int | None) -> None:
-        pass
+    def release(self, estimated: int, used: int | None) -> None:
+        self.released.append(used)
 
     def penalise(self, retry_after: float | None) -> None:
         self.penalties.append(retry_after)
@@ -73,6 +74,7 @@ async def test_transient_failures_are_retried_until_ok() -> None:
     assert row["model"] == "qwen-plus"
     assert len(sleeps) == 2
     assert pacer.acquired == 3  # every attempt waits on the pacer
+    assert pacer.released == [None, None, 4]  # ... and gives back what it used
     assert [e.attempt for e in events] == [1, 2]  # type: ignore[union-attr]
 
 
