@@ -189,3 +189,24 @@ async def test_an_unwritable_state_folder_stops_with_exit_3_and_resumes(
     assert summary.ok == 600
     check_output(out, 600)
     assert all(sim.stats.by_prompt[reply(i)] == before[reply(i)] for i in kept)
+
+
+def test_a_second_sigint_stops_at_once_leaving_whole_shards(
+    simulator: Callable[..., Any], write_jsonl: Callable[..., Path], tmp_path: Path
+) -> None:
+    sim = simulator(latency_ms=50, fail_slow=0.5, slow_s=30)  # half the requests hang
+    path = write_jsonl([{"id": f"r{i}", "text": f"review number {i}"} for i in range(2000)])
+    out = tmp_path / "out.parquet"
+    args = command(sim, path, out, "--concurrency", "8", "--timeout", "60")
+    process = subprocess.Popen(args, cwd=ROOT, stdout=DEVNULL, stderr=DEVNULL)
+    wait_for_new_flush(out, 0)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    stopped = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=10)
+    assert process.returncode == 130
+    assert time.monotonic() - stopped < 3  # did not wait out the 5 s grace, nor 30 s answers
+    flushed = flushed_rows(out)  # every shard reads whole
+    assert flushed
+    assert not list((tmp_path / "out.parquet.batchq" / "shards").glob(".tmp-*"))
