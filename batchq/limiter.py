@@ -1,83 +1,184 @@
-"""The pacer: the one place that holds rate state (QPS, QPM, TPM and the run-wide pause).
+"""The pacer: the one place that holds rate state (concurrency, QPS, QPM, TPM, slowdown).
 
-Workers ``await pacer.acquire(tokens)`` before each attempt and report back with
-``pacer.settle(...)`` and ``pacer.penalise(...)``. The interface is small on purpose, so
-that a shared actor can implement it for many worker processes later.
+Workers ``await pacer.acquire(...)`` before each attempt and ``pacer.release(...)`` after
+it; a 429 is reported with ``pacer.penalise(...)``. The interface is small on purpose,
+so that a shared actor can implement it for many worker processes later.
 
-Sending is smooth: each leaky bucket holds at most ``BURST_S`` seconds of its rate, so
-a per-minute budget is spent evenly over the minute, never in one burst (Model Studio
-enforces RPM/60 and TPM/60 per second, and rejects sudden surges).
+Requests are spaced by the generic cell rate algorithm: each acquire books the next free
+send time on a timeline (``1 / rate`` seconds a request, ``tokens / token_rate`` seconds
+of the token timeline) and sleeps until it. Sending is therefore smooth — a per-minute
+budget is spent evenly, never in a burst (Model Studio enforces RPM/60 and TPM/60 per
+second and rejects sudden surges) — and waiting is one sleep, never polling.
+
+    rate(t) = limit × slowdown(t) × ramp(t)
+    ramp(t) = min(1, RAMP_FROM + (1 − RAMP_FROM) × t / RAMP_S)        from the first send
+    on a 429 that shows a limit (two or more 429s in about a second, at least CUT_SHARE of
+    the answers; at most one cut per CUT_EVERY_S, and only for requests sent since the
+    last cut):
+        ceiling  = min(rate, requests answered ok per second lately)
+        rate    := ceiling × (CUT + RECOVER × t × (1 + t / 10)), t seconds after the cut,
+                   up to the limit: slowly near the ceiling, faster the longer all is well
+        and every sender waits out the 429's Retry-After
+    A stray 429 (a burst, a hiccup) only sends its own row into backoff.
+
+So a run configured above the server's real limit settles just under it instead of
+cycling through 429 storms; a run with no limit set learns one from its 429s.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import anyio
-from aiolimiter import AsyncLimiter
 
 from batchq.config import Limits
 
-__all__ = ["BURST_S", "Pacer", "RatePacer"]
+__all__ = ["Pacer", "RatePacer"]
 
-BURST_S = 0.05
+RAMP_FROM, RAMP_S = 0.25, 2.0
+CUT, RECOVER, CUT_EVERY_S = 0.95, 0.0025, 1.0
+MIN_RATE = 0.5
+#: 429s must be at least this share of recent answers before the rate is cut.
+CUT_SHARE = 0.03
+#: When max_tokens is absent, reserve this many completion tokens until answers teach more.
+FIRST_COMPLETION_GUESS = 256
 
 
 class Pacer(Protocol):
-    async def acquire(self, tokens: int) -> None:
-        """Wait until one more request of ``tokens`` estimated tokens may be sent now.
+    async def acquire(self, prompt_tokens: int, max_completion: int | None) -> int:
+        """Wait until one more request may be sent now; return the tokens it reserved.
         Every acquire is followed by exactly one ``release``."""
 
-    def release(self, estimated: int, used: int | None) -> None:
-        """The request is over: free its slot, and correct its token reservation by the
-        tokens the answer reports (None: no answer)."""
+    def release(self, reserved: int, used: int | None, completion: int | None) -> None:
+        """The request is over: free its slot and correct its reservation by the tokens
+        the answer reports (``used`` total, ``completion``; None when there is no answer)."""
 
-    def penalise(self, retry_after: float | None) -> None:
-        """Report a 429: every sender pauses for ``retry_after`` seconds when given."""
+    def penalise(self, retry_after: float | None, sent_at: float) -> None:
+        """Report a 429 for a request sent at ``sent_at`` (the pacer's clock)."""
 
-
-def _bucket(rate_per_s: float) -> AsyncLimiter:
-    capacity = max(1.0, rate_per_s * BURST_S)
-    return AsyncLimiter(capacity, capacity / rate_per_s)
+    def now(self) -> float:
+        """The pacer's clock."""
 
 
 class RatePacer:
-    """The concurrency cap, QPS, QPM and TPM leaky buckets (aiolimiter), and a run-wide
-    pause after a 429."""
+    """Concurrency cap, request and token rate, ramp-up and slowdown; see the module doc."""
 
-    def __init__(self, limits: Limits, *, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
+    def __init__(
+        self,
+        limits: Limits,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+    ) -> None:
+        self._clock, self._sleep = clock, sleep
         self._slots = anyio.Semaphore(limits.concurrency)
-        self._paused_until = 0.0
-        self._requests = [_bucket(r) for r in (limits.qps, (limits.qpm or 0) / 60) if r]
-        self._tokens: AsyncLimiter | None = None
-        if limits.tpm:
-            per_s = limits.tpm / 60
-            self._tokens = AsyncLimiter(per_s, 1.0)
+        rates = [r for r in (limits.qps, limits.qpm and limits.qpm / 60) if r]
+        self._limit: float | None = min(rates) if rates else None
+        self._token_rate = limits.tpm / 60 if limits.tpm else None
+        self._started: float | None = None
+        self._next_send = self._next_tokens = -math.inf
+        self._paused_until = -math.inf
+        # slowdown: the ceiling found by the last cut, and when it was made
+        self._ceiling: float | None = None
+        self._cut_at = -math.inf
+        self._sent, self._ok, self._throttled = _Meter(), _Meter(), _Meter()
+        self._completion_avg = float(FIRST_COMPLETION_GUESS)
 
-    async def acquire(self, tokens: int) -> None:
+    def now(self) -> float:
+        return self._clock()
+
+    def rate(self, now: float) -> float | None:
+        """Requests per second allowed at ``now`` (None: no limit)."""
+        limit = self._limit
+        if self._ceiling is not None:
+            t = max(0.0, now - self._cut_at)
+            recovered = self._ceiling * (CUT + RECOVER * t * (1 + t / 10))
+            limit = recovered if limit is None else min(limit, recovered)
+        if limit is None:
+            return None
+        ramp = 1.0 if self._started is None else (now - self._started) / RAMP_S
+        return limit * min(1.0, RAMP_FROM + (1 - RAMP_FROM) * ramp)
+
+    async def acquire(self, prompt_tokens: int, max_completion: int | None) -> int:
+        guess = max_completion if max_completion is not None else round(self._completion_avg)
+        reserved = prompt_tokens + guess
         await self._slots.acquire()
         try:
-            await self._pace(tokens)
+            await self._wait_turn(reserved)
         except BaseException:
             self._slots.release()
             raise
+        return reserved
 
-    async def _pace(self, tokens: int) -> None:
-        # Not polling: each sleep lasts exactly until the pause ends; the loop only
-        # repeats when another 429 extended the pause meanwhile.
-        while (wait := self._paused_until - self._clock()) > 0:  # noqa: ASYNC110
-            await anyio.sleep(wait)
-        for bucket in self._requests:
-            await bucket.acquire()
-        if self._tokens is not None:
-            await self._tokens.acquire(min(tokens, self._tokens.max_rate))
+    async def _wait_turn(self, tokens: int) -> None:
+        while True:
+            now = self._clock()
+            if self._started is None:
+                self._started = now
+            at = max(now, self._paused_until)
+            rate = self.rate(at)
+            if rate is not None:
+                at = max(at, self._next_send)
+                self._next_send = at + 1 / rate
+            if self._token_rate is not None:
+                at = max(at, self._next_tokens)
+                self._next_tokens = at + tokens / self._token_rate
+            if at > now:
+                await self._sleep(at - now)
+            # A limit found meanwhile pauses this request too: book again after it.
+            if self._paused_until <= max(at, now):
+                self._sent.add(max(at, now))
+                return
 
-    def release(self, estimated: int, used: int | None) -> None:
+    def release(self, reserved: int, used: int | None, completion: int | None) -> None:
         self._slots.release()
+        if used is None:
+            return
+        self._ok.add(self._clock())
+        if self._token_rate is not None:
+            self._next_tokens += (used - reserved) / self._token_rate
+        if completion is not None:
+            self._completion_avg += 0.05 * (completion - self._completion_avg)
 
-    def penalise(self, retry_after: float | None) -> None:
+    def penalise(self, retry_after: float | None, sent_at: float) -> None:
+        now = self._clock()
+        self._throttled.add(now)
+        if sent_at < self._cut_at or now - self._cut_at < CUT_EVERY_S:
+            return  # the same congestion event: one cut is enough
+        throttled = self._throttled.count(now)
+        answered = self._ok.rate(now)
+        if throttled < 2 or (answered and throttled < CUT_SHARE * (answered + throttled)):
+            return  # a stray 429 among answers ok: no sign of a limit; its row backs off
+        current = self.rate(now)
+        if answered is None:  # nothing got through yet: halve what is being sent
+            answered = (current or self._sent.rate(now) or 2 * MIN_RATE) / 2
+        self._ceiling = max(MIN_RATE, answered if current is None else min(current, answered))
+        self._cut_at = now
         if retry_after:
-            self._paused_until = max(self._paused_until, self._clock() + retry_after)
+            self._paused_until = max(self._paused_until, now + retry_after)
+
+
+class _Meter:
+    """Events per second, as a count decaying with a time constant of one second."""
+
+    def __init__(self) -> None:
+        self._count, self._at, self._since = 0.0, -math.inf, math.inf
+
+    def add(self, now: float) -> None:
+        self._count = self._count * math.exp(self._at - now) + 1.0
+        self._at = now
+        self._since = min(self._since, now)
+
+    def count(self, now: float) -> float:
+        """Events in about the last second."""
+        return self._count * math.exp(self._at - now) if self._count else 0.0
+
+    def rate(self, now: float) -> float | None:
+        """Events per second lately (None before the first): the decaying count, corrected
+        for having started from zero, over at least a tenth of a second."""
+        if self._since == math.inf:
+            return None
+        return self.count(now) / (1 - math.exp(-max(0.1, now - self._since)))

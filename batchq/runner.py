@@ -30,11 +30,11 @@ from batchq.client import Client
 from batchq.config import Job
 from batchq.errors import BatchqError, Interrupted
 from batchq.events import Flushed, Notice, RowFinished, RunFinished, RunStarted, Sink, discard
-from batchq.io.preflight import InputInfo, preflight, request_tokens, row_id
+from batchq.io.preflight import InputInfo, completion_cap, preflight, row_id
 from batchq.io.reader import read_batches
 from batchq.io.writer import merge_output, read_output_manifest
 from batchq.limiter import Pacer, RatePacer
-from batchq.request import build_body
+from batchq.request import build_body, estimate_tokens
 from batchq.work import Item, answer
 
 __all__ = ["FLUSH_EVERY_S", "RunSummary", "run_job"]
@@ -169,12 +169,14 @@ class _Pipeline:
                 for batch in read_batches(self.info.path):
                     for i, row in enumerate(batch.rows):
                         index = batch.start + i
-                        if self.done[index]:
-                            continue
-                        body = build_body(row, self.job.request)
-                        ident = row_id(row, self.info.id_column, index)
-                        tokens = request_tokens(body)
-                        await items.send(Item(index, ident, body, tokens, self.prior.get(index, 0)))
+                        if not self.done[index]:
+                            await items.send(self._item(index, row))
+
+    def _item(self, index: int, row: dict[str, Any]) -> Item:
+        body = build_body(row, self.job.request)
+        ident = row_id(row, self.info.id_column, index)
+        cap, prior = completion_cap(body), self.prior.get(index, 0)
+        return Item(index, ident, body, estimate_tokens(body), cap, prior)
 
     async def _work(self, items: ObjectReceiveStream[Item]) -> None:
         async with items:

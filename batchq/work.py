@@ -22,12 +22,14 @@ __all__ = ["Item", "answer"]
 
 @dataclass(slots=True)
 class Item:
-    """One row to send: its input position, id, request body and token reservation."""
+    """One row to send: its input position, id, request body, and its token estimate
+    (prompt, and the completion cap when the body sets one)."""
 
     row: int
     id: str
     body: dict[str, Any]
-    tokens: int
+    prompt_tokens: int
+    max_completion: int | None
     prior_attempts: int = 0
 
 
@@ -44,14 +46,13 @@ async def answer(
     """The result row for ``item``. Raises RunStopped on a fatal answer (401/403, quota)."""
     attempts = 0
     while True:
-        await pacer.acquire(item.tokens)
+        reserved = await pacer.acquire(item.prompt_tokens, item.max_completion)
+        sent_at = pacer.now()
         outcome: Outcome | None = None
         try:
             outcome = await client.send(item.body)
         finally:
-            pacer.release(
-                item.tokens, (outcome.result or {}).get("total_tokens") if outcome else None
-            )
+            _release(pacer, reserved, outcome)
         attempts += 1
         if outcome.kind == "ok":
             return _row(item, outcome, attempts)
@@ -60,11 +61,16 @@ async def answer(
         if outcome.kind == "row_error" or attempts >= max_attempts:
             return _row(item, outcome, attempts)
         if outcome.http_status == 429:
-            pacer.penalise(outcome.retry_after)
+            pacer.penalise(outcome.retry_after, sent_at)
         delay = backoff_delay(attempts, retry_after=outcome.retry_after, rng=rng)
         reason = outcome.error_code or outcome.error_type or "error"
         emit(Retrying(item.id, attempts, outcome.http_status, reason, delay))
         await sleep(delay)
+
+
+def _release(pacer: Pacer, reserved: int, outcome: Outcome | None) -> None:
+    usage = outcome.result if outcome is not None and outcome.result is not None else {}
+    pacer.release(reserved, usage.get("total_tokens"), usage.get("completion_tokens"))
 
 
 def _row(item: Item, outcome: Outcome, attempts: int) -> dict[str, Any]:

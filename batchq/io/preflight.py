@@ -24,7 +24,7 @@ from batchq.io.reader import InputBatch, input_format, read_batches
 from batchq.io.schema import RESULT_COLUMNS, ColumnKinds
 from batchq.request import RowProblem, build_body, estimate_tokens
 
-__all__ = ["InputInfo", "preflight", "request_tokens", "row_id"]
+__all__ = ["InputInfo", "completion_cap", "preflight", "request_tokens", "row_id"]
 
 #: The column written when the input has no id column: the row's 0-based position.
 ROW_COLUMN = "row"
@@ -44,10 +44,15 @@ class InputInfo:
     digest: str
 
 
+def completion_cap(body: dict[str, Any]) -> int | None:
+    """The body's cap on completion tokens, or None."""
+    cap = body.get("max_tokens") or body.get("max_completion_tokens")
+    return cap if isinstance(cap, int) and not isinstance(cap, bool) else None
+
+
 def request_tokens(body: dict[str, Any]) -> int:
     """Tokens one request may use at most: its prompt estimate plus its completion cap."""
-    cap = body.get("max_tokens") or body.get("max_completion_tokens") or 0
-    return estimate_tokens(body) + (cap if isinstance(cap, int) else 0)
+    return estimate_tokens(body) + (completion_cap(body) or 0)
 
 
 def row_id(row: dict[str, Any], id_column: str | None, index: int) -> str:

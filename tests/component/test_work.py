@@ -36,14 +36,18 @@ class Pacer:
         self.released: list[int | None] = []
         self.penalties: list[float | None] = []
 
-    async def acquire(self, tokens: int) -> None:
+    async def acquire(self, prompt_tokens: int, max_completion: int | None) -> int:
         self.acquired += 1
+        return prompt_tokens + (max_completion or 0)
 
-    def release(self, estimated: int, used: int | None) -> None:
+    def release(self, reserved: int, used: int | None, completion: int | None) -> None:
         self.released.append(used)
 
-    def penalise(self, retry_after: float | None) -> None:
+    def penalise(self, retry_after: float | None, sent_at: float) -> None:
         self.penalties.append(retry_after)
+
+    def now(self) -> float:
+        return 0.0
 
 
 async def run(responses: list[httpx.Response], *, max_attempts: int = 5, prior: int = 0):  # type: ignore[no-untyped-def]
@@ -56,7 +60,7 @@ async def run(responses: list[httpx.Response], *, max_attempts: int = 5, prior: 
         sleeps.append(seconds)
 
     transport = httpx.MockTransport(lambda request: next(script))
-    item = Item(7, "r7", {"model": "qwen-plus", "messages": []}, 10, prior)
+    item = Item(7, "r7", {"model": "qwen-plus", "messages": []}, 10, None, prior)
     async with Client("http://sim/v1", api_key=None, timeout_s=5, max_connections=1,
                       transport=transport) as client:  # fmt: skip
         row = await answer(item, client=client, pacer=pacer, max_attempts=max_attempts,

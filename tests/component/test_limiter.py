@@ -1,0 +1,203 @@
+"""The pacer under a fake clock: its sleeps advance the clock instead of waiting."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+
+import anyio
+import pytest
+from anyio import wait_all_tasks_blocked
+from anyio.lowlevel import checkpoint
+
+from batchq.config import Limits
+from batchq.limiter import FIRST_COMPLETION_GUESS, RAMP_S, RatePacer
+
+pytestmark = pytest.mark.anyio
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+        await checkpoint()
+
+
+def pacer(**limits: float) -> tuple[RatePacer, FakeClock]:
+    clock = FakeClock()
+    return RatePacer(Limits(**limits), clock=clock, sleep=clock.sleep), clock  # type: ignore[arg-type]
+
+
+async def send_times(p: RatePacer, clock: FakeClock, n: int, *, tokens: int = 0) -> list[float]:
+    times = []
+    for _ in range(n):
+        reserved = await p.acquire(tokens, 0)
+        times.append(clock.now)
+        p.release(reserved, None, None)
+    return times
+
+
+def gaps(times: list[float]) -> list[float]:
+    return [round(b - a, 6) for a, b in itertools.pairwise(times)]
+
+
+async def test_a_per_minute_limit_is_spent_evenly_after_the_ramp() -> None:
+    p, clock = pacer(qpm=600)  # 10/s: one every 0.1 s, never 600 at once
+    times = await send_times(p, clock, 60)
+    steady = [t for t in times if t - times[0] > RAMP_S + 0.2]
+    assert steady
+    assert set(gaps(steady)) == {0.1}
+
+
+async def test_the_run_ramps_up_over_its_first_seconds() -> None:
+    p, clock = pacer(qps=20)
+    times = await send_times(p, clock, 80)
+    first, later = gaps(times)[0], gaps(times)[-1]
+    assert first == pytest.approx(1 / (20 * 0.25))  # starts at a quarter of the rate
+    assert later == pytest.approx(1 / 20)
+    assert gaps(times) == sorted(gaps(times), reverse=True)  # only ever speeds up
+    assert sum(1 for t in times if t - times[0] < 1.0) < 20
+
+
+async def test_the_lowest_of_qps_and_qpm_wins() -> None:
+    p, clock = pacer(qps=50, qpm=600)
+    times = await send_times(p, clock, 60)
+    assert gaps(times)[-1] == pytest.approx(0.1)
+
+
+async def test_tokens_are_reserved_and_corrected_by_usage() -> None:
+    p, clock = pacer(tpm=6000, concurrency=10)  # 100 tokens/s
+    start = clock.now
+    a = await p.acquire(40, 10)  # reserves 50 tokens: 0.5 s of the token timeline
+    assert (a, clock.now) == (50, start)
+    await p.acquire(40, 10)
+    assert clock.now == pytest.approx(start + 0.5)
+    await p.acquire(40, 10)
+    assert clock.now == pytest.approx(start + 1.0)
+    # The first answer used 10 tokens, not 50: 0.4 s of budget comes back.
+    p.release(a, 10, 2)
+    await p.acquire(40, 10)
+    assert clock.now == pytest.approx(start + 1.1)
+
+
+async def test_without_max_tokens_the_completion_guess_learns_from_answers() -> None:
+    p, _ = pacer(tpm=60_000, concurrency=100)
+    assert await p.acquire(10, None) == 10 + FIRST_COMPLETION_GUESS
+    for _ in range(200):
+        p.release(await p.acquire(10, None), 30, 20)
+    assert await p.acquire(10, None) == pytest.approx(30, abs=2)
+
+
+class VirtualTime:
+    """A clock for many tasks: when all are blocked, time jumps to the next wake-up."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self._wakeups: list[tuple[float, int, anyio.Event]] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        event = anyio.Event()
+        heapq.heappush(self._wakeups, (self.now + seconds, id(event), event))
+        await event.wait()
+
+    async def drive(self) -> None:
+        while True:
+            await wait_all_tasks_blocked()
+            if not self._wakeups:
+                return
+            self.now, _, event = heapq.heappop(self._wakeups)
+            event.set()
+
+
+async def test_concurrent_requests_cannot_overrun_the_token_budget() -> None:
+    clock = VirtualTime()
+    p = RatePacer(Limits(tpm=600, concurrency=50), clock=clock, sleep=clock.sleep)  # 10 tokens/s
+    start = clock.now
+    sent: list[float] = []
+
+    async def one() -> None:
+        await p.acquire(5, 5)
+        sent.append(clock.now - start)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(20):
+            tg.start_soon(one)
+        tg.start_soon(clock.drive)
+    assert len(sent) == 20
+    assert max(sent) == pytest.approx(19.0)
+    # 20 requests of 10 tokens at 10 tokens/s: never more than 10 tokens in any second.
+    for second in range(20):
+        assert sum(1 for t in sent if second <= t < second + 1) <= 1
+
+
+async def test_the_concurrency_cap_holds_requests_until_a_release() -> None:
+    p, _ = pacer(concurrency=2)
+    first = await p.acquire(1, 1)
+    await p.acquire(1, 1)
+    went = anyio.Event()
+
+    async def third() -> None:
+        await p.acquire(1, 1)
+        went.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(third)
+        await wait_all_tasks_blocked()
+        assert not went.is_set()
+        p.release(first, None, None)
+        await wait_all_tasks_blocked()
+        assert went.is_set()
+
+
+async def answered_at(p: RatePacer, clock: FakeClock, per_s: float, seconds: float) -> None:
+    """Answers coming back ok at ``per_s`` for ``seconds``."""
+    for _ in range(int(per_s * seconds)):
+        clock.now += 1 / per_s
+        p.release(0, 10, 5)
+
+
+async def test_a_429_cuts_the_whole_run_to_just_under_what_the_server_answers() -> None:
+    p, clock = pacer(qps=300, concurrency=500)
+    await send_times(p, clock, 1)
+    clock.now += 5  # past the ramp
+    await answered_at(p, clock, 100, 3)  # the server really serves 100/s
+    assert p.rate(clock.now) == 300
+    p.penalise(1.0, sent_at=clock.now)  # one stray 429 among 100 answers ok: no cut...
+    assert p.rate(clock.now) == 300
+    for _ in range(4):  # ...but a few percent of the answers are: a limit
+        p.penalise(1.0, sent_at=clock.now)
+    assert p.rate(clock.now) == pytest.approx(95, rel=0.02)
+    # Every sender waits out Retry-After.
+    cut = clock.now
+    await send_times(p, clock, 1)
+    assert clock.now == pytest.approx(cut + 1.0)
+    # A 429 for a request sent before the cut is the same congestion event: no second cut.
+    for _ in range(10):
+        p.penalise(None, sent_at=cut - 0.01)
+    clock.now = cut + 2.0
+    assert p.rate(clock.now) == pytest.approx(100 * (0.95 + 0.0025 * 2 * 1.2), rel=0.02)
+    # Then it recovers, slowly near the ceiling, and never beyond the configured limit.
+    clock.now = cut + 10
+    assert p.rate(clock.now) == pytest.approx(100, rel=0.03)
+    clock.now += 10_000
+    assert p.rate(clock.now) == 300
+
+
+async def test_a_run_without_limits_learns_one_from_its_first_429() -> None:
+    p, clock = pacer(concurrency=500)
+    await send_times(p, clock, 1)
+    await answered_at(p, clock, 1000, 2)
+    assert p.rate(clock.now) is None
+    for _ in range(40):
+        p.penalise(None, sent_at=clock.now)
+    assert p.rate(clock.now) == pytest.approx(950, rel=0.02)
