@@ -39,7 +39,7 @@ from batchq.config import Limits
 __all__ = ["Pacer", "RatePacer"]
 
 RAMP_FROM, RAMP_S = 0.25, 2.0
-CUT, RECOVER, CUT_EVERY_S = 0.95, 0.0025, 1.0
+CUT, RECOVER, CUT_EVERY_S = 0.95, 0.001, 1.0
 MIN_RATE = 0.5
 #: 429s must be at least this share of recent answers before the rate is cut.
 CUT_SHARE = 0.03
@@ -84,6 +84,7 @@ class RatePacer:
         # slowdown: the ceiling found by the last cut, and when it was made
         self._ceiling: float | None = None
         self._cut_at = -math.inf
+        self._cuts = 0
         self._sent, self._ok, self._throttled = _Meter(), _Meter(), _Meter()
         self._completion_avg = float(FIRST_COMPLETION_GUESS)
 
@@ -115,21 +116,23 @@ class RatePacer:
 
     async def _wait_turn(self, tokens: int) -> None:
         while True:
-            now = self._clock()
+            now, cuts = self._clock(), self._cuts
             if self._started is None:
                 self._started = now
             at = max(now, self._paused_until)
-            rate = self.rate(at)
-            if rate is not None:
+            if (rate := self.rate(at)) is not None:
                 at = max(at, self._next_send)
-                self._next_send = at + 1 / rate
+                # Spaced at the rate of the booked time, not of now: a queue of bookings
+                # made while ramping up (or slowed down) does not lock that rate in.
+                self._next_send = at + 1 / (self.rate(at) or rate)
             if self._token_rate is not None:
                 at = max(at, self._next_tokens)
                 self._next_tokens = at + tokens / self._token_rate
             if at > now:
                 await self._sleep(at - now)
-            # A limit found meanwhile pauses this request too: book again after it.
-            if self._paused_until <= max(at, now):
+            # A limit found meanwhile voids this booking, made at the old rate: book again,
+            # after the pause, at the new rate.
+            if cuts == self._cuts:
                 self._sent.add(max(at, now))
                 return
 
@@ -157,8 +160,13 @@ class RatePacer:
             answered = (current or self._sent.rate(now) or 2 * MIN_RATE) / 2
         self._ceiling = max(MIN_RATE, answered if current is None else min(current, answered))
         self._cut_at = now
+        self._cuts += 1
+        self._next_send = -math.inf  # bookings start over from the end of the pause
         if retry_after:
             self._paused_until = max(self._paused_until, now + retry_after)
+        # What the server answers is measured afresh from the end of the pause: a rate
+        # measured across it would read low, and the next cut would go too deep.
+        self._ok.restart(max(now, self._paused_until))
 
 
 class _Meter:
@@ -172,6 +180,10 @@ class _Meter:
         self._at = now
         self._since = min(self._since, now)
 
+    def restart(self, at: float) -> None:
+        """Count from zero from ``at`` on."""
+        self._count, self._at, self._since = 0.0, at, at
+
     def count(self, now: float) -> float:
         """Events in about the last second."""
         return self._count * math.exp(self._at - now) if self._count else 0.0
@@ -179,6 +191,6 @@ class _Meter:
     def rate(self, now: float) -> float | None:
         """Events per second lately (None before the first): the decaying count, corrected
         for having started from zero, over at least a tenth of a second."""
-        if self._since == math.inf:
+        if self._since == math.inf or now < self._since:
             return None
         return self.count(now) / (1 - math.exp(-max(0.1, now - self._since)))

@@ -79,6 +79,8 @@ class SimStats:
 
     requests: int = 0
     by_status: Counter[int] = field(default_factory=Counter)
+    #: answers ok per whole second of the server's monotonic clock
+    ok_by_second: Counter[int] = field(default_factory=Counter)
     by_prompt: Counter[str] = field(default_factory=Counter)
 
 
@@ -132,11 +134,21 @@ class Simulator:
         self._burst: tuple[str, float] | None = None
         self.app = web.Application(client_max_size=64 * 1024**2)
         self.app.router.add_post(r"/{prefix:.*}chat/completions", self.handle)
+        self.app.router.add_get("/_stats", self.report)
+
+    async def report(self, request: web.Request) -> web.Response:
+        """``GET /_stats``: requests seen and answers by status, for benchmarks."""
+        by_status = {str(k): v for k, v in self.stats.by_status.items()}
+        seconds = sorted(self.stats.ok_by_second.items())
+        return _json({"requests": self.stats.requests, "by_status": by_status,
+                      "ok_per_second": [n for _, n in seconds]})  # fmt: skip
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.stats.requests += 1
         response = await self._answer(request)
         self.stats.by_status[response.status if response is not None else 0] += 1
+        if response is not None and response.status == 200:
+            self.stats.ok_by_second[int(time.monotonic())] += 1
         if response is None:  # a dropped connection
             assert request.transport is not None
             request.transport.abort()

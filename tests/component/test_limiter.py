@@ -11,7 +11,7 @@ from anyio import wait_all_tasks_blocked
 from anyio.lowlevel import checkpoint
 
 from batchq.config import Limits
-from batchq.limiter import FIRST_COMPLETION_GUESS, RAMP_S, RatePacer
+from batchq.limiter import CUT, FIRST_COMPLETION_GUESS, RAMP_S, RECOVER, RatePacer
 
 pytestmark = pytest.mark.anyio
 
@@ -185,11 +185,12 @@ async def test_a_429_cuts_the_whole_run_to_just_under_what_the_server_answers() 
     for _ in range(10):
         p.penalise(None, sent_at=cut - 0.01)
     clock.now = cut + 2.0
-    assert p.rate(clock.now) == pytest.approx(100 * (0.95 + 0.0025 * 2 * 1.2), rel=0.02)
-    # Then it recovers, slowly near the ceiling, and never beyond the configured limit.
-    clock.now = cut + 10
-    assert p.rate(clock.now) == pytest.approx(100, rel=0.03)
-    clock.now += 10_000
+    assert p.rate(clock.now) == pytest.approx(100 * (CUT + RECOVER * 2 * 1.2), rel=0.02)
+    # Then it recovers, slowly near the ceiling (back to it after about 18 s), faster
+    # the longer all is well, and never beyond the configured limit.
+    clock.now = cut + 18
+    assert p.rate(clock.now) == pytest.approx(100, rel=0.02)
+    clock.now = cut + 200
     assert p.rate(clock.now) == 300
 
 
@@ -201,3 +202,17 @@ async def test_a_run_without_limits_learns_one_from_its_first_429() -> None:
     for _ in range(40):
         p.penalise(None, sent_at=clock.now)
     assert p.rate(clock.now) == pytest.approx(950, rel=0.02)
+
+
+async def test_after_a_cut_sending_restarts_from_the_end_of_the_pause_at_the_new_rate() -> None:
+    p, clock = pacer(qps=300, concurrency=500)
+    await send_times(p, clock, 1)
+    clock.now += 5
+    await answered_at(p, clock, 100, 3)
+    for _ in range(5):
+        p.penalise(2.0, sent_at=clock.now)
+    pause_end = clock.now + 2.0
+    times = await send_times(p, clock, 3)
+    assert times[0] == pytest.approx(pause_end)
+    assert gaps(times) == [pytest.approx(1 / p.rate(t), rel=0.01) for t in times[:2]]
+    assert 1 / gaps(times)[0] == pytest.approx(95, rel=0.03)

@@ -1,0 +1,159 @@
+"""Side-by-side throughput of batchq and peer clients against the simulator, in one run.
+
+    python bench/throughput.py              # every scenario (about 4 minutes)
+    python bench/throughput.py raw-256      # one of them
+
+Each client run gets a fresh simulator process pinned to core 0 (``taskset``) while the
+client is pinned to core 1, and is timed as a whole process: wall seconds, CPU seconds
+(user + system, from wait4), peak RSS. The simulator's own counters give the requests
+and 429s it saw. Scenarios:
+
+    raw-256     no limit, zero latency, 256 requests in flight
+    raw-2000    the same with 2,000 in flight
+    limit-200   a 200 QPS limit, 800 ms lognormal latency, a server limited to 250 QPS
+    overload    clients set to 300 QPS against a server limited to 100 QPS, Retry-After 1,
+                5,000 rows (ideal: 50 s)
+
+Clients: batchq (the CLI, writing Parquet and checkpoints), reference (bare aiohttp +
+uvloop + orjson: the floor), openai-sdk (AsyncOpenAI + semaphore + aiolimiter, as many
+users write it; skipped unless ``pip install openai`` was run in this environment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Scenario:
+    rows: int
+    in_flight: int
+    sim: tuple[str, ...]
+    qps: float | None = None
+    clients: tuple[str, ...] = ("batchq", "reference", "openai-sdk")
+
+
+SCENARIOS = {
+    "raw-256": Scenario(20_000, 256, ()),
+    "raw-2000": Scenario(20_000, 2000, ()),
+    "limit-200": Scenario(8_000, 400, ("--latency-ms", "800", "--qps", "250"), qps=200,
+                          clients=("batchq", "openai-sdk")),
+    "overload": Scenario(5_000, 300, ("--qps", "100", "--retry-after", "1"), qps=300,
+                         clients=("batchq", "openai-sdk")),
+}  # fmt: skip
+
+
+def pin(core: int) -> list[str]:
+    return ["taskset", "-c", str(core)] if shutil.which("taskset") and os.cpu_count() else []
+
+
+def start_simulator(args: tuple[str, ...]) -> tuple[subprocess.Popen[str], str]:
+    command = [*pin(0), sys.executable, "-m", "batchq", "simulate", *args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    line = process.stdout.readline()  # "batchq simulator on http://127.0.0.1:PORT/v1 ..."
+    return process, line.split()[3]
+
+
+def stats(url: str) -> dict[str, object]:
+    with urllib.request.urlopen(url.removesuffix("/v1") + "/_stats") as response:
+        return json.loads(response.read())  # type: ignore[no-any-return]
+
+
+def client_command(client: str, url: str, data: Path, out: Path, s: Scenario) -> list[str]:
+    if client == "batchq":
+        command = [sys.executable, "-m", "batchq", "run", "--input", str(data), "--output",
+                   str(out), "--base-url", url, "--model", "qwen-plus", "--concurrency",
+                   str(s.in_flight), "--max-attempts", "30", "--quiet", "--restart"]  # fmt: skip
+    else:
+        command = [sys.executable, str(HERE / "peers.py"), client, url, str(data),
+                   "--in-flight", str(s.in_flight)]  # fmt: skip
+    return [*pin(1), *command, *(["--qps", str(s.qps)] if s.qps else [])]
+
+
+def run_one(client: str, s: Scenario, data: Path, tmp: Path) -> dict[str, float] | None:
+    if client == "openai-sdk":
+        try:
+            import openai  # noqa: F401
+        except ImportError:
+            return None
+    sim, url = start_simulator(s.sim)
+    try:
+        started = time.perf_counter()
+        process = subprocess.Popen(client_command(client, url, data, tmp / "out.parquet", s),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - started
+        seen = stats(url)
+    finally:
+        sim.terminate()
+        sim.wait()
+    if status != 0:
+        assert process.stderr is not None
+        print(f"  {client} failed: {process.stderr.read().decode()[-500:]}", file=sys.stderr)
+    by_status: dict[str, int] = seen["by_status"]  # type: ignore[assignment]
+    per_second: list[int] = seen["ok_per_second"]  # type: ignore[assignment]
+    steady = per_second[3:-3] or per_second  # leave out the ramp and the tail
+    requests = int(seen["requests"])  # type: ignore[call-overload]
+    return {
+        "ok": by_status.get("200", 0),
+        "seconds": seconds,
+        "req_s": by_status.get("200", 0) / seconds,
+        "cpu_ms": (usage.ru_utime + usage.ru_stime) * 1000 / max(requests, 1),
+        "rss_mb": usage.ru_maxrss / 1024,
+        "429s": by_status.get("429", 0),
+        "requests": requests,
+        "steady_req_s": sum(steady) / max(len(steady), 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("scenarios", nargs="*", choices=[[], *SCENARIOS], default=[])
+    names = parser.parse_args().scenarios or list(SCENARIOS)
+    print(f"{'scenario':<10} {'client':<11} {'ok rows':>8} {'s':>7} {'req/s':>8} "
+          f"{'CPU ms/req':>10} {'RSS MB':>7} {'429s':>6}  vs reference / target")  # fmt: skip
+    with tempfile.TemporaryDirectory() as folder:
+        tmp = Path(folder)
+        for name in names:
+            s = SCENARIOS[name]
+            data = tmp / f"{name}.jsonl"
+            data.write_text("".join(json.dumps({"id": i, "prompt": f"Label review {i}: fine"})
+                                    + "\n" for i in range(s.rows)))  # fmt: skip
+            results = {c: run_one(c, s, data, tmp) for c in s.clients}
+            for client, r in results.items():
+                if r is None:
+                    print(f"{name:<10} {client:<11} (not installed: pip install openai)")
+                    continue
+                against = verdict(name, s, r, results.get("reference"))
+                print(f"{name:<10} {client:<11} {r['ok']:>8,.0f} {r['seconds']:>7.1f} "
+                      f"{r['req_s']:>8,.0f} {r['cpu_ms']:>10.3f} {r['rss_mb']:>7.0f} "
+                      f"{r['429s']:>6,.0f}  {against}")  # fmt: skip
+
+
+def verdict(name: str, s: Scenario, r: dict[str, float], ref: dict[str, float] | None) -> str:
+    if name.startswith("raw") and ref is not None:
+        return f"CPU {r['cpu_ms'] / ref['cpu_ms']:.2f}×, req/s {r['req_s'] / ref['req_s']:.2f}×"
+    if name == "limit-200":
+        return (f"steady {r['steady_req_s'] / 200:.1%} of 200 QPS "
+                f"(whole run {r['req_s'] / 200:.1%})")  # fmt: skip
+    if name == "overload":
+        share = r["429s"] / max(r["requests"], 1)
+        return f"time {r['seconds'] / 50:.2f}× the ideal 50 s, 429s {share:.1%} of requests"
+    return ""
+
+
+if __name__ == "__main__":
+    main()
