@@ -148,6 +148,13 @@ def _fail(error: BatchqError) -> None:
 @click.option("--retry-after", type=float, default=None, help="Retry-After seconds on a 429")
 @click.option("--fail-500", default=0.0, type=float, help="share of requests answered 500")
 @click.option("--fail-503", default=0.0, type=float, help="share of requests answered 503")
+@click.option("--fail-429", default=0.0, type=float, help="share answered 429 whatever the rate")
+@click.option("--fail-drop", default=0.0, type=float, help="share whose connection is dropped")
+@click.option("--fail-truncate", default=0.0, type=float, help="share answered half a body")
+@click.option("--fail-malformed", default=0.0, type=float, help="share answered 200 non-completion")
+@click.option("--fail-slow", default=0.0, type=float, help="share answered after --slow-s")
+@click.option("--slow-s", default=30.0, type=float, help="how slow a slow answer is")
+@click.option("--burst-s", default=0.0, type=float, help="a fault repeats for this many seconds")
 @click.option("--api-key-env", default=None, help="require the key held in this variable")
 @click.option("--seed", default=0, type=int, help="seed of the latency and failure draws")
 def simulate(host: str, port: int, api_key_env: str | None, **options: Any) -> None:

@@ -17,6 +17,7 @@ __all__ = [
     "RowFinished",
     "RunFinished",
     "RunStarted",
+    "RunSummary",
     "Sink",
 ]
 
@@ -58,15 +59,23 @@ class Flushed:
     rows: int
 
 
-@dataclass(frozen=True, slots=True)
-class RunFinished:
+@dataclass(frozen=True)
+class RunSummary:
+    """What a run came to: the whole output's counts, and what this run sent."""
+
     output: Path
     total: int
     ok: int
     error: int
+    #: Rows answered by this run (not counting rows resumed from the state folder).
     sent: int
     elapsed_s: float
     already_complete: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RunFinished:
+    summary: RunSummary
 
 
 Event = RunStarted | Notice | RowFinished | Retrying | Flushed | RunFinished

@@ -23,13 +23,23 @@ from typing import Any
 
 import anyio
 import httpx
+import pyarrow.parquet as pq
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from batchq.checkpoint import StateDir, check_same_job, manifest_for
 from batchq.client import Client
 from batchq.config import Job
 from batchq.errors import BatchqError, Interrupted
-from batchq.events import Flushed, Notice, RowFinished, RunFinished, RunStarted, Sink, discard
+from batchq.events import (
+    Flushed,
+    Notice,
+    RowFinished,
+    RunFinished,
+    RunStarted,
+    RunSummary,
+    Sink,
+    discard,
+)
 from batchq.io.preflight import InputInfo, completion_cap, preflight, row_id
 from batchq.io.reader import read_batches
 from batchq.io.writer import merge_output, read_output_manifest
@@ -43,18 +53,6 @@ FLUSH_EVERY_S = 1.0
 FLUSH_MAX_ROWS = 10_000
 STOP_GRACE_S = 5.0
 ROWS_PER_SLOT = 4
-
-
-@dataclass(frozen=True)
-class RunSummary:
-    output: Path
-    total: int
-    ok: int
-    error: int
-    #: Rows answered by this run (not counting rows resumed from the state folder).
-    sent: int
-    elapsed_s: float
-    already_complete: bool
 
 
 async def run_job(
@@ -116,14 +114,11 @@ def _finish(
     summary = RunSummary(
         job.output, info.total_rows, *ok_error, sent, time.monotonic() - started, done
     )
-    sink(RunFinished(summary.output, summary.total, summary.ok, summary.error, sent,
-                     summary.elapsed_s, done))  # fmt: skip
+    sink(RunFinished(summary))
     return summary
 
 
 def _count_statuses(output: Path) -> tuple[int, int]:
-    import pyarrow.parquet as pq
-
     statuses = pq.read_table(output, columns=["status"]).column("status").to_pylist()
     return statuses.count("ok"), statuses.count("error")
 
