@@ -7,15 +7,12 @@ by flags alone. Provider presets fill in the base URL and the key's variable nam
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
-
-import orjson
 
 from batchq.errors import UsageError
 
@@ -83,18 +80,6 @@ class RequestSettings:
                 "or rehearse with --simulate)"
             )
         return key
-
-    def fingerprint(self) -> str:
-        """A hash of every setting that changes what a row's answer is (not where it is sent)."""
-        what = {
-            "model": self.model,
-            "system": self.system,
-            "template": self.template,
-            "max_tokens": self.max_tokens,
-            "temperature": self.temperature,
-            "params": self.params,
-        }
-        return hashlib.sha256(orjson.dumps(what, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

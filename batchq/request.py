@@ -11,7 +11,6 @@ file and line.
 
 from __future__ import annotations
 
-import string
 from typing import Any
 
 from batchq.config import RequestSettings
@@ -21,7 +20,6 @@ __all__ = [
     "RowProblem",
     "build_body",
     "estimate_tokens",
-    "template_fields",
 ]
 
 #: Body fields a row's column of the same name overrides, and that ``--param`` may set.
@@ -44,22 +42,6 @@ class RowProblem(ValueError):
     def __init__(self, message: str, *, column: str | None = None) -> None:
         super().__init__(message)
         self.column = column
-
-
-def template_fields(template: str) -> list[str]:
-    """The column names a ``str.format`` template refers to.
-
-    >>> template_fields("Review: {text} ({stars[0]} stars)")
-    ['text', 'stars']
-    """
-    names = []
-    for _, name, _, _ in string.Formatter().parse(template):
-        if name is not None:
-            base = name.split(".")[0].split("[")[0]
-            if not base or base.isdigit():
-                raise RowProblem(f"template field {{{name}}} must name a column, like {{text}}")
-            names.append(base)
-    return names
 
 
 def build_body(row: dict[str, Any], settings: RequestSettings) -> dict[str, Any]:

@@ -87,11 +87,3 @@ def test_missing_key_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None
         job.request.api_key()
     monkeypatch.setenv("DASHSCOPE_API_KEY", "sk-test")
     assert job.request.api_key() == "sk-test"
-
-
-def test_fingerprint_follows_what_changes_answers(tmp_path: Path) -> None:
-    base = load_job(write(tmp_path, JOB))
-    faster = load_job(write(tmp_path, JOB), overrides={"qps": 50, "base_url": "http://x/v1"})
-    other = load_job(write(tmp_path, JOB), overrides={"model": "qwen-max"})
-    assert base.request.fingerprint() == faster.request.fingerprint()
-    assert base.request.fingerprint() != other.request.fingerprint()

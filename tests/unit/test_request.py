@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from batchq.config import RequestSettings
-from batchq.request import RowProblem, build_body, estimate_tokens, template_fields
+from batchq.request import RowProblem, build_body, estimate_tokens
 
 BASE = RequestSettings(model="qwen-plus")
 
@@ -68,12 +68,6 @@ def test_rows_that_cannot_be_sent_name_their_column(
     with pytest.raises(RowProblem) as caught:
         build_body(row, settings)
     assert caught.value.column == column
-
-
-def test_template_fields() -> None:
-    assert template_fields("{a} and {b[0]} and {c.d}") == ["a", "b", "c"]
-    with pytest.raises(RowProblem):
-        template_fields("{}")
 
 
 def test_token_estimate_grows_with_the_text() -> None:
