@@ -69,7 +69,7 @@ def build_body(row: dict[str, Any], settings: RequestSettings) -> dict[str, Any]
 
 def _batch_api_body(row: dict[str, Any], settings: RequestSettings) -> dict[str, Any]:
     body = dict(row["body"])
-    defaults = {"model": settings.model, "max_tokens": settings.max_tokens}
+    defaults: dict[str, Any] = {"model": settings.model, "max_tokens": settings.max_tokens}
     defaults |= {"temperature": settings.temperature, **settings.params}
     for name, value in defaults.items():
         if value is not None:

@@ -33,9 +33,9 @@ def parse_completion(raw: bytes) -> dict[str, Any]:
     message = first.get("message") if isinstance(first, dict) else None
     if not isinstance(message, dict):
         raise InvalidCompletion("choices[0] has no message")
-    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    usage = _dict(data.get("usage"))
     tool_calls = message.get("tool_calls")
-    result = {
+    result: dict[str, Any] = {
         "response": _str_or_none(message.get("content")),
         "reasoning": _str_or_none(message.get("reasoning_content")),
         "tool_calls": orjson.dumps(tool_calls).decode() if tool_calls else None,
@@ -62,13 +62,17 @@ def parse_error_body(raw: bytes) -> tuple[str | None, str | None, str | None]:
         text = raw[:300].decode("utf-8", "replace").strip()
         return None, None, text or None
     if isinstance(data, dict):
-        err = data.get("error") if isinstance(data.get("error"), dict) else data
+        err = _dict(data.get("error")) or data
         return (
             _str_or_none(err.get("type")),
             _str_or_none(err.get("code")),
             _str_or_none(err.get("message")),
         )
     return None, None, None
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def _choice_text(choice: Any) -> str | None:

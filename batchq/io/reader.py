@@ -9,7 +9,7 @@ import gzip
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import orjson
 import pyarrow as pa
@@ -35,7 +35,7 @@ class InputBatch:
     lines: list[int] | None = None
     arrow: pa.RecordBatch | None = None
 
-    def where(self, i: int) -> dict[str, int]:
+    def where(self, i: int) -> dict[str, Any]:
         """Keyword arguments for InputError saying where row ``i`` of the batch is."""
         return {"line": self.lines[i]} if self.lines is not None else {"row": self.start + i}
 
@@ -66,7 +66,7 @@ def read_batches(path: Path, *, batch_size: int = 4096) -> Iterator[InputBatch]:
 def _open(path: Path) -> IO[bytes]:
     try:
         if path.name.lower().endswith(".gz"):
-            return gzip.open(path, "rb")
+            return cast(IO[bytes], gzip.open(path, "rb"))
         return path.open("rb")
     except FileNotFoundError:
         raise InputError("the input file does not exist: check the path", path=str(path)) from None
