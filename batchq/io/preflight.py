@@ -123,7 +123,7 @@ def _check_rows(batch: InputBatch, job: Job, id_column: str | None, ids: _IdChec
                     column=id_column,
                     **batch.where(i),
                 )
-            ids.add(str(value), batch.start + i)
+            ids.add(str(value))
 
 
 class _IdChecker:
@@ -133,7 +133,7 @@ class _IdChecker:
         self._path = path
         self._hashes = array("q")
 
-    def add(self, value: str, index: int) -> None:
+    def add(self, value: str) -> None:
         self._hashes.append(hash(value))
 
     def verify(self, id_column: str | None) -> None:
