@@ -27,17 +27,22 @@ from batchq.config import Job
 from batchq.errors import RunStopped, UsageError
 from batchq.io.preflight import ROW_COLUMN, InputInfo
 from batchq.io.schema import RESULT_SCHEMA, SHARD_SCHEMA
+from batchq.pricing import region_of
 
 __all__ = ["StateDir", "check_same_job", "manifest_for", "write_atomic"]
 
 VERSION = 1
 
 
-def manifest_for(job: Job, info: InputInfo) -> dict[str, Any]:
-    """What a state folder records about the job it belongs to."""
+def manifest_for(job: Job, info: InputInfo, *, command: str | None = None) -> dict[str, Any]:
+    """What a state folder records about the job it belongs to: what its results answer
+    (compared on resume), and for ``status`` / ``cost`` the price region and the command
+    that resumes it."""
     r = job.request
     return {
         "version": VERSION,
+        "region": region_of(r.provider),
+        "command": command,
         "input": str(info.path),
         "input_digest": info.digest,
         "input_rows": info.total_rows,
@@ -63,13 +68,15 @@ class StateDir:
         self._next_seq: int | None = None
 
     @classmethod
-    def open(cls, job: Job, info: InputInfo, *, restart: bool = False) -> StateDir:
+    def open(
+        cls, job: Job, info: InputInfo, *, restart: bool = False, command: str | None = None
+    ) -> StateDir:
         """Open (creating, or checking against the job) and lock the job's state folder."""
         state = cls(job.state_dir)
         state.shards.mkdir(parents=True, exist_ok=True)
         state._acquire_lock()
         try:
-            state._check_manifest(manifest_for(job, info), job, restart=restart)
+            state._check_manifest(manifest_for(job, info, command=command), job, restart=restart)
         except BaseException:
             state.close()
             raise

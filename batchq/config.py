@@ -225,6 +225,7 @@ def _default_output(input_path: Path) -> Path:
 
 
 def with_base_url(job: Job, base_url: str, *, api_key_env: str | None = None) -> Job:
-    """The same job pointed at another endpoint (used by ``--simulate``)."""
-    request = replace(job.request, provider="custom", base_url=base_url, api_key_env=api_key_env)
+    """The same job pointed at another endpoint (used by ``--simulate``). The provider
+    stays, so a rehearsal follows its rules and is priced as the real run would be."""
+    request = replace(job.request, base_url=base_url, api_key_env=api_key_env)
     return replace(job, request=request)

@@ -19,6 +19,8 @@ __all__ = [
     "RunStarted",
     "RunSummary",
     "Sink",
+    "Slowdown",
+    "fan_out",
 ]
 
 
@@ -39,19 +41,41 @@ class Notice:
 
 @dataclass(frozen=True, slots=True)
 class RowFinished:
+    """A row has its result (``ok`` or ``error``), with its usage or its error."""
+
+    row_id: str
     status: str
     attempts: int
+    model: str | None
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int
+    reasoning_tokens: int
+    thinking: bool
+    http_status: int | None
+    error_code: str | None
+    error_message: str | None
 
 
 @dataclass(frozen=True, slots=True)
 class Retrying:
+    """An attempt failed in a way worth retrying; the row waits ``delay_s`` first."""
+
     row_id: str
     attempt: int
     http_status: int | None
     reason: str
     delay_s: float
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Slowdown:
+    """429s showed a limit: the whole run now sends at ``rate`` requests/s, after pausing
+    ``pause_s`` (the server's Retry-After)."""
+
+    rate: float
+    pause_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +102,7 @@ class RunFinished:
     summary: RunSummary
 
 
-Event = RunStarted | Notice | RowFinished | Retrying | Flushed | RunFinished
+Event = RunStarted | Notice | RowFinished | Retrying | Slowdown | Flushed | RunFinished
 
 
 class Sink(Protocol):
@@ -87,3 +111,13 @@ class Sink(Protocol):
 
 def discard(event: Event) -> None:
     """The sink that observes nothing."""
+
+
+def fan_out(*sinks: Sink) -> Sink:
+    """One sink that passes each event to every one of ``sinks``, in order."""
+
+    def emit(event: Event) -> None:
+        for sink in sinks:
+            sink(event)
+
+    return emit

@@ -35,6 +35,7 @@ from typing import Protocol
 import anyio
 
 from batchq.config import Limits
+from batchq.events import Sink, Slowdown, discard
 
 __all__ = ["Pacer", "RatePacer"]
 
@@ -72,8 +73,9 @@ class RatePacer:
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+        emit: Sink = discard,
     ) -> None:
-        self._clock, self._sleep = clock, sleep
+        self._clock, self._sleep, self._emit = clock, sleep, emit
         self._slots = anyio.Semaphore(limits.concurrency)
         rates = [r for r in (limits.qps, limits.qpm and limits.qpm / 60) if r]
         self._limit: float | None = min(rates) if rates else None
@@ -167,6 +169,7 @@ class RatePacer:
         # What the server answers is measured afresh from the end of the pause: a rate
         # measured across it would read low, and the next cut would go too deep.
         self._ok.restart(max(now, self._paused_until))
+        self._emit(Slowdown(self._ceiling * CUT, max(0.0, self._paused_until - now)))
 
 
 class _Meter:

@@ -1,6 +1,7 @@
-"""Sinks that show a run to a person: periodic plain lines, or nothing (``--quiet``).
+"""Sinks that show a run to a person: a live bar on a terminal (rich), one plain line
+every few seconds elsewhere. ``--quiet`` uses neither. The final summary is the CLI's.
 
-The final summary is the CLI's; these show the run while it goes.
+Both read the same :class:`Tally`, kept from the runner's events.
 """
 
 from __future__ import annotations
@@ -9,9 +10,88 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from batchq.events import Event, Notice, Retrying, RowFinished, RunStarted
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, Progress, TaskID, TextColumn
+from rich.text import Text
 
-__all__ = ["PlainProgress"]
+from batchq.events import (
+    Event,
+    Notice,
+    Retrying,
+    RowFinished,
+    RunFinished,
+    RunStarted,
+    Slowdown,
+)
+from batchq.pricing import PriceTable
+
+__all__ = ["LiveProgress", "PlainProgress", "Tally", "money"]
+
+
+class Tally:
+    """Counts of one run so far: rows, tokens, 429s, errors, retries, cost."""
+
+    def __init__(self, prices: PriceTable | None, region: str, *, clock: Callable[[], float]):
+        self._prices, self._region, self._clock = prices, region, clock
+        self.started = clock()
+        self.todo = self.done = self.errors = self.retries = self.throttled = 0
+        self.tokens = 0
+        self.waiting: set[str] = set()  # rows between a failed attempt and their result
+        self.cost: dict[str, float] = {}
+        self.unpriced: set[str] = set()
+
+    def add(self, event: Event) -> None:
+        match event:
+            case RunStarted(todo=todo):
+                self.todo = todo
+                self.started = self._clock()
+            case RowFinished():
+                self.done += 1
+                self.errors += event.status != "ok"
+                self.tokens += event.prompt_tokens + event.completion_tokens
+                self.waiting.discard(event.row_id)
+                self._add_cost(event)
+            case Retrying(http_status=status):
+                self.retries += 1
+                self.throttled += status == 429
+                self.waiting.add(event.row_id)
+
+    def _add_cost(self, row: RowFinished) -> None:
+        if self._prices is None or not row.prompt_tokens:
+            return
+        price = self._prices.lookup(row.model, self._region)
+        if price is None:
+            self.unpriced.add(str(row.model))
+            return
+        cost = price.cost(
+            row.prompt_tokens, row.completion_tokens,
+            cached=row.cached_tokens, thinking=row.thinking,
+        )  # fmt: skip
+        self.cost[price.currency] = self.cost.get(price.currency, 0.0) + cost
+
+    def elapsed(self) -> float:
+        return max(self._clock() - self.started, 1e-9)
+
+    def rate(self) -> float:
+        return self.done / self.elapsed()
+
+    def eta(self) -> str:
+        rate = self.rate()
+        return _duration((self.todo - self.done) / rate) if rate else "?"
+
+    def cost_text(self) -> str:
+        parts = [money(amount, currency) for currency, amount in sorted(self.cost.items())]
+        if self.unpriced:
+            parts.append(f"unpriced: {', '.join(sorted(self.unpriced))}")
+        return " + ".join(parts) if parts else "-"
+
+    def stats(self) -> str:
+        return (
+            f"{self.rate():,.0f} rows/s · {self.tokens / self.elapsed():,.0f} tok/s · "
+            f"{self.throttled:,} × 429 · {self.errors:,} errors · "
+            f"{len(self.waiting):,} retrying · cost {self.cost_text()}"
+        )
 
 
 class PlainProgress:
@@ -21,51 +101,105 @@ class PlainProgress:
         self,
         out: TextIO,
         *,
+        prices: PriceTable | None = None,
+        region: str = "intl",
         every_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._out, self._every, self._clock = out, every_s, clock
-        self._started = self._last = clock()
-        self.todo = self.done = self.errors = self.retries = self.throttled = 0
-        self.tokens = 0
+        self.tally = Tally(prices, region, clock=clock)
+        self._last = clock()
 
     def __call__(self, event: Event) -> None:
+        self.tally.add(event)
         match event:
             case RunStarted(todo=todo, total=total):
-                self.todo = todo
                 self._print(f"{event.job}: {total:,} rows, {todo:,} to send")
             case Notice(message=message):
                 self._print(message)
-            case RowFinished():
-                self.done += 1
-                self.errors += event.status != "ok"
-                self.tokens += event.prompt_tokens + event.completion_tokens
-                if self._clock() - self._last >= self._every:
-                    self._print(self.line())
-            case Retrying():
-                self.retries += 1
-                self.throttled += event.http_status == 429
+            case Slowdown():
+                self._print(_slowdown_text(event))
+            case RowFinished() if self._clock() - self._last >= self._every:
+                self._print(self.line())
 
     def line(self) -> str:
-        now = self._clock()
-        self._last = now
-        elapsed = max(now - self._started, 1e-9)
-        rate = self.done / elapsed
-        share = self.done / self.todo if self.todo else 1.0
-        eta = (self.todo - self.done) / rate if rate else float("inf")
-        return (
-            f"{self.done:,}/{self.todo:,} rows ({share:.0%}) · {rate:,.0f} rows/s · "
-            f"{self.tokens / elapsed:,.0f} tokens/s · {self.errors:,} errors · "
-            f"{self.retries:,} retries ({self.throttled:,} × 429) · ETA {_duration(eta)}"
-        )
+        self._last = self._clock()
+        t = self.tally
+        share = t.done / t.todo if t.todo else 1.0
+        return f"{t.done:,}/{t.todo:,} rows ({share:.0%}) · {t.stats()} · ETA {t.eta()}"
 
     def _print(self, text: str) -> None:
         print(text, file=self._out, flush=True)
 
 
+class LiveProgress:
+    """A live display on a terminal (rich): a bar with rows done / total and ETA, and under
+    it rows/s, tokens/s, 429s, errors, rows retrying and cost so far. Notices print above."""
+
+    def __init__(
+        self,
+        console: Console,
+        *,
+        prices: PriceTable | None = None,
+        region: str = "intl",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.tally = Tally(prices, region, clock=clock)
+        self._clock = clock
+        self._bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(bar_width=None),
+            TextColumn("{task.completed:,.0f}/{task.total:,.0f} rows · ETA {task.fields[eta]}"),
+            console=console,
+            expand=True,
+        )
+        self._live = Live(console=console, refresh_per_second=4, transient=False)
+        self._task: TaskID | None = None
+        self._shown = 0.0
+
+    def __call__(self, event: Event) -> None:
+        self.tally.add(event)
+        match event:
+            case RunStarted(job=job, todo=todo):
+                self._task = self._bar.add_task(job, total=todo, eta="?")
+                self._show()
+                self._live.start()
+            case Notice(message=message):
+                self._live.console.print(message)
+            case Slowdown():
+                self._live.console.print(_slowdown_text(event))
+            case RunFinished():
+                self._show()
+                self._live.stop()
+            case RowFinished() | Retrying() if self._clock() - self._shown >= 0.2:
+                self._show()
+
+    def _show(self) -> None:
+        self._shown = self._clock()
+        if self._task is not None:
+            t = self.tally
+            self._bar.update(self._task, completed=t.done, eta=t.eta())
+            self._live.update(Group(self._bar, Text(t.stats(), overflow="fold")))
+
+    def close(self) -> None:
+        """Stop the display (a run that ended by an error has no RunFinished)."""
+        self._live.stop()
+
+
+def _slowdown_text(event: Slowdown) -> str:
+    pause = f" after a {event.pause_s:.1f} s pause (Retry-After)" if event.pause_s else ""
+    return f"429s show a rate limit: slowing the whole run to {event.rate:,.1f} req/s{pause}"
+
+
+def money(amount: float, currency: str) -> str:
+    """``$0.0123`` / ``¥0.0123``; other currencies by code. Four decimals below 1."""
+    symbol = {"USD": "$", "CNY": "¥"}.get(currency)
+    digits = 4 if abs(amount) < 1 else 2
+    text = f"{amount:,.{digits}f}"
+    return f"{symbol}{text}" if symbol else f"{text} {currency}"
+
+
 def _duration(seconds: float) -> str:
-    if seconds == float("inf"):
-        return "?"
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"

@@ -66,11 +66,14 @@ async def run_job(
     retry_errors: bool = False,
     keep_state: bool = False,
     seed: int | None = None,
+    command: str | None = None,
 ) -> RunSummary:
-    """Run (or resume) ``job`` to its output file. Raises a BatchqError subclass."""
+    """Run (or resume) ``job`` to its output file. Raises a BatchqError subclass.
+
+    ``command`` is how to resume it, as ``status`` will show it."""
     started = time.monotonic()
     info = preflight(job)
-    state = StateDir.open(job, info, restart=restart)
+    state = StateDir.open(job, info, restart=restart, command=command)
     try:
         if job.output.exists() and not state.shard_paths() and not restart:
             check_same_job(read_output_manifest(job.output), manifest_for(job, info), job)
@@ -88,9 +91,11 @@ async def run_job(
             await _send_all(
                 job, info, state, done, prior,
                 api_key=api_key, sink=sink, transport=transport,
-                pacer=pacer or RatePacer(job.limits), rng=random.Random(seed),
+                pacer=pacer or RatePacer(job.limits, emit=sink), rng=random.Random(seed),
             )  # fmt: skip
-        counts = merge_output(state, info, job.output, manifest=manifest_for(job, info))
+        counts = merge_output(
+            state, info, job.output, manifest=manifest_for(job, info, command=command)
+        )
         if not keep_state:
             state.remove()
         ok_error = (counts.statuses.get("ok", 0), counts.statuses.get("error", 0))
@@ -184,8 +189,7 @@ class _Pipeline:
                     sleep=anyio.sleep, rng=self.rng,
                 )  # fmt: skip
                 self.journal.add(row)
-                tokens = (row.get("prompt_tokens") or 0, row.get("completion_tokens") or 0)
-                self.sink(RowFinished(row["status"], row["attempts"], *tokens))
+                self.sink(_finished(row))
 
     async def _tick(self) -> None:
         """Flush at least every FLUSH_EVERY_S while the run goes on."""
@@ -242,6 +246,17 @@ def _first_batchq_error(group: BaseExceptionGroup[Any]) -> BaseException:
     while isinstance(first, BaseExceptionGroup):
         first = first.exceptions[0]
     return first
+
+
+def _finished(row: dict[str, Any]) -> RowFinished:
+    reasoning = row.get("reasoning_tokens") or 0
+    return RowFinished(
+        row["_id"], row["status"], row["attempts"], row.get("model"),
+        row.get("prompt_tokens") or 0, row.get("completion_tokens") or 0,
+        row.get("cached_tokens") or 0, reasoning,
+        reasoning > 0 or row.get("reasoning") is not None,
+        row.get("http_status"), row.get("error_code"), row.get("error_message"),
+    )  # fmt: skip
 
 
 class Journal:

@@ -64,7 +64,7 @@ async def answer(
             pacer.penalise(outcome.retry_after, sent_at)
         delay = backoff_delay(attempts, retry_after=outcome.retry_after, rng=rng)
         reason = outcome.error_code or outcome.error_type or "error"
-        emit(Retrying(item.id, attempts, outcome.http_status, reason, delay))
+        emit(Retrying(item.id, attempts, outcome.http_status, reason, delay, outcome.retry_after))
         await sleep(delay)
 
 

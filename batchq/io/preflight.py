@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,8 +61,10 @@ def row_id(row: dict[str, Any], id_column: str | None, index: int) -> str:
     return str(index) if id_column is None else str(row[id_column])
 
 
-def preflight(job: Job) -> InputInfo:
-    """Check the whole input and the output path. Raises InputError / UsageError."""
+def preflight(job: Job, *, observe: Callable[[dict[str, Any]], None] | None = None) -> InputInfo:
+    """Check the whole input and the output path. Raises InputError / UsageError.
+
+    ``observe`` is called with each row's request body (``estimate`` counts them)."""
     _check_output(job.output)
     path = job.input
     fmt = input_format(path)
@@ -78,7 +81,7 @@ def preflight(job: Job) -> InputInfo:
         else:
             for row in batch.rows:
                 kinds.add(row)
-        _check_rows(batch, job, id_column, ids)
+        _check_rows(batch, job, id_column, ids, observe)
         total += len(batch.rows)
     if total == 0:
         raise InputError("the input has no rows: it is empty", path=str(path))
@@ -97,7 +100,13 @@ def _default_id_column(first: dict[str, Any]) -> str | None:
     return "id" if "id" in first else None
 
 
-def _check_rows(batch: InputBatch, job: Job, id_column: str | None, ids: _IdChecker) -> None:
+def _check_rows(
+    batch: InputBatch,
+    job: Job,
+    id_column: str | None,
+    ids: _IdChecker,
+    observe: Callable[[dict[str, Any]], None] | None,
+) -> None:
     path = str(job.input)
     tpm = job.limits.tpm
     for i, row in enumerate(batch.rows):
@@ -105,6 +114,8 @@ def _check_rows(batch: InputBatch, job: Job, id_column: str | None, ids: _IdChec
             body = build_body(row, job.request)
         except RowProblem as e:
             raise InputError(str(e), path=path, column=e.column, **batch.where(i)) from None
+        if observe is not None:
+            observe(body)
         if tpm and (need := request_tokens(body)) > tpm:
             raise InputError(
                 f"this request may use about {need:,} tokens, more than the whole TPM limit "

@@ -1,5 +1,5 @@
-"""The API key never appears in output, state, progress lines or error messages, whatever
-goes wrong."""
+"""The API key never appears in output, state, log file, progress lines or error messages,
+whatever goes wrong."""
 
 from __future__ import annotations
 
@@ -45,12 +45,16 @@ def test_the_key_is_nowhere_whatever_goes_wrong(
     path = write_jsonl(rows)
     out = tmp_path / "o.parquet"
     common = ["--input", str(path), "--output", str(out), "--model", "m", "--template",
-              "{text}", "--api-key-env", "MY_KEY", "--timeout", "1"]  # fmt: skip
+              "{text}", "--api-key-env", "MY_KEY", "--timeout", "1",
+              "--log-file", str(tmp_path / "log.jsonl")]  # fmt: skip
     done = run([*common, "--base-url", faulty.base_url, "--max-attempts", "2", "--keep-state"],
                KEY, tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert faulty.stats.by_status[200] > 0
     assert faulty.stats.by_status[400] == 1
+    log = (tmp_path / "log.jsonl").read_text()
+    assert '"event":"retry"' in log
+    assert '"event":"row_error"' in log
     assert_nowhere(tmp_path, done.stdout, done.stderr)
 
     # A server that rejects the key and echoes it back in its 401 message.
@@ -58,6 +62,7 @@ def test_the_key_is_nowhere_whatever_goes_wrong(
     refused = run([*common, "--base-url", strict.base_url, "--restart"], KEY, tmp_path)
     assert refused.returncode == 3
     assert "Incorrect API key provided: ***" in refused.stderr
+    assert "Incorrect API key provided: ***" in (tmp_path / "log.jsonl").read_text()
     assert_nowhere(tmp_path, refused.stdout, refused.stderr)
 
     # Bad input, with the key set.

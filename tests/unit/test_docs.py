@@ -1,4 +1,4 @@
-"""The README documents every command and every flag of `batchq run` and `simulate`."""
+"""The README documents every command and every flag of every command."""
 
 from __future__ import annotations
 
@@ -20,12 +20,14 @@ def test_every_command_is_in_the_readme(name: str) -> None:
 @pytest.mark.parametrize(
     "flag",
     sorted(
-        opt
-        for name in ("run", "simulate")
-        for param in main.commands[name].params
-        if isinstance(param, click.Option) and not param.hidden
-        for opt in param.opts
-        if opt.startswith("--") and opt != "--help"
+        {
+            opt
+            for name in sorted(main.commands)
+            for param in main.commands[name].params
+            if isinstance(param, click.Option) and not param.hidden
+            for opt in param.opts
+            if opt.startswith("--") and opt != "--help"
+        }
     ),
 )
 def test_every_flag_is_in_the_readme(flag: str) -> None:

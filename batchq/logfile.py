@@ -1,0 +1,93 @@
+"""``--log-file``: one JSON line per notable event, for later analysis.
+
+Logged: the run's start and end, notices, every retry (with its reason, HTTP status and
+Retry-After), every slowdown, every flush, every row recorded as an error. Rows answered
+``ok`` are not logged (the output holds them). Each line is redacted of the API key and of
+anything shaped like one before it is written.
+
+    {"t": "2026-11-27T08:01:02.345Z", "event": "retry", "row": "r17", "attempt": 1,
+     "http_status": 429, "reason": "limit_requests", "delay_s": 1.0, "retry_after": 1.0}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import orjson
+
+from batchq.client import redact
+from batchq.errors import UsageError
+from batchq.events import (
+    Event,
+    Flushed,
+    Notice,
+    Retrying,
+    RowFinished,
+    RunFinished,
+    RunStarted,
+    Slowdown,
+)
+
+__all__ = ["JsonLog"]
+
+_NAMES: dict[type, str] = {
+    RunStarted: "run_started",
+    Notice: "notice",
+    Retrying: "retry",
+    Slowdown: "slowdown",
+    Flushed: "flush",
+    RowFinished: "row_error",
+    RunFinished: "run_finished",
+}
+
+
+class JsonLog:
+    """A sink appending JSON lines to ``path``. Use ``close()`` when the run is over."""
+
+    def __init__(self, path: Path, *, api_key: str | None) -> None:
+        try:
+            self._file: BinaryIO = path.open("ab")
+        except OSError as e:
+            raise UsageError(f"cannot write the log file {path}: {e.strerror}") from None
+        self._key = api_key
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, RowFinished) and event.status == "ok":
+            return
+        record: dict[str, Any] = {"t": _now(), "event": _NAMES[type(event)]}
+        if isinstance(event, RowFinished):
+            record |= {"row": event.row_id, "attempts": event.attempts,
+                       "http_status": event.http_status, "error_code": event.error_code,
+                       "error_message": event.error_message}  # fmt: skip
+        elif isinstance(event, Retrying):
+            record |= {"row": event.row_id, **_fields(event, exclude={"row_id"})}
+        elif isinstance(event, RunFinished):
+            record |= _fields(event.summary)
+        else:
+            record |= _fields(event)
+        self._write(record)
+
+    def stopped(self, error: BaseException, exit_code: int) -> None:
+        """Record why the run ended early (auth failure, disk error, bad input, Ctrl-C)."""
+        self._write({"t": _now(), "event": "run_stopped", "exit_code": exit_code,
+                     "message": str(error)})  # fmt: skip
+
+    def _write(self, record: dict[str, Any]) -> None:
+        line = orjson.dumps(record, default=str).decode()
+        self._file.write(redact(line, self._key).encode() + b"\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _fields(obj: Any, *, exclude: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.name not in exclude}
+
+
+def _now() -> str:
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"

@@ -1,0 +1,162 @@
+"""Prices: the built-in, dated table of Qwen models on Model Studio, and overrides.
+
+The table lives in ``batchq/data/prices.toml`` (its header gives the source page and the
+date it was checked); ``--prices FILE`` in the same format overrides or extends it, e.g.
+for OpenAI models or a self-hosted server at zero. A model the table does not know is
+*unpriced*: reported as such, never priced at zero.
+
+One request costs, per 1,000,000 tokens of its tier (chosen by its prompt tokens)::
+
+    (prompt − cached) × input + cached × input × cached_input
+        + completion × (thinking_output if thinking else output)
+
+times ``batch`` (0.5) for requests sent through a provider's Batch API.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from batchq.errors import UsageError
+
+__all__ = ["Price", "PriceTable", "Tier", "region_of"]
+
+DEFAULT_CACHED_SHARE = 0.2
+DEFAULT_BATCH_SHARE = 0.5
+REGIONS = ("intl", "cn", "any")
+_SNAPSHOT = re.compile(r"-(latest|\d{4}-\d{2}-\d{2}|\d{4})$")
+
+
+def region_of(provider: str) -> str:
+    """The price region of a provider preset: Model Studio's two regions, else "any"."""
+    return {"dashscope-intl": "intl", "dashscope": "cn"}.get(provider, "any")
+
+
+@dataclass(frozen=True)
+class Tier:
+    """Prices per 1M tokens for requests whose prompt is at most ``max_input`` tokens."""
+
+    max_input: int | None
+    input: float
+    output: float
+    thinking_output: float
+
+
+@dataclass(frozen=True)
+class Price:
+    model: str
+    region: str
+    currency: str
+    tiers: tuple[Tier, ...]
+    cached_share: float = DEFAULT_CACHED_SHARE
+    batch_share: float = DEFAULT_BATCH_SHARE
+
+    def tier(self, prompt_tokens: int) -> Tier:
+        """The tier a request with ``prompt_tokens`` is billed at."""
+        for tier in self.tiers:
+            if tier.max_input is None or prompt_tokens <= tier.max_input:
+                return tier
+        return self.tiers[-1]
+
+    def cost(
+        self,
+        prompt: int,
+        completion: int,
+        *,
+        cached: int = 0,
+        thinking: bool = False,
+        batch: bool = False,
+    ) -> float:
+        """The cost of one request, in ``currency``."""
+        tier = self.tier(prompt)
+        paid_input = (prompt - cached) * tier.input + cached * tier.input * self.cached_share
+        output = completion * (tier.thinking_output if thinking else tier.output)
+        total = (paid_input + output) / 1_000_000
+        return total * self.batch_share if batch else total
+
+
+class PriceTable:
+    """Prices by model and region. ``lookup`` also finds a dated snapshot's base model
+    (``qwen-plus-2025-07-28`` -> ``qwen-plus``) and ``-latest`` aliases."""
+
+    def __init__(self, prices: dict[tuple[str, str], Price], *, source: str) -> None:
+        self._prices = prices
+        self.source = source
+
+    @classmethod
+    def builtin(cls) -> PriceTable:
+        text = resources.files("batchq").joinpath("data/prices.toml").read_text("utf-8")
+        data = tomllib.loads(text)
+        source = f"{data['source']['url']} (checked {data['source']['checked']})"
+        return cls(_parse(data, "the built-in price table"), source=source)
+
+    @classmethod
+    def load(cls, override: Path | None = None) -> PriceTable:
+        """The built-in table, overridden and extended by ``override`` when given."""
+        table = cls.builtin()
+        if override is None:
+            return table
+        try:
+            data = tomllib.loads(override.read_text("utf-8"))
+        except OSError as e:
+            raise UsageError(f"cannot read the price file {override}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise UsageError(f"the price file {override} is not valid TOML: {e}") from None
+        prices = {**table._prices, **_parse(data, str(override))}
+        return cls(prices, source=f"{override}, then {table.source}")
+
+    def lookup(self, model: str | None, region: str) -> Price | None:
+        if not model:
+            return None
+        for name in (model, _SNAPSHOT.sub("", model)):
+            for where in (region, "any"):
+                if (price := self._prices.get((name, where))) is not None:
+                    return price
+        return None
+
+
+def _parse(data: dict[str, Any], where: str) -> dict[tuple[str, str], Price]:
+    prices = {}
+    models = data.get("models", {})
+    if not isinstance(models, dict):
+        raise UsageError(f"{where}: [models] must be a table of models")
+    for model, regions in models.items():
+        for region, entry in regions.items():
+            if region not in REGIONS:
+                raise UsageError(
+                    f"{where}: models.{model}.{region}: the region must be one of "
+                    f"{', '.join(REGIONS)}"
+                )
+            prices[model, region] = _price(model, region, entry, f"{where}: models.{model}")
+    return prices
+
+
+def _price(model: str, region: str, entry: dict[str, Any], where: str) -> Price:
+    problem = f"{where}.{region}: each entry needs tiers = [{{ input = …, output = … }}]"
+    try:
+        tiers = tuple(_tier(t) for t in entry["tiers"])
+        price = Price(
+            model, region, str(entry.get("currency", "USD")), tiers,
+            float(entry.get("cached_input", DEFAULT_CACHED_SHARE)),
+            float(entry.get("batch", DEFAULT_BATCH_SHARE)),
+        )  # fmt: skip
+    except (KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"{problem} (prices per 1M tokens); problem: {e!r}") from None
+    if not tiers:
+        raise UsageError(f"{problem}: the list of tiers is empty")
+    return price
+
+
+def _tier(t: dict[str, Any]) -> Tier:
+    output = float(t["output"])
+    return Tier(
+        max_input=t.get("max_input"),
+        input=float(t["input"]),
+        output=output,
+        thinking_output=float(t.get("thinking_output", output)),
+    )

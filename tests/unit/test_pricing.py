@@ -1,0 +1,98 @@
+"""The price table: tiers, cache discount, thinking output, Batch API, lookups, overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from batchq.errors import UsageError
+from batchq.pricing import PriceTable, region_of
+
+
+@pytest.fixture
+def table() -> PriceTable:
+    return PriceTable.builtin()
+
+
+def test_the_builtin_table_is_dated_and_sourced(table: PriceTable) -> None:
+    assert "alibabacloud.com/help/en/model-studio" in table.source
+    assert "checked 2026-11-27" in table.source
+
+
+def test_qwen_plus_singapore_by_hand(table: PriceTable) -> None:
+    price = table.lookup("qwen-plus", "intl")
+    assert price is not None
+    assert price.currency == "USD"
+    # 1,000 prompt tokens at $0.4/M + 200 completion at $1.2/M
+    assert price.cost(1000, 200) == pytest.approx(0.0004 + 0.00024)
+    # 400 of the prompt tokens hit the implicit cache: billed at 20 % of the input price
+    assert price.cost(1000, 200, cached=400) == pytest.approx(
+        600 * 0.4e-6 + 400 * 0.08e-6 + 0.00024
+    )
+    # thinking mode: the completion at $4/M
+    assert price.cost(1000, 200, thinking=True) == pytest.approx(0.0004 + 0.0008)
+    # through the Batch API: half
+    assert price.cost(1000, 200, batch=True) == pytest.approx((0.0004 + 0.00024) / 2)
+
+
+def test_tiers_follow_each_requests_prompt_tokens(table: PriceTable) -> None:
+    price = table.lookup("qwen3-max", "intl")
+    assert price is not None
+    assert price.cost(32768, 0) == pytest.approx(32768 * 1.2e-6)
+    assert price.cost(32769, 0) == pytest.approx(32769 * 2.4e-6)
+    assert price.cost(200_000, 10) == pytest.approx(200_000 * 3e-6 + 10 * 15e-6)
+
+
+def test_regions_are_priced_apart(table: PriceTable) -> None:
+    cn = table.lookup("qwen-flash", "cn")
+    assert cn is not None
+    assert cn.currency == "CNY"
+    assert cn.cost(1000, 1000) == pytest.approx(1000 * 0.15e-6 + 1000 * 1.5e-6)
+    assert region_of("dashscope") == "cn"
+    assert region_of("dashscope-intl") == "intl"
+    assert region_of("openai") == "any"
+
+
+def test_snapshots_and_latest_find_their_model_and_unknown_models_none(
+    table: PriceTable,
+) -> None:
+    assert table.lookup("qwen-plus-2025-07-28", "intl") == table.lookup("qwen-plus", "intl")
+    assert table.lookup("qwen-plus-latest", "intl") == table.lookup("qwen-plus", "intl")
+    assert table.lookup("gpt-4o-mini", "intl") is None
+    assert table.lookup("qwen-plus", "any") is None  # a self-hosted "qwen-plus" is not billed
+    assert table.lookup(None, "intl") is None
+
+
+def test_a_price_file_overrides_and_extends(tmp_path: Path) -> None:
+    path = tmp_path / "prices.toml"
+    path.write_text(
+        '[models."qwen-plus".intl]\ncurrency = "USD"\ntiers = [{ input = 1, output = 2 }]\n'
+        '[models."local".any]\ncurrency = "USD"\ntiers = [{ input = 0, output = 0 }]\n'
+    )
+    table = PriceTable.load(path)
+    plus = table.lookup("qwen-plus", "intl")
+    assert plus is not None
+    assert plus.cost(1_000_000, 1_000_000) == pytest.approx(3.0)
+    local = table.lookup("local", "cn")
+    assert local is not None
+    assert local.cost(10, 10) == 0
+    assert str(path) in table.source
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[models.x.mars]\ntiers = [{ input = 1, output = 1 }]", "region must be one of"),
+        ("[models.x.intl]\ncurrency = 'USD'", "each entry needs tiers"),
+        ("[models.x.intl]\ntiers = []", "the list of tiers is empty"),
+        ("[models.x.intl]\ntiers = [{ input = 'a', output = 1 }]", "each entry needs tiers"),
+        ("not toml [", "not valid TOML"),
+    ],
+)
+def test_a_bad_price_file_says_what_and_where(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text(text)
+    with pytest.raises(UsageError, match=message) as info:
+        PriceTable.load(path)
+    assert str(path) in str(info.value)

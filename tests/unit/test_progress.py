@@ -1,0 +1,85 @@
+"""The sinks that show a run: figures from events, on a fake clock."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from rich.console import Console
+
+from batchq.events import (
+    Notice,
+    Retrying,
+    RowFinished,
+    RunFinished,
+    RunStarted,
+    RunSummary,
+    Slowdown,
+)
+from batchq.pricing import PriceTable
+from batchq.progress import LiveProgress, PlainProgress
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def finished(i: int, status: str = "ok", model: str = "qwen-plus") -> RowFinished:
+    if status == "ok":
+        return RowFinished(f"r{i}", status, 1, model, 1000, 100, 0, 0, False, 200, None, None)
+    return RowFinished(f"r{i}", status, 1, model, 0, 0, 0, 0, False, 400, "bad", "refused")
+
+
+def feed(sink: PlainProgress | LiveProgress, clock: Clock) -> None:
+    sink(RunStarted("job", 1000, 800, Path("o.parquet")))
+    sink(Notice("resuming: 200 rows already done"))
+    sink(Retrying("x7", 1, 429, "limit_requests", 1.0, 1.0))
+    sink(Retrying("r8", 1, 503, "503", 0.5))
+    sink(Slowdown(42.0, 1.0))
+    for i in range(400):
+        clock.now += 0.025  # 40 rows/s
+        sink(finished(i, "error" if i == 8 else "ok"))
+
+
+def test_plain_lines_give_rows_rates_429s_errors_retrying_cost_and_eta() -> None:
+    out, clock = io.StringIO(), Clock()
+    sink = PlainProgress(out, prices=PriceTable.builtin(), clock=clock)
+    feed(sink, clock)
+    text = out.getvalue()
+    assert "job: 1,000 rows, 800 to send" in text
+    assert "resuming: 200 rows already done" in text
+    assert "slowing the whole run to 42.0 req/s after a 1.0 s pause" in text
+    line = sink.line()
+    assert line.startswith("400/800 rows (50%) · 40 rows/s · 43,890 tok/s · 1 × 429 · 1 errors")
+    assert "1 retrying" in line  # x7 is still waiting; r8 finished
+    # 399 rows ok at 1,000 prompt + 100 completion tokens of qwen-plus (Singapore)
+    assert f"cost ${399 * (1000 * 0.4 + 100 * 1.2) / 1e6:.4f}" in line
+    assert line.endswith("ETA 0m10s")
+
+
+def test_unpriced_models_are_said_not_priced_at_zero() -> None:
+    out, clock = io.StringIO(), Clock()
+    sink = PlainProgress(out, prices=PriceTable.builtin(), clock=clock)
+    sink(RunStarted("job", 1, 1, Path("o.parquet")))
+    sink(finished(0, model="my-local-model"))
+    assert "cost unpriced: my-local-model" in sink.line()
+
+
+def test_the_live_bar_shows_the_same_figures() -> None:
+    buffer, clock = io.StringIO(), Clock()
+    console = Console(file=buffer, force_terminal=True, width=250, color_system=None)
+    sink = LiveProgress(console, prices=PriceTable.builtin(), clock=clock)
+    feed(sink, clock)
+    summary = RunSummary(Path("o.parquet"), 1000, 399, 1, 400, 10.0, False)
+    sink(RunFinished(summary))
+    text = buffer.getvalue()
+    assert "resuming: 200 rows already done" in text
+    assert "400/800 rows · ETA 0m10s" in text
+    assert "40 rows/s" in text
+    assert "1 × 429 · 1 errors · 1 retrying · cost $0.2075" in text
+    assert "43,890 tok/s" in text
+    assert "ETA 0m10s" in text
