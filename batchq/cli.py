@@ -278,7 +278,7 @@ def cost(path: Path, prices: Path | None, by: str, region: str | None, as_json: 
     ]  # fmt: skip
     click.echo(_table(headers, rows))
     click.echo(f"total: {_cost_text(r)}")
-    via = ", Batch API prices" if r.batch else ""
+    via = f", {r.batch_rows:,} rows at Batch API prices" if r.batch_rows else ""
     click.echo(f"prices ({r.region}{via}): {r.source}")
 
 

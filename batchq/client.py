@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -27,7 +27,13 @@ import anyio
 import httpx
 import orjson
 
-from batchq.response import InvalidCompletion, parse_completion, parse_error_body
+from batchq.response import (
+    InvalidCompletion,
+    Stream,
+    completion_columns,
+    parse_completion,
+    parse_error_body,
+)
 from batchq.retry import parse_retry_after
 
 __all__ = ["Client", "Outcome", "classify", "redact"]
@@ -63,9 +69,14 @@ class WireError(Exception):
 
 
 class Wire(Protocol):
-    """How bytes reach the server: POST ``content`` to ``url``, return status, body, headers."""
+    """How bytes reach the server: POST ``content`` to ``url``, return status, body, headers.
 
-    async def post(self, url: str, content: bytes) -> tuple[int, bytes, Mapping[str, str]]: ...
+    ``on_line`` (for a streamed request) is given each line of a 200 body as it arrives,
+    and the body returned is then empty; other statuses return their body whole."""
+
+    async def post(
+        self, url: str, content: bytes, on_line: Callable[[bytes], None] | None = None
+    ) -> tuple[int, bytes, Mapping[str, str]]: ...
 
     async def aclose(self) -> None: ...
 
@@ -77,12 +88,18 @@ class HttpxWire:
     def __init__(self, transport: httpx.AsyncBaseTransport, headers: dict[str, str]) -> None:
         self._http = httpx.AsyncClient(transport=transport, headers=headers, timeout=None)
 
-    async def post(self, url: str, content: bytes) -> tuple[int, bytes, Mapping[str, str]]:
+    async def post(
+        self, url: str, content: bytes, on_line: Callable[[bytes], None] | None = None
+    ) -> tuple[int, bytes, Mapping[str, str]]:
         try:
-            response = await self._http.post(url, content=content)
+            async with self._http.stream("POST", url, content=content) as response:
+                if on_line is None or response.status_code != 200:
+                    return response.status_code, await response.aread(), response.headers
+                async for line in response.aiter_lines():
+                    on_line(line.encode())
+                return response.status_code, b"", response.headers
         except httpx.TransportError as e:
             raise WireError(type(e).__name__, str(e) or type(e).__name__) from None
-        return response.status_code, response.content, response.headers
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -99,10 +116,16 @@ class AiohttpWire:
             auto_decompress=True, skip_auto_headers=("User-Agent",),
         )  # fmt: skip
 
-    async def post(self, url: str, content: bytes) -> tuple[int, bytes, Mapping[str, str]]:
+    async def post(
+        self, url: str, content: bytes, on_line: Callable[[bytes], None] | None = None
+    ) -> tuple[int, bytes, Mapping[str, str]]:
         try:
             async with self._session.post(url, data=content) as response:
-                return response.status, await response.read(), response.headers
+                if on_line is None or response.status != 200:
+                    return response.status, await response.read(), response.headers
+                async for line in response.content:
+                    on_line(line.rstrip(b"\r\n"))
+                return response.status, b"", response.headers
         except aiohttp.ClientError as e:
             raise WireError(type(e).__name__, str(e) or type(e).__name__) from None
 
@@ -148,9 +171,19 @@ class Client:
         """One attempt, never raising for anything the server or network does."""
         assert self._wire is not None, "use the client as an async context manager"
         started = time.perf_counter()
+        stream = Stream() if body.get("stream") else None
+        first_token: list[float] = []
+
+        def on_line(line: bytes) -> None:
+            assert stream is not None
+            if stream.feed(line):
+                first_token.append(time.perf_counter())
+
         try:
             with anyio.fail_after(self._timeout_s):
-                status, content, headers = await self._wire.post(self._url, orjson.dumps(body))
+                status, content, headers = await self._wire.post(
+                    self._url, orjson.dumps(body), on_line if stream else None
+                )
         except TimeoutError:
             return Outcome("retry", error_type="timeout", error_code="timeout",
                            error_message=f"no answer within {self._timeout_s:g} s")  # fmt: skip
@@ -159,7 +192,13 @@ class Client:
             return Outcome(
                 "retry", error_type="transport", error_code=e.code, error_message=message
             )
-        outcome = classify(status, content, headers, (time.perf_counter() - started) * 1000)
+        latency_ms = (time.perf_counter() - started) * 1000
+        if stream is not None and status == 200:
+            outcome = classify_stream(stream, latency_ms)
+            if first_token and outcome.result is not None:
+                outcome.result["ttft_ms"] = (first_token[0] - started) * 1000
+        else:
+            outcome = classify(status, content, headers, latency_ms)
         if outcome.error_message:
             outcome.error_message = redact(outcome.error_message, self._key)
         return outcome
@@ -174,6 +213,16 @@ def redact(text: str, key: str | None) -> str:
     if key:
         text = text.replace(key, "***")
     return _KEYLIKE.sub(lambda m: m.group(1) + "***", text)
+
+
+def classify_stream(stream: Stream, latency_ms: float) -> Outcome:
+    """Pure: the outcome of a streamed 200: a whole completion, or a retryable fault."""
+    try:
+        result = completion_columns(stream.completion())
+    except InvalidCompletion as e:
+        return Outcome("retry", 200, error_type="invalid_response",
+                       error_code="invalid_response", error_message=str(e))  # fmt: skip
+    return Outcome("ok", 200, result=result, latency_ms=latency_ms)
 
 
 def classify(status: int, content: bytes, headers: Mapping[str, str], latency_ms: float) -> Outcome:

@@ -7,6 +7,7 @@ by flags alone. Provider presets fill in the base URL and the key's variable nam
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tomllib
@@ -205,6 +206,8 @@ def _build(flat: dict[str, Any], params: dict[str, Any], *, default_name: str | 
     provider = flat.get("provider") or ("custom" if flat.get("base_url") else "dashscope-intl")
     if provider not in PRESETS:
         raise UsageError(f"unknown provider {provider!r}; choose one of {', '.join(PRESETS)}")
+    if isinstance(params.get("tools"), str):
+        params["tools"] = _read_tools(Path(params["tools"]))
     request = RequestSettings(
         provider=provider,
         **{k: flat[k] for k in _REQUEST_KEYS - {"provider"} if k in flat},
@@ -217,6 +220,21 @@ def _build(flat: dict[str, Any], params: dict[str, Any], *, default_name: str | 
     output = Path(flat.get("output") or _default_output(input_path))
     name = flat.get("name") or default_name or input_path.stem
     return Job(name, input_path, output, request, limits, flat.get("id_column"))
+
+
+def _read_tools(path: Path) -> list[Any]:
+    """``tools = "tools.json"``: the tool definitions from a JSON file (a list)."""
+    try:
+        tools = json.loads(path.read_text("utf-8"))
+    except OSError as e:
+        raise UsageError(f"cannot read the tools file {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(
+            f"the tools file {path} is not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}"
+        ) from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise UsageError(f"the tools file {path} must hold a JSON list of tool objects")
+    return tools
 
 
 def _default_output(input_path: Path) -> Path:

@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 USAGE_COLUMNS = ["prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens"]
-_NEEDED = ["status", "model", "attempts", "reasoning", *USAGE_COLUMNS]
+_NEEDED = ["status", "model", "attempts", "reasoning", "via", *USAGE_COLUMNS]
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,13 @@ def _read_output(output: Path, columns: list[str]) -> pl.DataFrame:
     if "status" not in names:
         raise UsageError(f"{output} has no status column: it was not written by batchq")
     present = [c for c in columns if c in names]
-    return pl.read_parquet(output, columns=present)
+    frame = pl.read_parquet(output, columns=present)
+    # A file from an older batchq, or written by hand, may lack a usage column: nulls.
+    return frame.with_columns(
+        pl.lit(None, pl.Int64 if c.endswith("_tokens") or c == "attempts" else pl.Utf8).alias(c)
+        for c in columns
+        if c not in names
+    )
 
 
 def _read_shards(shards: Path, columns: list[str]) -> pl.DataFrame:
@@ -143,7 +149,8 @@ class CostReport:
     unpriced: list[str]  # models without a price
     source: str
     region: str
-    batch: bool
+    #: Rows answered through a provider's Batch API (``import-batch``), priced at its share.
+    batch_rows: int
     rows: int = field(default=0)
 
 
@@ -154,19 +161,21 @@ def cost_report(
     job's manifest unless ``region`` is given."""
     manifest = results.manifest or {}
     region = region or manifest.get("region") or "intl"
-    batch = manifest.get("via") == "batch"
     frame = results.frame([by])
-    priced, unpriced = priced_frame(frame, prices, region, batch=batch)
+    priced, unpriced = priced_frame(frame, prices, region)
+    batch_rows = int((frame.get_column("via") == "batch").sum()) if frame.height else 0
     lines = _group(priced, by)
     totals: dict[str, float] = {}
     for line in lines:
         if line.currency is not None and line.cost is not None:
             totals[line.currency] = totals.get(line.currency, 0.0) + line.cost
-    return CostReport(by, lines, totals, unpriced, prices.source, region, batch, rows=frame.height)
+    return CostReport(
+        by, lines, totals, unpriced, prices.source, region, batch_rows, rows=frame.height
+    )
 
 
 def priced_frame(
-    frame: pl.DataFrame, prices: PriceTable, region: str, *, batch: bool
+    frame: pl.DataFrame, prices: PriceTable, region: str
 ) -> tuple[pl.DataFrame, list[str]]:
     """``frame`` with ``cost`` and ``currency`` columns (null where unpriced), and the
     unpriced models."""
@@ -180,16 +189,16 @@ def priced_frame(
             unpriced.append(str(model))
             continue
         is_model = pl.col("model") == model
-        cost = pl.when(is_model).then(_cost_expr(price, batch=batch)).otherwise(cost)
+        cost = pl.when(is_model).then(_cost_expr(price)).otherwise(cost)
         currency = pl.when(is_model).then(pl.lit(price.currency)).otherwise(currency)
     return frame.with_columns(cost=cost, currency=currency), unpriced
 
 
-def _cost_expr(price: Price, *, batch: bool) -> pl.Expr:
+def _cost_expr(price: Price) -> pl.Expr:
     """Polars' form of Price.cost, one request per row."""
     prompt, cached, completion = (pl.col(c).fill_null(0) for c in USAGE_COLUMNS[:3])
     thinking = (pl.col("reasoning_tokens").fill_null(0) > 0) | pl.col("reasoning").is_not_null()
-    share = price.batch_share if batch else 1.0
+    share = pl.when(pl.col("via") == "batch").then(price.batch_share).otherwise(1.0)
 
     def tier_cost(i: int) -> pl.Expr:
         t = price.tiers[i]
@@ -268,7 +277,7 @@ def status(results: Results, prices: PriceTable) -> Status:
     manifest = results.manifest or {}
     frame = results.frame()
     region = manifest.get("region") or "intl"
-    priced, unpriced = priced_frame(frame, prices, region, batch=manifest.get("via") == "batch")
+    priced, unpriced = priced_frame(frame, prices, region)
     costs = {
         r["currency"]: float(r["cost"])
         for r in priced.group_by("currency").agg(cost=pl.col("cost").sum()).iter_rows(named=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from batchq.config import RequestSettings
+from batchq.qwen import MODEL_STUDIO, RangeProblem, apply_rules
 
 __all__ = [
     "REQUEST_FIELDS",
@@ -44,10 +45,30 @@ class RowProblem(ValueError):
         self.column = column
 
 
-def build_body(row: dict[str, Any], settings: RequestSettings) -> dict[str, Any]:
-    """The request body for one row. Pure; raises RowProblem for a row that cannot be sent."""
+def build_body(
+    row: dict[str, Any], settings: RequestSettings, notes: set[str] | None = None
+) -> dict[str, Any]:
+    """The request body for one row. Pure; raises RowProblem for a row that cannot be sent.
+
+    With a Model Studio preset its rules apply (``batchq.qwen``), adding what they changed
+    to ``notes``. A streamed request always asks for the usage in its last chunk."""
     if isinstance(row.get("body"), dict) and "custom_id" in row:
-        return _batch_api_body(row, settings)
+        body = _batch_api_body(row, settings)
+    else:
+        body = _row_body(row, settings)
+    if settings.provider in MODEL_STUDIO:
+        try:
+            apply_rules(body, notes)
+        except RangeProblem as e:
+            raise RowProblem(str(e), column=e.name) from None
+    if body.get("stream"):
+        options = body.get("stream_options")
+        body["stream_options"] = {**(options if isinstance(options, dict) else {}),
+                                  "include_usage": True}  # fmt: skip
+    return body
+
+
+def _row_body(row: dict[str, Any], settings: RequestSettings) -> dict[str, Any]:
     body: dict[str, Any] = {}
     if settings.model is not None:
         body["model"] = settings.model

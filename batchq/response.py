@@ -1,8 +1,14 @@
-"""Pure: a chat/completions response body -> the result columns of one output row.
+"""Pure: a chat/completions response -> the result columns of one output row.
+
+A response is a JSON body, or with ``stream: true`` a series of server-sent events whose
+chunks are assembled into the same completion: content and ``reasoning_content`` are
+concatenated per choice, tool-call deltas are merged by their index into whole calls,
+and the usage comes from the final chunk (``stream_options.include_usage``).
 
 Only OpenAI's fields are read; anything a server adds (llama.cpp's ``timings``) is ignored.
-A body that is not a valid completion raises :class:`InvalidCompletion`, which the client
-treats as a retryable fault (a proxy truncated it, a server returned an HTML page ...).
+A response that is not a valid completion raises :class:`InvalidCompletion`, which the
+client treats as a retryable fault (a proxy truncated it, a stream was cut off mid-way, a
+server returned an HTML page ...).
 """
 
 from __future__ import annotations
@@ -11,7 +17,14 @@ from typing import Any
 
 import orjson
 
-__all__ = ["InvalidCompletion", "parse_completion", "parse_error_body"]
+__all__ = [
+    "InvalidCompletion",
+    "Stream",
+    "assemble_stream",
+    "completion_columns",
+    "parse_completion",
+    "parse_error_body",
+]
 
 
 class InvalidCompletion(ValueError):
@@ -26,6 +39,11 @@ def parse_completion(raw: bytes) -> dict[str, Any]:
         raise InvalidCompletion(f"the body is not JSON ({len(raw)} bytes)") from None
     if not isinstance(data, dict):
         raise InvalidCompletion("the body is not a JSON object")
+    return completion_columns(data)
+
+
+def completion_columns(data: dict[str, Any]) -> dict[str, Any]:
+    """Result columns from a completion object (``status`` and timing are the caller's)."""
     choices = data.get("choices")
     if not isinstance(choices, list) or not choices:
         raise InvalidCompletion("the body has no choices")
@@ -51,6 +69,113 @@ def parse_completion(raw: bytes) -> dict[str, Any]:
     if len(choices) > 1:
         result["choices"] = [_choice_text(c) for c in choices]
     return result
+
+
+def assemble_stream(raw: bytes) -> dict[str, Any]:
+    """The completion object the SSE chunks in ``raw`` add up to (see :class:`Stream`)."""
+    stream = Stream()
+    for line in raw.splitlines():
+        stream.feed(line)
+    return stream.completion()
+
+
+class Stream:
+    """Assembles a streamed completion line by line, as the lines arrive."""
+
+    def __init__(self) -> None:
+        self._choices: dict[int, dict[str, Any]] = {}
+        self._head: dict[str, Any] = {}
+        self._done = False
+        self._error: str | None = None
+        self.tokens_seen = False
+
+    def feed(self, line: bytes) -> bool:
+        """Take one line; True when it carried the first token (content, reasoning or a
+        tool call) of the stream."""
+        if not line.startswith(b"data:") or self._error is not None:
+            return False  # comments, event names, keep-alives
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            self._done = True
+            return False
+        try:
+            chunk = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            self._error = "a stream chunk is not JSON (cut off mid-way?)"
+            return False
+        if not isinstance(chunk, dict) or "error" in chunk:
+            self._error = f"the stream sent an error: {_error_text(chunk)}"
+            return False
+        for key in ("id", "model", "usage"):
+            if chunk.get(key) is not None:
+                self._head[key] = chunk[key]
+        first = False
+        for delta in chunk.get("choices") or ():
+            choice = self._choices.setdefault(delta.get("index", 0), _empty_choice())
+            if _merge_delta(choice, delta) and not self.tokens_seen:
+                self.tokens_seen = first = True
+        return first
+
+    def completion(self) -> dict[str, Any]:
+        """The whole completion. Raises InvalidCompletion for a stream cut off before its
+        end (no ``[DONE]`` and a choice without finish_reason) or an error sent mid-stream."""
+        if self._error is not None:
+            raise InvalidCompletion(self._error)
+        if not self._choices:
+            raise InvalidCompletion("the stream ended without a choice")
+        finished = all(c["finish_reason"] is not None for c in self._choices.values())
+        if not (self._done or finished):
+            raise InvalidCompletion("the stream was cut off before its end")
+        choices = [_whole_choice(self._choices[i]) for i in sorted(self._choices)]
+        return {**self._head, "choices": choices}
+
+
+def _empty_choice() -> dict[str, Any]:
+    return {"content": [], "reasoning": [], "tool_calls": {}, "finish_reason": None}
+
+
+def _merge_delta(choice: dict[str, Any], delta: dict[str, Any]) -> bool:
+    """Add one choice delta; True when it carried a token."""
+    message = _dict(delta.get("delta"))
+    token = False
+    for key, parts in (("content", choice["content"]), ("reasoning_content", choice["reasoning"])):
+        if isinstance(message.get(key), str) and message[key]:
+            parts.append(message[key])
+            token = True
+    for call in message.get("tool_calls") or ():
+        token = True
+        whole = choice["tool_calls"].setdefault(
+            call.get("index", 0), {"id": None, "type": "function", "function": {}}
+        )
+        for key in ("id", "type"):
+            if call.get(key):
+                whole[key] = call[key]
+        function = _dict(call.get("function"))
+        if function.get("name"):
+            whole["function"]["name"] = function["name"]
+        if isinstance(function.get("arguments"), str):
+            whole["function"]["arguments"] = (
+                whole["function"].get("arguments", "") + function["arguments"]
+            )
+    if delta.get("finish_reason"):
+        choice["finish_reason"] = delta["finish_reason"]
+    return token
+
+
+def _whole_choice(choice: dict[str, Any]) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(choice["content"])}
+    if choice["reasoning"]:
+        message["reasoning_content"] = "".join(choice["reasoning"])
+    if choice["tool_calls"]:
+        message["tool_calls"] = [choice["tool_calls"][i] for i in sorted(choice["tool_calls"])]
+        if not message["content"]:
+            message["content"] = None
+    return {"message": message, "finish_reason": choice["finish_reason"]}
+
+
+def _error_text(chunk: Any) -> str:
+    error = _dict(chunk).get("error")
+    return str(_dict(error).get("message") or error or chunk)[:300]
 
 
 def parse_error_body(raw: bytes) -> tuple[str | None, str | None, str | None]:

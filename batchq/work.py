@@ -79,6 +79,7 @@ def _row(item: Item, outcome: Outcome, attempts: int) -> dict[str, Any]:
         "_id": item.id,
         "model": item.body.get("model"),
         "attempts": item.prior_attempts + attempts,
+        "via": "live",
         "http_status": outcome.http_status,
     }
     if outcome.kind == "ok":

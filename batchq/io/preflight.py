@@ -43,6 +43,8 @@ class InputInfo:
     #: The id column, or None when rows are identified by position (``row``).
     id_column: str | None
     digest: str
+    #: What Model Studio's rules changed in the requests (said once at the start of a run).
+    notes: tuple[str, ...] = ()
 
 
 def completion_cap(body: dict[str, Any]) -> int | None:
@@ -72,6 +74,7 @@ def preflight(job: Job, *, observe: Callable[[dict[str, Any]], None] | None = No
     ids = _IdChecker(path)
     id_column = job.id_column
     total = 0
+    notes: set[str] = set()
     parquet_schema: pa.Schema | None = None
     for batch in read_batches(path):
         if total == 0:
@@ -81,7 +84,7 @@ def preflight(job: Job, *, observe: Callable[[dict[str, Any]], None] | None = No
         else:
             for row in batch.rows:
                 kinds.add(row)
-        _check_rows(batch, job, id_column, ids, observe)
+        _check_rows(batch, job, id_column, ids, observe, notes)
         total += len(batch.rows)
     if total == 0:
         raise InputError("the input has no rows: it is empty", path=str(path))
@@ -91,7 +94,7 @@ def preflight(job: Job, *, observe: Callable[[dict[str, Any]], None] | None = No
     else:
         columns = tuple((name, kinds.arrow_type(name)) for name in kinds.kinds)
     _check_clash([name for name, _ in columns], id_column, path)
-    return InputInfo(path, fmt, total, columns, id_column, _digest(path))
+    return InputInfo(path, fmt, total, columns, id_column, _digest(path), tuple(sorted(notes)))
 
 
 def _default_id_column(first: dict[str, Any]) -> str | None:
@@ -106,12 +109,13 @@ def _check_rows(
     id_column: str | None,
     ids: _IdChecker,
     observe: Callable[[dict[str, Any]], None] | None,
+    notes: set[str],
 ) -> None:
     path = str(job.input)
     tpm = job.limits.tpm
     for i, row in enumerate(batch.rows):
         try:
-            body = build_body(row, job.request)
+            body = build_body(row, job.request, notes)
         except RowProblem as e:
             raise InputError(str(e), path=path, column=e.column, **batch.where(i)) from None
         if observe is not None:

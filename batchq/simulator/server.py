@@ -1,9 +1,10 @@
 """An OpenAI-compatible ``POST …/chat/completions`` server on 127.0.0.1 (aiohttp.web).
 
-Content is a deterministic function of the request: the reply to a conversation is
-``"echo: "`` followed by its last user message, so a test can check that every row got
-*its* answer. Usage counts words (one token a word, three more a message); ``max_tokens``
-truncates the reply and gives ``finish_reason: "length"``. Around that: a lognormal
+Content is a deterministic function of the request (see ``content.py``): the reply to a
+conversation is ``"echo: "`` followed by its last user message, so a test can check that
+every row got *its* answer; ``n``, ``tools``, thinking and ``stream`` (server-sent events,
+usage in the last chunk with ``stream_options.include_usage``) are served as Model Studio
+serves them, including its refusal of non-streamed thinking. Around that: a lognormal
 latency, server-side QPS / QPM limits answered with 429 and Model Studio's error body
 (optionally with ``Retry-After``), injected 500 / 503 rates, 401 for a wrong key, and
 a moderation refusal (400 ``data_inspection_failed``) for a message with MODERATION_MARKER.
@@ -26,6 +27,8 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+
+from batchq.simulator.content import chunks, completion, reply_for, thinking_refusal
 
 #: A user message containing this is refused like Model Studio's content moderation.
 MODERATION_MARKER = "FLAGGED-CONTENT"
@@ -82,15 +85,8 @@ class SimStats:
     #: answers ok per whole second of the server's monotonic clock
     ok_by_second: Counter[int] = field(default_factory=Counter)
     by_prompt: Counter[str] = field(default_factory=Counter)
-
-
-def reply_for(messages: list[dict[str, Any]]) -> str:
-    """The simulator's deterministic answer to a conversation."""
-    last = next((m for m in reversed(messages) if m.get("role") == "user"), None)
-    content = last.get("content") if last else ""
-    if isinstance(content, list):
-        content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-    return f"echo: {content}"
+    #: the first 10,000 request bodies received, as sent
+    bodies: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _json(data: dict[str, Any]) -> web.Response:
@@ -155,17 +151,18 @@ class Simulator:
             raise asyncio.CancelledError
         return response
 
-    async def _answer(self, request: web.Request) -> web.Response | None:
+    async def _answer(self, request: web.Request) -> web.StreamResponse | None:
         config = self.config
         try:
             body = orjson.loads(await request.read())
-            messages = body["messages"]
-            model = str(body["model"])
-            reply = reply_for(messages)
+            reply = reply_for(body["messages"])
+            str(body["model"])
         except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
             return _error(400, "invalid_parameter_error", "The request body is not valid: "
                           "it needs model and messages.", "invalid_request_error")  # fmt: skip
         self.stats.by_prompt[reply] += 1
+        if len(self.stats.bodies) < 10_000:
+            self.stats.bodies.append(body)
         sent = request.headers.get("Authorization", "")
         if config.api_key and sent != f"Bearer {config.api_key}":
             # Echo what was sent, as some servers do: clients must not repeat it anywhere.
@@ -176,12 +173,34 @@ class Simulator:
         if MODERATION_MARKER in reply:  # input moderation comes before any generation
             return _error(400, "data_inspection_failed", "Input data may contain inappropriate "
                           "content.", "data_inspection_failed")  # fmt: skip
+        if (refusal := thinking_refusal(body)) is not None:
+            return _error(400, "invalid_parameter_error", refusal, "invalid_request_error")
         if config.latency_ms > 0:
             await asyncio.sleep(self._latency_s())
         fault = self._fault()
         if fault is not None:
-            return await self._inject(fault, body, messages, model)
-        return _json(self._completion(body, messages, model))
+            return await self._inject(fault, body, request)
+        whole = completion(body, f"chatcmpl-sim-{next(self._ids)}")
+        if body.get("stream"):
+            return await self._stream(request, whole, body)
+        return _json(whole)
+
+    async def _stream(
+        self, request: web.Request, whole: dict[str, Any], body: dict[str, Any], *,
+        cut: bool = False,
+    ) -> web.StreamResponse:  # fmt: skip
+        """Send ``whole`` as server-sent events; ``cut`` stops half-way, as a broken
+        connection would, without the last chunks or ``[DONE]``."""
+        options = body.get("stream_options") or {}
+        events = list(chunks(whole, include_usage=bool(options.get("include_usage"))))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for event in events[: len(events) // 2] if cut else events:
+            await response.write(b"data: " + orjson.dumps(event) + b"\n\n")
+        if not cut:
+            await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
 
     def _fault(self) -> str | None:
         now = time.monotonic()
@@ -197,8 +216,8 @@ class Simulator:
         return None
 
     async def _inject(
-        self, fault: str, body: dict[str, Any], messages: list[Any], model: str
-    ) -> web.Response | None:
+        self, fault: str, body: dict[str, Any], request: web.Request
+    ) -> web.StreamResponse | None:
         if fault == "500":
             return _error(500, "internal_error", "An internal error has occurred.",
                           "internal_error")  # fmt: skip
@@ -211,10 +230,15 @@ class Simulator:
             return None
         if fault == "malformed":
             return _json({"object": "error", "detail": "upstream returned no choices"})
-        full = orjson.dumps(self._completion(body, messages, model))
+        whole = completion(body, f"chatcmpl-sim-{next(self._ids)}")
+        if fault == "truncate" and body.get("stream"):
+            return await self._stream(request, whole, body, cut=True)
+        full = orjson.dumps(whole)
         if fault == "truncate":
             return web.Response(body=full[: len(full) // 2], content_type="application/json")
         await asyncio.sleep(self.config.slow_s)  # slow
+        if body.get("stream"):
+            return await self._stream(request, whole, body)
         return web.Response(body=full, content_type="application/json")
 
     def _too_many(self) -> web.Response:
@@ -227,33 +251,6 @@ class Simulator:
     def _latency_s(self) -> float:
         sigma = self.config.latency_sigma
         return self.config.latency_ms / 1000 * math.exp(sigma * self._rng.gauss(0, 1))
-
-    def _completion(self, body: dict[str, Any], messages: list[Any], model: str) -> dict[str, Any]:
-        words = reply_for(messages).split(" ")
-        cap = body.get("max_tokens") or body.get("max_completion_tokens")
-        finish = "stop"
-        if isinstance(cap, int) and len(words) > cap:
-            words, finish = words[:cap], "length"
-        prompt_tokens = sum(3 + len(str(m.get("content", "")).split()) for m in messages)
-        return {
-            "id": f"chatcmpl-sim-{next(self._ids)}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": " ".join(words)},
-                    "finish_reason": finish,
-                }
-            ],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": len(words),
-                "total_tokens": prompt_tokens + len(words),
-                "prompt_tokens_details": {"cached_tokens": 0},
-            },
-        }
 
 
 async def _cancel_the_rest() -> None:

@@ -1,0 +1,138 @@
+"""Pure: what the simulator answers to a request body, whole or as stream chunks.
+
+The answer is a deterministic function of the body, so tests can check every row got
+*its* answer and every parameter arrived:
+
+- the reply is ``"echo: "`` + the last user message; with ``n > 1`` choice *i* adds
+  ``" (i+1)"``; ``max_tokens`` cuts it at that many words (``finish_reason: "length"``);
+- with ``tools`` (and ``tool_choice`` not ``"none"``) the answer is a call of the first
+  tool, its arguments ``{"text": <last user message>}``, ``finish_reason: "tool_calls"``;
+- thinking (``enable_thinking: true``, an open-source Qwen3 hybrid model without
+  ``enable_thinking: false``, or a stream-only model) adds ``reasoning_content``
+  ``"thinking about: …"``, counted in ``completion_tokens_details.reasoning_tokens``;
+- Model Studio's rules: thinking is served only streamed, so a non-streamed request
+  that would think is refused with 400, as the service does;
+- usage counts words: a token a word, three more a message.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+
+__all__ = ["chunks", "completion", "reply_for", "thinking_refusal"]
+
+_HYBRID = re.compile(r"^qwen3-\d+(\.\d+)?b(-a\d+(\.\d+)?b)?$")
+_STREAM_ONLY = re.compile(r"^(qwq|qvq)-|-thinking(-\d{4}(-\d{2}-\d{2})?)?$")
+
+
+def reply_for(messages: list[dict[str, Any]]) -> str:
+    """The simulator's deterministic answer to a conversation."""
+    return f"echo: {_last_user(messages)}"
+
+
+def _last_user(messages: list[dict[str, Any]]) -> str:
+    last = next((m for m in reversed(messages) if m.get("role") == "user"), None)
+    content = last.get("content") if last else ""
+    if isinstance(content, list):
+        content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return str(content)
+
+
+def _thinks(body: dict[str, Any]) -> bool:
+    model = str(body.get("model", ""))
+    if _STREAM_ONLY.search(model):
+        return True
+    if _HYBRID.match(model):
+        return body.get("enable_thinking") is not False
+    return body.get("enable_thinking") is True
+
+
+def thinking_refusal(body: dict[str, Any]) -> str | None:
+    """The 400 message Model Studio gives a non-streamed request that would think."""
+    if body.get("stream") or not _thinks(body):
+        return None
+    if _STREAM_ONLY.search(str(body.get("model", ""))):
+        return "This model only support stream mode, please enable the stream parameter."
+    return "parameter.enable_thinking must be set to false for non-streaming calls"
+
+
+def completion(body: dict[str, Any], request_id: str) -> dict[str, Any]:
+    """The whole completion object for ``body``."""
+    messages = body["messages"]
+    model = str(body["model"])
+    n: int = body["n"] if isinstance(body.get("n"), int) and body["n"] > 1 else 1
+    cap = body.get("max_tokens") or body.get("max_completion_tokens")
+    thinking = _thinks(body)
+    choices, words_out, reasoning_words = [], 0, 0
+    for i in range(n):
+        message: dict[str, Any] = {"role": "assistant"}
+        if thinking:
+            reasoning = f"thinking about: {_last_user(messages)}"
+            message["reasoning_content"] = reasoning
+            reasoning_words += len(reasoning.split(" "))
+        tools = body.get("tools")
+        if isinstance(tools, list) and tools and body.get("tool_choice") != "none":
+            name = tools[0].get("function", {}).get("name", "tool")
+            arguments = orjson.dumps({"text": _last_user(messages)}).decode()
+            message["content"] = None
+            function = {"name": name, "arguments": arguments}
+            call = {"id": f"call_{request_id}_{i}", "type": "function", "function": function}
+            message["tool_calls"] = [call]
+            words_out += 1 + len(arguments.split(" "))
+            choices.append({"index": i, "message": message, "finish_reason": "tool_calls"})
+            continue
+        words = reply_for(messages).split(" ") + ([f"({i + 1})"] if i else [])
+        finish = "stop"
+        if isinstance(cap, int) and len(words) > cap:
+            words, finish = words[:cap], "length"
+        message["content"] = " ".join(words)
+        words_out += len(words)
+        choices.append({"index": i, "message": message, "finish_reason": finish})
+    prompt_tokens = sum(3 + len(str(m.get("content", "")).split()) for m in messages)
+    completion_tokens = words_out + reasoning_words
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
+    if thinking:
+        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning_words}
+    return {"id": request_id, "object": "chat.completion", "created": int(time.time()),
+            "model": model, "choices": choices, "usage": usage}  # fmt: skip
+
+
+def chunks(whole: dict[str, Any], *, include_usage: bool) -> Iterator[dict[str, Any]]:
+    """``whole`` as the chunks of a stream, word by word: reasoning, then content, tool
+    calls in two pieces (name, then the arguments split in half), a finish chunk per
+    choice, and the usage chunk last when asked for."""
+    head = {"id": whole["id"], "object": "chat.completion.chunk",
+            "created": whole["created"], "model": whole["model"]}  # fmt: skip
+
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        choice = {"index": index, "delta": delta, "finish_reason": finish}
+        return {**head, "choices": [choice]}
+
+    for choice in whole["choices"]:
+        i, message = choice["index"], choice["message"]
+        yield chunk(i, {"role": "assistant", "content": ""})
+        for key in ("reasoning_content", "content"):
+            text = message.get(key)
+            for j, word in enumerate(text.split(" ") if text else ()):
+                yield chunk(i, {key: word if j == 0 else f" {word}"})
+        for k, call in enumerate(message.get("tool_calls") or ()):
+            arguments = call["function"]["arguments"]
+            half = len(arguments) // 2
+            yield chunk(i, {"tool_calls": [{"index": k, "id": call["id"], "type": "function",
+                                            "function": {"name": call["function"]["name"],
+                                                         "arguments": ""}}]})  # fmt: skip
+            for piece in (arguments[:half], arguments[half:]):
+                yield chunk(i, {"tool_calls": [{"index": k, "function": {"arguments": piece}}]})
+        yield chunk(i, {}, choice["finish_reason"])
+    if include_usage:
+        yield {**head, "choices": [], "usage": whole["usage"]}
