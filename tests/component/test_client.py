@@ -97,3 +97,47 @@ async def test_the_key_never_reaches_an_error_message() -> None:
     assert KEY not in outcome.error_message
     assert "SECRET" not in outcome.error_message
     assert "sk-ab" not in outcome.error_message
+
+
+def sse(*events: object, done: bool = True) -> bytes:
+    lines = [b"data: " + orjson.dumps(e) + b"\n\n" for e in events]
+    return b"".join(lines) + (b"data: [DONE]\n\n" if done else b"")
+
+
+async def send_streamed(handler: Callable[[httpx.Request], httpx.Response]) -> Outcome:
+    client = Client("http://sim/v1", api_key=KEY, timeout_s=5, max_connections=4,
+                    transport=httpx.MockTransport(handler))  # fmt: skip
+    async with client:
+        return await client.send({**BODY, "stream": True})
+
+
+async def test_a_stream_is_assembled_with_its_time_to_first_token() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert orjson.loads(request.content)["stream"] is True
+        chunk = {"id": "s1", "model": "qwen-plus"}
+        body = sse(
+            {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+            {**chunk, "choices": [{"index": 0, "delta": {"content": "yo"}}]},
+            {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+            {**chunk, "choices": [], "usage": OK["usage"]},
+        )
+        return httpx.Response(200, content=body, headers={"Content-Type": "text/event-stream"})
+
+    outcome = await send_streamed(handler)
+    assert outcome.kind == "ok"
+    assert outcome.result is not None
+    assert outcome.result["response"] == "yo"
+    assert outcome.result["total_tokens"] == 4
+    assert 0 <= outcome.result["ttft_ms"] <= outcome.latency_ms  # type: ignore[operator]
+
+
+async def test_a_stream_cut_off_is_retried_and_an_error_status_is_classified() -> None:
+    def cut(request: httpx.Request) -> httpx.Response:
+        delta = {"choices": [{"index": 0, "delta": {"content": "half"}}]}
+        return httpx.Response(200, content=sse(delta, done=False))
+
+    outcome = await send_streamed(cut)
+    assert (outcome.kind, outcome.error_code) == ("retry", "invalid_response")
+    assert "cut off" in (outcome.error_message or "")
+    refused = await send_streamed(lambda r: error(400, "invalid_parameter_error"))
+    assert (refused.kind, refused.http_status) == ("row_error", 400)

@@ -1,0 +1,253 @@
+"""The providers' Batch API as a second path to the same output: ``export-batch`` writes a
+job's pending requests as Batch-API JSONL, ``import-batch`` reads the provider's output
+and error files back into the job's state folder, so the output, ``cost`` and ``status``
+are the same whichever path answered a row, and a live ``run`` finishes what is missing.
+
+An exported line (OpenAI's and Model Studio's format)::
+
+    {"custom_id": "<row id>", "method": "POST", "url": "/v1/chat/completions", "body": {...}}
+
+Files hold one model each (Model Studio requires it) and are split at ``max_lines``
+(50,000, both providers' limit) and ``max_bytes`` (200 MB, OpenAI's limit, the smaller);
+the body is the one a live run would send, without ``stream`` (a batch is not streamed).
+``manifest.json`` beside them maps each file to its model, line count and rows.
+
+A result line: ``{"custom_id", "response": {"status_code", "request_id", "body"},
+"error"}``; output and error files may come in any order; a row answered ok in one file
+and failed in another is ok.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from batchq.checkpoint import StateDir, check_same_job, manifest_for
+from batchq.config import Job
+from batchq.errors import InputError, UsageError
+from batchq.io.preflight import InputInfo, preflight, row_id
+from batchq.io.reader import read_batches
+from batchq.io.writer import merge_output, read_output_manifest
+from batchq.request import build_body
+from batchq.response import InvalidCompletion, completion_columns
+
+__all__ = ["ExportResult", "ImportResult", "export_batch", "import_batch"]
+
+MAX_LINES = 50_000
+MAX_BYTES = 200 * 1024**2
+URL = "/v1/chat/completions"
+_NOT_IN_A_BATCH = ("stream", "stream_options")
+
+
+@dataclass
+class _File:
+    path: Path
+    model: str
+    handle: IO[bytes]
+    lines: int = 0
+    bytes: int = 0
+    first_row: int = -1
+    last_row: int = -1
+
+    def entry(self) -> dict[str, Any]:
+        names = ("model", "lines", "bytes", "first_row", "last_row")
+        return {"file": self.path.name, **{name: getattr(self, name) for name in names}}
+
+
+@dataclass
+class ExportResult:
+    folder: Path
+    rows: int
+    files: list[dict[str, Any]] = field(default_factory=list)
+    already_done: int = 0
+
+
+def export_batch(
+    job: Job, folder: Path, *, max_lines: int = MAX_LINES, max_bytes: int = MAX_BYTES
+) -> ExportResult:
+    """Write ``job``'s pending rows as Batch-API files into ``folder``."""
+    info = preflight(job)
+    done = _done_rows(job, info)
+    folder.mkdir(parents=True, exist_ok=True)
+    result = ExportResult(folder, 0, already_done=sum(done))
+    open_files: dict[str, _File] = {}
+    counts: dict[str, int] = {}
+    try:
+        for index, row in _rows(info):
+            if done[index]:
+                continue
+            body = build_body(row, job.request)
+            for key in _NOT_IN_A_BATCH:
+                body.pop(key, None)
+            line = orjson.dumps({"custom_id": row_id(row, info.id_column, index),
+                                 "method": "POST", "url": URL, "body": body}) + b"\n"  # fmt: skip
+            model = str(body["model"])
+            file = open_files.get(model)
+            if file is None or file.lines >= max_lines or file.bytes + len(line) > max_bytes:
+                if file is not None:
+                    _close(file, result)
+                counts[model] = counts.get(model, 0) + 1
+                file = open_files[model] = _open(folder, job.name, model, counts[model])
+            file.handle.write(line)
+            file.lines += 1
+            file.bytes += len(line)
+            file.first_row = index if file.first_row < 0 else file.first_row
+            file.last_row = index
+            result.rows += 1
+    finally:
+        for file in open_files.values():
+            _close(file, result)
+    manifest = {"job": job.name, "input": str(info.path), "input_digest": info.digest,
+                "id_column": info.id_column, "rows": result.rows,
+                "files": result.files}  # fmt: skip
+    (folder / "manifest.json").write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+    return result
+
+
+def _open(folder: Path, name: str, model: str, number: int) -> _File:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model)
+    path = folder / f"{name}-{slug}-{number:03d}.jsonl"
+    return _File(path, model, path.open("wb"))
+
+
+def _close(file: _File, result: ExportResult) -> None:
+    if not file.handle.closed:
+        file.handle.close()
+        result.files.append(file.entry())
+
+
+def _rows(info: InputInfo) -> Iterator[tuple[int, dict[str, Any]]]:
+    for batch in read_batches(info.path):
+        for i, row in enumerate(batch.rows):
+            yield batch.start + i, row
+
+
+def _done_rows(job: Job, info: InputInfo) -> bytearray:
+    """Rows with a result already: in the state folder, or all of them in a finished output."""
+    state = StateDir(job.state_dir)
+    if state.shard_paths():
+        return state.done_mask(info.total_rows)
+    if job.output.exists():
+        check_same_job(read_output_manifest(job.output), manifest_for(job, info), job)
+        return bytearray(b"\x01" * info.total_rows)
+    return bytearray(info.total_rows)
+
+
+# --- import ----------------------------------------------------------------------------
+
+
+@dataclass
+class ImportResult:
+    imported: int
+    ok: int
+    error: int
+    missing: int
+    missing_ids: list[str]
+    merged: bool
+    output: Path
+
+
+def import_batch(
+    job: Job, files: list[Path], *, keep_state: bool = False, command: str | None = None
+) -> ImportResult:
+    """Read Batch-API result files into ``job``'s state folder; merge the output when every
+    row has a result. Rows the files do not answer stay pending."""
+    info = preflight(job)
+    rows = _row_index(job, info)
+    results = _read_results(files, rows)
+    state = StateDir.open(job, info, command=command)
+    try:
+        done_ok = state.done_mask(info.total_rows, retry_errors=True)
+        fresh = [r for r in results.values() if not done_ok[r["_row"]]]
+        for start in range(0, len(fresh), 10_000):
+            state.write_shard(fresh[start : start + 10_000])
+        done = state.done_mask(info.total_rows)
+        missing = [i for i, d in enumerate(done) if not d]
+        merged = not missing
+        if merged:
+            manifest = manifest_for(job, info, command=command)
+            merge_output(state, info, job.output, manifest=manifest)
+            if not keep_state:
+                state.remove()
+    finally:
+        state.close()
+    ok = sum(r["status"] == "ok" for r in fresh)
+    ids = [_id_of(rows, i) for i in missing[:5]]
+    return ImportResult(len(fresh), ok, len(fresh) - ok, len(missing), ids, merged, job.output)
+
+
+def _row_index(job: Job, info: InputInfo) -> dict[str, tuple[int, str]]:
+    """Each row's id -> (position, requested model)."""
+    index: dict[str, tuple[int, str]] = {}
+    for i, row in _rows(info):
+        index[row_id(row, info.id_column, i)] = (i, str(build_body(row, job.request)["model"]))
+    return index
+
+
+def _id_of(rows: dict[str, tuple[int, str]], position: int) -> str:
+    return next(ident for ident, (i, _) in rows.items() if i == position)
+
+
+def _read_results(files: list[Path], rows: dict[str, tuple[int, str]]) -> dict[int, dict[str, Any]]:
+    """The result row of every line, by input position; an ok line beats an error line."""
+    results: dict[int, dict[str, Any]] = {}
+    for path in files:
+        try:
+            handle = path.open("rb")
+        except OSError as e:
+            raise UsageError(f"cannot read the result file {path}: {e.strerror}") from None
+        with handle:
+            for number, raw in enumerate(handle, start=1):
+                if not raw.strip():
+                    continue
+                row = _result_row(raw, rows, path=path, line=number)
+                if row["status"] == "ok" or row["_row"] not in results:
+                    results[row["_row"]] = row
+    return results
+
+
+def _result_row(
+    raw: bytes, rows: dict[str, tuple[int, str]], *, path: Path, line: int
+) -> dict[str, Any]:
+    def problem(message: str) -> InputError:
+        return InputError(message, path=str(path), line=line)
+
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise problem("this line is not JSON: is it a Batch-API result file?") from None
+    if not isinstance(data, dict) or "custom_id" not in data:
+        raise problem("this line has no custom_id: is it a Batch-API result file?")
+    ident = str(data["custom_id"])
+    if ident not in rows:
+        raise problem(f"custom_id {ident!r} is not a row of this job's input: import the "
+                      "files of this job's own export")  # fmt: skip
+    position, model = rows[ident]
+    row: dict[str, Any] = {"_row": position, "_id": ident, "model": model, "attempts": 1,
+                           "via": "batch"}  # fmt: skip
+    response = _dict(data.get("response"))
+    body = _dict(response.get("body"))
+    status = response.get("status_code")
+    row["http_status"] = status if isinstance(status, int) else None
+    if status == 200:
+        try:
+            return row | completion_columns(body) | {"status": "ok"}
+        except InvalidCompletion as e:
+            error = {"type": "invalid_response", "code": "invalid_response", "message": str(e)}
+    else:
+        error = _dict(body.get("error")) or _dict(data.get("error"))
+    return row | {
+        "status": "error",
+        "error_type": str(error.get("type") or "batch_error"),
+        "error_code": str(error.get("code") or status or "batch_error"),
+        "error_message": str(error.get("message") or "the batch gave no answer for this row"),
+    }
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}

@@ -1,0 +1,147 @@
+"""export-batch -> a provider's Batch API (faked here) -> import-batch -> the same output,
+with the rows the provider did not answer finished by a live run."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import polars as pl
+import pytest
+
+from batchq.simulator.content import completion
+
+N = 3000
+ENV = {"DASHSCOPE_API_KEY": "sk-simulated"}
+
+
+def provider(lines: list[dict[str, Any]], rng: random.Random) -> tuple[list[bytes], list[bytes]]:
+    """A Batch API: answer each request line, fail 2 % of them, lose 1 %."""
+    output, errors = [], []
+    for i, line in enumerate(lines):
+        roll = rng.random()
+        if roll < 0.01:
+            continue
+        if roll < 0.03:
+            error = {"code": "InternalError", "message": "the batch worker failed"}
+            errors.append(orjson.dumps({"id": f"batch_req_{i}", "custom_id": line["custom_id"],
+                                        "response": {"status_code": 500, "body": {"error": error}},
+                                        "error": error}))  # fmt: skip
+            continue
+        body = completion(line["body"], f"chatcmpl-batch-{i}")
+        output.append(orjson.dumps({"id": f"batch_req_{i}", "custom_id": line["custom_id"],
+                                    "response": {"status_code": 200, "request_id": f"r{i}",
+                                                 "body": body}, "error": None}))  # fmt: skip
+    return output, errors
+
+
+@pytest.mark.timeout(150)
+def test_export_import_round_trip_then_a_live_run_finishes(
+    simulator: Callable[..., Any], write_jsonl: Callable[..., Path], cli: Any, tmp_path: Path
+) -> None:
+    sim = simulator()
+    models = ["qwen-plus", "qwen-flash"]
+    path = write_jsonl([{"id": f"r{i}", "text": f"review number {i}", "model": models[i % 2]}
+                        for i in range(N)])  # fmt: skip
+    job = tmp_path / "job.toml"
+    job.write_text(f"""
+input = "{path}"
+output = "{tmp_path / "out.parquet"}"
+[request]
+provider = "dashscope-intl"
+base_url = "{sim.base_url}"
+template = "Review: {{text}}"
+max_tokens = 20
+stream = true
+""")
+    exported = cli("export-batch", job, "--max-lines", "1000")
+    assert exported.exit_code == 0, exported.output
+    assert f"{N:,} requests in 4 files" in exported.output
+    folder = tmp_path / "out.batch"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert sorted((f["model"], f["lines"]) for f in manifest["files"]) == [
+        ("qwen-flash", 500), ("qwen-flash", 1000), ("qwen-plus", 500), ("qwen-plus", 1000),
+    ]  # fmt: skip
+    lines = []
+    for entry in manifest["files"]:
+        file_lines = [json.loads(x) for x in (folder / entry["file"]).read_text().splitlines()]
+        assert {x["body"]["model"] for x in file_lines} == {entry["model"]}  # one model a file
+        assert all(x["method"] == "POST" and x["url"] == "/v1/chat/completions"
+                   for x in file_lines)  # fmt: skip
+        assert all("stream" not in x["body"] for x in file_lines)  # a batch is not streamed
+        lines += file_lines
+    assert sorted(x["custom_id"] for x in lines) == sorted(f"r{i}" for i in range(N))
+    assert sim.stats.requests == 0
+
+    rng = random.Random(11)
+    output, errors = provider(lines, rng)
+    rng.shuffle(output)
+    files = [tmp_path / "errors.jsonl", tmp_path / "out-b.jsonl", tmp_path / "out-a.jsonl"]
+    files[0].write_bytes(b"\n".join(errors) + b"\n")
+    half = len(output) // 2
+    files[1].write_bytes(b"\n".join(output[:half]) + b"\n")
+    files[2].write_bytes(b"\n".join(output[half:]) + b"\n")
+    lost = N - len(output) - len(errors)
+
+    imported = cli("import-batch", *files, "--job", job)
+    assert imported.exit_code == 0, imported.output
+    assert f"imported {len(output) + len(errors):,} rows ({len(output):,} ok" in imported.output
+    assert f"{lost:,} rows have no result in these files" in imported.output
+    assert "stay pending" in imported.output
+    status = json.loads(cli("status", job, "--json").output)
+    assert (status["done"], status["remaining"]) == (N - lost, lost)
+    cost_after_import = json.loads(cli("cost", job, "--json").output)
+    assert cost_after_import["batch_rows"] == N - lost
+
+    live = cli("run", job, "--quiet", env=ENV)
+    assert live.exit_code == 0, live.output
+    assert sim.stats.requests == lost  # only the rows the batch lost were sent live
+    df = pl.read_parquet(tmp_path / "out.parquet")
+    assert df["id"].to_list() == [f"r{i}" for i in range(N)]
+    assert df["model"].to_list() == [models[i % 2] for i in range(N)]
+    ok = df.filter(pl.col("status") == "ok")
+    assert ok["response"].to_list() == [f"echo: Review: review number {i}"
+                                        for i in range(N) if f"r{i}" in set(ok["id"])]  # fmt: skip
+    assert df.filter(pl.col("status") == "error")["error_code"].unique().to_list() == [
+        "InternalError"
+    ]
+    assert (df["via"] == "live").sum() == lost
+    assert (df["via"] == "batch").sum() == N - lost
+
+    # The Batch API half of the bill is at half price: check one batch row by hand.
+    report = json.loads(cli("cost", tmp_path / "out.parquet", "--json").output)
+    assert report["batch_rows"] == N - lost
+    plus = df.filter((pl.col("via") == "batch") & (pl.col("model") == "qwen-plus")
+                     & (pl.col("status") == "ok"))  # fmt: skip
+    by_hand = (plus["prompt_tokens"].sum() * 0.4 + plus["completion_tokens"].sum() * 1.2) / 2e6
+    live_plus = df.filter((pl.col("via") == "live") & (pl.col("model") == "qwen-plus"))
+    by_hand += (live_plus["prompt_tokens"].sum() * 0.4
+                + live_plus["completion_tokens"].sum() * 1.2) / 1e6  # fmt: skip
+    line = next(x for x in report["lines"] if x["key"] == "qwen-plus")
+    assert line["cost"] == pytest.approx(by_hand)
+
+
+def test_import_refuses_a_foreign_or_broken_file(
+    write_jsonl: Callable[..., Path], cli: Any, tmp_path: Path
+) -> None:
+    path = write_jsonl([{"id": f"r{i}", "prompt": "hi"} for i in range(3)])
+    job = tmp_path / "job.toml"
+    job.write_text(f'input = "{path}"\n[request]\nmodel = "qwen-plus"\n')
+    stranger = tmp_path / "stranger.jsonl"
+    stranger.write_text('{"custom_id": "r1", "response": {"status_code": 200}}\n'
+                        '{"custom_id": "zz", "response": {"status_code": 200}}\n')  # fmt: skip
+    result = cli("import-batch", stranger, "--job", job)
+    assert result.exit_code == 2
+    assert f"{stranger}, line 2" in result.output
+    assert "custom_id 'zz' is not a row of this job's input" in result.output
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("not json\n")
+    result = cli("import-batch", broken, "--job", job)
+    assert result.exit_code == 2
+    assert "line 1" in result.output
+    assert "is it a Batch-API result file?" in result.output
+    assert not (tmp_path / "in.batchq.parquet.batchq").exists()

@@ -1,0 +1,93 @@
+"""Model Studio's rules on request bodies: ranges, thinking and streaming."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from batchq.config import RequestSettings
+from batchq.request import RowProblem, build_body
+
+ROW = {"prompt": "hi"}
+
+
+def body(model: str, provider: str = "dashscope-intl", notes: set[str] | None = None,
+         **params: Any) -> dict[str, Any]:  # fmt: skip
+    return build_body(ROW, RequestSettings(provider=provider, model=model, params=params), notes)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("temperature", 2), ("temperature", -0.1), ("top_p", 0), ("top_p", 1.01),
+     ("presence_penalty", 2.5), ("presence_penalty", -3), ("temperature", "hot")],
+)  # fmt: skip
+def test_values_outside_model_studios_ranges_are_refused(name: str, value: Any) -> None:
+    with pytest.raises(RowProblem) as info:
+        body("qwen-plus", **{name: value})
+    assert info.value.column == name
+    assert name in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("temperature", 0), ("temperature", 1.99), ("top_p", 1), ("top_p", 0.01),
+     ("presence_penalty", -2), ("presence_penalty", 2)],
+)  # fmt: skip
+def test_values_at_the_edges_pass(name: str, value: Any) -> None:
+    assert body("qwen-plus", **{name: value})[name] == value
+
+
+def test_other_providers_get_what_the_user_wrote() -> None:
+    sent = body("qwen3-32b", "openai", temperature=2.5, top_p=0)
+    assert sent["temperature"] == 2.5
+    assert "enable_thinking" not in sent
+    assert "stream" not in sent
+
+
+def test_a_row_column_is_checked_too() -> None:
+    settings = RequestSettings(model="qwen-plus")
+    with pytest.raises(RowProblem) as info:
+        build_body({"prompt": "x", "top_p": 3}, settings)
+    assert info.value.column == "top_p"
+
+
+def test_qwen3_hybrid_without_streaming_gets_enable_thinking_false_once_said() -> None:
+    notes: set[str] = set()
+    for model in ("qwen3-32b", "qwen3-235b-a22b", "qwen3-0.6b"):
+        sent = body(model, notes=notes)
+        assert sent["enable_thinking"] is False
+        assert "stream" not in sent
+    body("qwen3-32b", notes=notes)
+    assert len(notes) == 3
+    assert any("qwen3-32b is a Qwen3 hybrid model" in n for n in notes)
+
+
+def test_the_job_can_ask_for_thinking_and_is_then_streamed() -> None:
+    sent = body("qwen3-32b", enable_thinking=True)
+    assert sent["stream"] is True
+    assert sent["stream_options"] == {"include_usage": True}
+    plus = body("qwen-plus", enable_thinking=True, stream_options={"foo": 1})
+    assert plus["stream"] is True
+    assert plus["stream_options"] == {"foo": 1, "include_usage": True}
+
+
+STREAM_ONLY = ["qwq-plus", "qwq-32b", "qvq-max", "qwen3-235b-a22b-thinking-2507", "x-thinking"]
+
+
+@pytest.mark.parametrize("model", STREAM_ONLY)
+def test_stream_only_models_are_streamed(model: str) -> None:
+    notes: set[str] = set()
+    sent = body(model, notes=notes)
+    assert sent["stream"] is True
+    assert sent["stream_options"]["include_usage"] is True
+    assert notes == {f"{model} answers only streamed: its requests are sent with stream "
+                     "and assembled"}  # fmt: skip
+
+
+@pytest.mark.parametrize("model", ["qwen-plus", "qwen3-max", "qwen3-coder-plus",
+                                   "qwen3-30b-a3b-instruct-2507"])  # fmt: skip
+def test_other_qwen_models_are_left_alone(model: str) -> None:
+    sent = body(model)
+    assert "stream" not in sent
+    assert "enable_thinking" not in sent

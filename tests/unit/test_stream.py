@@ -1,0 +1,95 @@
+"""Assembling a streamed completion from its server-sent events."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from batchq.response import InvalidCompletion, Stream, assemble_stream, completion_columns
+
+
+def sse(*chunks: Any, done: bool = True) -> bytes:
+    lines = [b": keep-alive", b"event: message"]  # comments and event names are skipped
+    lines += [b"data: " + orjson.dumps(c) for c in chunks]
+    if done:
+        lines.append(b"data: [DONE]")
+    return b"\n\n".join(lines) + b"\n\n"
+
+
+def delta(index: int = 0, finish: str | None = None, **fields: Any) -> dict[str, Any]:
+    return {"id": "c9", "model": "qwq-plus",
+            "choices": [{"index": index, "delta": fields, "finish_reason": finish}]}  # fmt: skip
+
+
+USAGE = {"id": "c9", "choices": [], "usage": {
+    "prompt_tokens": 10, "completion_tokens": 7, "total_tokens": 17,
+    "completion_tokens_details": {"reasoning_tokens": 4}}}  # fmt: skip
+
+
+def test_content_reasoning_and_usage_are_put_together() -> None:
+    raw = sse(
+        delta(role="assistant", content=""),
+        delta(reasoning_content="Let me"), delta(reasoning_content=" think."),
+        delta(content="posi"), delta(content="tive"),
+        delta(finish="stop"), USAGE,
+    )  # fmt: skip
+    columns = completion_columns(assemble_stream(raw))
+    assert columns["response"] == "positive"
+    assert columns["reasoning"] == "Let me think."
+    assert columns["finish_reason"] == "stop"
+    assert columns["request_id"] == "c9"
+    assert columns["response_model"] == "qwq-plus"
+    assert (columns["prompt_tokens"], columns["completion_tokens"]) == (10, 7)
+    assert columns["reasoning_tokens"] == 4
+
+
+def test_tool_call_deltas_merge_into_whole_calls() -> None:
+    raw = sse(
+        delta(role="assistant", content=None),
+        delta(tool_calls=[{"index": 0, "id": "call_a", "type": "function",
+                           "function": {"name": "get_weather", "arguments": ""}}]),
+        delta(tool_calls=[{"index": 0, "function": {"arguments": '{"city": '}}]),
+        delta(tool_calls=[{"index": 1, "id": "call_b", "function": {"name": "get_time"}}]),
+        delta(tool_calls=[{"index": 0, "function": {"arguments": '"Hangzhou"}'}}]),
+        delta(tool_calls=[{"index": 1, "function": {"arguments": "{}"}}]),
+        delta(finish="tool_calls"),
+    )  # fmt: skip
+    columns = completion_columns(assemble_stream(raw))
+    assert columns["finish_reason"] == "tool_calls"
+    assert columns["response"] is None
+    assert orjson.loads(columns["tool_calls"]) == [
+        {"id": "call_a", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Hangzhou"}'}},
+        {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": "{}"}},
+    ]  # fmt: skip
+
+
+def test_n_choices_are_kept_apart() -> None:
+    raw = sse(delta(0, content="a"), delta(1, content="b"), delta(1, content="b"),
+              delta(0, "stop"), delta(1, "length"))  # fmt: skip
+    columns = completion_columns(assemble_stream(raw))
+    assert columns["response"] == "a"
+    assert columns["choices"] == ["a", "bb"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (sse(delta(content="half"), done=False), "cut off before its end"),
+        (sse(delta(content="x"), done=False)[:-9] + b'{"id": "c9", "cho', "not JSON"),
+        (sse({"error": {"message": "Internal error", "code": "500"}}), "sent an error"),
+        (b'{"object": "error"}', "without a choice"),
+    ],
+)
+def test_a_broken_stream_is_an_invalid_completion(raw: bytes, message: str) -> None:
+    with pytest.raises(InvalidCompletion, match=message):
+        assemble_stream(raw)
+
+
+def test_the_first_token_is_the_first_line_that_carries_one() -> None:
+    stream = Stream()
+    assert not stream.feed(b"data: " + orjson.dumps(delta(role="assistant", content="")))
+    assert stream.feed(b"data: " + orjson.dumps(delta(reasoning_content="hm")))
+    assert not stream.feed(b"data: " + orjson.dumps(delta(content="x")))
