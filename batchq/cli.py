@@ -11,7 +11,6 @@ from typing import Any
 import anyio
 import click
 import orjson
-from rich.console import Console
 
 from batchq import batch_api, report
 from batchq.config import Job, load_job, with_base_url
@@ -143,6 +142,8 @@ class _Sinks:
         if quiet:
             pass
         elif sys.stderr.isatty():
+            from rich.console import Console
+
             self.live = LiveProgress(Console(stderr=True), prices=prices, region=region)
             sinks.append(self.live)
         else:

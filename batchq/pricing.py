@@ -22,9 +22,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from batchq.errors import UsageError
 
-__all__ = ["Price", "PriceTable", "Tier", "region_of"]
+__all__ = ["Price", "PriceTable", "Tier", "cost_array", "region_of"]
 
 DEFAULT_CACHED_SHARE = 0.2
 DEFAULT_BATCH_SHARE = 0.5
@@ -78,6 +81,36 @@ class Price:
         output = completion * (tier.thinking_output if thinking else tier.output)
         total = (paid_input + output) / 1_000_000
         return total * self.batch_share if batch else total
+
+
+def cost_array(table: pa.Table, price: Price) -> pa.Array:
+    """``Price.cost`` of every row of ``table`` (result columns), in Arrow compute: the
+    request's tier by its prompt tokens, its cache hits, thinking-mode output for rows with
+    reasoning, and the Batch API's share for rows with ``via = batch``."""
+
+    def column(name: str) -> pa.Array:
+        return pc.cast(pc.fill_null(table.column(name), 0), pa.float64())
+
+    prompt, cached, completion = (column(c) for c in ("prompt_tokens", "cached_tokens",
+                                                      "completion_tokens"))  # fmt: skip
+    thinking = pc.or_(pc.greater(column("reasoning_tokens"), 0),
+                      pc.is_valid(table.column("reasoning")))  # fmt: skip
+    batch = pc.fill_null(pc.equal(table.column("via"), "batch"), False)
+    share = pc.if_else(batch, price.batch_share, 1.0)
+
+    def tier_cost(t: Tier) -> pa.Array:
+        paid = pc.add(pc.multiply(pc.subtract(prompt, cached), t.input),
+                      pc.multiply(cached, t.input * price.cached_share))  # fmt: skip
+        out = pc.multiply(completion, pc.if_else(thinking, t.thinking_output, t.output))
+        return pc.divide(pc.add(paid, out), 1_000_000.0)
+
+    cost = tier_cost(price.tiers[-1])
+    for tier in reversed(price.tiers[:-1]):
+        if tier.max_input is None:
+            cost = tier_cost(tier)
+        else:
+            cost = pc.if_else(pc.less_equal(prompt, tier.max_input), tier_cost(tier), cost)
+    return pc.multiply(cost, share)
 
 
 class PriceTable:

@@ -8,12 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TextIO
-
-from rich.console import Console, Group
-from rich.live import Live
-from rich.progress import BarColumn, Progress, TaskID, TextColumn
-from rich.text import Text
+from typing import TYPE_CHECKING, TextIO
 
 from batchq.events import (
     Event,
@@ -25,6 +20,10 @@ from batchq.events import (
     Slowdown,
 )
 from batchq.pricing import PriceTable
+
+if TYPE_CHECKING:  # rich loads only for a terminal
+    from rich.console import Console
+    from rich.progress import TaskID
 
 __all__ = ["LiveProgress", "PlainProgress", "Tally", "money"]
 
@@ -144,6 +143,9 @@ class LiveProgress:
         region: str = "intl",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        from rich.live import Live
+        from rich.progress import BarColumn, Progress, TextColumn
+
         self.tally = Tally(prices, region, clock=clock)
         self._clock = clock
         self._bar = Progress(
@@ -175,6 +177,9 @@ class LiveProgress:
                 self._show()
 
     def _show(self) -> None:
+        from rich.console import Group
+        from rich.text import Text
+
         self._shown = self._clock()
         if self._task is not None:
             t = self.tally

@@ -17,6 +17,7 @@ Each rule that changes a body is said once at the start of the run (``notes``).
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -42,43 +43,75 @@ class RangeProblem(ValueError):
         self.name = name
 
 
+_ABSENT = object()  # a field the body does not set
+
+
 def apply_rules(body: dict[str, Any], notes: set[str] | None = None) -> None:
     """Check ``body``'s ranges (RangeProblem) and apply the thinking / streaming rules to
-    it in place, adding what was done to ``notes``."""
-    for name, bounds in RANGES.items():
-        if name in body:
-            _check_range(name, body[name], *bounds)
-    model = str(body.get("model", ""))
-    if body.get("stream"):
-        return
+    it in place, adding what was done to ``notes``.
+
+    The decision depends on a few fields only, and all rows of a job usually share them,
+    so it is made once per combination (this runs on every row)."""
+    # With each value its type: True == 1 == 1.0 as keys, but not as parameters.
+    values = [body.get(name, _ABSENT) for name in ("stream", "enable_thinking", *RANGES)]
+    key = (body.get("model"), *((v, type(v)) for v in values))
+    try:
+        problem, updates, note = _decide(key)
+    except TypeError:  # an unhashable value (a list where a number belongs): decide afresh
+        problem, updates, note = _decide.__wrapped__(key)
+    if problem is not None:
+        raise RangeProblem(*problem)
+    body.update(updates)
+    if note is not None and notes is not None:
+        notes.add(note)
+
+
+Decision = tuple[tuple[str, str] | None, dict[str, Any], str | None]
+
+
+@functools.lru_cache(maxsize=1024)
+def _decide(key: tuple[Any, ...]) -> Decision:
+    """(range problem, fields to set, note) for a body with these rule-deciding fields."""
+    model, (stream, _), (thinking, _), *typed = key
+    values = [value for value, _ in typed]
+    for (name, bounds), value in zip(RANGES.items(), values, strict=True):
+        if value is not _ABSENT and (problem := _range_problem(name, value, *bounds)):
+            return (name, problem), {}, None
+    model = str(model or "")
+    if stream not in (_ABSENT, None, False):
+        return None, {}, None
     if _STREAM_ONLY.search(model):
-        body["stream"] = True
-        _note(notes, f"{model} answers only streamed: its requests are sent with stream "
-                     "and assembled")  # fmt: skip
-    elif body.get("enable_thinking") is True:
-        body["stream"] = True
-        _note(notes, f"{model} with enable_thinking: thinking is served only streamed, so "
-                     "requests are sent with stream and assembled")  # fmt: skip
-    elif _HYBRID.match(model) and "enable_thinking" not in body:
-        body["enable_thinking"] = False
-        _note(notes, f"{model} is a Qwen3 hybrid model called without streaming: sent with "
-                     "enable_thinking false (set enable_thinking = true to think)")  # fmt: skip
+        note = f"{model} answers only streamed: its requests are sent with stream and assembled"
+        return None, {"stream": True}, note
+    if thinking is True:
+        return (
+            None,
+            {"stream": True},
+            (
+                f"{model} with enable_thinking: thinking is served only streamed, so requests "
+                "are sent with stream and assembled"
+            ),
+        )
+    if _HYBRID.match(model) and thinking is _ABSENT:
+        return (
+            None,
+            {"enable_thinking": False},
+            (
+                f"{model} is a Qwen3 hybrid model called without streaming: sent with "
+                "enable_thinking false (set enable_thinking = true to think)"
+            ),
+        )
+    return None, {}, None
 
 
-def _check_range(
+def _range_problem(
     name: str, value: Any, low: float, high: float, low_in: bool, high_in: bool
-) -> None:
+) -> str | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise RangeProblem(name, f"{name} must be a number, not {value!r}")
+        return f"{name} must be a number, not {value!r}"
     too_low = value < low if low_in else value <= low
     too_high = value > high if high_in else value >= high
     if too_low or too_high:
         shown = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
-        raise RangeProblem(
-            name, f"{name} = {value!r} is outside {shown}, the range Model Studio accepts"
-        )
-
-
-def _note(notes: set[str] | None, text: str) -> None:
-    if notes is not None:
-        notes.add(text)
+        return f"{name} = {value!r} is outside {shown}, the range Model Studio accepts"
+    return None

@@ -11,19 +11,22 @@ from __future__ import annotations
 import fcntl
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
-import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from batchq.config import Job, load_job
 from batchq.errors import UsageError
 from batchq.io.preflight import completion_cap, preflight
 from batchq.io.writer import read_output_manifest
 from batchq.limiter import RAMP_S
-from batchq.pricing import DEFAULT_BATCH_SHARE, Price, PriceTable, region_of
+from batchq.pricing import DEFAULT_BATCH_SHARE, PriceTable, cost_array, region_of
 from batchq.request import estimate_tokens
 
 __all__ = [
@@ -43,6 +46,13 @@ USAGE_COLUMNS = ["prompt_tokens", "cached_tokens", "completion_tokens", "reasoni
 _NEEDED = ["status", "model", "attempts", "reasoning", "via", *USAGE_COLUMNS]
 
 
+_TYPES: dict[str, pa.DataType] = {
+    "status": pa.string(), "model": pa.string(), "attempts": pa.int64(),
+    "reasoning": pa.string(), "via": pa.string(), **dict.fromkeys(USAGE_COLUMNS, pa.int64()),
+}  # fmt: skip
+BATCH_ROWS = 65_536
+
+
 @dataclass(frozen=True)
 class Results:
     """Where a job's results are, and the job's manifest (None for a foreign file)."""
@@ -53,12 +63,15 @@ class Results:
     #: True when the results are the finished output file, False for the state folder.
     finished: bool
 
-    def frame(self, extra: list[str] | None = None) -> pl.DataFrame:
-        """One row per answered input row, with the usage columns (and ``extra``)."""
+    def tables(self, extra: list[str] | None = None) -> Iterator[pa.Table]:
+        """The results, one row per answered input row, with the usage columns (and
+        ``extra``): a block at a time from a finished output (flat memory), or the latest
+        answer of each row from the state folder's shards."""
         columns = list(dict.fromkeys([*_NEEDED, *(extra or [])]))
         if self.finished:
-            return _read_output(self.output, columns)
-        return _read_shards(self.state / "shards", columns)
+            yield from _output_tables(self.output, columns)
+        else:
+            yield _shards_table(self.state / "shards", columns)
 
 
 def find_results(path: Path) -> Results:
@@ -85,41 +98,51 @@ def find_results(path: Path) -> Results:
     )
 
 
-def _read_output(output: Path, columns: list[str]) -> pl.DataFrame:
-    names = pl.read_parquet_schema(output)
+def _output_tables(output: Path, columns: list[str]) -> Iterator[pa.Table]:
+    file = pq.ParquetFile(output)
+    names = file.schema_arrow.names
     missing = [c for c in columns if c not in names and c not in _NEEDED]
     if missing:
         raise UsageError(f"{output} has no column {missing[0]!r}: choose one it has")
     if "status" not in names:
         raise UsageError(f"{output} has no status column: it was not written by batchq")
     present = [c for c in columns if c in names]
-    frame = pl.read_parquet(output, columns=present)
-    # A file from an older batchq, or written by hand, may lack a usage column: nulls.
-    return frame.with_columns(
-        pl.lit(None, pl.Int64 if c.endswith("_tokens") or c == "attempts" else pl.Utf8).alias(c)
-        for c in columns
-        if c not in names
-    )
+    with file:
+        for batch in file.iter_batches(batch_size=BATCH_ROWS, columns=present):
+            yield _with_all(pa.Table.from_batches([batch]), columns)
 
 
-def _read_shards(shards: Path, columns: list[str]) -> pl.DataFrame:
+def _with_all(table: pa.Table, columns: list[str]) -> pa.Table:
+    """``table`` with any of ``columns`` it lacks as nulls (a file from an older batchq,
+    or written by hand, may lack a usage column)."""
+    for name in columns:
+        if name not in table.column_names:
+            type_ = _TYPES.get(name, pa.string())
+            table = table.append_column(name, pa.nulls(table.num_rows, type_))
+    return table
+
+
+def _shards_table(shards: Path, columns: list[str]) -> pa.Table:
     paths = sorted(shards.glob("[0-9]*.parquet"))
-    schema = pl.read_parquet_schema(paths[0]) if paths else {}
-    extra = [c for c in columns if c not in _NEEDED and c not in schema]
-    if paths and extra:
+    if not paths:
+        return _with_all(pa.table({"status": pa.array([], pa.string())}), columns)
+    names = pq.read_schema(paths[0]).names
+    extra = [c for c in columns if c not in names]
+    if extra:
         raise UsageError(
             f"the state folder holds result columns only, not {extra[0]!r}: run `cost` "
             "by an input column once the run is finished (or --by a result column now)"
         )
-    if not paths:
-        return pl.DataFrame(schema=dict.fromkeys(columns, pl.Utf8))
-    frames = [
-        pl.scan_parquet(p).select(["_row", *columns]).with_columns(_seq=pl.lit(int(p.stem)))
-        for p in paths
-    ]
+    parts = []
+    for path in paths:
+        part = pq.read_table(path, columns=["_row", *columns])
+        parts.append(part.append_column("_seq", pa.array([int(path.stem)] * part.num_rows)))
+    merged = pa.concat_tables(parts).sort_by([("_row", "ascending"), ("_seq", "ascending")])
+    rows = merged.column("_row").combine_chunks()
     # A row answered twice (--retry-errors) counts once: its latest answer.
-    latest = pl.concat(frames).sort("_row", "_seq").unique("_row", keep="last")
-    return latest.drop("_row", "_seq").collect()
+    last = pc.not_equal(rows.slice(0, len(rows) - 1), rows.slice(1))
+    merged = merged.filter(pa.concat_arrays([last, pa.array([True])]))
+    return merged.drop_columns(["_row", "_seq"])
 
 
 # --- cost ------------------------------------------------------------------------------
@@ -154,94 +177,88 @@ class CostReport:
     rows: int = field(default=0)
 
 
+_SUMS = ["rows", "ok", "error", *USAGE_COLUMNS, "cost", "attempts", "batch"]
+
+
 def cost_report(
     results: Results, prices: PriceTable, *, by: str = "model", region: str | None = None
 ) -> CostReport:
-    """Per-request costs, summed by ``by``. Region and Batch-API pricing come from the
-    job's manifest unless ``region`` is given."""
-    manifest = results.manifest or {}
-    region = region or manifest.get("region") or "intl"
-    frame = results.frame([by])
-    priced, unpriced = priced_frame(frame, prices, region)
-    batch_rows = int((frame.get_column("via") == "batch").sum()) if frame.height else 0
-    lines = _group(priced, by)
+    """Per-request costs, summed by ``by``. The price region comes from the job's manifest
+    unless ``region`` is given; rows from a Batch API are priced at its share."""
+    region = region or (results.manifest or {}).get("region") or "intl"
+    sums, unpriced = _sum_by(results, prices, region, by)
+    lines = [_line(key, currency, v) for (key, currency), v in sorted(sums.items(), key=_order)]
     totals: dict[str, float] = {}
     for line in lines:
         if line.currency is not None and line.cost is not None:
             totals[line.currency] = totals.get(line.currency, 0.0) + line.cost
-    return CostReport(
-        by, lines, totals, unpriced, prices.source, region, batch_rows, rows=frame.height
-    )
+    batch_rows = int(sum(v["batch"] for v in sums.values()))
+    rows = sum(line.rows for line in lines)
+    return CostReport(by, lines, totals, unpriced, prices.source, region, batch_rows, rows)
 
 
-def priced_frame(
-    frame: pl.DataFrame, prices: PriceTable, region: str
-) -> tuple[pl.DataFrame, list[str]]:
-    """``frame`` with ``cost`` and ``currency`` columns (null where unpriced), and the
-    unpriced models."""
-    cost: pl.Expr = pl.lit(None, pl.Float64)
-    currency: pl.Expr = pl.lit(None, pl.Utf8)
-    unpriced = []
-    models = frame.get_column("model").unique().to_list() if frame.height else []
-    for model in sorted(models, key=str):
-        price = prices.lookup(model, region)
+def _line(key: str | None, currency: str | None, v: dict[str, float]) -> CostLine:
+    rows, ok, error, prompt, cached, completion, reasoning = (int(v[n]) for n in _SUMS[:7])
+    cost = None if currency is None else v["cost"]
+    return CostLine(key, currency, rows, ok, error, prompt, cached, completion, reasoning, cost)
+
+
+def _order(item: tuple[tuple[str | None, str | None], Any]) -> tuple[bool, str, bool, str]:
+    (key, currency), _ = item
+    return (key is None, key or "", currency is None, currency or "")
+
+
+def _sum_by(
+    results: Results, prices: PriceTable, region: str, by: str | None
+) -> tuple[dict[tuple[str | None, str | None], dict[str, float]], list[str]]:
+    """Sums of _SUMS by (value of ``by``, currency), over the results a block at a time."""
+    sums: dict[tuple[str | None, str | None], dict[str, float]] = {}
+    unpriced: set[str] = set()
+    for table in results.tables([by] if by else None):
+        priced = _priced(table, prices, region, unpriced)
+        key = _as_text(table.column(by)) if by else pa.nulls(table.num_rows, pa.string())
+        status = table.column("status")
+        parts = pa.table({
+            "key": key, "currency": priced.column("currency"),
+            "rows": pa.array([1] * table.num_rows, pa.int64()),
+            "ok": pc.cast(pc.equal(status, "ok"), pa.int64()),
+            "error": pc.cast(pc.equal(status, "error"), pa.int64()),
+            **{c: pc.fill_null(table.column(c), 0) for c in (*USAGE_COLUMNS, "attempts")},
+            "cost": priced.column("cost"),
+            "batch": pc.cast(pc.fill_null(pc.equal(table.column("via"), "batch"), False),
+                             pa.int64()),
+        })  # fmt: skip
+        grouped = parts.group_by(["key", "currency"], use_threads=False).aggregate(
+            [(name, "sum") for name in _SUMS]
+        )
+        for row in grouped.to_pylist():
+            total = sums.setdefault((row["key"], row["currency"]), dict.fromkeys(_SUMS, 0.0))
+            for name in _SUMS:
+                total[name] += row[f"{name}_sum"] or 0
+    return sums, sorted(unpriced)
+
+
+def _as_text(column: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
+    try:
+        return pc.cast(column, pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # nested: as Python writes them
+        return pa.array([None if v is None else str(v) for v in column.to_pylist()], pa.string())
+
+
+def _priced(table: pa.Table, prices: PriceTable, region: str, unpriced: set[str]) -> pa.Table:
+    """``cost`` and ``currency`` for each row of ``table`` (null where unpriced)."""
+    cost = pa.nulls(table.num_rows, pa.float64())
+    currency = pa.nulls(table.num_rows, pa.string())
+    model = table.column("model")
+    for name in pc.unique(model).to_pylist():
+        price = prices.lookup(name, region)
         if price is None:
-            unpriced.append(str(model))
+            unpriced.add(str(name))
             continue
-        is_model = pl.col("model") == model
-        cost = pl.when(is_model).then(_cost_expr(price)).otherwise(cost)
-        currency = pl.when(is_model).then(pl.lit(price.currency)).otherwise(currency)
-    return frame.with_columns(cost=cost, currency=currency), unpriced
-
-
-def _cost_expr(price: Price) -> pl.Expr:
-    """Polars' form of Price.cost, one request per row."""
-    prompt, cached, completion = (pl.col(c).fill_null(0) for c in USAGE_COLUMNS[:3])
-    thinking = (pl.col("reasoning_tokens").fill_null(0) > 0) | pl.col("reasoning").is_not_null()
-    share = pl.when(pl.col("via") == "batch").then(price.batch_share).otherwise(1.0)
-
-    def tier_cost(i: int) -> pl.Expr:
-        t = price.tiers[i]
-        paid = (prompt - cached) * t.input + cached * t.input * price.cached_share
-        out = completion * pl.when(thinking).then(t.thinking_output).otherwise(t.output)
-        return (paid + out) * (share / 1_000_000)
-
-    expr = tier_cost(len(price.tiers) - 1)
-    for i in reversed(range(len(price.tiers) - 1)):
-        bound = price.tiers[i].max_input
-        expr = (
-            tier_cost(i)
-            if bound is None
-            else (pl.when(prompt <= bound).then(tier_cost(i)).otherwise(expr))
-        )
-    return expr
-
-
-def _group(priced: pl.DataFrame, by: str) -> list[CostLine]:
-    if by not in priced.columns:
-        raise UsageError(f"there is no column {by!r} to group by")
-    table = (
-        priced.with_columns(pl.col(by).cast(pl.Utf8).alias("_key"))
-        .group_by("_key", "currency")
-        .agg(
-            rows=pl.len(),
-            ok=(pl.col("status") == "ok").sum(),
-            error=(pl.col("status") == "error").sum(),
-            **{c: pl.col(c).fill_null(0).sum() for c in USAGE_COLUMNS},
-            cost=pl.col("cost").sum(),
-        )
-        .sort("_key", "currency", nulls_last=True)
-    )
-    return [_line(r) for r in table.iter_rows(named=True)]
-
-
-def _line(r: dict[str, Any]) -> CostLine:
-    cost = None if r["currency"] is None else float(r["cost"])
-    prompt, cached, completion, reasoning = (int(r[c]) for c in USAGE_COLUMNS)
-    return CostLine(
-        r["_key"], r["currency"], r["rows"], r["ok"], r["error"],
-        prompt, cached, completion, reasoning, cost,
-    )  # fmt: skip
+        rows = pc.fill_null(pc.equal(model, name), False)
+        cost = pc.if_else(rows, cost_array(table, price), cost)
+        currency = pc.if_else(rows, pa.scalar(price.currency), currency)
+    return pa.table({"cost": cost, "currency": currency})
 
 
 # --- status ----------------------------------------------------------------------------
@@ -275,25 +292,22 @@ class Status:
 
 def status(results: Results, prices: PriceTable) -> Status:
     manifest = results.manifest or {}
-    frame = results.frame()
     region = manifest.get("region") or "intl"
-    priced, unpriced = priced_frame(frame, prices, region)
-    costs = {
-        r["currency"]: float(r["cost"])
-        for r in priced.group_by("currency").agg(cost=pl.col("cost").sum()).iter_rows(named=True)
-        if r["currency"] is not None
-    }
-    statuses = frame.get_column("status")
-
-    def total(name: str) -> int:
-        return int(frame.get_column(name).fill_null(0).sum()) if frame.height else 0
-
+    sums, unpriced = _sum_by(results, prices, region, None)
+    total = dict.fromkeys(_SUMS, 0.0)
+    costs: dict[str, float] = {}
+    for (_, currency), v in sums.items():
+        for name in _SUMS:
+            total[name] += v[name]
+        if currency is not None:
+            costs[currency] = costs.get(currency, 0.0) + v["cost"]
+    done = int(total["rows"])
     running, pid = (False, None) if results.finished else lock_holder(results.state)
-    total_rows = manifest.get("input_rows", frame.height if results.finished else None)
     return Status(
-        results.output, results.state, results.finished, total_rows, frame.height,
-        int((statuses == "ok").sum()), int((statuses == "error").sum()), total("attempts"),
-        total("prompt_tokens"), total("completion_tokens"), costs, unpriced,
+        results.output, results.state, results.finished,
+        manifest.get("input_rows", done if results.finished else None), done,
+        int(total["ok"]), int(total["error"]), int(total["attempts"]),
+        int(total["prompt_tokens"]), int(total["completion_tokens"]), costs, unpriced,
         None if results.finished else _last_flush_ago(results.state),
         "finished" if results.finished else ("running" if running else "stopped"),
         pid, manifest.get("command"),

@@ -20,7 +20,9 @@ __all__ = [
     "REQUEST_FIELDS",
     "RowProblem",
     "build_body",
+    "completion_cap",
     "estimate_tokens",
+    "job_body",
 ]
 
 #: Body fields a row's column of the same name overrides, and that ``--param`` may set.
@@ -53,9 +55,39 @@ def build_body(
     With a Model Studio preset its rules apply (``batchq.qwen``), adding what they changed
     to ``notes``. A streamed request always asks for the usage in its last chunk."""
     if isinstance(row.get("body"), dict) and "custom_id" in row:
-        body = _batch_api_body(row, settings)
-    else:
-        body = _row_body(row, settings)
+        return _finish(_batch_api_body(row, settings), settings, notes)
+    messages = _messages(row, settings)
+    overrides = {name: row[name] for name in REQUEST_FIELDS.intersection(row)}
+    overrides = {name: value for name, value in overrides.items() if value is not None}
+    if not overrides:  # most rows: the job's fields, decided once, and the row's messages
+        base, note = job_body(settings)
+        if note is not None and notes is not None:
+            notes.add(note)
+        return {**base, "messages": messages}
+    body = {**_job_fields(settings), **overrides, "messages": messages}
+    return _finish(body, settings, notes)
+
+
+def _job_fields(settings: RequestSettings) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    if settings.model is not None:
+        body["model"] = settings.model
+    if settings.max_tokens is not None:
+        body["max_tokens"] = settings.max_tokens
+    if settings.temperature is not None:
+        body["temperature"] = settings.temperature
+    body.update(settings.params)
+    return body
+
+
+def _finish(
+    body: dict[str, Any], settings: RequestSettings, notes: set[str] | None
+) -> dict[str, Any]:
+    """Check the model, apply the provider's rules, ask a stream for its usage."""
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        raise RowProblem(
+            "no model: set model in [request] or --model, or give a model column", column="model"
+        )
     if settings.provider in MODEL_STUDIO:
         try:
             apply_rules(body, notes)
@@ -68,24 +100,27 @@ def build_body(
     return body
 
 
-def _row_body(row: dict[str, Any], settings: RequestSettings) -> dict[str, Any]:
-    body: dict[str, Any] = {}
-    if settings.model is not None:
-        body["model"] = settings.model
-    body["messages"] = _messages(row, settings)
-    if settings.max_tokens is not None:
-        body["max_tokens"] = settings.max_tokens
-    if settings.temperature is not None:
-        body["temperature"] = settings.temperature
-    body.update(settings.params)
-    for name in REQUEST_FIELDS.intersection(row):
-        if row[name] is not None:
-            body[name] = row[name]
-    if not isinstance(body.get("model"), str) or not body["model"]:
-        raise RowProblem(
-            "no model: set model in [request] or --model, or give a model column", column="model"
-        )
-    return body
+#: id(settings) -> (settings, its finished fields, the rules' note, or the RowProblem)
+_JOB_BODIES: dict[int, tuple[RequestSettings, dict[str, Any], str | None, RowProblem | None]] = {}
+
+
+def job_body(settings: RequestSettings) -> tuple[dict[str, Any], str | None]:
+    """The job's own fields with the rules applied, computed once per settings object
+    (RequestSettings holds a dict, so it cannot be an lru_cache key)."""
+    hit = _JOB_BODIES.get(id(settings))
+    if hit is None or hit[0] is not settings:
+        notes: set[str] = set()
+        try:
+            base, problem = _finish(_job_fields(settings), settings, notes), None
+        except RowProblem as e:
+            base, problem = {}, e
+        if len(_JOB_BODIES) >= 64:
+            _JOB_BODIES.clear()
+        hit = _JOB_BODIES[id(settings)] = (settings, base, next(iter(notes), None), problem)
+    _, base, note, problem = hit
+    if problem is not None:
+        raise RowProblem(str(problem), column=problem.column)
+    return base, note
 
 
 def _batch_api_body(row: dict[str, Any], settings: RequestSettings) -> dict[str, Any]:
@@ -149,6 +184,12 @@ def _check_messages(value: Any, *, column: str) -> list[dict[str, Any]]:
         ):
             raise RowProblem(f"message {i} content must be a string or a list", column=column)
     return value
+
+
+def completion_cap(body: dict[str, Any]) -> int | None:
+    """The body's cap on completion tokens, or None."""
+    cap = body.get("max_tokens") or body.get("max_completion_tokens")
+    return cap if isinstance(cap, int) and not isinstance(cap, bool) else None
 
 
 def estimate_tokens(body: dict[str, Any]) -> int:

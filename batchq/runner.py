@@ -19,10 +19,9 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
-import httpx
 import pyarrow.parquet as pq
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
@@ -46,6 +45,9 @@ from batchq.io.writer import merge_output, read_output_manifest
 from batchq.limiter import Pacer, RatePacer
 from batchq.request import build_body, estimate_tokens
 from batchq.work import Item, answer
+
+if TYPE_CHECKING:  # httpx loads only when a caller brings a transport (tests)
+    import httpx
 
 __all__ = ["FLUSH_EVERY_S", "RunSummary", "run_job"]
 

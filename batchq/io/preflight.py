@@ -10,22 +10,29 @@ from __future__ import annotations
 
 import hashlib
 import os
-from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from batchq.config import Job
 from batchq.errors import InputError, UsageError
+from batchq.io.fastcheck import vouch
+from batchq.io.keys import RepeatFinder
 from batchq.io.reader import InputBatch, input_format, read_batches
 from batchq.io.schema import RESULT_COLUMNS, ColumnKinds
-from batchq.request import RowProblem, build_body, estimate_tokens
+from batchq.request import RowProblem, build_body, completion_cap, estimate_tokens
 
-__all__ = ["InputInfo", "completion_cap", "preflight", "request_tokens", "row_id"]
+__all__ = [
+    "InputInfo",
+    "completion_cap",
+    "exact_preflight",
+    "preflight",
+    "request_tokens",
+    "row_id",
+]
 
 #: The column written when the input has no id column: the row's 0-based position.
 ROW_COLUMN = "row"
@@ -47,12 +54,6 @@ class InputInfo:
     notes: tuple[str, ...] = ()
 
 
-def completion_cap(body: dict[str, Any]) -> int | None:
-    """The body's cap on completion tokens, or None."""
-    cap = body.get("max_tokens") or body.get("max_completion_tokens")
-    return cap if isinstance(cap, int) and not isinstance(cap, bool) else None
-
-
 def request_tokens(body: dict[str, Any]) -> int:
     """Tokens one request may use at most: its prompt estimate plus its completion cap."""
     return estimate_tokens(body) + (completion_cap(body) or 0)
@@ -66,8 +67,21 @@ def row_id(row: dict[str, Any], id_column: str | None, index: int) -> str:
 def preflight(job: Job, *, observe: Callable[[dict[str, Any]], None] | None = None) -> InputInfo:
     """Check the whole input and the output path. Raises InputError / UsageError.
 
-    ``observe`` is called with each row's request body (``estimate`` counts them)."""
+    An ordinary input is vouched for by the fast path (``fastcheck.py``, whole columns in
+    Arrow); anything else, or anything it is unsure of, gets the exact pass, a loop over
+    every row that says what is wrong and where. ``observe`` is called with each row's
+    request body (``estimate`` counts them), which takes the exact pass."""
     _check_output(job.output)
+    if observe is None and (v := vouch(job)) is not None:
+        fmt = input_format(job.input)
+        return InputInfo(job.input, fmt, v.rows, v.columns, v.id_column, v.digest, v.notes)
+    return exact_preflight(job, observe=observe)
+
+
+def exact_preflight(
+    job: Job, *, observe: Callable[[dict[str, Any]], None] | None = None
+) -> InputInfo:
+    """The exact pass over every row (see ``preflight``); the output path is not checked."""
     path = job.input
     fmt = input_format(path)
     kinds = ColumnKinds()
@@ -142,27 +156,28 @@ def _check_rows(
 
 
 class _IdChecker:
-    """Duplicate-id detection in flat memory: 8 bytes a row, exact on a second look."""
+    """Duplicate-id detection in bounded memory (see keys.py): one 8-byte hash a row, then
+    an exact second look at just the ids whose hash repeats."""
 
     def __init__(self, path: Path) -> None:
         self._path = path
-        self._hashes = array("q")
+        self._hashes = RepeatFinder()
 
     def add(self, value: str) -> None:
-        self._hashes.append(hash(value))
+        self._hashes.add(hash(value))
 
     def verify(self, id_column: str | None) -> None:
-        n = len(self._hashes)
-        hashes = pa.Array.from_buffers(pa.int64(), n, [None, pa.py_buffer(self._hashes)])
-        if id_column is None or n < 2:
+        if id_column is None:
             return
-        ordered = pc.take(hashes, pc.array_sort_indices(hashes))  # 16 bytes a row, no hash table
-        if not pc.any(pc.equal(ordered.slice(1), ordered.slice(0, n - 1))).as_py():
+        repeated = self._hashes.repeated()
+        if not repeated:
             return
         seen: dict[str, int] = {}
         for batch in read_batches(self._path):
             for i, row in enumerate(batch.rows):
                 value = str(row[id_column])
+                if hash(value) not in repeated:
+                    continue
                 where = batch.where(i)
                 label = next(iter(where))
                 if value in seen:

@@ -51,38 +51,45 @@ SHARD_SCHEMA = pa.schema([("_row", pa.int64()), ("_id", pa.string()), *RESULT_SC
 RESULT_COLUMNS = frozenset(RESULT_SCHEMA.names)
 
 
+class _BigInt:
+    """The kind of an integer outside int64: kept as JSON text."""
+
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_NUMBERS = frozenset({int, float})
+
+
 class ColumnKinds:
-    """Which kinds of JSON value each column holds, in first-seen column order."""
+    """Which kinds (Python types) of JSON value each column holds, in first-seen column order.
+
+    This runs on every row of the preflight pass, so it is one type() and one set.add a
+    value; None adds NoneType, which does not decide a column's type.
+    """
 
     def __init__(self) -> None:
-        self.kinds: dict[str, set[str]] = {}
+        self.kinds: dict[str, set[type]] = {}
 
     def add(self, row: dict[str, Any]) -> None:
+        kinds = self.kinds
         for name, value in row.items():
-            kinds = self.kinds.setdefault(name, set())
-            if value is not None:
-                kinds.add(_kind(value))
+            seen = kinds.get(name)
+            if seen is None:
+                seen = kinds[name] = set()
+            kind = type(value)
+            if kind is int and not _INT64_MIN <= value <= _INT64_MAX:
+                kind = _BigInt
+            seen.add(kind)
 
     def arrow_type(self, name: str) -> pa.DataType | None:
         """The column's Arrow type, or None when it is kept as JSON text."""
-        kinds = self.kinds[name]
-        if kinds <= {"int"} or kinds == {"int", "float"} or kinds == {"float"}:
-            return pa.float64() if "float" in kinds else pa.int64()
-        if kinds in ({"bool"}, {"str"}):
-            return pa.bool_() if "bool" in kinds else pa.string()
+        kinds = self.kinds[name] - {type(None)}
+        if kinds <= _NUMBERS:
+            return pa.float64() if float in kinds else pa.int64()
+        if kinds == {bool}:
+            return pa.bool_()
+        if kinds == {str}:
+            return pa.string()
         return None
-
-
-def _kind(value: Any) -> str:
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int):
-        return "int" if -(2**63) <= value < 2**63 else "big"
-    if isinstance(value, float):
-        return "float"
-    if isinstance(value, str):
-        return "str"
-    return "json"
 
 
 def input_arrays(

@@ -91,3 +91,12 @@ def test_other_qwen_models_are_left_alone(model: str) -> None:
     sent = body(model)
     assert "stream" not in sent
     assert "enable_thinking" not in sent
+
+
+def test_decisions_are_remembered_by_value_and_type() -> None:
+    assert body("qwen-plus", temperature=1)["temperature"] == 1
+    with pytest.raises(RowProblem, match="must be a number, not True"):
+        body("qwen-plus", temperature=True)
+    assert body("qwen-plus", top_p=1)["top_p"] == 1
+    with pytest.raises(RowProblem, match="must be a number"):
+        body("qwen-plus", top_p=[1])  # unhashable: decided afresh

@@ -1,0 +1,86 @@
+"""Time to the first request, and peak memory, of a fresh run over a large input.
+
+    python bench/first_request.py --rows 1000000            # time to first request, then stop
+    python bench/first_request.py --rows 10000000 --whole   # the whole run: peak RSS at 10M
+
+Writes an input of N review rows (id, text, stars; a template job), starts `batchq run`
+in a subprocess against the simulator (in this process's thread) and reports the seconds
+from process start to the first request the simulator receives, next to the seconds a
+bare `python -c "import batchq.cli"` takes on the same machine (the floor: interpreter
+and imports). Without --whole the run is stopped by SIGINT two seconds after its first
+request; with --whole it runs to the end. Either way the child's peak RSS is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+from batchq.simulator import SimConfig, serve_in_thread
+
+
+def write_input(path: Path, rows: int) -> None:
+    with path.open("wb") as f:
+        for start in range(0, rows, 100_000):
+            f.write(b"".join(
+                orjson.dumps({"id": f"r{i}", "text": f"review {i}: it does what it says",
+                              "stars": i % 5}) + b"\n"
+                for i in range(start, min(start + 100_000, rows))
+            ))  # fmt: skip
+
+
+def import_seconds() -> float:
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import batchq.cli"], check=True)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--whole", action="store_true", help="run to the end")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        source, out = Path(folder) / "in.jsonl", Path(folder) / "out.parquet"
+        write_input(source, args.rows)
+        print(f"input: {args.rows:,} rows, {source.stat().st_size / 1e6:,.0f} MB")
+        floor = import_seconds()
+        with serve_in_thread(SimConfig()) as sim:
+            command = [sys.executable, "-m", "batchq", "run", "--input", str(source),
+                       "--output", str(out), "--model", "qwen-plus", "--template",
+                       "Review: {text} ({stars} stars)", "--base-url", sim.base_url,
+                       "--quiet"]  # fmt: skip
+            started = time.perf_counter()
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            while sim.stats.requests == 0 and process.poll() is None:
+                time.sleep(0.001)
+            first = time.perf_counter() - started
+            if not args.whole:
+                time.sleep(2)
+                process.send_signal(signal.SIGINT)
+            _, err = process.communicate()
+            whole = time.perf_counter() - started
+        if process.returncode not in (0, 130):
+            sys.exit(f"batchq failed: {err.decode()}")
+        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(f"first request after {first:.2f} s (python + imports alone: {floor:.2f} s)")
+    what = "run done" if args.whole else "stopped 2 s after the first request"
+    print(
+        f"{what} after {whole:.1f} s, {sim.stats.requests:,} requests; "
+        f"peak RSS of batchq: {peak_mb:,.0f} MB"
+    )
+
+
+if __name__ == "__main__":
+    main()

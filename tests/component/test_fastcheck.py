@@ -1,0 +1,148 @@
+"""The preflight's fast path against the exact pass: it may decline any input, but when it
+vouches for one, the exact pass must accept it and find exactly the same."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batchq.config import load_job
+from batchq.errors import BatchqError
+from batchq.io.fastcheck import vouch
+from batchq.io.preflight import exact_preflight
+
+
+def lines(rows: list[Any]) -> bytes:
+    return b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+
+
+def reviews(n: int = 50, **extra: Any) -> list[dict[str, Any]]:
+    return [{"id": f"r{i}", "text": f"review {i}", "stars": i % 5, **extra} for i in range(n)]
+
+
+TEMPLATE = {"template": "Review: {text} ({stars})"}
+# name: (file content, job overrides, the fast path must vouch)
+CASES: dict[str, tuple[bytes, dict[str, Any], bool]] = {
+    "template": (lines(reviews()), TEMPLATE, True),
+    "prompt column": (lines([{"prompt": f"p{i}", "n_words": i} for i in range(30)]), {}, True),
+    "int ids": (lines([{"id": i, "text": "x", "stars": 1} for i in range(30)]), TEMPLATE, True),
+    "nested and null columns": (lines(reviews(meta={"a": [1, 2]}, gone=None)), TEMPLATE, True),
+    "date strings": (lines(reviews(day="2024-01-01")), TEMPLATE, True),
+    "floats": (lines(reviews(score=1.5)), TEMPLATE, True),
+    "system and tpm": (
+        lines(reviews()),
+        {**TEMPLATE, "system": "Be brief.", "tpm": 10_000, "max_tokens": 20},
+        True,
+    ),
+    "qwen3 note": (lines(reviews()), {**TEMPLATE, "model": "qwen3-32b"}, True),
+    "bom": (b"\xef\xbb\xbf" + lines(reviews()), TEMPLATE, True),
+    "no trailing newline": (lines(reviews())[:-1], TEMPLATE, True),
+    # accepted by the exact pass; the fast path may decline
+    "null in a template column": (
+        lines([*reviews(3), {"id": "x", "text": None, "stars": 1}]),
+        TEMPLATE,
+        False,
+    ),
+    "blank line": (
+        lines(reviews(3)) + b"\n" + lines([{"id": "z", "text": "t", "stars": 2}]),
+        TEMPLATE,
+        False,
+    ),
+    "row overrides": (lines(reviews(seed=3)), TEMPLATE, False),
+    "messages": (lines([{"messages": [{"role": "user", "content": "hi"}]}]), {}, False),
+    "batch lines": (
+        lines(
+            [
+                {
+                    "custom_id": "a",
+                    "method": "POST",
+                    "url": "/v1/chat/completions",
+                    "body": {"messages": [{"role": "user", "content": "x"}]},
+                }
+            ]
+        ),
+        {},
+        False,
+    ),
+    "mixed int and text": (
+        lines([{"id": 1, "text": "a", "stars": 1}, {"id": "b", "text": "c", "stars": "many"}]),
+        TEMPLATE,
+        False,
+    ),
+    "format spec": (lines(reviews()), {"template": "{stars:>3} {text!r}"}, False),
+    # refused by the exact pass: the fast path must decline
+    "NaN": (lines(reviews(3)).replace(b'"stars": 1', b'"stars": NaN'), TEMPLATE, False),
+    "not UTF-8": (lines(reviews(3)).replace(b"review 1", b"review \xff"), TEMPLATE, False),
+    "two objects on a line": (lines(reviews(3)).replace(b"}\n{", b"} {", 1), TEMPLATE, False),
+    "duplicate ids": (lines([*reviews(5), reviews(5)[2]]), TEMPLATE, False),
+    "missing template column": (lines([*reviews(3), {"id": "x", "stars": 1}]), TEMPLATE, False),
+    "duplicate key": (b'{"id": "a", "text": "x", "text": "y", "stars": 1}\n', TEMPLATE, False),
+    "big integer": (lines(reviews(3, big=2**70)), TEMPLATE, False),
+    "clashing column": (lines(reviews(3, status="new")), TEMPLATE, False),
+    "row column without id": (lines([{"row": 1, "prompt": "x"}]), {}, False),
+    "over the TPM": (lines(reviews(3, text="word " * 3000)), {**TEMPLATE, "tpm": 500}, False),
+    "null id": (lines([*reviews(3), {"id": None, "text": "x", "stars": 1}]), TEMPLATE, False),
+    "missing id": (lines([*reviews(3), {"text": "x", "stars": 1}]), TEMPLATE, False),
+    "empty": (b"", TEMPLATE, False),
+    "a list line": (lines([*reviews(3), [1, 2]]), TEMPLATE, False),
+    "out of range temperature": (lines(reviews()), {**TEMPLATE, "temperature": 3.0}, False),
+    "no model": (lines(reviews()), {**TEMPLATE, "model": None}, False),
+}
+
+
+def job_for(path: Path, overrides: dict[str, Any]) -> Any:
+    settings = {"input": str(path), "output": str(path.with_suffix(".out.parquet")),
+                "model": "qwen-plus", **overrides}  # fmt: skip
+    if settings["model"] is None:
+        del settings["model"]
+    return load_job(None, overrides=settings)
+
+
+def exact_or_error(job: Any) -> Any:
+    try:
+        return exact_preflight(job)
+    except BatchqError as e:
+        return e
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_the_fast_path_vouches_only_for_what_the_exact_pass_accepts_alike(
+    name: str, tmp_path: Path
+) -> None:
+    content, overrides, must_vouch = CASES[name]
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(content)
+    job = job_for(path, overrides)
+    exact, fast = exact_or_error(job), vouch(job)
+    if must_vouch:
+        assert fast is not None
+    if isinstance(exact, BatchqError):
+        assert fast is None, f"the fast path vouched for input the exact pass refuses: {exact}"
+        return
+    if fast is not None:
+        assert (fast.rows, fast.columns, fast.id_column, fast.digest, fast.notes) == (
+            exact.total_rows, exact.columns, exact.id_column, exact.digest, exact.notes
+        )  # fmt: skip
+
+
+def test_parquet_and_gzip(tmp_path: Path) -> None:
+    table = pa.table({"id": list(range(100)), "text": [f"t{i}" for i in range(100)],
+                      "stars": [i % 5 for i in range(100)]})  # fmt: skip
+    parquet = tmp_path / "in.parquet"
+    pq.write_table(table, parquet, row_group_size=30)
+    job = job_for(parquet, TEMPLATE)
+    fast, exact = vouch(job), exact_preflight(job)
+    assert fast is not None
+    assert (fast.rows, fast.columns, fast.id_column, fast.digest) == (
+        exact.total_rows, exact.columns, exact.id_column, exact.digest
+    )  # fmt: skip
+    packed = tmp_path / "in.jsonl.gz"
+    packed.write_bytes(gzip.compress(lines(reviews())))
+    assert vouch(job_for(packed, TEMPLATE)) is None  # declined: the exact pass reads it
+    assert exact_preflight(job_for(packed, TEMPLATE)).total_rows == 50
