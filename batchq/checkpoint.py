@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from batchq.config import Job
 from batchq.errors import RunStopped, UsageError
 from batchq.io.preflight import ROW_COLUMN, InputInfo
-from batchq.io.schema import RESULT_SCHEMA, SHARD_SCHEMA
+from batchq.io.schema import RAW, RESULT_SCHEMA, SHARD_SCHEMA
 from batchq.pricing import region_of
 
 __all__ = ["StateDir", "check_same_job", "manifest_for", "write_atomic"]
@@ -177,13 +177,17 @@ class StateDir:
         statuses = pq.read_table(output, columns=["status"]).column("status")
         if "error" not in statuses.to_pylist():
             return False
-        names = [id_column or ROW_COLUMN, *RESULT_SCHEMA.names]
+        file = pq.ParquetFile(output)
+        has_raw = RAW.name in file.schema_arrow.names
+        names = [id_column or ROW_COLUMN, *RESULT_SCHEMA.names, *([RAW.name] if has_raw else [])]
         start = 0
-        for batch in pq.ParquetFile(output).iter_batches(batch_size=65_536, columns=names):
+        for batch in file.iter_batches(batch_size=65_536, columns=names):
             table = pa.Table.from_batches([batch])
             ids = table.column(0).cast(pa.string())
             rows = pa.array(range(start, start + table.num_rows), pa.int64())
-            shard = pa.Table.from_arrays([rows, ids, *table.columns[1:]], schema=SHARD_SCHEMA)
+            raw = [] if has_raw else [pa.nulls(table.num_rows, pa.string())]
+            columns = [rows, ids, *table.columns[1:], *raw]
+            shard = pa.Table.from_arrays(columns, schema=SHARD_SCHEMA)
             self._write_table(shard)
             start += table.num_rows
         return True

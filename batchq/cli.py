@@ -94,6 +94,7 @@ def _job(job_file: str | None, flags: dict[str, Any]) -> Job:
 @click.option("--restart", is_flag=True, help="throw away the saved results and start over")
 @click.option("--retry-errors", is_flag=True, help="resend only the rows whose status is error")
 @click.option("--keep-state", is_flag=True, help="keep the state folder after the merge")
+@click.option("--keep-raw", is_flag=True, help="add a raw column: each response as received")
 @click.option("--quiet", "-q", is_flag=True, help="print only the final summary")
 @click.option(
     "--log-file", type=click.Path(dir_okay=False, path_type=Path),
@@ -104,7 +105,7 @@ def _job(job_file: str | None, flags: dict[str, Any]) -> Job:
 def run(job_file: str | None, simulate: bool, quiet: bool, log_file: Path | None,
         prices: Path | None, seed: int | None, **flags: Any) -> None:  # fmt: skip
     """Run (or resume) a job: JOB_FILE and/or flags."""
-    options = {k: flags.pop(k) for k in ("restart", "retry_errors", "keep_state")}
+    options = {k: flags.pop(k) for k in ("restart", "retry_errors", "keep_state", "keep_raw")}
     options["command"] = shlex.join(["batchq", *(a for a in sys.argv[1:] if a != "--restart")])
     sinks = _Sinks()
     try:
@@ -319,7 +320,7 @@ def estimate(job_file: str | None, prices: Path | None, **flags: Any) -> None:
 def _range(m: report.ModelEstimate) -> str:
     if m.currency is None or m.low is None:
         return "unpriced (give --prices)"
-    share = 0.5
+    share = m.batch_share
     low = money(m.low, m.currency)
     if m.high is None:
         batch_low = money(m.low * share, m.currency)
@@ -327,7 +328,7 @@ def _range(m: report.ModelEstimate) -> str:
     high = money(m.high, m.currency)
     batch = f"{money(m.low * share, m.currency)} to {money(m.high * share, m.currency)}"
     thinking = " (thinking-mode output prices)" if m.thinking else ""
-    return f"{low} to {high}{thinking}; through the Batch API (half price) {batch}"
+    return f"{low} to {high}{thinking}; through the Batch API ({share:.0%} price) {batch}"
 
 
 def _duration(seconds: float) -> str:

@@ -151,6 +151,7 @@ class Client:
         timeout_s: float,
         max_connections: int,
         transport: httpx.AsyncBaseTransport | None = None,
+        keep_raw: bool = False,
     ) -> None:
         self._headers = {"Content-Type": "application/json", "User-Agent": "batchq"}
         if api_key:
@@ -159,6 +160,7 @@ class Client:
         self._timeout_s = timeout_s
         self._max_connections = max_connections
         self._transport = transport
+        self._keep_raw = keep_raw
         self._url = base_url.rstrip("/") + "/chat/completions"
         self._wire: Wire | None = None
 
@@ -179,11 +181,14 @@ class Client:
         started = time.perf_counter()
         stream = Stream() if body.get("stream") else None
         first_token: list[float] = []
+        lines: list[bytes] = []
 
         def on_line(line: bytes) -> None:
             assert stream is not None
             if stream.feed(line):
                 first_token.append(time.perf_counter())
+            if self._keep_raw:
+                lines.append(line)
 
         try:
             with anyio.fail_after(self._timeout_s):
@@ -205,6 +210,9 @@ class Client:
                 outcome.result["ttft_ms"] = (first_token[0] - started) * 1000
         else:
             outcome = classify(status, content, headers, latency_ms)
+        if self._keep_raw and outcome.result is not None:
+            raw = b"\n".join(lines) if stream is not None else content
+            outcome.result["raw"] = raw.decode("utf-8", "replace")
         if outcome.error_message:
             outcome.error_message = redact(outcome.error_message, self._key)
         return outcome

@@ -365,6 +365,8 @@ class ModelEstimate:
     #: price, or no cap to bound it by).
     low: float | None = None
     high: float | None = None
+    #: The Batch API's price as a share of the live price.
+    batch_share: float = DEFAULT_BATCH_SHARE
 
 
 @dataclass(frozen=True)
@@ -374,7 +376,6 @@ class Estimate:
     #: Seconds at the configured limits (None: no rate limit set), and the limit that binds.
     seconds: float | None
     binding: str
-    batch_share: float
     source: str
 
 
@@ -394,12 +395,11 @@ def estimate(job: Job, prices: PriceTable) -> Estimate:
 
     info = preflight(job, observe=observe)
     region = region_of(job.request.provider)
-    batch_share = DEFAULT_BATCH_SHARE
     for m in by_model.values():
         price = prices.lookup(m.model, region)
         if price is None:
             continue
-        m.currency, batch_share = price.currency, price.batch_share
+        m.currency, m.batch_share = price.currency, price.batch_share
         per_row = m.prompt_tokens // max(m.rows, 1)
         m.low = price.cost(per_row, 0) * m.rows
         if not m.uncapped:
@@ -407,7 +407,7 @@ def estimate(job: Job, prices: PriceTable) -> Estimate:
             m.high = price.cost(per_row, cap, thinking=m.thinking) * m.rows
     seconds, binding = _wall_time(job, info.total_rows, by_model.values())
     models = sorted(by_model.values(), key=lambda m: m.model)
-    return Estimate(info.total_rows, models, seconds, binding, batch_share, prices.source)
+    return Estimate(info.total_rows, models, seconds, binding, prices.source)
 
 
 def _wall_time(job: Job, rows: int, models: Any) -> tuple[float | None, str]:

@@ -67,12 +67,14 @@ async def run_job(
     restart: bool = False,
     retry_errors: bool = False,
     keep_state: bool = False,
+    keep_raw: bool = False,
     seed: int | None = None,
     command: str | None = None,
 ) -> RunSummary:
     """Run (or resume) ``job`` to its output file. Raises a BatchqError subclass.
 
-    ``command`` is how to resume it, as ``status`` will show it."""
+    ``keep_raw`` keeps each response as received in a ``raw`` column; ``command`` is how
+    to resume the run, as ``status`` will show it."""
     started = time.monotonic()
     info = preflight(job)
     state = StateDir.open(job, info, restart=restart, command=command)
@@ -96,10 +98,12 @@ async def run_job(
                 job, info, state, done, prior,
                 api_key=api_key, sink=sink, transport=transport,
                 pacer=pacer or RatePacer(job.limits, emit=sink), rng=random.Random(seed),
+                keep_raw=keep_raw,
             )  # fmt: skip
         counts = merge_output(
-            state, info, job.output, manifest=manifest_for(job, info, command=command)
-        )
+            state, info, job.output, manifest=manifest_for(job, info, command=command),
+            keep_raw=keep_raw,
+        )  # fmt: skip
         if not keep_state:
             state.remove()
         ok_error = (counts.statuses.get("ok", 0), counts.statuses.get("error", 0))
@@ -228,10 +232,11 @@ async def _send_all(
     transport: httpx.AsyncBaseTransport | None,
     pacer: Pacer,
     rng: random.Random,
+    keep_raw: bool,
 ) -> None:
     workers = max(1, min(job.limits.concurrency, info.total_rows))
     client = Client(job.request.url, api_key=api_key, timeout_s=job.limits.timeout_s,
-                    max_connections=workers, transport=transport)  # fmt: skip
+                    max_connections=workers, transport=transport, keep_raw=keep_raw)  # fmt: skip
     journal = Journal(state, sink)
     pipeline = _Pipeline(job, info, done, prior, client, pacer, journal, sink, rng)
     try:

@@ -42,16 +42,16 @@ class Scenario:
     in_flight: int
     sim: tuple[str, ...]
     qps: float | None = None
-    clients: tuple[str, ...] = ("batchq", "reference", "openai-sdk")
+    clients: tuple[str, ...] = ("batchq", "reference", "cookbook", "openai-sdk")
 
 
 SCENARIOS = {
     "raw-256": Scenario(20_000, 256, ()),
     "raw-2000": Scenario(20_000, 2000, ()),
     "limit-200": Scenario(8_000, 400, ("--latency-ms", "800", "--qps", "250"), qps=200,
-                          clients=("batchq", "openai-sdk")),
+                          clients=("batchq", "cookbook", "openai-sdk")),
     "overload": Scenario(5_000, 300, ("--qps", "100", "--retry-after", "1"), qps=300,
-                         clients=("batchq", "openai-sdk")),
+                         clients=("batchq", "cookbook", "openai-sdk")),
 }  # fmt: skip
 
 
@@ -141,6 +141,10 @@ def main() -> None:
                 print(f"{name:<10} {client:<11} {r['ok']:>8,.0f} {r['seconds']:>7.1f} "
                       f"{r['req_s']:>8,.0f} {r['cpu_ms']:>10.3f} {r['rss_mb']:>7.0f} "
                       f"{r['429s']:>6,.0f}  {against}")  # fmt: skip
+            ours, theirs = results.get("batchq"), results.get("cookbook")
+            if name.startswith("raw") and ours and theirs:
+                print(f"{name:<10} batchq req/s = {ours['req_s'] / theirs['req_s']:.1f}× "
+                      "the cookbook script's")  # fmt: skip
 
 
 def verdict(name: str, s: Scenario, r: dict[str, float], ref: dict[str, float] | None) -> str:

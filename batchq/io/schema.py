@@ -14,6 +14,7 @@ import orjson
 import pyarrow as pa
 
 __all__ = [
+    "RAW",
     "RESULT_SCHEMA",
     "SHARD_SCHEMA",
     "ColumnKinds",
@@ -46,9 +47,11 @@ RESULT_SCHEMA = pa.schema(
         ("error_message", pa.string()),
     ]
 )
-#: A checkpoint shard: the input position, the id as text, and the result columns.
-SHARD_SCHEMA = pa.schema([("_row", pa.int64()), ("_id", pa.string()), *RESULT_SCHEMA])
-RESULT_COLUMNS = frozenset(RESULT_SCHEMA.names)
+#: The response as received, kept with ``--keep-raw`` (an output column only then).
+RAW = pa.field("raw", pa.string())
+#: A checkpoint shard: the input position, the id as text, the result columns, ``raw``.
+SHARD_SCHEMA = pa.schema([("_row", pa.int64()), ("_id", pa.string()), *RESULT_SCHEMA, RAW])
+RESULT_COLUMNS = frozenset([*RESULT_SCHEMA.names, RAW.name])
 
 
 class _BigInt:

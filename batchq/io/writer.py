@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from batchq.checkpoint import StateDir, write_atomic
 from batchq.io.preflight import ROW_COLUMN, InputInfo
 from batchq.io.reader import InputBatch, read_batches
-from batchq.io.schema import RESULT_SCHEMA, SHARD_SCHEMA, input_arrays
+from batchq.io.schema import RAW, RESULT_SCHEMA, SHARD_SCHEMA, input_arrays
 
 __all__ = ["MergeCounts", "merge_output", "read_output_manifest"]
 
@@ -44,21 +44,28 @@ class _Shard:
 
 
 def merge_output(
-    state: StateDir, info: InputInfo, output: Path, *, manifest: dict[str, Any]
+    state: StateDir,
+    info: InputInfo,
+    output: Path,
+    *,
+    manifest: dict[str, Any],
+    keep_raw: bool = False,
 ) -> MergeCounts:
     """Write ``output`` from the input and the shards. Every row must have a result.
 
     The job's manifest goes into the file's metadata, so that a rerun can tell whether
-    the output answers the same job.
+    the output answers the same job. ``keep_raw`` adds the ``raw`` column.
     """
     shards = _index(state)
-    schema = _output_schema(info).with_metadata({MANIFEST_KEY: orjson.dumps(manifest)})
+    names = [*RESULT_SCHEMA.names, *([RAW.name] if keep_raw else [])]
+    schema = _output_schema(info, keep_raw=keep_raw)
+    schema = schema.with_metadata({MANIFEST_KEY: orjson.dumps(manifest)})
     statuses: Counter[str] = Counter()
 
     def write(f: object) -> None:
         with pq.ParquetWriter(f, schema) as writer:
             for batch in read_batches(info.path, batch_size=BLOCK):
-                results = _results_for(shards, batch.start, len(batch.rows))
+                results = _results_for(shards, batch.start, len(batch.rows)).select(names)
                 statuses.update(results.column("status").to_pylist())
                 writer.write_table(_assemble(batch, results, info, schema))
 
@@ -94,7 +101,7 @@ def _results_for(shards: list[_Shard], start: int, count: int) -> pa.Table:
             rows = table.column("_row")
             table = table.filter(pc.and_(pc.greater_equal(rows, start), pc.less(rows, end)))
             seq = pa.array([shard.seq] * table.num_rows, pa.int32())
-            parts.append(table.cast(SHARD_SCHEMA).append_column("_seq", seq))
+            parts.append(_conform(table).append_column("_seq", seq))
     if not parts:
         raise RuntimeError(f"no results for rows {start}..{end - 1}")
     merged = pa.concat_tables(parts).sort_by([("_row", "ascending"), ("_seq", "ascending")])
@@ -104,17 +111,25 @@ def _results_for(shards: list[_Shard], start: int, count: int) -> pa.Table:
     merged = merged.filter(pa.concat_arrays([latest, pa.array([True])]))
     if merged.num_rows != count:
         raise RuntimeError(f"rows {start}..{end - 1}: {merged.num_rows} results for {count} rows")
-    return merged.select(RESULT_SCHEMA.names)
+    return merged
 
 
-def _output_schema(info: InputInfo) -> pa.Schema:
+def _conform(table: pa.Table) -> pa.Table:
+    """A shard as SHARD_SCHEMA, columns an older batchq did not write filled with nulls."""
+    for field in SHARD_SCHEMA:
+        if field.name not in table.column_names:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
+
+
+def _output_schema(info: InputInfo, *, keep_raw: bool) -> pa.Schema:
     fields: list[pa.Field] = []
     if info.id_column is None:
         fields.append(pa.field(ROW_COLUMN, pa.int64()))
     for name, type_ in info.columns:
         if name != "model":
             fields.append(pa.field(name, type_ if type_ is not None else pa.string()))
-    return pa.schema([*fields, *RESULT_SCHEMA])
+    return pa.schema([*fields, *RESULT_SCHEMA, *([RAW] if keep_raw else [])])
 
 
 def _assemble(batch: InputBatch, results: pa.Table, info: InputInfo, schema: pa.Schema) -> pa.Table:

@@ -168,3 +168,26 @@ def test_out_of_range_values_are_refused_before_sending(
     assert "line 4" in done.stderr
     assert "top_p = 1.5 is outside (0, 1], the range Model Studio accepts" in done.stderr
     assert sim.stats.requests == 0
+
+
+def test_keep_raw_adds_the_responses_as_received(
+    simulator: Callable[..., Any], write_jsonl: Callable[..., Path], tmp_path: Path
+) -> None:
+    sim = simulator()
+    path = write_jsonl(rows(10))
+    common = ["--input", path, "--base-url", sim.base_url, "--model", "m", "--template", "{text}",
+              "--quiet"]  # fmt: skip
+    plain, raw, streamed = (tmp_path / f"{n}.parquet" for n in ("plain", "raw", "streamed"))
+    assert run(*common, "--output", plain).returncode == 0
+    assert "raw" not in pl.read_parquet(plain).columns
+    assert run(*common, "--output", raw, "--keep-raw").returncode == 0
+    df = pl.read_parquet(raw)
+    bodies = [orjson.loads(r) for r in df["raw"]]
+    assert [b["id"] for b in bodies] == df["request_id"].to_list()
+    assert [b["choices"][0]["message"]["content"] for b in bodies] == df["response"].to_list()
+    assert (
+        run(*common, "--output", streamed, "--keep-raw", "--param", "stream=true").returncode == 0
+    )
+    first = pl.read_parquet(streamed)["raw"][0]
+    assert first.startswith("data: {")
+    assert first.rstrip().endswith("data: [DONE]")

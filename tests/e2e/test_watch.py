@@ -206,7 +206,7 @@ def test_estimate_sends_nothing_and_brackets_the_real_cost(
     assert "200 rows" in estimate.output
     assert "at most 12,800 completion tokens (max_tokens)" in estimate.output
     assert "wall time: about 0 min 06 s at the configured qps limit" in estimate.output
-    assert "through the Batch API (half price)" in estimate.output
+    assert "through the Batch API (50% price)" in estimate.output
     low, high = _dollars(estimate.output.split("cost: ")[1].split(";")[0])
 
     assert cli("run", *flags, "--quiet", env=ENV).exit_code == 0
