@@ -1,0 +1,67 @@
+"""``export-batch`` and ``import-batch``: the providers' Batch API path."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+import click
+
+from batchq import batch_api
+from batchq.cli._common import fail, job_from, job_options
+from batchq.config import load_job
+from batchq.errors import BatchqError
+
+__all__ = ["export_batch", "import_batch"]
+
+
+@click.command("export-batch")
+@click.argument("job_file", required=False, type=click.Path(dir_okay=False))
+@job_options
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="where the files go (default: <output>.batch/ beside the output)")  # fmt: skip
+@click.option("--max-lines", type=click.IntRange(1), default=batch_api.MAX_LINES,
+              show_default=True, help="lines a file, at most")  # fmt: skip
+@click.option("--max-mb", type=click.FloatRange(min=0.001), default=200.0, show_default=True,
+              help="megabytes a file, at most")  # fmt: skip
+def export_batch(job_file: str | None, out_dir: Path | None, max_lines: int, max_mb: float,
+                 **flags: Any) -> None:  # fmt: skip
+    """Write the job's pending requests as Batch-API JSONL files (one model a file)."""
+    try:
+        job = job_from(job_file, flags)
+        stem = job.output.name.removesuffix(".parquet")
+        folder = out_dir or job.output.with_name(stem + ".batch")
+        e = batch_api.export_batch(job, folder, max_lines=max_lines,
+                                   max_bytes=int(max_mb * 1024**2))  # fmt: skip
+    except BatchqError as err:
+        fail(err)
+    done = f" ({e.already_done:,} rows have results already)" if e.already_done else ""
+    click.echo(f"{e.rows:,} requests in {len(e.files)} files{done} -> {e.folder}/")
+    for f in e.files:
+        click.echo(f"  {f['file']}: {f['model']}, {f['lines']:,} lines, {f['bytes']:,} bytes")
+    click.echo("upload them to the provider's Batch API; then: batchq import-batch "
+               f"RESULTS.jsonl… --job {job_file or '<the job>'}")  # fmt: skip
+
+
+@click.command("import-batch")
+@click.argument("results", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))  # fmt: skip
+@click.option("--job", "job_file", required=True, type=click.Path(dir_okay=False),
+              help="the job file the requests were exported from")  # fmt: skip
+@click.option("--keep-state", is_flag=True, help="keep the state folder after the merge")
+def import_batch(results: tuple[Path, ...], job_file: str, keep_state: bool) -> None:
+    """Read Batch-API output and error files into the job's output Parquet."""
+    command = shlex.join(["batchq", "run", job_file])
+    try:
+        job = load_job(job_file)
+        r = batch_api.import_batch(job, list(results), keep_state=keep_state, command=command)
+    except BatchqError as err:
+        fail(err)
+    click.echo(f"imported {r.imported:,} rows ({r.ok:,} ok, {r.error:,} error)")
+    if r.merged:
+        click.echo(f"every row has a result -> {r.output}")
+    else:
+        shown = ", ".join(r.missing_ids) + (", …" if r.missing > len(r.missing_ids) else "")
+        click.echo(f"{r.missing:,} rows have no result in these files ({shown}): they stay "
+                   f"pending; `{command}` sends them live, or export-batch them again")  # fmt: skip

@@ -1,0 +1,143 @@
+"""``status``, ``cost`` and ``estimate``: what a job holds, costs, or would cost."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+
+from batchq import report
+from batchq.cli._common import PRICE_FILE, cost_text, fail, job_from, job_options
+from batchq.errors import BatchqError
+from batchq.estimate import ModelEstimate
+from batchq.estimate import estimate as estimate_job
+from batchq.pricing import PriceTable
+from batchq.progress import money
+from batchq.report import cost_report, find_results
+
+__all__ = ["cost", "estimate", "status"]
+
+
+@click.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--prices", type=PRICE_FILE, help="a price table (TOML) over the built-in one")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
+def status(path: Path, prices: Path | None, as_json: bool) -> None:
+    """How far a job got: PATH is its output file, state folder or job file."""
+    try:
+        s = report.status(find_results(path), PriceTable.load(prices))
+    except BatchqError as e:
+        fail(e)
+    if as_json:
+        data = dataclasses.asdict(s) | {"remaining": s.remaining}
+        click.echo(orjson.dumps(data, default=str, option=orjson.OPT_INDENT_2).decode())
+        return
+    total = f"{s.total_rows:,}" if s.total_rows is not None else "?"
+    click.echo(f"{s.output}: {s.done:,} of {total} rows done ({s.ok:,} ok, {s.error:,} error), "
+               f"{s.remaining if s.remaining is not None else '?':,} remaining")  # fmt: skip
+    costs = " + ".join(money(v, c) for c, v in sorted(s.costs.items())) or "nothing"
+    if s.unpriced:
+        costs += f" (unpriced: {', '.join(s.unpriced)})"
+    click.echo(f"attempts {s.attempts:,}; tokens {s.prompt_tokens:,} prompt + "
+               f"{s.completion_tokens:,} completion; cost so far {costs}")  # fmt: skip
+    click.echo(_run_state_text(s))
+
+
+def _run_state_text(s: report.Status) -> str:
+    if s.finished:
+        return "finished: the output is complete"
+    flushed = (
+        "nothing flushed yet" if s.last_flush_ago is None
+        else f"last flush {s.last_flush_ago:,.0f} s ago"
+    )  # fmt: skip
+    resume = s.command or f"batchq run <the job> (output {s.output})"
+    if s.state_of_run == "running":
+        return f"running (pid {s.pid}); {flushed}"
+    stale = f"; the lock names pid {s.pid}, which no longer holds it (stale)" if s.pid else ""
+    return f"not running: stopped or crashed{stale}; {flushed}. Resume with: {resume}"
+
+
+@click.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--prices", type=PRICE_FILE, help="a price table (TOML) over the built-in one")
+@click.option("--by", default="model", show_default=True, help="group by this column")
+@click.option("--region", type=click.Choice(["intl", "cn", "any"]),
+              help="price region (default: the job's provider; intl for others)")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+def cost(path: Path, prices: Path | None, by: str, region: str | None, as_json: bool) -> None:
+    """What a job's rows cost, from their usage columns: PATH is its output file, state
+    folder or job file."""
+    try:
+        r = cost_report(find_results(path), PriceTable.load(prices), by=by, region=region)
+    except BatchqError as e:
+        fail(e)
+    if as_json:
+        click.echo(orjson.dumps(dataclasses.asdict(r), option=orjson.OPT_INDENT_2).decode())
+        return
+    headers = [by, "rows", "ok", "error", "prompt", "cached", "completion", "reasoning", "cost"]
+    rows = [
+        [str(x.key), *(f"{n:,}" for n in (x.rows, x.ok, x.error, x.prompt_tokens,
+         x.cached_tokens, x.completion_tokens, x.reasoning_tokens)),
+         money(x.cost, x.currency) if x.currency and x.cost is not None else "unpriced"]
+        for x in r.lines
+    ]  # fmt: skip
+    click.echo(_table(headers, rows))
+    click.echo(f"total: {cost_text(r)}")
+    via = f", {r.batch_rows:,} rows at Batch API prices" if r.batch_rows else ""
+    click.echo(f"prices ({r.region}{via}): {r.source}")
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        return "  ".join([first, *(c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))])
+
+    return "\n".join([line(headers), *(line(r) for r in rows)])
+
+
+@click.command()
+@click.argument("job_file", required=False, type=click.Path(dir_okay=False))
+@job_options
+@click.option("--prices", type=PRICE_FILE, help="a price table (TOML) over the built-in one")
+def estimate(job_file: str | None, prices: Path | None, **flags: Any) -> None:
+    """Project tokens, cost and wall time of a job. Sends nothing."""
+    try:
+        e = estimate_job(job_from(job_file, flags), PriceTable.load(prices))
+    except BatchqError as err:
+        fail(err)
+    click.echo(f"{e.rows:,} rows")
+    for m in e.models:
+        bound = (f"at most {m.completion_cap:,} completion tokens (max_tokens)" if not m.uncapped
+                 else f"completion unbounded: {m.uncapped:,} rows have no max_tokens")  # fmt: skip
+        click.echo(f"  {m.model}: {m.rows:,} rows, ~{m.prompt_tokens:,} prompt tokens, {bound}")
+        click.echo(f"    cost: {_range(m)}")
+    if e.seconds is None:
+        click.echo("wall time: no rate limit set, so it depends on the server's speed")
+    else:
+        click.echo(f"wall time: about {_duration(e.seconds)} at the configured {e.binding} limit")
+    click.echo(f"prompt tokens are estimated at one per 3 characters; prices: {e.source}")
+
+
+def _range(m: ModelEstimate) -> str:
+    if m.currency is None or m.low is None:
+        return "unpriced (give --prices)"
+    share = m.batch_share
+    low = money(m.low, m.currency)
+    if m.high is None:
+        batch_low = money(m.low * share, m.currency)
+        return f"at least {low} (prompt only); through the Batch API at least {batch_low}"
+    high = money(m.high, m.currency)
+    batch = f"{money(m.low * share, m.currency)} to {money(m.high * share, m.currency)}"
+    thinking = " (thinking-mode output prices)" if m.thinking else ""
+    return f"{low} to {high}{thinking}; through the Batch API ({share:.0%} price) {batch}"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"

@@ -1,0 +1,142 @@
+"""``batchq run``: a job from its file and flags, with its sinks, to its output."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import click
+
+from batchq.cli._common import PRICE_FILE, cost_text, fail, job_from, job_options
+from batchq.config import Job, with_base_url
+from batchq.errors import BatchqError, Interrupted
+from batchq.events import Sink, fan_out
+from batchq.logfile import JsonLog
+from batchq.pricing import PriceTable, region_of
+from batchq.progress import LiveProgress, PlainProgress
+from batchq.report import CostLine, cost_report, find_results
+from batchq.runner import RunSummary, run_job
+from batchq.simulator import SimConfig, serve_in_thread
+
+__all__ = ["run"]
+
+
+@click.command()
+@click.argument("job_file", required=False, type=click.Path(dir_okay=False))
+@job_options
+@click.option(
+    "--simulate", is_flag=True, help="run against the built-in simulator: no key, no network"
+)
+@click.option("--restart", is_flag=True, help="throw away the saved results and start over")
+@click.option("--retry-errors", is_flag=True, help="resend only the rows whose status is error")
+@click.option("--keep-state", is_flag=True, help="keep the state folder after the merge")
+@click.option("--keep-raw", is_flag=True, help="add a raw column: each response as received")
+@click.option("--quiet", "-q", is_flag=True, help="print only the final summary")
+@click.option(
+    "--log-file", type=click.Path(dir_okay=False, path_type=Path),
+    help="append one JSON line per retry, slowdown, flush and error row to this file",
+)  # fmt: skip
+@click.option("--prices", type=PRICE_FILE, help="a price table (TOML) over the built-in one")
+@click.option("--seed", type=int, default=None, hidden=True)
+def run(job_file: str | None, simulate: bool, quiet: bool, log_file: Path | None,
+        prices: Path | None, seed: int | None, **flags: Any) -> None:  # fmt: skip
+    """Run (or resume) a job: JOB_FILE and/or flags."""
+    options = {k: flags.pop(k) for k in ("restart", "retry_errors", "keep_state", "keep_raw")}
+    options["command"] = shlex.join(["batchq", *(a for a in sys.argv[1:] if a != "--restart")])
+    sinks = _Sinks()
+    try:
+        job = job_from(job_file, flags)
+        table = PriceTable.load(prices)
+        key = None if simulate else job.request.api_key()
+        sink = sinks.open(job, table, key, quiet=quiet, log_file=log_file)
+        if simulate:
+            with serve_in_thread(SimConfig(latency_ms=20)) as sim:
+                summary = _run(with_base_url(job, sim.base_url), None, sink, options, seed)
+        else:
+            summary = _run(job, key, sink, options, seed)
+    except BatchqError as e:
+        sinks.close(e)
+        fail(e)
+    except KeyboardInterrupt:
+        error = Interrupted("interrupted: finished rows are saved; rerun the command to resume")
+        sinks.close(error)
+        fail(error)
+    sinks.close()
+    _print_summary(summary, table)
+
+
+class _Sinks:
+    """The run's sinks: a live bar or plain lines (unless quiet), and the log file."""
+
+    def __init__(self) -> None:
+        self.live: LiveProgress | None = None
+        self.log: JsonLog | None = None
+
+    def open(self, job: Job, prices: PriceTable, key: str | None, *, quiet: bool,
+             log_file: Path | None) -> Sink:  # fmt: skip
+        sinks: list[Sink] = []
+        region = region_of(job.request.provider)
+        if quiet:
+            pass
+        elif sys.stderr.isatty():
+            from rich.console import Console
+
+            self.live = LiveProgress(Console(stderr=True), prices=prices, region=region)
+            sinks.append(self.live)
+        else:
+            sinks.append(PlainProgress(sys.stderr, prices=prices, region=region))
+        if log_file is not None:
+            self.log = JsonLog(log_file, api_key=key)
+            sinks.append(self.log)
+        return fan_out(*sinks)
+
+    def close(self, error: BatchqError | None = None) -> None:
+        if self.live is not None:
+            self.live.close()
+        if self.log is not None:
+            if error is not None:
+                self.log.stopped(error, error.exit_code)
+            self.log.close()
+
+
+def _run(
+    job: Job, key: str | None, sink: Sink, options: dict[str, Any], seed: int | None
+) -> RunSummary:
+    async def go() -> RunSummary:
+        return await run_job(job, api_key=key, sink=sink, seed=seed, **options)
+
+    return anyio.run(go, backend_options={"use_uvloop": _has_uvloop()})
+
+
+def _has_uvloop() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _print_summary(s: RunSummary, prices: PriceTable) -> None:
+    if s.already_complete:
+        click.echo(f"{s.output}: complete already ({s.ok:,} ok, {s.error:,} error); nothing sent")
+        return
+    click.echo(
+        f"done: {s.total:,} rows ({s.ok:,} ok, {s.error:,} error), {s.sent:,} sent this run, "
+        f"in {s.elapsed_s:.1f} s -> {s.output}"
+    )
+    report = cost_report(find_results(s.output), prices)
+    click.echo(f"tokens: {_tokens_text(report.lines)}; cost: {cost_text(report)}")
+
+
+def _tokens_text(lines: list[CostLine]) -> str:
+    prompt = sum(x.prompt_tokens for x in lines)
+    cached = sum(x.cached_tokens for x in lines)
+    completion = sum(x.completion_tokens for x in lines)
+    reasoning = sum(x.reasoning_tokens for x in lines)
+    return (
+        f"{prompt:,} prompt ({cached:,} cached) + {completion:,} completion "
+        f"({reasoning:,} reasoning)"
+    )

@@ -1,0 +1,58 @@
+"""``batchq simulate``: the built-in simulator as a server of its own."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from batchq.errors import UsageError
+from batchq.simulator import SimConfig
+
+__all__ = ["simulate"]
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="loopback address to bind")
+@click.option("--port", default=0, type=int, help="port (default: a free one)")
+@click.option("--latency-ms", default=0.0, type=float, help="median latency (lognormal)")
+@click.option("--latency-sigma", default=0.5, type=float, help="lognormal sigma of the latency")
+@click.option("--qps", type=float, default=None, help="answer 429 above this many requests/s")
+@click.option("--qpm", type=float, default=None, help="answer 429 above this many requests/min")
+@click.option("--retry-after", type=float, default=None, help="Retry-After seconds on a 429")
+@click.option("--fail-500", default=0.0, type=float, help="share of requests answered 500")
+@click.option("--fail-503", default=0.0, type=float, help="share of requests answered 503")
+@click.option("--fail-429", default=0.0, type=float, help="share answered 429 whatever the rate")
+@click.option("--fail-drop", default=0.0, type=float, help="share whose connection is dropped")
+@click.option("--fail-truncate", default=0.0, type=float, help="share answered half a body")
+@click.option("--fail-malformed", default=0.0, type=float, help="share answered 200 non-completion")
+@click.option("--fail-slow", default=0.0, type=float, help="share answered after --slow-s")
+@click.option("--slow-s", default=30.0, type=float, help="how slow a slow answer is")
+@click.option("--burst-s", default=0.0, type=float, help="a fault repeats for this many seconds")
+@click.option("--api-key-env", default=None, help="require the key held in this variable")
+@click.option("--seed", default=0, type=int, help="seed of the latency and failure draws")
+def simulate(host: str, port: int, api_key_env: str | None, **options: Any) -> None:
+    """Serve the built-in OpenAI-compatible simulator until Ctrl-C."""
+    import asyncio
+    import os
+
+    from batchq.simulator.server import Simulator, start
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise UsageError("the simulator serves on loopback only: use --host 127.0.0.1")
+    key = os.environ.get(api_key_env) if api_key_env else None
+    simulator = Simulator(SimConfig(api_key=key, **options))
+
+    async def serve() -> None:
+        runner = await start(simulator, host=host, port=port)
+        bound = runner.addresses[0]
+        click.echo(f"batchq simulator on http://{bound[0]}:{bound[1]}/v1 (Ctrl-C stops it)")
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        click.echo(f"stopped after {simulator.stats.requests:,} requests", err=True)
