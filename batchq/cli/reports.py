@@ -16,7 +16,7 @@ from batchq.estimate import ModelEstimate
 from batchq.estimate import estimate as estimate_job
 from batchq.pricing import PriceTable
 from batchq.progress import money
-from batchq.report import cost_report, find_results
+from batchq.report import CostLine, cost_report, find_results
 
 __all__ = ["cost", "estimate", "status"]
 
@@ -78,16 +78,33 @@ def cost(path: Path, prices: Path | None, by: str, region: str | None, as_json: 
         click.echo(orjson.dumps(dataclasses.asdict(r), option=orjson.OPT_INDENT_2).decode())
         return
     headers = [by, "rows", "ok", "error", "prompt", "cached", "completion", "reasoning", "cost"]
-    rows = [
-        [str(x.key), *(f"{n:,}" for n in (x.rows, x.ok, x.error, x.prompt_tokens,
-         x.cached_tokens, x.completion_tokens, x.reasoning_tokens)),
-         money(x.cost, x.currency) if x.currency and x.cost is not None else "unpriced"]
-        for x in r.lines
-    ]  # fmt: skip
-    click.echo(_table(headers, rows))
+    click.echo(_table(headers, [_cost_row(key, lines) for key, lines in _by_key(r.lines)]))
     click.echo(f"total: {cost_text(r)}")
     via = f", {r.batch_rows:,} rows at Batch API prices" if r.batch_rows else ""
     click.echo(f"prices ({r.region}{via}): {r.source}")
+
+
+def _by_key(lines: list[CostLine]) -> list[tuple[str | None, list[CostLine]]]:
+    """The report's lines (one per value and currency) gathered per value, in order."""
+    groups: dict[str | None, list[CostLine]] = {}
+    for line in lines:
+        groups.setdefault(line.key, []).append(line)
+    return list(groups.items())
+
+
+def _cost_row(key: str | None, lines: list[CostLine]) -> list[str]:
+    """One table row for a value: its counts summed, its cost in each currency, and how
+    many of its rows are of unpriced models."""
+    counts = (sum(getattr(x, name) for x in lines) for name in COUNTS)
+    costs = [money(x.cost, x.currency) for x in lines if x.currency and x.cost is not None]
+    unpriced = sum(x.rows for x in lines if x.currency is None)
+    if unpriced:
+        costs.append("unpriced" if not costs else f"{unpriced:,} rows unpriced")
+    return [str(key), *(f"{n:,}" for n in counts), " + ".join(costs)]
+
+
+COUNTS = ("rows", "ok", "error", "prompt_tokens", "cached_tokens", "completion_tokens",
+          "reasoning_tokens")  # fmt: skip
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:

@@ -113,6 +113,10 @@ def test_cost_matches_a_bill_computed_by_hand(cli: Any, tmp_path: Path) -> None:
     priced = next(line for line in positive if line["currency"] == "USD")
     assert priced["cost"] == pytest.approx(by_hand(ROWS[0]) + by_hand(ROWS[2]))
     assert any(line["currency"] is None for line in positive)  # the unpriced model's row
+    text = cli("cost", out, "--by", "label").output
+    positive_row = next(x for x in text.splitlines() if x.startswith("positive"))
+    assert positive_row.split()[1] == "3"  # rows: the two qwen-plus rows and the unpriced one
+    assert positive_row.endswith(f"${by_hand(ROWS[0]) + by_hand(ROWS[2]):.4f} + 1 rows unpriced")
 
 
 def test_cost_with_a_price_file_and_a_missing_column(cli: Any, tmp_path: Path) -> None:
