@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from batchq.config import load_job
 from batchq.errors import UsageError
+from batchq.io.keys import RepeatFinder
 from batchq.io.writer import read_output_manifest
 from batchq.pricing import PriceTable, cost_array
 
@@ -65,7 +66,7 @@ class Results:
         if self.finished:
             yield from _output_tables(self.output, columns)
         else:
-            yield _shards_table(self.state / "shards", columns)
+            yield from _shard_tables(self.state / "shards", columns)
 
 
 def find_results(path: Path) -> Results:
@@ -116,27 +117,42 @@ def _with_all(table: pa.Table, columns: list[str]) -> pa.Table:
     return table
 
 
-def _shards_table(shards: Path, columns: list[str]) -> pa.Table:
+def _shard_tables(shards: Path, columns: list[str]) -> Iterator[pa.Table]:
+    """Each shard in turn, without the rows a later shard answered again (--retry-errors):
+    one pass over the ``_row`` columns finds the rows seen twice and their latest shard,
+    so memory holds one shard and 8 bytes a row, not the whole state folder."""
     paths = sorted(shards.glob("[0-9]*.parquet"))
     if not paths:
-        return _with_all(pa.table({"status": pa.array([], pa.string())}), columns)
-    names = pq.read_schema(paths[0]).names
-    extra = [c for c in columns if c not in names]
+        yield _with_all(pa.table({"status": pa.array([], pa.string())}), columns)
+        return
+    extra = [c for c in columns if c not in pq.read_schema(paths[0]).names]
     if extra:
         raise UsageError(
             f"the state folder holds result columns only, not {extra[0]!r}: run `cost` "
             "by an input column once the run is finished (or --by a result column now)"
         )
-    parts = []
+    again, latest = _answered_again(paths)
     for path in paths:
-        part = pq.read_table(path, columns=["_row", *columns])
-        parts.append(part.append_column("_seq", pa.array([int(path.stem)] * part.num_rows)))
-    merged = pa.concat_tables(parts).sort_by([("_row", "ascending"), ("_seq", "ascending")])
-    rows = merged.column("_row").combine_chunks()
-    # A row answered twice (--retry-errors) counts once: its latest answer.
-    last = pc.not_equal(rows.slice(0, len(rows) - 1), rows.slice(1))
-    merged = merged.filter(pa.concat_arrays([last, pa.array([True])]))
-    return merged.drop_columns(["_row", "_seq"])
+        table = pq.read_table(path, columns=["_row", *columns])
+        if len(again):
+            where = pc.index_in(table.column("_row"), value_set=again)
+            superseded = pc.not_equal(pc.take(latest, where), int(path.stem))
+            table = table.filter(pc.invert(pc.fill_null(superseded, False)))
+        yield table.drop_columns(["_row"])
+
+
+def _answered_again(paths: list[Path]) -> tuple[pa.Array, pa.Array]:
+    """The rows found in more than one shard, and for each the number of its last shard."""
+    finder = RepeatFinder()
+    for path in paths:
+        finder.add_array(pq.read_table(path, columns=["_row"]).column("_row").combine_chunks())
+    again = pa.array(sorted(finder.repeated(limit=None)), pa.int64())
+    latest = pa.array([0] * len(again), pa.int64())
+    if len(again):
+        for path in paths:  # oldest first: the last shard holding a row wins
+            rows = pq.read_table(path, columns=["_row"]).column("_row").combine_chunks()
+            latest = pc.if_else(pc.is_in(again, value_set=rows), int(path.stem), latest)
+    return again, latest
 
 
 # --- cost ------------------------------------------------------------------------------

@@ -60,11 +60,11 @@ class RepeatFinder:
                 self._spill.write(_bytes(held))
             self._held, self._held_count = [], 0
 
-    def repeated(self) -> set[int]:
-        """The keys seen more than once (at most MAX_REPEATS of them)."""
+    def repeated(self, *, limit: int | None = MAX_REPEATS) -> set[int]:
+        """The keys seen more than once (at most ``limit`` of them, None: all)."""
         self._flush_pending()
         if self._spill is None:
-            return _repeats(self._held)
+            return _repeats(self._held, limit)
         try:
             for held in self._held:
                 self._spill.write(_bytes(held))
@@ -74,8 +74,8 @@ class RepeatFinder:
                 partitions *= 2
             found: set[int] = set()
             for part in range(partitions):
-                found |= _repeats(list(self._read_partition(part, partitions)))
-                if len(found) >= MAX_REPEATS:
+                found |= _repeats(list(self._read_partition(part, partitions)), limit)
+                if limit is not None and len(found) >= limit:
                     break
             return found
         finally:
@@ -98,7 +98,7 @@ def _bytes(keys: pa.Array) -> bytes:
     return data[keys.offset * 8 : (keys.offset + len(keys)) * 8]
 
 
-def _repeats(parts: list[pa.Array]) -> set[int]:
+def _repeats(parts: list[pa.Array], limit: int | None) -> set[int]:
     keys = pa.concat_arrays(parts) if parts else pa.array([], pa.int64())
     n = len(keys)
     if n < 2:
@@ -107,4 +107,4 @@ def _repeats(parts: list[pa.Array]) -> set[int]:
     same = pc.equal(ordered.slice(1), ordered.slice(0, n - 1))
     if not pc.any(same).as_py():
         return set()
-    return set(ordered.slice(1).filter(same)[:MAX_REPEATS].to_pylist())
+    return set(ordered.slice(1).filter(same)[:limit].to_pylist())

@@ -12,6 +12,8 @@ from batchq.checkpoint import StateDir
 from batchq.config import load_job
 from batchq.errors import UsageError
 from batchq.io.preflight import preflight
+from batchq.pricing import PriceTable
+from batchq.report import cost_report, find_results, status
 
 
 def result(row: int, status: str = "ok", attempts: int = 1) -> dict[str, Any]:
@@ -83,3 +85,24 @@ def test_one_run_at_a_time(job) -> None:  # type: ignore[no-untyped-def]
         StateDir.open(job, info)
     first.close()
     StateDir.open(job, info).close()
+
+
+def test_status_and_cost_of_a_state_folder_count_each_row_once(job) -> None:  # type: ignore[no-untyped-def]
+    info = preflight(job)
+    state = StateDir.open(job, info)
+    usage = {"model": "qwen-plus", "prompt_tokens": 1000, "completion_tokens": 100}
+    state.write_shard([{**result(0), **usage}, result(2, "error"), result(3, "error"),
+                       {**result(4), **usage}])  # fmt: skip
+    state.write_shard([{**result(2, attempts=2), **usage}])  # --retry-errors answered it
+    state.write_shard([result(3, "error", attempts=3)])  # and failed this one again
+    results = find_results(job.output)
+    s = status(results, PriceTable.load())
+    assert (s.total_rows, s.done, s.ok, s.error, s.remaining) == (5, 4, 3, 1, 1)
+    assert s.attempts == 1 + 2 + 3 + 1  # the latest answer's attempts, once a row
+    assert s.prompt_tokens == 3000
+    assert s.costs["USD"] == pytest.approx(3 * (1000 * 0.4 + 100 * 1.2) / 1e6)
+    assert s.state_of_run == "running"  # this test holds the lock
+    report = cost_report(results, PriceTable.load())
+    assert sum(line.rows for line in report.lines) == 4
+    state.close()
+    assert status(results, PriceTable.load()).state_of_run == "stopped"
