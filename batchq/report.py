@@ -45,7 +45,7 @@ _TYPES: dict[str, pa.DataType] = {
     "status": pa.string(), "model": pa.string(), "attempts": pa.int64(),
     "reasoning": pa.string(), "via": pa.string(), **dict.fromkeys(USAGE_COLUMNS, pa.int64()),
 }  # fmt: skip
-BATCH_ROWS = 65_536
+BATCH_ROWS = 16_384  # the output's row groups: a larger batch held 13 MB more
 
 
 @dataclass(frozen=True)
