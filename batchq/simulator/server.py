@@ -259,6 +259,10 @@ async def _cancel_the_rest() -> None:
     for task in rest:
         task.cancel()
     await asyncio.gather(*rest, return_exceptions=True)
+    # A closed transport shuts its socket in a callback of the next loop turns: give them
+    # those turns, or a socket outlives the loop and warns (unclosed transport) at GC.
+    for _ in range(3):
+        await asyncio.sleep(0.01)
 
 
 @dataclass
