@@ -301,10 +301,16 @@ def serve_in_thread(config: SimConfig | None = None, *, port: int = 0) -> Iterat
         runner = await start(simulator, port=port)
         addresses.extend(runner.addresses)
         ready.set()
+        server = runner.server
         try:
             await stop.wait()
         finally:
             await runner.cleanup()
+            # Connections cleanup() left open (a handler cancelled mid-answer) are cut, so
+            # no socket outlives the loop and warns later, in whatever test runs then.
+            for connection in list(server.connections if server is not None else ()):
+                if connection.transport is not None:
+                    connection.transport.abort()
             await _cancel_the_rest()
 
     thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
