@@ -179,21 +179,11 @@ class Client:
         """One attempt, never raising for anything the server or network does."""
         assert self._wire is not None, "use the client as an async context manager"
         started = time.perf_counter()
-        stream = Stream() if body.get("stream") else None
-        first_token: list[float] = []
-        lines: list[bytes] = []
-
-        def on_line(line: bytes) -> None:
-            assert stream is not None
-            if stream.feed(line):
-                first_token.append(time.perf_counter())
-            if self._keep_raw:
-                lines.append(line)
-
+        stream = _Streamed(keep_lines=self._keep_raw) if body.get("stream") else None
         try:
             with anyio.fail_after(self._timeout_s):
                 status, content, headers = await self._wire.post(
-                    self._url, orjson.dumps(body), on_line if stream else None
+                    self._url, orjson.dumps(body), stream.feed if stream else None
                 )
         except TimeoutError:
             return Outcome("retry", error_type="timeout", error_code="timeout",
@@ -205,16 +195,37 @@ class Client:
             )
         latency_ms = (time.perf_counter() - started) * 1000
         if stream is not None and status == 200:
-            outcome = classify_stream(stream, latency_ms)
-            if first_token and outcome.result is not None:
-                outcome.result["ttft_ms"] = (first_token[0] - started) * 1000
+            outcome = stream.outcome(started, latency_ms)
+            content = b"\n".join(stream.lines)
         else:
             outcome = classify(status, content, headers, latency_ms)
         if self._keep_raw and outcome.result is not None:
-            raw = b"\n".join(lines) if stream is not None else content
-            outcome.result["raw"] = raw.decode("utf-8", "replace")
+            outcome.result["raw"] = content.decode("utf-8", "replace")
         if outcome.error_message:
             outcome.error_message = redact(outcome.error_message, self._key)
+        return outcome
+
+
+class _Streamed:
+    """A streamed answer as it arrives: its assembly, when its first token came, and (for
+    ``--keep-raw``) its lines."""
+
+    def __init__(self, *, keep_lines: bool) -> None:
+        self.stream = Stream()
+        self.first_token: float | None = None
+        self.lines: list[bytes] = []
+        self._keep_lines = keep_lines
+
+    def feed(self, line: bytes) -> None:
+        if self.stream.feed(line):
+            self.first_token = time.perf_counter()
+        if self._keep_lines:
+            self.lines.append(line)
+
+    def outcome(self, started: float, latency_ms: float) -> Outcome:
+        outcome = classify_stream(self.stream, latency_ms)
+        if self.first_token is not None and outcome.result is not None:
+            outcome.result["ttft_ms"] = (self.first_token - started) * 1000
         return outcome
 
 

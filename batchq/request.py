@@ -57,8 +57,7 @@ def build_body(
     if isinstance(row.get("body"), dict) and "custom_id" in row:
         return _finish(_batch_api_body(row, settings), settings, notes)
     messages = _messages(row, settings)
-    overrides = {name: row[name] for name in REQUEST_FIELDS.intersection(row)}
-    overrides = {name: value for name, value in overrides.items() if value is not None}
+    overrides = {n: row[n] for n in REQUEST_FIELDS.intersection(row) if row[n] is not None}
     if not overrides:  # most rows: the job's fields, decided once, and the row's messages
         base, note = job_body(settings)
         if note is not None and notes is not None:
