@@ -2,6 +2,7 @@
 
     python bench/throughput.py              # every scenario (about 4 minutes)
     python bench/throughput.py raw-256      # one of them
+    python bench/throughput.py --cookbook-script api_request_parallel_processor.py
 
 Each client run gets a fresh simulator process pinned to core 0 (``taskset``) while the
 client is pinned to core 1, and is timed as a whole process: wall seconds, CPU seconds
@@ -15,8 +16,11 @@ and 429s it saw. Scenarios:
                 5,000 rows (ideal: 50 s)
 
 Clients: batchq (the CLI, writing Parquet and checkpoints), reference (bare aiohttp +
-uvloop + orjson: the floor), openai-sdk (AsyncOpenAI + semaphore + aiolimiter, as many
+uvloop + orjson: the floor), cookbook (the openai-cookbook parallel processor's approach,
+re-implemented in peers.py), cookbook-script (that script itself, only with
+``--cookbook-script PATH``), openai-sdk (AsyncOpenAI + semaphore + aiolimiter, as many
 users write it; skipped unless ``pip install openai`` was run in this environment).
+bench/README.md says how to install the peers' packages.
 """
 
 from __future__ import annotations
@@ -36,22 +40,25 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
+PEERS = ("cookbook", "cookbook-script", "openai-sdk")
+
+
 @dataclass(frozen=True)
 class Scenario:
     rows: int
     in_flight: int
     sim: tuple[str, ...]
     qps: float | None = None
-    clients: tuple[str, ...] = ("batchq", "reference", "cookbook", "openai-sdk")
+    clients: tuple[str, ...] = ("batchq", "reference", *PEERS)
 
 
 SCENARIOS = {
     "raw-256": Scenario(20_000, 256, ()),
     "raw-2000": Scenario(20_000, 2000, ()),
     "limit-200": Scenario(8_000, 400, ("--latency-ms", "800", "--qps", "250"), qps=200,
-                          clients=("batchq", "cookbook", "openai-sdk")),
+                          clients=("batchq", *PEERS)),
     "overload": Scenario(5_000, 300, ("--qps", "100", "--retry-after", "1"), qps=300,
-                         clients=("batchq", "cookbook", "openai-sdk")),
+                         clients=("batchq", *PEERS)),
 }  # fmt: skip
 
 
@@ -72,7 +79,9 @@ def stats(url: str) -> dict[str, object]:
         return json.loads(response.read())  # type: ignore[no-any-return]
 
 
-def client_command(client: str, url: str, data: Path, out: Path, s: Scenario) -> list[str]:
+def client_command(
+    client: str, url: str, data: Path, out: Path, s: Scenario, script: str | None
+) -> list[str]:
     if client == "batchq":
         command = [sys.executable, "-m", "batchq", "run", "--input", str(data), "--output",
                    str(out), "--base-url", url, "--model", "qwen-plus", "--concurrency",
@@ -80,10 +89,15 @@ def client_command(client: str, url: str, data: Path, out: Path, s: Scenario) ->
     else:
         command = [sys.executable, str(HERE / "peers.py"), client, url, str(data),
                    "--in-flight", str(s.in_flight)]  # fmt: skip
+        command += ["--script", script] if client == "cookbook-script" and script else []
     return [*pin(1), *command, *(["--qps", str(s.qps)] if s.qps else [])]
 
 
-def run_one(client: str, s: Scenario, data: Path, tmp: Path) -> dict[str, float] | None:
+def run_one(
+    client: str, s: Scenario, data: Path, tmp: Path, script: str | None
+) -> dict[str, float] | None:
+    if client == "cookbook-script" and not script:
+        return None
     if client == "openai-sdk":
         try:
             import openai  # noqa: F401
@@ -92,17 +106,19 @@ def run_one(client: str, s: Scenario, data: Path, tmp: Path) -> dict[str, float]
     sim, url = start_simulator(s.sim)
     try:
         started = time.perf_counter()
-        process = subprocess.Popen(client_command(client, url, data, tmp / "out.parquet", s),
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-        _, status, usage = os.wait4(process.pid, 0)
+        command = client_command(client, url, data, tmp / "out.parquet", s, script)
+        with open(tmp / "stderr.txt", "w+b") as log:  # the cookbook logs a line a request
+            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+            _, status, usage = os.wait4(process.pid, 0)
+            log.seek(0)
+            errors = log.read()[-500:].decode(errors="replace")
         seconds = time.perf_counter() - started
         seen = stats(url)
     finally:
         sim.terminate()
         sim.wait()
     if status != 0:
-        assert process.stderr is not None
-        print(f"  {client} failed: {process.stderr.read().decode()[-500:]}", file=sys.stderr)
+        print(f"  {client} failed: {errors}", file=sys.stderr)
     by_status: dict[str, int] = seen["by_status"]  # type: ignore[assignment]
     per_second: list[int] = seen["ok_per_second"]  # type: ignore[assignment]
     steady = per_second[3:-3] or per_second  # leave out the ramp and the tail
@@ -122,8 +138,12 @@ def run_one(client: str, s: Scenario, data: Path, tmp: Path) -> dict[str, float]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("scenarios", nargs="*", choices=[[], *SCENARIOS], default=[])
-    names = parser.parse_args().scenarios or list(SCENARIOS)
-    print(f"{'scenario':<10} {'client':<11} {'ok rows':>8} {'s':>7} {'req/s':>8} "
+    parser.add_argument("--cookbook-script", metavar="PATH",
+                        help="the openai-cookbook's api_request_parallel_processor.py, "
+                        "run as the cookbook-script client (see bench/README.md)")  # fmt: skip
+    args = parser.parse_args()
+    names = args.scenarios or list(SCENARIOS)
+    print(f"{'scenario':<10} {'client':<15} {'ok rows':>8} {'s':>7} {'req/s':>8} "
           f"{'CPU ms/req':>10} {'RSS MB':>7} {'429s':>6}  vs reference / target")  # fmt: skip
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
@@ -132,19 +152,26 @@ def main() -> None:
             data = tmp / f"{name}.jsonl"
             data.write_text("".join(json.dumps({"id": i, "prompt": f"Label review {i}: fine"})
                                     + "\n" for i in range(s.rows)))  # fmt: skip
-            results = {c: run_one(c, s, data, tmp) for c in s.clients}
+            results = {c: run_one(c, s, data, tmp, args.cookbook_script) for c in s.clients}
             for client, r in results.items():
                 if r is None:
-                    print(f"{name:<10} {client:<11} (not installed: pip install openai)")
+                    print(f"{name:<10} {client:<15} ({MISSING[client]})")
                     continue
                 against = verdict(name, s, r, results.get("reference"))
-                print(f"{name:<10} {client:<11} {r['ok']:>8,.0f} {r['seconds']:>7.1f} "
+                print(f"{name:<10} {client:<15} {r['ok']:>8,.0f} {r['seconds']:>7.1f} "
                       f"{r['req_s']:>8,.0f} {r['cpu_ms']:>10.3f} {r['rss_mb']:>7.0f} "
                       f"{r['429s']:>6,.0f}  {against}")  # fmt: skip
-            ours, theirs = results.get("batchq"), results.get("cookbook")
-            if name.startswith("raw") and ours and theirs:
-                print(f"{name:<10} batchq req/s = {ours['req_s'] / theirs['req_s']:.1f}× "
-                      "the cookbook script's")  # fmt: skip
+            ours = results.get("batchq")
+            for peer in ("cookbook", "cookbook-script") if name.startswith("raw") else ():
+                if ours and (theirs := results.get(peer)):
+                    print(f"{name:<10} batchq req/s = {ours['req_s'] / theirs['req_s']:.1f}× "
+                          f"{peer}'s")  # fmt: skip
+
+
+MISSING = {
+    "openai-sdk": "not installed: pip install openai",
+    "cookbook-script": "not run: give --cookbook-script PATH",
+}
 
 
 def verdict(name: str, s: Scenario, r: dict[str, float], ref: dict[str, float] | None) -> str:
