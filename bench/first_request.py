@@ -19,8 +19,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -63,6 +65,9 @@ def main() -> None:
                        "--quiet"]  # fmt: skip
             started = time.perf_counter()
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            phases = [0.0, 0.0, 0.0]
+            watch = threading.Thread(target=watch_rss, args=(process, sim, args.rows, phases))
+            watch.start()
             while sim.stats.requests == 0 and process.poll() is None:
                 time.sleep(0.001)
             first = time.perf_counter() - started
@@ -70,6 +75,7 @@ def main() -> None:
                 time.sleep(2)
                 process.send_signal(signal.SIGINT)
             _, err = process.communicate()
+            watch.join()
             whole = time.perf_counter() - started
         if process.returncode not in (0, 130):
             sys.exit(f"batchq failed: {err.decode()}")
@@ -78,8 +84,25 @@ def main() -> None:
     what = "run done" if args.whole else "stopped 2 s after the first request"
     print(
         f"{what} after {whole:.1f} s, {sim.stats.requests:,} requests; "
-        f"peak RSS of batchq: {peak_mb:,.0f} MB"
+        f"peak RSS of batchq: {peak_mb:,.0f} MB "
+        "(sampled: {:,.0f} MB before the first request, {:,.0f} MB while sending, "
+        "{:,.0f} MB after the last request)".format(*phases)
     )
+
+
+def watch_rss(process: subprocess.Popen[bytes], sim: Any, rows: int, peaks: list[float]) -> None:
+    """The child's highest RSS, sampled every 20 ms from /proc, in three phases: before
+    its first request (the checks of the input), while requests go out, and after the
+    last one (the merge and the summary)."""
+    status = Path(f"/proc/{process.pid}/status")
+    while process.poll() is None:
+        try:
+            line = next(x for x in status.read_text().splitlines() if x.startswith("VmRSS"))
+        except (OSError, StopIteration):
+            break
+        phase = 0 if sim.stats.requests == 0 else 1 if sim.stats.requests < rows else 2
+        peaks[phase] = max(peaks[phase], int(line.split()[1]) / 1024)
+        time.sleep(0.02)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from batchq.checkpoint import StateDir, manifest_for
 from batchq.config import load_job
 from batchq.io.preflight import preflight
 from batchq.io.writer import merge_output
+from batchq.pricing import PriceTable
+from batchq.report import cost_report, find_results
 
 SHARD_ROWS = 7_000
 
@@ -60,8 +62,12 @@ def main() -> None:
         merge_output(state, info, out, manifest=manifest_for(job, info))
         seconds = time.perf_counter() - started
         state.close()
-    after = peak_mb()
-    print(f"{n:,} rows: merge {seconds:.1f} s; peak RSS {before} MB before it, {after} MB after")
+        merged = peak_mb()
+        started = time.perf_counter()
+        cost_report(find_results(out), PriceTable.load())  # the run's closing summary
+        summary = time.perf_counter() - started
+    print(f"{n:,} rows: merge {seconds:.1f} s, summary {summary:.1f} s; peak RSS {before} MB "
+          f"before the merge, {merged} MB after it, {peak_mb()} MB after the summary")  # fmt: skip
 
 
 if __name__ == "__main__":
