@@ -25,7 +25,7 @@ import anyio
 import pyarrow.parquet as pq
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
-from batchq.checkpoint import StateDir, check_same_job, manifest_for
+from batchq.checkpoint import RowMask, StateDir, check_same_job, manifest_for
 from batchq.client import Client
 from batchq.config import Job
 from batchq.errors import BatchqError, Interrupted
@@ -47,7 +47,10 @@ from batchq.request import build_body, estimate_tokens
 from batchq.work import Item, answer
 
 if TYPE_CHECKING:  # httpx loads only when a caller brings a transport (tests)
+    from collections.abc import Callable
+
     import httpx
+    import pyarrow as pa
 
 __all__ = ["FLUSH_EVERY_S", "RunSummary", "run_job"]
 
@@ -70,11 +73,13 @@ async def run_job(
     keep_raw: bool = False,
     seed: int | None = None,
     command: str | None = None,
+    on_results: Callable[[pa.Table], object] | None = None,
 ) -> RunSummary:
     """Run (or resume) ``job`` to its output file. Raises a BatchqError subclass.
 
     ``keep_raw`` keeps each response as received in a ``raw`` column; ``command`` is how
-    to resume the run, as ``status`` will show it."""
+    to resume the run, as ``status`` will show it; ``on_results`` is given each block of
+    results as the merge writes it (every row of the output, in order)."""
     started = time.monotonic()
     info = preflight(job)
     state = StateDir.open(job, info, restart=restart, command=command)
@@ -86,7 +91,7 @@ async def run_job(
                 sink(Notice(f"{job.output} is complete already: nothing to send"))
                 return _finish(sink, job, info, ok_error=None, sent=0, started=started, done=True)
         done = state.done_mask(info.total_rows, retry_errors=retry_errors)
-        todo = info.total_rows - sum(done)
+        todo = info.total_rows - done.count()
         sink(RunStarted(job.name, info.total_rows, todo, job.output))
         for note in info.notes:
             sink(Notice(note))
@@ -102,7 +107,7 @@ async def run_job(
             )  # fmt: skip
         counts = merge_output(
             state, info, job.output, manifest=manifest_for(job, info, command=command),
-            keep_raw=keep_raw,
+            keep_raw=keep_raw, on_block=on_results,
         )  # fmt: skip
         if not keep_state:
             state.remove()
@@ -142,7 +147,7 @@ class _Pipeline:
 
     job: Job
     info: InputInfo
-    done: bytearray
+    done: RowMask
     prior: dict[int, int]
     client: Client
     pacer: Pacer
@@ -224,7 +229,7 @@ async def _send_all(
     job: Job,
     info: InputInfo,
     state: StateDir,
-    done: bytearray,
+    done: RowMask,
     prior: dict[int, int],
     *,
     api_key: str | None,

@@ -4,8 +4,9 @@
 
 Writes an N-row input and a state folder of finished rows (7,000 a shard, in order, as a
 run at about 7,000 rows/s leaves them), then merges them in this process and reports the
-seconds and the peak RSS before and after the merge. Compare with bench/first_request.py
---whole, whose peak includes the sending phase that runs before the merge.
+seconds and the peak RSS before and after the merge (fed to the cost tally that gives a
+run its closing summary, as in a run), then reads the output back as `batchq cost` does.
+Compare with bench/first_request.py --whole, whose peak includes the sending phase.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from batchq.config import load_job
 from batchq.io.preflight import preflight
 from batchq.io.writer import merge_output
 from batchq.pricing import PriceTable
-from batchq.report import cost_report, find_results
+from batchq.report import CostTally, cost_report, find_results
 
 SHARD_ROWS = 7_000
 
@@ -59,15 +60,16 @@ def main() -> None:
             ])  # fmt: skip
         before = peak_mb()
         started = time.perf_counter()
-        merge_output(state, info, out, manifest=manifest_for(job, info))
+        tally = CostTally(PriceTable.load(), "intl")  # the run's closing summary, fed as
+        merge_output(state, info, out, manifest=manifest_for(job, info), on_block=tally.add)
         seconds = time.perf_counter() - started
         state.close()
         merged = peak_mb()
         started = time.perf_counter()
-        cost_report(find_results(out), PriceTable.load())  # the run's closing summary
-        summary = time.perf_counter() - started
-    print(f"{n:,} rows: merge {seconds:.1f} s, summary {summary:.1f} s; peak RSS {before} MB "
-          f"before the merge, {merged} MB after it, {peak_mb()} MB after the summary")  # fmt: skip
+        cost_report(find_results(out), PriceTable.load())  # what `batchq cost` reads back
+        again = time.perf_counter() - started
+    print(f"{n:,} rows: merge {seconds:.1f} s; peak RSS {before} MB before it, {merged} MB "
+          f"after it; `batchq cost` on the output: {again:.1f} s, peak {peak_mb()} MB")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from batchq.events import Sink, fan_out
 from batchq.logfile import JsonLog
 from batchq.pricing import PriceTable, region_of
 from batchq.progress import LiveProgress, PlainProgress
-from batchq.report import CostLine, cost_report, find_results
+from batchq.report import CostLine, CostTally, cost_report, find_results
 from batchq.runner import RunSummary, run_job
 from batchq.simulator import SimConfig, serve_in_thread
 
@@ -50,6 +50,8 @@ def run(job_file: str | None, simulate: bool, quiet: bool, log_file: Path | None
     try:
         job = job_from(job_file, flags)
         table = PriceTable.load(prices)
+        tally = CostTally(table, region_of(job.request.provider))
+        options["on_results"] = tally.add  # the merge feeds the closing summary
         key = None if simulate else job.request.api_key()
         sink = sinks.open(job, table, key, quiet=quiet, log_file=log_file)
         if simulate:
@@ -65,7 +67,7 @@ def run(job_file: str | None, simulate: bool, quiet: bool, log_file: Path | None
         sinks.close(error)
         fail(error)
     sinks.close()
-    _print_summary(summary, table)
+    _print_summary(summary, table, tally)
 
 
 class _Sinks:
@@ -119,7 +121,7 @@ def _has_uvloop() -> bool:
     return True
 
 
-def _print_summary(s: RunSummary, prices: PriceTable) -> None:
+def _print_summary(s: RunSummary, prices: PriceTable, tally: CostTally) -> None:
     if s.already_complete:
         click.echo(f"{s.output}: complete already ({s.ok:,} ok, {s.error:,} error); nothing sent")
         return
@@ -127,7 +129,9 @@ def _print_summary(s: RunSummary, prices: PriceTable) -> None:
         f"done: {s.total:,} rows ({s.ok:,} ok, {s.error:,} error), {s.sent:,} sent this run, "
         f"in {s.elapsed_s:.1f} s -> {s.output}"
     )
-    report = cost_report(find_results(s.output), prices)
+    # The merge fed the tally every row of the output; a run that merged nothing (an
+    # empty input) reads what is there.
+    report = tally.report() if tally.sums else cost_report(find_results(s.output), prices)
     click.echo(f"tokens: {_tokens_text(report.lines)}; cost: {cost_text(report)}")
 
 

@@ -15,7 +15,7 @@ from 12.6 MB to 2.5 MB, Arrow's from 16.2 MB to 14.1 MB.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,11 +58,13 @@ def merge_output(
     *,
     manifest: dict[str, Any],
     keep_raw: bool = False,
+    on_block: Callable[[pa.Table], object] | None = None,
 ) -> MergeCounts:
     """Write ``output`` from the input and the shards. Every row must have a result.
 
     The job's manifest goes into the file's metadata, so that a rerun can tell whether
-    the output answers the same job. ``keep_raw`` adds the ``raw`` column.
+    the output answers the same job. ``keep_raw`` adds the ``raw`` column. ``on_block``
+    is given each block's results (RESULT_SCHEMA) as they are written.
     """
     shards = _index(state)
     names = [*RESULT_SCHEMA.names, *([RAW.name] if keep_raw else [])]
@@ -75,6 +77,8 @@ def merge_output(
             for start, inputs in _input_blocks(info):
                 results = _results_for(shards, start, inputs.num_rows).select(names)
                 statuses.update(results.column("status").to_pylist())
+                if on_block is not None:
+                    on_block(results)
                 columns = [*inputs.columns, *results.columns]
                 writer.write_table(pa.Table.from_arrays(columns, schema=schema))
 

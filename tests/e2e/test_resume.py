@@ -14,6 +14,7 @@ from subprocess import DEVNULL
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -186,9 +187,14 @@ async def test_an_unwritable_state_folder_stops_with_exit_3_and_resumes(
     kept = flushed_rows(out)
     assert kept
     before = dict(sim.stats.by_prompt)
-    summary = await run_job(job, api_key=None)
+    blocks: list[pa.Table] = []
+    summary = await run_job(job, api_key=None, on_results=blocks.append)
     assert summary.ok == 600
     check_output(out, 600)
+    # The merge hands every row of the output to on_results (the closing summary's
+    # source), the first run's rows too, in output order.
+    fed = pa.concat_tables(blocks).column("response").to_pylist()
+    assert fed == pq.read_table(out, columns=["response"]).column("response").to_pylist()
     assert all(sim.stats.by_prompt[reply(i)] == before[reply(i)] for i in kept)
 
 

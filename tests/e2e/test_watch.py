@@ -17,6 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from batchq.progress import money
+
 ROOT = Path(__file__).resolve().parents[2]
 # Runs use the dashscope-intl preset (so they are priced), which needs its key variable;
 # the simulator takes any key.
@@ -188,6 +190,15 @@ def test_status_of_a_running_a_killed_and_a_finished_run(
     report = json.loads(cli("cost", out, "--json").output)
     assert finished["costs"]["USD"] == pytest.approx(report["totals"]["USD"])
     assert report["region"] == "intl"
+    # The closing summary is summed by the merge as it writes, over the rows of both runs:
+    # the same figures `cost` reads back from the file.
+    (line,) = report["lines"]
+    assert line["rows"] == n
+    assert (
+        f"tokens: {line['prompt_tokens']:,} prompt (0 cached) + "
+        f"{line['completion_tokens']:,} completion (0 reasoning); "
+        f"cost: {money(report['totals']['USD'], 'USD')}"
+    ) in summary
 
 
 # --- estimate -------------------------------------------------------------------------
