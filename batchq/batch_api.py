@@ -27,7 +27,7 @@ from typing import IO, Any
 
 import orjson
 
-from batchq.checkpoint import StateDir, check_same_job, manifest_for
+from batchq.checkpoint import RowMask, StateDir, check_same_job, manifest_for
 from batchq.config import Job
 from batchq.errors import InputError, UsageError
 from batchq.io.preflight import InputInfo, preflight, row_id
@@ -74,7 +74,7 @@ def export_batch(
     info = preflight(job)
     done = _done_rows(job, info)
     folder.mkdir(parents=True, exist_ok=True)
-    result = ExportResult(folder, 0, already_done=sum(done))
+    result = ExportResult(folder, 0, already_done=done.count())
     open_files: dict[str, _File] = {}
     counts: dict[str, int] = {}
     try:
@@ -127,15 +127,15 @@ def _rows(info: InputInfo) -> Iterator[tuple[int, dict[str, Any]]]:
             yield batch.start + i, row
 
 
-def _done_rows(job: Job, info: InputInfo) -> bytearray:
+def _done_rows(job: Job, info: InputInfo) -> RowMask:
     """Rows with a result already: in the state folder, or all of them in a finished output."""
     state = StateDir(job.state_dir)
     if state.shard_paths():
         return state.done_mask(info.total_rows)
     if job.output.exists():
         check_same_job(read_output_manifest(job.output), manifest_for(job, info), job)
-        return bytearray(b"\x01" * info.total_rows)
-    return bytearray(info.total_rows)
+        return RowMask(info.total_rows, value=True)
+    return RowMask(info.total_rows)
 
 
 # --- import ----------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from batchq.io.preflight import ROW_COLUMN, InputInfo
 from batchq.io.schema import RAW, RESULT_SCHEMA, SHARD_SCHEMA
 from batchq.pricing import region_of
 
-__all__ = ["StateDir", "check_same_job", "manifest_for", "write_atomic"]
+__all__ = ["RowMask", "StateDir", "check_same_job", "manifest_for", "write_atomic"]
 
 VERSION = 1
 
@@ -127,10 +127,10 @@ class StateDir:
         """Whole shards in the order they were written (temp files are ignored)."""
         return sorted(self.shards.glob("[0-9]*.parquet"))
 
-    def done_mask(self, total_rows: int, *, retry_errors: bool = False) -> bytearray:
-        """One byte a row: 1 where a finished result is on disk (``ok`` only, with
-        ``retry_errors``). Reads just the ``_row`` and ``status`` columns."""
-        done = bytearray(total_rows)
+    def done_mask(self, total_rows: int, *, retry_errors: bool = False) -> RowMask:
+        """Set where a finished result is on disk (``ok`` only, with ``retry_errors``).
+        Reads just the ``_row`` and ``status`` columns."""
+        done = RowMask(total_rows)
         for _, table in self.iter_shards(columns=["_row", "status"]):
             rows = table.column("_row")
             if retry_errors:
@@ -141,7 +141,7 @@ class StateDir:
                     done[row] = status == "ok"
             else:
                 for row in rows.to_pylist():
-                    done[row] = 1
+                    done[row] = True
         return done
 
     def iter_shards(self, *, columns: list[str] | None = None) -> Iterator[tuple[int, pa.Table]]:
@@ -203,6 +203,37 @@ class StateDir:
                 else:
                     attempts.pop(row, None)
         return attempts
+
+
+class RowMask:
+    """One bit a row: 1.25 MB for ten million rows, where a bytearray took 10 MB."""
+
+    __slots__ = ("_bits", "_size")
+
+    def __init__(self, size: int, *, value: bool = False) -> None:
+        self._bits = bytearray(b"\xff" if value else b"\x00") * ((size + 7) // 8)
+        self._size = size
+        if value and size % 8:
+            self._bits[-1] = (1 << size % 8) - 1
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, i: int) -> bool:
+        return bool(self._bits[i >> 3] >> (i & 7) & 1)
+
+    def __setitem__(self, i: int, value: bool) -> None:
+        if value:
+            self._bits[i >> 3] |= 1 << (i & 7)
+        else:
+            self._bits[i >> 3] &= ~(1 << (i & 7)) & 0xFF
+
+    def __iter__(self) -> Iterator[bool]:
+        return (self[i] for i in range(self._size))
+
+    def count(self) -> int:
+        """How many rows are set."""
+        return int.from_bytes(self._bits, "little").bit_count()
 
 
 def check_same_job(old: dict[str, Any] | None, new: dict[str, Any], job: Job) -> None:

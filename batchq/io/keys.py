@@ -1,10 +1,11 @@
 """Find repeated int64 keys (id hashes) among many, in bounded memory.
 
 Up to ``memory_keys`` keys are held and sorted in memory (Arrow's sort: 24 bytes a key
-at its peak). Past that they spill to a temporary file, and the check goes partition by
-partition: keys whose low bits are ``p`` are read back, sorted and compared, for each of
-enough partitions that one fits in memory. So ten million ids take the memory of about
-one million, and a temporary file of 80 MB.
+at its peak, 6 MB for the default 262,144). Past that they spill to a temporary file,
+already split into FANOUT partitions by their low bits (each spill writes one run per
+partition and notes where), and the check reads back, sorts and compares one partition
+at a time: ten million ids take the memory of about 160,000 and a temporary file of
+80 MB read once. A partition still too large is checked in slices by its next bits.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import pyarrow.compute as pc
 
 __all__ = ["RepeatFinder"]
 
-MEMORY_KEYS = 1 << 20
+MEMORY_KEYS = 1 << 18
 MAX_REPEATS = 1000
+FANOUT_BITS = 6
+FANOUT = 1 << FANOUT_BITS
 
 
 class RepeatFinder:
@@ -31,7 +34,7 @@ class RepeatFinder:
         self._held_count = 0
         self._pending = array("q")
         self._spill: BinaryIO | None = None
-        self._total = 0
+        self._runs: list[list[tuple[int, int]]] = [[] for _ in range(FANOUT)]  # (at, keys)
 
     def add(self, key: int) -> None:
         """One key (the exact pass, a row at a time)."""
@@ -52,13 +55,24 @@ class RepeatFinder:
     def _hold(self, keys: pa.Array) -> None:
         self._held.append(keys)
         self._held_count += len(keys)
-        self._total += len(keys)
         if self._held_count >= self._memory_keys:
-            if self._spill is None:
-                self._spill = tempfile.TemporaryFile()  # noqa: SIM115 (closed in repeated())
-            for held in self._held:
-                self._spill.write(_bytes(held))
-            self._held, self._held_count = [], 0
+            self._spill_held()
+
+    def _spill_held(self) -> None:
+        """Write the held keys to the spill file, grouped by partition."""
+        if self._spill is None:
+            self._spill = tempfile.TemporaryFile()  # noqa: SIM115 (closed in repeated())
+        keys = pa.concat_arrays(self._held) if self._held else pa.array([], pa.int64())
+        self._held, self._held_count = [], 0
+        parts = pc.bit_wise_and(keys, FANOUT - 1)
+        keys = keys.take(pc.array_sort_indices(parts))  # a counting sort: 64 values
+        counts = {c["values"]: c["counts"] for c in pc.value_counts(parts).to_pylist()}
+        offset = 0
+        for part in range(FANOUT):
+            if n := counts.get(part, 0):
+                self._runs[part].append((self._spill.tell(), n))
+                self._spill.write(_bytes(keys.slice(offset, n)))
+                offset += n
 
     def repeated(self, *, limit: int | None = MAX_REPEATS) -> set[int]:
         """The keys seen more than once (at most ``limit`` of them, None: all)."""
@@ -66,15 +80,10 @@ class RepeatFinder:
         if self._spill is None:
             return _repeats(self._held, limit)
         try:
-            for held in self._held:
-                self._spill.write(_bytes(held))
-            self._held = []
-            partitions = 1
-            while self._total / partitions > self._memory_keys:
-                partitions *= 2
+            self._spill_held()
             found: set[int] = set()
-            for part in range(partitions):
-                found |= _repeats(list(self._read_partition(part, partitions)), limit)
+            for part in range(FANOUT):
+                found |= self._partition_repeats(part, limit)
                 if limit is not None and len(found) >= limit:
                     break
             return found
@@ -82,15 +91,29 @@ class RepeatFinder:
             self._spill.close()
             self._spill = None
 
-    def _read_partition(self, part: int, partitions: int) -> list[pa.Array]:
+    def _partition_repeats(self, part: int, limit: int | None) -> set[int]:
+        slices = 1
+        while sum(n for _, n in self._runs[part]) / slices > self._memory_keys:
+            slices *= 2
+        if slices == 1:
+            return _repeats(list(self._read(part)), limit)
+        found: set[int] = set()
+        for s in range(slices):  # the partition read once a slice: still bounded memory
+            keys = []
+            for run in self._read(part):
+                bits = pc.bit_wise_and(pc.shift_right(run, FANOUT_BITS), slices - 1)
+                keys.append(run.filter(pc.equal(bits, s)))
+            found |= _repeats(keys, limit)
+        return found
+
+    def _read(self, part: int) -> list[pa.Array]:
         assert self._spill is not None
-        self._spill.seek(0)
-        keys = []
-        while chunk := self._spill.read(8 * 65_536):
-            values = pa.Array.from_buffers(pa.int64(), len(chunk) // 8, [None, pa.py_buffer(chunk)])
-            mine = pc.equal(pc.bit_wise_and(values, partitions - 1), part)
-            keys.append(values.filter(mine))
-        return keys
+        runs = []
+        for at, n in self._runs[part]:
+            self._spill.seek(at)
+            data = self._spill.read(8 * n)
+            runs.append(pa.Array.from_buffers(pa.int64(), n, [None, pa.py_buffer(data)]))
+        return runs
 
 
 def _bytes(keys: pa.Array) -> bytes:

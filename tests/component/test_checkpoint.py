@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from batchq.checkpoint import StateDir
+from batchq.checkpoint import RowMask, StateDir
 from batchq.config import load_job
 from batchq.errors import UsageError
 from batchq.io.preflight import preflight
@@ -25,6 +25,25 @@ def job(write_jsonl: Callable[..., Path], tmp_path: Path):  # type: ignore[no-un
     path = write_jsonl([{"prompt": f"p{i}"} for i in range(5)])
     return load_job(None, overrides={"input": str(path), "model": "m",
                                      "output": str(tmp_path / "o.parquet")})  # fmt: skip
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, 8, 9, 21])
+def test_row_mask_is_a_bit_a_row(size: int) -> None:
+    mask = RowMask(size)
+    assert len(mask) == size
+    assert mask.count() == 0
+    assert list(RowMask(size, value=True)) == [True] * size
+    assert RowMask(size, value=True).count() == size  # no stray bits past the end
+    wanted = [i % 3 == 0 for i in range(size)]
+    for i, on in enumerate(wanted):
+        mask[i] = on
+    assert list(mask) == wanted
+    assert mask.count() == sum(wanted)
+    if size > 1:
+        mask[0] = False
+        mask[size - 1] = True
+        assert (mask[0], mask[size - 1]) == (False, True)
+        assert mask.count() == sum(wanted[1:-1]) + 1
 
 
 def test_shards_record_done_rows(job) -> None:  # type: ignore[no-untyped-def]

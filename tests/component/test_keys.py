@@ -10,7 +10,7 @@ import pytest
 from batchq.io.keys import RepeatFinder
 
 
-@pytest.mark.parametrize("memory_keys", [1 << 20, 1000])  # all held, or spilled in 16+ parts
+@pytest.mark.parametrize("memory_keys", [1 << 20, 1000, 100])  # held; spilled; in slices
 def test_repeats_are_found_held_or_spilled(memory_keys: int) -> None:
     rng = random.Random(4)
     keys = list({rng.randrange(-(2**63), 2**63) for _ in range(20_000)})[:19_990]
