@@ -20,6 +20,16 @@ second and rejects sudden surges) — and waiting is one sleep, never polling.
                    up to the limit: slowly near the ceiling, faster the longer all is well
         and every sender waits out the 429's Retry-After
     A stray 429 (a burst, a hiccup) only sends its own row into backoff.
+    Two guards keep a cut from going deeper than the server asks:
+    - the ok rate is read over at least MEASURE_S of answers (the first answers of a run
+      that starts at full concurrency would read a fraction of the real rate);
+    - 429s that a cut did not make rarer are not the rate's doing (a server that refuses
+      a steady share at random, at any rate): when, with the rate still at or under
+      where the last cut found it, the share of 429s since that cut is at least
+      NOISE_KEEP of the share that made it, that share becomes the floor, and only a
+      share above floor + CUT_SHARE cuts again. Without this, a steady 5 % of random
+      429s cut a run with no limit to 3 % of its speed within a minute (fake clock,
+      tests/component/test_limiter.py).
 
 So a run configured above the server's real limit settles just under it instead of
 cycling through 429 storms; a run with no limit set learns one from its 429s.
@@ -44,6 +54,10 @@ CUT, RECOVER, CUT_EVERY_S = 0.95, 0.001, 1.0
 MIN_RATE = 0.5
 #: 429s must be at least this share of recent answers before the rate is cut.
 CUT_SHARE = 0.03
+#: The ok rate is measured over at least this long before it sets a ceiling.
+MEASURE_S = 0.5
+#: 429s still this share of the share that made the last cut are not the rate's doing.
+NOISE_KEEP = 0.5
 #: When max_tokens is absent, reserve this many completion tokens until answers teach more.
 FIRST_COMPLETION_GUESS = 256
 
@@ -87,6 +101,10 @@ class RatePacer:
         self._ceiling: float | None = None
         self._cut_at = -math.inf
         self._cuts = 0
+        self._cut_from: float | None = None  # the rate the last cut was made from
+        self._cut_share = 0.0  # the share of 429s that made it
+        self._floor = 0.0  # the share of 429s found to come at any rate (noise)
+        self._since_cut = [0, 0]  # answers ok, 429s, since the last cut
         self._sent, self._ok, self._throttled = _Meter(), _Meter(), _Meter()
         self._completion_avg = float(FIRST_COMPLETION_GUESS)
 
@@ -143,6 +161,7 @@ class RatePacer:
         if used is None:
             return
         self._ok.add(self._clock())
+        self._since_cut[0] += 1
         if self._token_rate is not None:
             self._next_tokens += (used - reserved) / self._token_rate
         if completion is not None:
@@ -151,15 +170,28 @@ class RatePacer:
     def penalise(self, retry_after: float | None, sent_at: float) -> None:
         now = self._clock()
         self._throttled.add(now)
-        if sent_at < self._cut_at or now - self._cut_at < CUT_EVERY_S:
+        if sent_at < self._cut_at:
+            return  # sent before the last cut: that congestion event is answered
+        self._since_cut[1] += 1
+        if now - self._cut_at < CUT_EVERY_S:
             return  # the same congestion event: one cut is enough
         throttled = self._throttled.count(now)
         answered = self._ok.rate(now)
-        if throttled < 2 or (answered and throttled < CUT_SHARE * (answered + throttled)):
+        share = throttled / (answered + throttled) if answered else 1.0
+        if throttled < 2 or share < self._floor + CUT_SHARE:
             return  # a stray 429 among answers ok: no sign of a limit; its row backs off
+        if answered is not None and now - self._ok.since < MEASURE_S:
+            return  # too few answers yet to say what the server serves
         current = self.rate(now)
+        if self._cut_did_not_help(current):
+            ok, refused = self._since_cut
+            self._floor = refused / (ok + refused)  # their share at any rate: noise
+            if share < self._floor + CUT_SHARE:
+                return
         if answered is None:  # nothing got through yet: halve what is being sent
             answered = (current or self._sent.rate(now) or 2 * MIN_RATE) / 2
+        self._cut_from = current if current is not None else self._sent.rate(now)
+        self._cut_share, self._since_cut = share, [0, 0]
         self._ceiling = max(MIN_RATE, answered if current is None else min(current, answered))
         self._cut_at = now
         self._cuts += 1
@@ -171,12 +203,27 @@ class RatePacer:
         self._ok.restart(max(now, self._paused_until))
         self._emit(Slowdown(self._ceiling * CUT, max(0.0, self._paused_until - now)))
 
+    def _cut_did_not_help(self, current: float | None) -> bool:
+        """Whether the 429s since the last cut are as common as those that made it, with
+        the rate not yet back above where that cut found it."""
+        ok, refused = self._since_cut
+        if self._cut_from is None or current is None or ok + refused < 20:
+            return False
+        return current <= self._cut_from and refused / (ok + refused) >= (
+            NOISE_KEEP * self._cut_share
+        )
+
 
 class _Meter:
     """Events per second, as a count decaying with a time constant of one second."""
 
     def __init__(self) -> None:
         self._count, self._at, self._since = 0.0, -math.inf, math.inf
+
+    @property
+    def since(self) -> float:
+        """When counting started (inf before the first event)."""
+        return self._since
 
     def add(self, now: float) -> None:
         self._count = self._count * math.exp(self._at - now) + 1.0
