@@ -111,6 +111,11 @@ class RatePacer:
     def now(self) -> float:
         return self._clock()
 
+    @property
+    def paused_until(self) -> float:
+        """Every sender waits until then (a 429's Retry-After), on the pacer's clock."""
+        return self._paused_until
+
     def rate(self, now: float) -> float | None:
         """Requests per second allowed at ``now`` (None: no limit)."""
         limit = self._limit
@@ -219,6 +224,7 @@ class _Meter:
 
     def __init__(self) -> None:
         self._count, self._at, self._since = 0.0, -math.inf, math.inf
+        self._from = -math.inf
 
     @property
     def since(self) -> float:
@@ -226,13 +232,15 @@ class _Meter:
         return self._since
 
     def add(self, now: float) -> None:
+        if now < self._from:
+            return  # before a restart's start: not part of what is measured
         self._count = self._count * math.exp(self._at - now) + 1.0
         self._at = now
         self._since = min(self._since, now)
 
     def restart(self, at: float) -> None:
-        """Count from zero from ``at`` on."""
-        self._count, self._at, self._since = 0.0, at, at
+        """Count from zero from ``at`` on; events before ``at`` are ignored."""
+        self._count, self._at, self._since, self._from = 0.0, at, at, at
 
     def count(self, now: float) -> float:
         """Events in about the last second."""

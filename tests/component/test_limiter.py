@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections import deque
 
 import anyio
 import pytest
@@ -226,44 +227,56 @@ async def served(
     refuse: float,
     capacity: float = 1000,
     server_qps: float | None = None,
+    retry_after: float | None = None,
+    latency: float = 0.05,
 ) -> list[float]:
     """A closed loop on the fake clock, 10 ms a step: the client sends at the pacer's rate
-    (at most ``capacity``: what its concurrency allows); the server refuses a share
-    ``refuse`` of all requests at random, and what goes beyond ``server_qps``. Returns
-    the rate sent in each second."""
-    ok = refused = 0.0
-    per_second, sent = [], 0.0
+    (at most ``capacity``: what its concurrency allows) except while paused; answers come
+    back ``latency`` later. The server refuses a share ``refuse`` of all requests at
+    random, and what goes beyond ``server_qps``, with ``retry_after``. Returns the number
+    of requests sent in each second."""
+    owed = refused_owed = 0.0
+    in_flight: deque[tuple[float, bool, float]] = deque()  # (answered at, refused, sent at)
+    per_second, sent = [], 0
     for step in range(int(seconds * 100)):
         clock.now += 0.01
-        rate = min(p.rate(clock.now) or capacity, capacity)
-        share = refuse
-        if server_qps is not None and rate > server_qps:
-            share = max(share, 1 - server_qps / rate)
-        ok += rate * 0.01 * (1 - share)
-        refused += rate * 0.01 * share
-        sent += rate * 0.01
-        while ok >= 1:
-            ok -= 1
-            p.release(0, 10, 5)
-        while refused >= 1:
-            refused -= 1
-            p.penalise(None, sent_at=clock.now - 0.005)
+        while in_flight and in_flight[0][0] <= clock.now:
+            _, refused, sent_at = in_flight.popleft()
+            if refused:
+                p.penalise(retry_after, sent_at=sent_at)
+            else:
+                p.release(0, 10, 5)
+        if clock.now >= p.paused_until:
+            rate = min(p.rate(clock.now) or capacity, capacity)
+            share = refuse
+            if server_qps is not None and rate > server_qps:
+                share = max(share, 1 - server_qps / rate)
+            owed += rate * 0.01
+            while owed >= 1:
+                owed -= 1
+                refused_owed += share
+                refused = refused_owed >= 1
+                refused_owed -= refused
+                in_flight.append((clock.now + latency, refused, clock.now))
+                sent += 1
         if step % 100 == 99:
             per_second.append(sent)
-            sent = 0.0
+            sent = 0
     return per_second
 
 
-@pytest.mark.parametrize("refuse", [0.05, 0.10])
-async def test_random_429s_at_any_rate_do_not_wear_the_run_down(refuse: float) -> None:
+@pytest.mark.parametrize(("refuse", "retry_after"), [(0.05, None), (0.10, None), (0.05, 1.0)])
+async def test_random_429s_at_any_rate_do_not_wear_the_run_down(
+    refuse: float, retry_after: float | None
+) -> None:
     # A server that refuses a steady share at random, whatever the rate: a cut does not
     # make those 429s rarer, so after a first cut or two they become the floor and the
     # run goes back to full speed (before the floor, 5 % of 429s took it to 3 %).
     p, clock = pacer(concurrency=500)
     await send_times(p, clock, 1)
     clock.now += RAMP_S
-    rates = await served(p, clock, 120, refuse=refuse)
-    assert min(rates) > 600
+    rates = await served(p, clock, 120, refuse=refuse, retry_after=retry_after)
+    assert min(rates[5:]) > 600  # after the first cuts and their pauses
     assert sum(rates[-30:]) / 30 > 990
 
 
