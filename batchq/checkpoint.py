@@ -147,7 +147,9 @@ class StateDir:
     def iter_shards(self, *, columns: list[str] | None = None) -> Iterator[tuple[int, pa.Table]]:
         """``(sequence number, table)`` for every shard, oldest first."""
         for path in self.shard_paths():
-            yield int(path.stem), pq.read_table(path, columns=columns)
+            # ParquetFile, not read_table: read_table loads pyarrow.dataset (+4 MB RSS)
+            with pq.ParquetFile(path) as file:
+                yield int(path.stem), file.read(columns=columns)
 
     def write_shard(self, rows: list[dict[str, Any]]) -> Path:
         """Write finished rows as the next shard, atomically. RunStopped on a disk error."""
