@@ -253,6 +253,11 @@ class Simulator:
         return self.config.latency_ms / 1000 * math.exp(sigma * self._rng.gauss(0, 1))
 
 
+def _transports(server: web.Server | None) -> set[asyncio.Transport]:
+    connections = list(server.connections) if server is not None else []
+    return {c.transport for c in connections if isinstance(c.transport, asyncio.Transport)}
+
+
 async def _cancel_the_rest() -> None:
     """Cancel the handlers still answering (slow faults) so the loop closes cleanly."""
     rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
@@ -305,12 +310,14 @@ def serve_in_thread(config: SimConfig | None = None, *, port: int = 0) -> Iterat
         try:
             await stop.wait()
         finally:
+            # Every connection's transport, as it was before cleanup() and after it, is cut
+            # once cleanup() is done: cleanup() forgets connections it only asked to close
+            # (a client that went away mid-answer), and such a socket would outlive the
+            # loop and warn (unclosed transport) later, in whatever test runs then.
+            transports = _transports(server)
             await runner.cleanup()
-            # Connections cleanup() left open (a handler cancelled mid-answer) are cut, so
-            # no socket outlives the loop and warns later, in whatever test runs then.
-            for connection in list(server.connections if server is not None else ()):
-                if connection.transport is not None:
-                    connection.transport.abort()
+            for transport in transports | _transports(server):
+                transport.abort()
             await _cancel_the_rest()
 
     thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
