@@ -22,12 +22,13 @@ second and rejects sudden surges) — and waiting is one sleep, never polling.
     A stray 429 (a burst, a hiccup) only sends its own row into backoff.
     Two guards keep a cut from going deeper than the server asks:
     - the ok rate is read over at least MEASURE_S of answers (the first answers of a run
-      that starts at full concurrency would read a fraction of the real rate);
+      that starts at full concurrency, or of the end of a pause, would read a fraction of
+      the real rate);
     - 429s that a cut did not make rarer are not the rate's doing (a server that refuses
       a steady share at random, at any rate): when, with the rate still at or under
       where the last cut found it, the share of 429s since that cut is at least
-      NOISE_KEEP of the share that made it, that share becomes the floor, and only a
-      share above floor + CUT_SHARE cuts again. Without this, a steady 5 % of random
+      CUT_SHARE and NOISE_KEEP of the share that made it, that share becomes the floor,
+      and only a share above floor + CUT_SHARE cuts again. Without this, a steady 5 % of random
       429s cut a run with no limit to 3 % of its speed within a minute (fake clock,
       tests/component/test_limiter.py).
 
@@ -214,9 +215,8 @@ class RatePacer:
         ok, refused = self._since_cut
         if self._cut_from is None or current is None or ok + refused < 20:
             return False
-        return current <= self._cut_from and refused / (ok + refused) >= (
-            NOISE_KEEP * self._cut_share
-        )
+        share = refused / (ok + refused)
+        return current <= self._cut_from and share >= max(CUT_SHARE, NOISE_KEEP * self._cut_share)
 
 
 class _Meter:
