@@ -73,7 +73,7 @@ def merge_output(
     statuses: Counter[str] = Counter()
 
     def write(f: object) -> None:
-        with pq.ParquetWriter(f, schema) as writer:
+        with pq.ParquetWriter(f, schema, use_dictionary=_dictionary_columns(schema)) as writer:
             for start, inputs in _input_blocks(info):
                 results = _results_for(shards, start, inputs.num_rows).select(names)
                 statuses.update(results.column("status").to_pylist())
@@ -130,7 +130,14 @@ def _results_for(shards: list[_Shard], start: int, count: int) -> pa.Table:
     order = order.filter(pa.concat_arrays([latest, pa.array([True])]))
     if len(order) != count:
         raise RuntimeError(f"rows {start}..{end - 1}: {len(order)} results for {count} rows")
-    return found.take(order)
+    del keys
+    # A column at a time, each dropped from ``found`` once taken: the block's results are
+    # never held twice over.
+    schema, columns = found.schema, []
+    for name in schema.names:
+        columns.append(found.column(name).take(order))
+        found = found.drop_columns([name])
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def _conform(table: pa.Table) -> pa.Table:
@@ -139,6 +146,21 @@ def _conform(table: pa.Table) -> pa.Table:
         if field.name not in table.column_names:
             table = table.append_column(field, pa.nulls(table.num_rows, field.type))
     return table.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
+
+
+#: Result columns with few distinct values, worth a dictionary. Dictionary-encoding free
+#: text (response, request_id, ...) only to fall back to plain encoding cost the writer
+#: a third more memory and made a 16,384-row row group 17 % larger.
+_FEW_VALUES = {"status", "model", "response_model", "finish_reason", "via", "http_status",
+               "error_type", "error_code"}  # fmt: skip
+
+
+def _dictionary_columns(schema: pa.Schema) -> list[str]:
+    """The result columns of _FEW_VALUES, and the input columns that are not text."""
+    results = set(RESULT_SCHEMA.names) | {RAW.name}
+    return [f.name for f in schema if f.name in _FEW_VALUES or (
+        f.name not in results and not pa.types.is_string(f.type)
+    )]  # fmt: skip
 
 
 def _output_schema(info: InputInfo, *, keep_raw: bool) -> pa.Schema:
