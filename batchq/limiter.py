@@ -28,9 +28,9 @@ second and rejects sudden surges) — and waiting is one sleep, never polling.
       a steady share at random, at any rate): when, with the rate still at or under
       where the last cut found it, the share of 429s since that cut is at least
       CUT_SHARE and NOISE_KEEP of the share that made it, that share becomes the floor,
-      and only a share above floor + CUT_SHARE cuts again. Without this, a steady 5 % of random
-      429s cut a run with no limit to 3 % of its speed within a minute (fake clock,
-      tests/component/test_limiter.py).
+      and only a share above floor + CUT_SHARE cuts again. Without this, a steady 5 % of
+      random 429s cut a run with no limit to 3 % of its speed within a minute (fake
+      clock, tests/component/test_limiter.py).
 
 So a run configured above the server's real limit settles just under it instead of
 cycling through 429 storms; a run with no limit set learns one from its 429s.
@@ -210,8 +210,8 @@ class RatePacer:
         self._emit(Slowdown(self._ceiling * CUT, max(0.0, self._paused_until - now)))
 
     def _cut_did_not_help(self, current: float | None) -> bool:
-        """Whether the 429s since the last cut are as common as those that made it, with
-        the rate not yet back above where that cut found it."""
+        """Whether the 429s since the last cut are still common (CUT_SHARE, and NOISE_KEEP
+        of the share that made it) with the rate not yet back above where it found it."""
         ok, refused = self._since_cut
         if self._cut_from is None or current is None or ok + refused < 20:
             return False
