@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from batchq.checkpoint import read_parquet
 from batchq.config import load_job
 from batchq.errors import UsageError
 from batchq.io.keys import RepeatFinder
@@ -138,7 +139,7 @@ def _shard_tables(shards: Path, columns: list[str]) -> Iterator[pa.Table]:
         )
     again, latest = _answered_again(paths)
     for path in paths:
-        table = pq.read_table(path, columns=["_row", *columns])
+        table = read_parquet(path, ["_row", *columns])
         if len(again):
             where = pc.index_in(table.column("_row"), value_set=again)
             superseded = pc.not_equal(pc.take(latest, where), int(path.stem))
@@ -150,12 +151,12 @@ def _answered_again(paths: list[Path]) -> tuple[pa.Array, pa.Array]:
     """The rows found in more than one shard, and for each the number of its last shard."""
     finder = RepeatFinder()
     for path in paths:
-        finder.add_array(pq.read_table(path, columns=["_row"]).column("_row").combine_chunks())
+        finder.add_array(read_parquet(path, ["_row"]).column("_row").combine_chunks())
     again = pa.array(sorted(finder.repeated(limit=None)), pa.int64())
     latest = pa.array([0] * len(again), pa.int64())
     if len(again):
         for path in paths:  # oldest first: the last shard holding a row wins
-            rows = pq.read_table(path, columns=["_row"]).column("_row").combine_chunks()
+            rows = read_parquet(path, ["_row"]).column("_row").combine_chunks()
             latest = pc.if_else(pc.is_in(again, value_set=rows), int(path.stem), latest)
     return again, latest
 
@@ -200,10 +201,8 @@ def cost_report(
 ) -> CostReport:
     """Per-request costs, summed by ``by``. The price region comes from the job's manifest
     unless ``region`` is given; rows from a Batch API are priced at its share."""
-    tally = CostTally(prices, region or (results.manifest or {}).get("region") or "intl", by)
-    for table in results.tables([by]):
-        tally.add(table)
-    return tally.report()
+    region = region or (results.manifest or {}).get("region") or "intl"
+    return _tally(results, prices, region, by).report()
 
 
 class CostTally:
@@ -250,6 +249,13 @@ class CostTally:
         rows = sum(line.rows for line in lines)
         return CostReport(self.by or "", lines, totals, sorted(self.unpriced),
                           self.prices.source, self.region, batch_rows, rows)  # fmt: skip
+
+
+def _tally(results: Results, prices: PriceTable, region: str, by: str | None) -> CostTally:
+    tally = CostTally(prices, region, by)
+    for table in results.tables([by] if by else None):
+        tally.add(table)
+    return tally
 
 
 def _line(key: str | None, currency: str | None, v: dict[str, float]) -> CostLine:
@@ -318,9 +324,7 @@ class Status:
 def status(results: Results, prices: PriceTable) -> Status:
     manifest = results.manifest or {}
     region = manifest.get("region") or "intl"
-    tally = CostTally(prices, region, by=None)
-    for table in results.tables():
-        tally.add(table)
+    tally = _tally(results, prices, region, None)
     sums, unpriced = tally.sums, sorted(tally.unpriced)
     total = dict.fromkeys(_SUMS, 0.0)
     costs: dict[str, float] = {}

@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import pyarrow.parquet as pq
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
-from batchq.checkpoint import RowMask, StateDir, check_same_job, manifest_for
+from batchq.checkpoint import RowMask, StateDir, check_same_job, manifest_for, read_parquet
 from batchq.client import Client
 from batchq.config import Job
 from batchq.errors import BatchqError, Interrupted
@@ -137,7 +136,7 @@ def _finish(
 
 
 def _count_statuses(output: Path) -> tuple[int, int]:
-    statuses = pq.read_table(output, columns=["status"]).column("status").to_pylist()
+    statuses = read_parquet(output, ["status"]).column("status").to_pylist()
     return statuses.count("ok"), statuses.count("error")
 
 
