@@ -22,6 +22,7 @@ os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")  # as the console e
 
 import orjson
 
+from batchq import memory
 from batchq.checkpoint import StateDir, manifest_for
 from batchq.config import load_job
 from batchq.io.preflight import preflight
@@ -37,6 +38,7 @@ def peak_mb() -> int:
 
 
 def main() -> None:
+    memory.few_arenas()  # as the console entry does, before Arrow's threads allocate
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     n = parser.parse_args().rows

@@ -52,6 +52,12 @@ def test_every_row_gets_its_own_answer_in_input_order(
     assert (df["attempts"] == 1).all()
     assert sim.stats.requests == 500
     assert not (tmp_path / "out.parquet.batchq").exists()
+    # Free text keeps no min / max in the metadata (it would be held to the merge's end).
+    group = pq.read_metadata(out).row_group(0)
+    with_stats = {group.column(i).path_in_schema for i in range(group.num_columns)
+                  if group.column(i).is_stats_set}  # fmt: skip
+    assert {"stars", "status", "prompt_tokens", "latency_ms"} <= with_stats
+    assert not {"id", "text", "response", "request_id", "error_message"} & with_stats
 
 
 def test_parquet_input_keeps_its_columns_and_types(

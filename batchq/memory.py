@@ -1,0 +1,62 @@
+"""How the process asks glibc's allocator to keep its footprint small.
+
+Arrow's buffers come from malloc (``_entry`` picks Arrow's system pool), and glibc keeps
+what is freed for reuse instead of handing it back to the OS, in one arena per thread
+that allocated (up to eight per core). Two calls, measured on a 1,000,000-row run
+against the simulator (bench/first_request.py --whole, peak RSS 134-137 MB without them):
+
+- ``few_arenas`` at start: Arrow's reader threads share two arenas instead of each
+  keeping its own (peak RSS -6 MB; time to the first request unchanged, 0.78 s).
+- ``give_back`` before the merge: hands back what sending freed (-8 MB) and from then on
+  serves blocks of 128 KiB and more straight from mmap, so each merge block's buffers
+  return to the OS when freed instead of fragmenting the heap. With both, peak RSS 125 MB.
+  Not set from the start: preflight, reading the input in 1 MB chunks, was 0.3 s slower
+  at 1M rows with a fixed threshold.
+
+On another C library (musl, macOS, Windows) both are no-ops.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import sys
+
+__all__ = ["few_arenas", "give_back"]
+
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+ARENAS = 2
+MMAP_THRESHOLD = 128 * 1024
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return None
+    # gnu_get_libc_version exists only in glibc; mallopt's numbers above are glibc's.
+    return libc if hasattr(libc, "gnu_get_libc_version") else None
+
+
+_LIBC = _glibc()
+
+
+def few_arenas() -> bool:
+    """Cap malloc's arenas at ARENAS. Call before any thread starts (before pyarrow loads).
+
+    True when the C library took the setting."""
+    return _LIBC is not None and _LIBC.mallopt(_M_ARENA_MAX, ARENAS) == 1
+
+
+def give_back() -> bool:
+    """Collect garbage, return freed heap to the OS, and serve large blocks from mmap
+    from now on. True when the C library took the threshold."""
+    gc.collect()
+    if _LIBC is None:
+        return False
+    applied = _LIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+    _LIBC.malloc_trim(0)
+    return bool(applied)
