@@ -5,7 +5,9 @@ for exactly those rows are read from the shards that hold any (found from each s
 ``_row`` range), so memory stays flat in the row count. The file is written beside the
 output and renamed over it: a reader never sees half a file.
 
-A block is one row group of the output (BLOCK rows). Its input is read a smaller batch
+A block is one row group of the output: BLOCK rows, or fewer where rows are long (answers
+of a few KB, long documents to label), so that its input and results stay near
+BLOCK_BYTES. Its input is read a smaller batch
 (READ rows) at a time and turned into Arrow columns at once, so at most READ rows are
 ever held as Python objects; its results are gathered with one ``take``, a column at a
 time, and a block is let go before the next is gathered. Measured on a 100,000-row state
@@ -39,6 +41,8 @@ from batchq.io.schema import RAW, RESULT_SCHEMA, SHARD_SCHEMA, input_arrays
 __all__ = ["MergeCounts", "merge_output", "read_output_manifest"]
 
 BLOCK = 16384
+BLOCK_BYTES = 8 << 20  # of input and results, uncompressed: a 16,384-row block of
+MIN_BLOCK = 256  # short reviews and their answers is about 5 MB
 READ = 2048
 MANIFEST_KEY = b"batchq.manifest"
 
@@ -55,6 +59,8 @@ class _Shard:
     path: Path
     low: int
     high: int
+    rows: int
+    size: int  # bytes, uncompressed
 
 
 def merge_output(
@@ -84,7 +90,7 @@ def merge_output(
             f, schema, use_dictionary=_dictionary_columns(schema),
             write_statistics=_statistics_columns(schema),
         ) as writer:  # fmt: skip
-            for start, inputs in _input_blocks(info):
+            for start, inputs in _input_blocks(info, _block_rows(info, shards)):
                 results = _results_for(shards, start, inputs.num_rows).select(names)
                 statuses.update(results.column("status").to_pylist())
                 if on_block is not None:
@@ -107,14 +113,23 @@ def read_output_manifest(output: Path) -> dict[str, Any] | None:
 
 def _index(state: StateDir) -> list[_Shard]:
     shards = []
-    for seq, table in state.iter_shards(columns=["_row"]):
-        rows = table.column("_row")
+    for path in state.shard_paths():
+        with pq.ParquetFile(path) as file:
+            rows = file.read(columns=["_row"]).column("_row")
+            meta = file.metadata
+            size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
         if len(rows):
             low, high = pc.min_max(rows).values()
-            shards.append(
-                _Shard(seq, state.shards / f"{seq:06d}.parquet", low.as_py(), high.as_py())
-            )
+            shards.append(_Shard(int(path.stem), path, low.as_py(), high.as_py(), len(rows), size))
     return shards
+
+
+def _block_rows(info: InputInfo, shards: list[_Shard]) -> int:
+    """Rows a block: BLOCK, or as many as fit BLOCK_BYTES at the average row's size (its
+    results, uncompressed, plus its share of the input file), but at least MIN_BLOCK."""
+    results = sum(s.size for s in shards) / max(1, sum(s.rows for s in shards))
+    inputs = info.path.stat().st_size / max(1, info.total_rows)
+    return max(MIN_BLOCK, min(BLOCK, int(BLOCK_BYTES / max(1.0, results + inputs))))
 
 
 def _results_for(shards: list[_Shard], start: int, count: int) -> pa.Table:
@@ -192,14 +207,16 @@ def _output_schema(info: InputInfo, *, keep_raw: bool) -> pa.Schema:
     return pa.schema([*fields, *RESULT_SCHEMA, *([RAW] if keep_raw else [])])
 
 
-def _input_blocks(info: InputInfo) -> Iterator[tuple[int, pa.Table]]:
+def _input_blocks(info: InputInfo, block: int) -> Iterator[tuple[int, pa.Table]]:
     """The input's columns for the output (``model`` left out, ROW_COLUMN added when
-    there is no id column), BLOCK rows at a time, read READ rows at a time."""
+    there is no id column), ``block`` rows at a time, read READ rows at a time."""
     kept = [(name, type_) for name, type_ in info.columns if name != "model"]
     names = [*([ROW_COLUMN] if info.id_column is None else []), *(name for name, _ in kept)]
+    step = min(READ, block)
+    block -= block % step  # whole batches
     pending: list[pa.RecordBatch] = []
     start = 0
-    for batch in read_batches(info.path, batch_size=READ):
+    for batch in read_batches(info.path, batch_size=step):
         columns: list[pa.Array] = []
         if info.id_column is None:
             columns.append(pa.array(range(batch.start, batch.start + len(batch.rows)), pa.int64()))
@@ -208,7 +225,7 @@ def _input_blocks(info: InputInfo) -> Iterator[tuple[int, pa.Table]]:
         else:
             columns.extend(input_arrays(batch.rows, kept))
         pending.append(pa.RecordBatch.from_arrays(columns, names=names))
-        if sum(b.num_rows for b in pending) >= BLOCK:
+        if sum(b.num_rows for b in pending) >= block:
             yield start, pa.Table.from_batches(pending)
             start += sum(b.num_rows for b in pending)
             pending = []

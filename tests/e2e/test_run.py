@@ -60,6 +60,28 @@ def test_every_row_gets_its_own_answer_in_input_order(
     assert not {"id", "text", "response", "request_id", "error_message"} & with_stats
 
 
+def test_long_rows_make_smaller_row_groups(
+    simulator: Callable[..., Any], write_jsonl: Callable[..., Path], cli: Any, tmp_path: Path
+) -> None:
+    # The merge holds one row group at a time: short rows go 16,384 to a row group, rows
+    # of ~12 KB (a 6 KB document and its echo) as many as fit in about 8 MB.
+    sim = simulator()
+    short, long = tmp_path / "short.parquet", tmp_path / "long.parquet"
+    assert cli(*run_args(sim, write_jsonl(rows(1500)), short)).exit_code == 0
+    document = "word " * 1200
+    path = write_jsonl([{"id": f"r{i}", "text": f"{i} {document}"} for i in range(1500)])
+    assert cli(*run_args(sim, path, long)).exit_code == 0
+    assert pq.read_metadata(short).num_row_groups == 1
+    meta = pq.read_metadata(long)
+    groups = [meta.row_group(i) for i in range(meta.num_row_groups)]
+    assert len(groups) == 3
+    assert {g.num_rows for g in groups[:-1]} == {groups[0].num_rows}
+    assert all(6 << 20 < g.total_byte_size <= 8 << 20 for g in groups[:-1]), groups
+    df = pl.read_parquet(long)
+    assert df["response"].to_list() == [f"echo: Review: {i} {document}"
+                                        for i in range(1500)]  # fmt: skip
+
+
 def test_parquet_input_keeps_its_columns_and_types(
     simulator: Callable[..., Any], cli: Any, tmp_path: Path
 ) -> None:
