@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from batchq.config import Job
 from batchq.errors import RunStopped, UsageError
 from batchq.io.preflight import ROW_COLUMN, InputInfo
-from batchq.io.schema import RAW, RESULT_SCHEMA, SHARD_SCHEMA
+from batchq.io.schema import FEW_VALUES, RAW, RESULT_SCHEMA, SHARD_SCHEMA
 from batchq.pricing import region_of
 
 __all__ = ["RowMask", "StateDir", "check_same_job", "manifest_for", "read_parquet", "write_atomic"]
@@ -159,7 +159,7 @@ class StateDir:
             self._next_seq = int(paths[-1].stem) + 1 if paths else 1
         path = self.shards / f"{self._next_seq:06d}.parquet"
         try:
-            write_atomic(path, lambda f: pq.write_table(table, f))
+            write_atomic(path, lambda f: pq.write_table(table, f, use_dictionary=_DICTIONARY))
         except OSError as e:
             raise RunStopped(
                 f"cannot write to the state folder {self.path}: {e.strerror}. What was "
@@ -234,6 +234,10 @@ class RowMask:
     def count(self) -> int:
         """How many rows are set."""
         return int.from_bytes(self._bits, "little").bit_count()
+
+
+#: A shard's columns worth a dictionary (see FEW_VALUES).
+_DICTIONARY = [name for name in SHARD_SCHEMA.names if name in FEW_VALUES]
 
 
 def read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:

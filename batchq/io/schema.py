@@ -14,6 +14,7 @@ import orjson
 import pyarrow as pa
 
 __all__ = [
+    "FEW_VALUES",
     "RAW",
     "RESULT_SCHEMA",
     "SHARD_SCHEMA",
@@ -52,6 +53,12 @@ RAW = pa.field("raw", pa.string())
 #: A checkpoint shard: the input position, the id as text, the result columns, ``raw``.
 SHARD_SCHEMA = pa.schema([("_row", pa.int64()), ("_id", pa.string()), *RESULT_SCHEMA, RAW])
 RESULT_COLUMNS = frozenset([*RESULT_SCHEMA.names, RAW.name])
+
+#: Result columns with few distinct values, worth a dictionary in Parquet. Dictionary-
+#: encoding free text (response, request_id, ...) only to fall back to plain encoding cost
+#: the writer a third more memory and made a 16,384-row row group 17 % larger.
+FEW_VALUES = frozenset({"status", "model", "response_model", "finish_reason", "via",
+                        "http_status", "error_type", "error_code"})  # fmt: skip
 
 
 class _BigInt:

@@ -36,7 +36,7 @@ from batchq import memory
 from batchq.checkpoint import StateDir, write_atomic
 from batchq.io.preflight import ROW_COLUMN, InputInfo
 from batchq.io.reader import read_batches
-from batchq.io.schema import RAW, RESULT_SCHEMA, SHARD_SCHEMA, input_arrays
+from batchq.io.schema import FEW_VALUES, RAW, RESULT_SCHEMA, SHARD_SCHEMA, input_arrays
 
 __all__ = ["MergeCounts", "merge_output", "read_output_manifest"]
 
@@ -173,17 +173,10 @@ def _conform(table: pa.Table) -> pa.Table:
     return table.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
 
 
-#: Result columns with few distinct values, worth a dictionary. Dictionary-encoding free
-#: text (response, request_id, ...) only to fall back to plain encoding cost the writer
-#: a third more memory and made a 16,384-row row group 17 % larger.
-_FEW_VALUES = {"status", "model", "response_model", "finish_reason", "via", "http_status",
-               "error_type", "error_code"}  # fmt: skip
-
-
 def _dictionary_columns(schema: pa.Schema) -> list[str]:
-    """The result columns of _FEW_VALUES, and the input columns that are not text."""
+    """The result columns of FEW_VALUES, and the input columns that are not text."""
     results = set(RESULT_SCHEMA.names) | {RAW.name}
-    return [f.name for f in schema if f.name in _FEW_VALUES or (
+    return [f.name for f in schema if f.name in FEW_VALUES or (
         f.name not in results and not pa.types.is_string(f.type)
     )]  # fmt: skip
 
@@ -194,7 +187,7 @@ def _statistics_columns(schema: pa.Schema) -> list[str]:
     The writer keeps every row group's metadata until it closes, and a text column's
     statistics are two of its values (up to 4 KB each): with 1 KB responses they were
     2.6 KB of a row group's 27 KB of metadata, in memory to the end of the merge."""
-    return [f.name for f in schema if f.name in _FEW_VALUES or not pa.types.is_string(f.type)]
+    return [f.name for f in schema if f.name in FEW_VALUES or not pa.types.is_string(f.type)]
 
 
 def _output_schema(info: InputInfo, *, keep_raw: bool) -> pa.Schema:

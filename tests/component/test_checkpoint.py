@@ -14,6 +14,7 @@ from batchq.errors import UsageError
 from batchq.io.preflight import preflight
 from batchq.pricing import PriceTable
 from batchq.report import cost_report, find_results, status
+from batchq.runner import FLUSH_MAX_ROWS, FLUSH_MAX_TEXT, Journal
 
 
 def result(row: int, status: str = "ok", attempts: int = 1) -> dict[str, Any]:
@@ -56,6 +57,21 @@ def test_shards_record_done_rows(job) -> None:  # type: ignore[no-untyped-def]
     assert list(state.done_mask(5, retry_errors=True)) == [1, 0, 0, 0, 1]
     assert state.max_attempts_by_row() == {3: 2}
     assert not list(state.shards.glob(".tmp-*"))
+    state.close()
+
+
+def test_the_journal_flushes_by_rows_and_by_answer_text(job) -> None:  # type: ignore[no-untyped-def]
+    state = StateDir.open(job, preflight(job))
+    flushed: list[int] = []
+    journal = Journal(state, lambda event: flushed.append(event.rows))
+    long = "x" * (FLUSH_MAX_TEXT // 3)
+    for row in range(7):  # the third long answer reaches the limit: a shard of 3 rows
+        journal.add({**result(row), "response": long, "choices": ["y"] if row else None})
+    for row in range(7, 7 + FLUSH_MAX_ROWS):
+        journal.add({**result(row), "response": "short"})
+    journal.flush()
+    assert flushed == [3, 3, FLUSH_MAX_ROWS, 1]
+    assert len(state.shard_paths()) == 4
     state.close()
 
 
