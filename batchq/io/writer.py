@@ -6,13 +6,12 @@ for exactly those rows are read from the shards that hold any (found from each s
 output and renamed over it: a reader never sees half a file.
 
 A block is one row group of the output: BLOCK rows, or fewer where rows are long (answers
-of a few KB, long documents to label), so that its input and results stay near
-BLOCK_BYTES. Its input is read a smaller batch
-(READ rows) at a time and turned into Arrow columns at once, so at most READ rows are
-ever held as Python objects; its results are gathered with one ``take``, a column at a
-time, and a block is let go before the next is gathered. Measured on a 100,000-row state
-folder from a real run (tracemalloc and Arrow's pool): Python objects at the merge's peak
-12.6 -> 2.5 MB, Arrow's 16.2 -> 7.9 MB.
+of a few KB, long documents to label), so that it holds about BLOCK_BYTES. Its input is
+read a smaller batch (READ rows) at a time and turned into Arrow columns at once, so at
+most READ rows are ever held as Python objects; its results are gathered with one
+``take``, a column at a time, and a block is let go before the next is gathered.
+Measured on a 100,000-row state folder from a real run (tracemalloc and Arrow's pool):
+Python objects at the merge's peak 12.6 -> 2.5 MB, Arrow's 16.2 -> 7.9 MB.
 
 What still grows with the row count: Arrow's Parquet writer keeps every row group's
 metadata until it closes, 25-35 KB a block of 25 columns (about 18 MB at 10M rows), and
@@ -41,8 +40,10 @@ from batchq.io.schema import FEW_VALUES, RAW, RESULT_SCHEMA, SHARD_SCHEMA, input
 __all__ = ["MergeCounts", "merge_output", "read_output_manifest"]
 
 BLOCK = 16384
-BLOCK_BYTES = 8 << 20  # of input and results, uncompressed: a 16,384-row block of
-MIN_BLOCK = 256  # short reviews and their answers is about 5 MB
+#: Input and results, uncompressed, a block holds at most (about): 16,384 short reviews and
+#: their answers are 2.8 MB, so they stay at BLOCK rows; 2 KB ones would be 70 MB.
+BLOCK_BYTES = 8 << 20
+MIN_BLOCK = 256
 READ = 2048
 MANIFEST_KEY = b"batchq.manifest"
 
