@@ -22,7 +22,6 @@ On another C library (musl, macOS, Windows) both are no-ops.
 from __future__ import annotations
 
 import ctypes
-import gc
 import sys
 
 __all__ = ["few_arenas", "give_back"]
@@ -55,9 +54,8 @@ def few_arenas() -> bool:
 
 
 def give_back() -> bool:
-    """Collect garbage, return freed heap to the OS, and serve large blocks from mmap
-    from now on. True when the C library took the threshold."""
-    gc.collect()
+    """Return freed heap to the OS, and serve large blocks from mmap from now on. True
+    when the C library took the threshold."""
     if _LIBC is None:
         return False
     applied = _LIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
