@@ -6,7 +6,7 @@ that allocated (up to eight per core). Two calls:
 
 - ``few_arenas`` at start: Arrow's reader threads share two arenas instead of each
   keeping its own.
-- ``give_back`` before the merge: hands back what sending freed (8 MB at 1M and 10M
+- ``give_back`` before the merge: hands back what sending freed (6-8 MB at 1M and 10M
   rows) and from then on serves blocks of 128 KiB and more straight from mmap, so each
   merge block's buffers go back to the OS when freed instead of fragmenting the heap.
   Not set from the start: preflight, which reads the input in 1 MB chunks, took 1.1 s
