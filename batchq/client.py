@@ -8,10 +8,21 @@ Every outcome is one of four kinds, decided by status code and the API's ``error
 never by searching message text:
 
     ok         a valid completion
-    retry      429 (except quota exhausted), 500/502/503/504, a transport error, a
-               timeout, or a 200 whose body is not a valid completion
+    retry      429, 500/502/503/504, a transport error, a timeout, or a 200 whose body
+               is not a valid completion
     row_error  any other 4xx: recorded on the row, the run goes on
-    fatal      401/403, or a 429 saying the quota is used up: every row would fail alike
+    fatal      401/403, or a billing code whatever the status: every row would fail alike
+
+A 429 also says which kind of throttling it is (``Outcome.throttled``), by its code.
+Model Studio's rate-limit page (alibabacloud.com/help/en/model-studio/rate-limit, last
+updated 2026-02-09): "Requests rate limit exceeded" is the RPM limit, "Allocated quota
+exceeded or You exceeded your current quota" the TPM limit, "Request rate increased too
+quickly" the burst protection, which fires below RPM and TPM:
+
+    rate   limit_requests, Throttling, Throttling.RateQuota, LimitRequests, any other code
+    burst  limit_burst_rate, Throttling.BurstRate
+    quota  insufficient_quota, Throttling.AllocationQuota: token-rate throttling first;
+           the run stops only after a minute of nothing else (``batchq.work``)
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import aiohttp
 import anyio
 import orjson
 
+from batchq.limiter import Throttle
 from batchq.response import (
     InvalidCompletion,
     Stream,
@@ -42,8 +54,13 @@ __all__ = ["Client", "Outcome", "classify", "redact"]
 
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 FATAL_STATUS = frozenset({401, 403})
-#: 429 codes that mean "no money left", not "slow down": retrying cannot help.
-QUOTA_CODES = frozenset({"insufficient_quota", "Arrearage", "DataInspectionQuotaExceeded"})
+#: Codes that mean "no money on the account", whatever the status: retrying cannot help.
+BILLING_CODES = frozenset({
+    "PrepaidBillOverdue", "PostpaidBillOverdue", "CommodityNotPurchased", "Arrearage",
+    "AllocationQuota.FreeTierOnly",
+})  # fmt: skip
+BURST_CODES = frozenset({"limit_burst_rate", "Throttling.BurstRate"})
+QUOTA_CODES = frozenset({"insufficient_quota", "Throttling.AllocationQuota"})
 
 Kind = Literal["ok", "retry", "row_error", "fatal"]
 
@@ -60,6 +77,8 @@ class Outcome:
     error_message: str | None = None
     retry_after: float | None = None
     latency_ms: float | None = None
+    #: for a 429: a request-rate limit, a burst limit, or token quota throttling
+    throttled: Throttle | None = None
 
 
 class WireError(Exception):
@@ -261,7 +280,7 @@ def classify(status: int, content: bytes, headers: Mapping[str, str], latency_ms
         return Outcome("ok", 200, result=result, latency_ms=latency_ms)
     error_type, code, message = parse_error_body(content)
     kind: Kind
-    if status == 429 and code in QUOTA_CODES:
+    if code in BILLING_CODES:
         kind = "fatal"
     elif status in RETRY_STATUS:
         kind = "retry"
@@ -277,4 +296,11 @@ def classify(status: int, content: bytes, headers: Mapping[str, str], latency_ms
         error_code=code or str(status),
         error_message=message or f"HTTP {status}",
         retry_after=retry_after,
+        throttled=_throttle(code) if status == 429 and kind == "retry" else None,
     )
+
+
+def _throttle(code: str | None) -> Throttle:
+    if code in QUOTA_CODES:
+        return "quota"
+    return "burst" if code in BURST_CODES else "rate"

@@ -71,11 +71,13 @@ class Retrying:
 
 @dataclass(frozen=True, slots=True)
 class Slowdown:
-    """429s showed a limit: the whole run now sends at ``rate`` requests/s, after pausing
-    ``pause_s`` (the server's Retry-After)."""
+    """429s came back on ``share`` of the answers, beyond what comes at any rate: the
+    whole run now sends at ``rate`` requests/s (after pausing ``pause_s``, the server's
+    Retry-After, when the 429s were a wall); undone if they do not become rarer."""
 
     rate: float
     pause_s: float
+    share: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

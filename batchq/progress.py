@@ -193,7 +193,8 @@ class LiveProgress:
 
 def _slowdown_text(event: Slowdown) -> str:
     pause = f" after a {event.pause_s:.1f} s pause (Retry-After)" if event.pause_s else ""
-    return f"429s show a rate limit: slowing the whole run to {event.rate:,.1f} req/s{pause}"
+    return (f"429s on {event.share:.0%} of answers: slowing the whole run to "
+            f"{event.rate:,.1f} req/s{pause}")  # fmt: skip
 
 
 def money(amount: float, currency: str) -> str:

@@ -17,7 +17,7 @@ import random
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,7 +43,7 @@ from batchq.io.reader import read_batches
 from batchq.io.writer import merge_output, read_output_manifest
 from batchq.limiter import Pacer, RatePacer
 from batchq.request import build_body, estimate_tokens
-from batchq.work import Item, answer
+from batchq.work import Item, QuotaWatch, answer
 
 if TYPE_CHECKING:  # httpx loads only when a caller brings a transport (tests)
     from collections.abc import Callable
@@ -157,6 +157,7 @@ class _Pipeline:
     journal: Journal
     sink: Sink
     rng: random.Random
+    quota: QuotaWatch = field(default_factory=QuotaWatch)
     stopping: bool = False
 
     async def run(self) -> None:
@@ -202,7 +203,7 @@ class _Pipeline:
                 row = await answer(
                     item, client=self.client, pacer=self.pacer,
                     max_attempts=self.job.limits.max_attempts, emit=self.sink,
-                    sleep=anyio.sleep, rng=self.rng,
+                    sleep=anyio.sleep, rng=self.rng, quota=self.quota,
                 )  # fmt: skip
                 self.journal.add(row)
                 self.sink(_finished(row))

@@ -14,10 +14,10 @@ from typing import Any
 from batchq.client import Client, Outcome
 from batchq.errors import RunStopped
 from batchq.events import Retrying, Sink
-from batchq.limiter import Pacer
+from batchq.limiter import Pacer, Settled
 from batchq.retry import backoff_delay
 
-__all__ = ["Item", "answer"]
+__all__ = ["QUOTA_STOP_S", "Item", "QuotaWatch", "answer"]
 
 
 @dataclass(slots=True)
@@ -33,6 +33,30 @@ class Item:
     prior_attempts: int = 0
 
 
+#: A run whose answers have been nothing but quota 429s for this long stops (exit 3).
+QUOTA_STOP_S = 60.0
+
+
+class QuotaWatch:
+    """How long every answer has been a quota 429 (``insufficient_quota``,
+    ``Throttling.AllocationQuota``). Model Studio sends those for its token-rate limit, so
+    they are throttling first: the run stops only after ``stop_s`` of nothing else. One
+    watch is shared by every worker of a run."""
+
+    def __init__(self, stop_s: float = QUOTA_STOP_S) -> None:
+        self._stop_s = stop_s
+        self._since: float | None = None
+
+    def saw(self, outcome: Outcome, now: float) -> bool:
+        """Note an answer; True when quota 429s alone have come back for ``stop_s``."""
+        if outcome.throttled != "quota":
+            self._since = None
+            return False
+        if self._since is None:
+            self._since = now
+        return now - self._since >= self._stop_s
+
+
 async def answer(
     item: Item,
     *,
@@ -42,9 +66,14 @@ async def answer(
     emit: Sink,
     sleep: Callable[[float], Awaitable[None]],
     rng: random.Random,
+    quota: QuotaWatch,
 ) -> dict[str, Any]:
-    """The result row for ``item``. Raises RunStopped on a fatal answer (401/403, quota)."""
-    attempts = 0
+    """The result row for ``item``. Raises RunStopped on a fatal answer (401/403, billing)
+    or when ``quota`` says the token quota has been exhausted for a minute.
+
+    Quota 429s do not use up the row's ``max_attempts`` (the run stops instead of writing
+    error rows); every request sent counts in its ``attempts`` column."""
+    sent = counted = 0
     while True:
         reserved = await pacer.acquire(item.prompt_tokens, item.max_completion)
         sent_at = pacer.now()
@@ -52,25 +81,32 @@ async def answer(
         try:
             outcome = await client.send(item.body)
         finally:
-            _release(pacer, reserved, outcome)
-        attempts += 1
+            pacer.release(reserved, _settled(sent_at, outcome))
+        sent += 1
+        counted += outcome.throttled != "quota"
         if outcome.kind == "ok":
-            return _row(item, outcome, attempts)
+            quota.saw(outcome, pacer.now())
+            return _row(item, outcome, sent)
         if outcome.kind == "fatal":
             raise RunStopped(_fatal_message(outcome))
-        if outcome.kind == "row_error" or attempts >= max_attempts:
-            return _row(item, outcome, attempts)
-        if outcome.http_status == 429:
-            pacer.penalise(outcome.retry_after, sent_at)
-        delay = backoff_delay(attempts, retry_after=outcome.retry_after, rng=rng)
+        if quota.saw(outcome, pacer.now()):
+            raise RunStopped(_quota_message(outcome))
+        if outcome.kind == "row_error" or counted >= max_attempts:
+            return _row(item, outcome, sent)
+        delay = backoff_delay(sent, retry_after=outcome.retry_after, rng=rng)
         reason = outcome.error_code or outcome.error_type or "error"
-        emit(Retrying(item.id, attempts, outcome.http_status, reason, delay, outcome.retry_after))
+        emit(Retrying(item.id, sent, outcome.http_status, reason, delay, outcome.retry_after))
         await sleep(delay)
 
 
-def _release(pacer: Pacer, reserved: int, outcome: Outcome | None) -> None:
-    usage = outcome.result if outcome is not None and outcome.result is not None else {}
-    pacer.release(reserved, usage.get("total_tokens"), usage.get("completion_tokens"))
+def _settled(sent_at: float, outcome: Outcome | None) -> Settled:
+    if outcome is None:  # cancelled mid-request: nothing learned
+        return Settled(sent_at)
+    usage = outcome.result if outcome.result is not None else {}
+    return Settled(
+        sent_at, usage.get("total_tokens"), usage.get("completion_tokens"),
+        outcome.throttled, outcome.retry_after,
+    )  # fmt: skip
 
 
 def _row(item: Item, outcome: Outcome, attempts: int) -> dict[str, Any]:
@@ -100,5 +136,15 @@ def _fatal_message(outcome: Outcome) -> str:
     if outcome.http_status in (401, 403):
         hint = "check the API key, its region and the base URL, then rerun to resume"
     else:
-        hint = "the account's quota is used up: top it up, then rerun to resume"
+        hint = ("the account has a billing problem (an overdue bill, a model not purchased, "
+                "or free quota only): settle it in the console, then rerun to resume")  # fmt: skip
     return f"the run stopped: {what}{detail}, so every row would fail alike; {hint}"
+
+
+def _quota_message(outcome: Outcome) -> str:
+    return (
+        f"the run stopped: quota or token rate exhausted: for {QUOTA_STOP_S:g} s every "
+        f"answer was HTTP 429 {outcome.error_code}. Check the account's quota and the "
+        "model's TPM limit in the console (or set a lower --tpm), then rerun the same "
+        "command to resume"
+    )

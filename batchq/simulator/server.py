@@ -84,6 +84,9 @@ class SimStats:
     by_status: Counter[int] = field(default_factory=Counter)
     #: answers ok per whole second of the server's monotonic clock
     ok_by_second: Counter[int] = field(default_factory=Counter)
+    #: requests received, and first requests for a reply (a row's first attempt), per second
+    received_by_second: Counter[int] = field(default_factory=Counter)
+    first_by_second: Counter[int] = field(default_factory=Counter)
     by_prompt: Counter[str] = field(default_factory=Counter)
     #: the first 10,000 request bodies received, as sent
     bodies: list[dict[str, Any]] = field(default_factory=list)
@@ -134,10 +137,18 @@ class Simulator:
 
     async def report(self, request: web.Request) -> web.Response:
         """``GET /_stats``: requests seen and answers by status, for benchmarks."""
-        by_status = {str(k): v for k, v in self.stats.by_status.items()}
-        seconds = sorted(self.stats.ok_by_second.items())
-        return _json({"requests": self.stats.requests, "by_status": by_status,
-                      "ok_per_second": [n for _, n in seconds]})  # fmt: skip
+        stats = self.stats
+        by_status = {str(k): v for k, v in stats.by_status.items()}
+        start = min(stats.received_by_second, default=0)
+        end = max(stats.received_by_second, default=-1) + 1
+
+        def per_second(counts: Counter[int]) -> list[int]:
+            return [counts[s] for s in range(start, end)]
+
+        return _json({"requests": stats.requests, "by_status": by_status,
+                      "ok_per_second": per_second(stats.ok_by_second),
+                      "received_per_second": per_second(stats.received_by_second),
+                      "first_per_second": per_second(stats.first_by_second)})  # fmt: skip
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.stats.requests += 1
@@ -161,6 +172,10 @@ class Simulator:
             return _error(400, "invalid_parameter_error", "The request body is not valid: "
                           "it needs model and messages.", "invalid_request_error")  # fmt: skip
         self.stats.by_prompt[reply] += 1
+        second = int(time.monotonic())
+        self.stats.received_by_second[second] += 1
+        if self.stats.by_prompt[reply] == 1:
+            self.stats.first_by_second[second] += 1
         if len(self.stats.bodies) < 10_000:
             self.stats.bodies.append(body)
         sent = request.headers.get("Authorization", "")

@@ -56,7 +56,13 @@ async def test_ok_sends_the_body_with_the_key_to_the_endpoint() -> None:
     ("response", "kind", "code"),
     [
         (error(429, "limit_requests"), "retry", "limit_requests"),
-        (error(429, "insufficient_quota"), "fatal", "insufficient_quota"),
+        (error(429, "insufficient_quota"), "retry", "insufficient_quota"),
+        (error(429, "Throttling.AllocationQuota"), "retry", "Throttling.AllocationQuota"),
+        (error(429, "Arrearage"), "fatal", "Arrearage"),
+        (error(400, "Arrearage"), "fatal", "Arrearage"),
+        (error(400, "PrepaidBillOverdue"), "fatal", "PrepaidBillOverdue"),
+        (error(403, "AllocationQuota.FreeTierOnly"), "fatal", "AllocationQuota.FreeTierOnly"),
+        (error(400, "CommodityNotPurchased"), "fatal", "CommodityNotPurchased"),
         (error(500, "internal_error"), "retry", "internal_error"),
         (httpx.Response(502, text="Bad Gateway"), "retry", "502"),
         (error(503, "ServiceUnavailable"), "retry", "ServiceUnavailable"),
@@ -73,6 +79,21 @@ async def test_ok_sends_the_body_with_the_key_to_the_endpoint() -> None:
 async def test_classification(response: httpx.Response, kind: str, code: str) -> None:
     outcome = await send(lambda request: response)
     assert (outcome.kind, outcome.error_code) == (kind, code)
+
+
+@pytest.mark.parametrize(
+    ("code", "throttled"),
+    [
+        ("limit_requests", "rate"), ("Throttling", "rate"), ("Throttling.RateQuota", "rate"),
+        ("LimitRequests", "rate"), ("something_new", "rate"),
+        ("limit_burst_rate", "burst"), ("Throttling.BurstRate", "burst"),
+        ("insufficient_quota", "quota"), ("Throttling.AllocationQuota", "quota"),
+    ],
+)  # fmt: skip
+async def test_a_429_says_which_throttling_it_is(code: str, throttled: str) -> None:
+    outcome = await send(lambda request: error(429, code))
+    assert outcome.throttled == throttled
+    assert (await send(lambda request: error(503, code))).throttled is None
 
 
 async def test_retry_after_is_read_from_a_429() -> None:

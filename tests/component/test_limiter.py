@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import random
 from collections import deque
+from dataclasses import dataclass, field, replace
 
 import anyio
 import pytest
@@ -12,7 +14,17 @@ from anyio import wait_all_tasks_blocked
 from anyio.lowlevel import checkpoint
 
 from batchq.config import Limits
-from batchq.limiter import CUT, FIRST_COMPLETION_GUESS, RAMP_S, RECOVER, RatePacer
+from batchq.limiter import (
+    CUT,
+    CUT_EVERY_S,
+    FIRST_COMPLETION_GUESS,
+    PROBE,
+    RAMP_S,
+    RECOVER_S,
+    TRIAL_CUT,
+    RatePacer,
+    Settled,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -41,7 +53,7 @@ async def send_times(p: RatePacer, clock: FakeClock, n: int, *, tokens: int = 0)
     for _ in range(n):
         reserved = await p.acquire(tokens, 0)
         times.append(clock.now)
-        p.release(reserved, None, None)
+        p.release(reserved, Settled(clock.now))
     return times
 
 
@@ -83,7 +95,7 @@ async def test_tokens_are_reserved_and_corrected_by_usage() -> None:
     await p.acquire(40, 10)
     assert clock.now == pytest.approx(start + 1.0)
     # The first answer used 10 tokens, not 50: 0.4 s of budget comes back.
-    p.release(a, 10, 2)
+    p.release(a, Settled(clock.now, 10, 2))
     await p.acquire(40, 10)
     assert clock.now == pytest.approx(start + 1.1)
 
@@ -92,7 +104,7 @@ async def test_without_max_tokens_the_completion_guess_learns_from_answers() -> 
     p, _ = pacer(tpm=60_000, concurrency=100)
     assert await p.acquire(10, None) == 10 + FIRST_COMPLETION_GUESS
     for _ in range(200):
-        p.release(await p.acquire(10, None), 30, 20)
+        p.release(await p.acquire(10, None), Settled(0.0, 30, 20))
     assert await p.acquire(10, None) == pytest.approx(30, abs=2)
 
 
@@ -155,7 +167,7 @@ async def test_the_concurrency_cap_holds_requests_until_a_release() -> None:
         tg.start_soon(third)
         await wait_all_tasks_blocked()
         assert not went.is_set()
-        p.release(first, None, None)
+        p.release(first, Settled(p.now()))
         await wait_all_tasks_blocked()
         assert went.is_set()
 
@@ -164,145 +176,237 @@ async def answered_at(p: RatePacer, clock: FakeClock, per_s: float, seconds: flo
     """Answers coming back ok at ``per_s`` for ``seconds``."""
     for _ in range(int(per_s * seconds)):
         clock.now += 1 / per_s
-        p.release(0, 10, 5)
+        p.release(0, Settled(clock.now, 10, 5))
 
 
-async def test_a_429_cuts_the_whole_run_to_just_under_what_the_server_answers() -> None:
-    p, clock = pacer(qps=300, concurrency=500)
+def refuse(p: RatePacer, clock: FakeClock, n: int, retry_after: float | None = None) -> None:
+    for _ in range(n):
+        p.release(0, Settled(clock.now, throttled="rate", retry_after=retry_after))
+
+
+async def test_429s_beyond_chance_cut_the_whole_run_to_what_the_server_lets_through() -> None:
+    p, clock = pacer(qps=150, concurrency=500)
     await send_times(p, clock, 1)
     clock.now += 5  # past the ramp
-    await answered_at(p, clock, 100, 3)  # the server really serves 100/s
-    assert p.rate(clock.now) == 300
-    p.penalise(1.0, sent_at=clock.now)  # one stray 429 among 100 answers ok: no cut...
-    assert p.rate(clock.now) == 300
-    for _ in range(4):  # ...but a few percent of the answers are: a limit
-        p.penalise(1.0, sent_at=clock.now)
-    assert p.rate(clock.now) == pytest.approx(95, rel=0.02)
-    # Every sender waits out Retry-After.
+    await answered_at(p, clock, 100, 10)  # the server really lets 100/s through
+    assert p.rate(clock.now) == 150
+    refuse(p, clock, 2, 1.0)  # two stray 429s among 200 answers: chance, no cut...
+    assert p.rate(clock.now) == 150
+    refuse(p, clock, 10, 1.0)  # ...a few more: beyond chance. A cut, on trial, held deep
+    assert p.rate(clock.now) == pytest.approx(100 * TRIAL_CUT, rel=0.03)  # till judged
     cut = clock.now
+    # Not a wall: Retry-After delays only the refused rows, the run goes on at once.
     await send_times(p, clock, 1)
-    assert clock.now == pytest.approx(cut + 1.0)
+    assert clock.now == pytest.approx(cut)
     # A 429 for a request sent before the cut is the same congestion event: no second cut.
-    for _ in range(10):
-        p.penalise(None, sent_at=cut - 0.01)
-    clock.now = cut + 2.0
-    assert p.rate(clock.now) == pytest.approx(100 * (CUT + RECOVER * 2 * 1.2), rel=0.02)
-    # Then it recovers, slowly near the ceiling (back to it after about 18 s), faster
-    # the longer all is well, and never beyond the configured limit.
-    clock.now = cut + 18
-    assert p.rate(clock.now) == pytest.approx(100, rel=0.02)
-    clock.now = cut + 200
-    assert p.rate(clock.now) == 300
+    clock.now += CUT_EVERY_S
+    for _ in range(50):
+        p.release(0, Settled(cut - 0.01, throttled="rate"))
+    assert p.rate(clock.now) == pytest.approx(100 * TRIAL_CUT, rel=0.03)
+    # At the lower rate, no 429s: a limit. Kept, from just under the ceiling...
+    while p.rate(clock.now) == pytest.approx(100 * TRIAL_CUT, rel=0.03):
+        await answered_at(p, clock, 85, 0.1)
+    kept = clock.now
+    assert kept - cut < 10
+    assert p.rate(kept) == pytest.approx(100 * CUT, rel=0.03)
+    # ...it recovers as CUBIC does: back at the ceiling after RECOVER_S, flat near it,
+    # then faster and faster, never beyond the configured limit.
+    assert p.rate(kept + RECOVER_S) == pytest.approx(100, rel=0.03)
+    assert p.rate(kept + 2 * RECOVER_S) == pytest.approx(100 * (1 + PROBE), rel=0.03)
+    assert p.rate(kept + 10 * RECOVER_S) == 150
 
 
-async def test_a_run_without_limits_learns_one_from_its_first_429() -> None:
+async def test_a_wall_of_429s_pauses_the_whole_run_for_retry_after() -> None:
+    p, clock = pacer(qps=300, concurrency=500)
+    await send_times(p, clock, 1)
+    clock.now += 5
+    await answered_at(p, clock, 300, 2)
+    refuse(p, clock, 20, 2.0)  # a few percent: a cut, no pause
+    assert p.paused_until < clock.now
+    clock.now += CUT_EVERY_S
+    refuse(p, clock, 30, 2.0)  # a second later, nothing but 429s: a wall
+    cut = clock.now
+    assert p.paused_until == pytest.approx(cut + 2.0)
+    await send_times(p, clock, 1)
+    assert clock.now == pytest.approx(cut + 2.0)
+
+
+async def test_a_run_without_limits_learns_one_from_its_429s() -> None:
     p, clock = pacer(concurrency=500)
     await send_times(p, clock, 1)
     await answered_at(p, clock, 1000, 2)
     assert p.rate(clock.now) is None
-    for _ in range(40):
-        p.penalise(None, sent_at=clock.now)
-    assert p.rate(clock.now) == pytest.approx(950, rel=0.02)
+    refuse(p, clock, 400)
+    assert p.rate(clock.now) == pytest.approx(1000 * TRIAL_CUT, rel=0.05)
 
 
-async def test_after_a_cut_sending_restarts_from_the_end_of_the_pause_at_the_new_rate() -> None:
+async def until_cut(p: RatePacer, clock: FakeClock, ok: int, refused: int) -> float:
+    """Answers at ``ok`` per 0.1 s, and ``refused`` 429s, until the rate is cut."""
+    before = p.rate(clock.now)
+    for _ in range(100):
+        await answered_at(p, clock, ok * 10, 0.1)
+        refuse(p, clock, refused)
+        if (rate := p.rate(clock.now)) != before:
+            assert rate is not None
+            return rate
+    raise AssertionError("no cut")
+
+
+async def test_a_cut_that_did_not_make_429s_rarer_is_undone() -> None:
     p, clock = pacer(qps=300, concurrency=500)
     await send_times(p, clock, 1)
     clock.now += 5
-    await answered_at(p, clock, 100, 3)
-    for _ in range(5):
-        p.penalise(2.0, sent_at=clock.now)
-    pause_end = clock.now + 2.0
-    times = await send_times(p, clock, 3)
-    assert times[0] == pytest.approx(pause_end)
-    assert gaps(times) == [pytest.approx(1 / p.rate(t), rel=0.01) for t in times[:2]]
-    assert 1 / gaps(times)[0] == pytest.approx(95, rel=0.03)
+    await answered_at(p, clock, 300, 2)
+    assert await until_cut(p, clock, 27, 3) < 300  # 10 % refused: it cannot tell yet
+    for _ in range(30):  # still 10 % refused at the lower rate: the cut did not help
+        await answered_at(p, clock, 250, 0.1)
+        refuse(p, clock, 3)
+    assert p.rate(clock.now) == 300
+    assert p.floor == pytest.approx(0.10, abs=0.02)
 
 
-async def served(
-    p: RatePacer,
-    clock: FakeClock,
-    seconds: float,
-    *,
-    refuse: float,
-    capacity: float = 1000,
-    server_qps: float | None = None,
-    retry_after: float | None = None,
-    latency: float = 0.05,
-) -> list[float]:
-    """A closed loop on the fake clock, 10 ms a step: the client sends at the pacer's rate
-    (at most ``capacity``: what its concurrency allows) except while paused; answers come
-    back ``latency`` later. The server refuses a share ``refuse`` of all requests at
-    random, and what goes beyond ``server_qps``, with ``retry_after``. Returns the number
-    of requests sent in each second."""
-    owed = refused_owed = 0.0
-    in_flight: deque[tuple[float, bool, float]] = deque()  # (answered at, refused, sent at)
-    per_second, sent = [], 0
-    for step in range(int(seconds * 100)):
-        clock.now += 0.01
-        while in_flight and in_flight[0][0] <= clock.now:
-            _, refused, sent_at = in_flight.popleft()
-            if refused:
-                p.penalise(retry_after, sent_at=sent_at)
-            else:
-                p.release(0, 10, 5)
-        if clock.now >= p.paused_until:
-            rate = min(p.rate(clock.now) or capacity, capacity)
-            share = refuse
-            if server_qps is not None and rate > server_qps:
-                share = max(share, 1 - server_qps / rate)
-            owed += rate * 0.01
-            while owed >= 1:
-                owed -= 1
-                refused_owed += share
-                refused = refused_owed >= 1
-                refused_owed -= refused
-                in_flight.append((clock.now + latency, refused, clock.now))
-                sent += 1
-        if step % 100 == 99:
-            per_second.append(sent)
-            sent = 0
-    return per_second
-
-
-@pytest.mark.parametrize(("refuse", "retry_after"), [(0.05, None), (0.10, None), (0.05, 1.0)])
-async def test_random_429s_at_any_rate_do_not_wear_the_run_down(
-    refuse: float, retry_after: float | None
-) -> None:
-    # A server that refuses a steady share at random, whatever the rate: a cut does not
-    # make those 429s rarer, so after a first cut or two they become the floor and the
-    # run goes back to full speed (before the floor, 5 % of 429s took it to 3 %).
-    p, clock = pacer(concurrency=500)
-    await send_times(p, clock, 1)
-    clock.now += RAMP_S
-    rates = await served(p, clock, 120, refuse=refuse, retry_after=retry_after)
-    assert min(rates[5:]) > 600  # after the first cuts and their pauses
-    assert sum(rates[-30:]) / 30 > 990
-
-
-async def test_a_real_limit_is_still_found_under_random_429s() -> None:
-    p, clock = pacer(concurrency=500)
-    await send_times(p, clock, 1)
-    clock.now += RAMP_S
-    rates = await served(p, clock, 120, refuse=0.05, server_qps=400)
-    late = rates[-60:]
-    assert 360 < sum(late) / len(late) < 440
-    assert max(late) < 480
-
-
-async def test_a_limit_under_the_configured_rate_is_held_without_429_storms() -> None:
+async def test_a_cut_that_made_429s_rarer_stays() -> None:
     p, clock = pacer(qps=300, concurrency=500)
     await send_times(p, clock, 1)
-    clock.now += RAMP_S
-    rates = await served(p, clock, 60, refuse=0.0, server_qps=100)
-    assert all(90 < r < 110 for r in rates[5:])
+    clock.now += 5
+    await answered_at(p, clock, 200, 2)
+    after_cut = await until_cut(p, clock, 20, 10)  # a third refused
+    assert after_cut < 200
+    for _ in range(30):  # at the lower rate, none
+        await answered_at(p, clock, 200, 0.1)
+    # Kept: from the trial's depth to just under the ceiling.
+    assert p.rate(clock.now) == pytest.approx(after_cut / TRIAL_CUT * CUT, rel=0.05)
+    assert p.floor == 0.0
 
 
-async def test_a_run_without_limits_reads_the_server_over_half_a_second_before_cutting() -> None:
-    # It starts at full concurrency: the first answers, a few milliseconds' worth, would
-    # read as a tenth of what the server serves (the cut went to 41/s against 400).
-    p, clock = pacer(concurrency=500)
-    await send_times(p, clock, 1)
-    clock.now += RAMP_S
-    rates = await served(p, clock, 30, refuse=0.0, server_qps=400)
-    assert all(360 < r < 440 for r in rates[2:])
+@dataclass
+class Server:
+    """What the fake server does with each request: a sliding one-second window of
+    ``limit`` requests, ``noise`` refused with 429 at random whatever the rate (before
+    or after the window counts them), 503s, dropped connections (answered after
+    ``timeout_s``) and slow answers. Counts what it saw."""
+
+    limit: float | None = None
+    noise: float = 0.0
+    noise_first: bool = False
+    fail_503: float = 0.0
+    drop: float = 0.0
+    slow: float = 0.0
+    slow_s: float = 3.0
+    timeout_s: float = 2.0
+    latency: float = 0.05
+    retry_after: float | None = None
+    rng: random.Random = field(default_factory=lambda: random.Random(7))
+    window: deque[float] = field(default_factory=deque)
+    times: list[float] = field(default_factory=list)  # when each request arrived
+    admitted: list[float] = field(default_factory=list)  # when the limit let one through
+    limit_429s: int = 0
+    ok: int = 0
+
+    def answer(self, now: float) -> tuple[float, Settled]:
+        """(seconds until the answer, what it is) for a request arriving ``now``."""
+        self.times.append(now)
+        rate_429 = Settled(now, throttled="rate", retry_after=self.retry_after)
+        if self.noise_first and self.rng.random() < self.noise:
+            return self.latency, rate_429
+        if self.limit is not None:
+            while self.window and self.window[0] <= now - 1:
+                self.window.popleft()
+            if len(self.window) >= self.limit:
+                self.limit_429s += 1
+                return self.latency, rate_429
+            self.window.append(now)
+        self.admitted.append(now)
+        roll = self.rng.random()
+        for share, answer in (
+            (0.0 if self.noise_first else self.noise, (self.latency, rate_429)),
+            (self.fail_503, (self.latency, Settled(now))),
+            (self.drop, (self.timeout_s, Settled(now))),
+            (self.slow, (min(self.slow_s, self.timeout_s), Settled(now))),
+        ):
+            if roll < share:
+                return answer
+            roll -= share
+        self.ok += 1
+        return self.latency * (0.5 + self.rng.random()), Settled(now, 10, 5)
+
+
+async def closed_loop(limits: Limits, server: Server, *, rows: int) -> float:
+    """One sender taking every turn the pacer gives (its sleeps move the fake clock), until
+    ``rows`` answers are ok; returns the seconds it took. Answers come back to the pacer
+    when due. A row whose request failed waits out its backoff elsewhere: there are
+    always rows to send, so what is sent is what the pacer allows."""
+    clock = FakeClock()
+    p = RatePacer(replace(limits, concurrency=10**6), clock=clock, sleep=clock.sleep)
+    start = clock.now
+    answers: list[tuple[float, int, int, Settled]] = []  # a heap by answer time
+    count = itertools.count()
+    while server.ok < rows:
+        reserved = await p.acquire(5, 5)
+        while answers and answers[0][0] <= clock.now:
+            _, _, held, settled = heapq.heappop(answers)
+            p.release(held, settled)
+        after, settled = server.answer(clock.now)
+        heapq.heappush(answers, (clock.now + after, next(count), reserved, settled))
+    return clock.now - start
+
+
+def sent_rate(server: Server, start: float, end: float) -> float:
+    """Requests per second the server received between ``start`` and ``end``."""
+    return sum(1 for t in server.times if start <= t < end) / (end - start)
+
+
+NOISE = [
+    pytest.param(Server(noise=0.05), id="5% 429s"),
+    pytest.param(Server(noise=0.10, retry_after=1.0), id="10% 429s, Retry-After"),
+    pytest.param(
+        Server(noise=0.05, fail_503=0.03, drop=0.02, slow=0.03, retry_after=1.0),
+        id="5% 429s, Retry-After, 503s, drops, slow answers",
+    ),
+    pytest.param(
+        Server(noise=0.07, fail_503=0.05, drop=0.03, slow=0.05, latency=0.8),
+        id="7% 429s, 503s, drops, slow answers, 800 ms latency",
+    ),
+]
+
+
+@pytest.mark.parametrize("server", NOISE)
+async def test_random_429s_among_other_faults_do_not_wear_the_rate_down(server: Server) -> None:
+    # The issue's reproduction: 250 QPS configured, no limit on the server. The rule before
+    # this (a cut to the ok answers' rate) took this run to 87 req/s, then lower.
+    elapsed = await closed_loop(Limits(qps=250, concurrency=300), server, rows=8000)
+    first = server.times[0]
+    last_first_attempt = sorted(server.times)[8000 - 1]  # about the end of the fresh rows
+    assert sent_rate(server, first + 3, last_first_attempt) >= 0.9 * 250
+    seconds = range(int(first), int(first + elapsed) - 1)
+    assert max(sent_rate(server, t, t + 1) for t in seconds) <= 250 * 1.05
+    assert server.ok == 8000
+
+
+LIMITS = [
+    pytest.param(Server(limit=100), id="limit"),
+    pytest.param(Server(limit=100, retry_after=1.0), id="limit, Retry-After"),
+    pytest.param(Server(limit=100, noise=0.05), id="limit, 5% random 429s"),
+    pytest.param(
+        Server(limit=100, noise=0.05, noise_first=True, retry_after=1.0),
+        id="limit, 5% random 429s before it, Retry-After",
+    ),
+    pytest.param(
+        Server(limit=100, noise=0.05, fail_503=0.03, drop=0.02, latency=0.2),
+        id="limit, 5% random 429s, 503s, drops, 200 ms latency",
+    ),
+]
+
+
+@pytest.mark.parametrize("server", LIMITS)
+async def test_a_real_limit_is_found_and_held_under_random_429s(server: Server) -> None:
+    # Configured at 300 against a server that lets 100 a second through: 6,000 rows.
+    elapsed = await closed_loop(Limits(qps=300, concurrency=300), server, rows=6000)
+    ideal = (
+        6000 / 100 / (1 - (server.noise + server.fail_503 + server.drop) * (1 - server.noise_first))
+    )
+    admitted = server.admitted
+    steady = [t for t in admitted if admitted[0] + 10 <= t < admitted[-1] - 2]
+    assert len(steady) / (steady[-1] - steady[0]) >= 95
+    assert server.limit_429s < 0.05 * len(server.times)
+    assert elapsed <= 1.15 * ideal

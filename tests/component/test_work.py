@@ -11,7 +11,8 @@ import pytest
 from batchq.client import Client
 from batchq.errors import RunStopped
 from batchq.events import Event
-from batchq.work import Item, answer
+from batchq.limiter import Settled
+from batchq.work import QUOTA_STOP_S, Item, QuotaWatch, answer
 
 pytestmark = pytest.mark.anyio
 
@@ -31,26 +32,39 @@ def err(status: int, code: str = "x", **headers: str) -> httpx.Response:
 
 
 class Pacer:
+    """Records what each attempt came to; its clock moves only with the sleeps."""
+
     def __init__(self) -> None:
         self.acquired = 0
-        self.released: list[int | None] = []
-        self.penalties: list[float | None] = []
+        self.settled: list[Settled] = []
+        self.clock = 0.0
 
     async def acquire(self, prompt_tokens: int, max_completion: int | None) -> int:
         self.acquired += 1
         return prompt_tokens + (max_completion or 0)
 
-    def release(self, reserved: int, used: int | None, completion: int | None) -> None:
-        self.released.append(used)
+    def release(self, reserved: int, settled: Settled) -> None:
+        self.settled.append(settled)
 
-    def penalise(self, retry_after: float | None, sent_at: float) -> None:
-        self.penalties.append(retry_after)
+    @property
+    def released(self) -> list[int | None]:
+        return [s.used for s in self.settled]
+
+    @property
+    def penalties(self) -> list[float | None]:
+        return [s.retry_after for s in self.settled if s.throttled]
 
     def now(self) -> float:
-        return 0.0
+        return self.clock
 
 
-async def run(responses: list[httpx.Response], *, max_attempts: int = 5, prior: int = 0):  # type: ignore[no-untyped-def]
+async def run(  # type: ignore[no-untyped-def]
+    responses: list[httpx.Response] | Iterator[httpx.Response],
+    *,
+    max_attempts: int = 5,
+    prior: int = 0,
+    quota: QuotaWatch | None = None,
+):
     script: Iterator[httpx.Response] = iter(responses)
     sleeps: list[float] = []
     events: list[Event] = []
@@ -58,13 +72,15 @@ async def run(responses: list[httpx.Response], *, max_attempts: int = 5, prior: 
 
     async def sleep(seconds: float) -> None:
         sleeps.append(seconds)
+        pacer.clock += seconds
 
     transport = httpx.MockTransport(lambda request: next(script))
     item = Item(7, "r7", {"model": "qwen-plus", "messages": []}, 10, None, prior)
     async with Client("http://sim/v1", api_key=None, timeout_s=5, max_connections=1,
                       transport=transport) as client:  # fmt: skip
         row = await answer(item, client=client, pacer=pacer, max_attempts=max_attempts,
-                           emit=events.append, sleep=sleep, rng=random.Random(0))  # fmt: skip
+                           emit=events.append, sleep=sleep, rng=random.Random(0),
+                           quota=quota or QuotaWatch())  # fmt: skip
     return row, sleeps, events, pacer
 
 
@@ -82,10 +98,11 @@ async def test_transient_failures_are_retried_until_ok() -> None:
     assert [e.attempt for e in events] == [1, 2]  # type: ignore[union-attr]
 
 
-async def test_a_429_pauses_the_whole_run_and_honours_retry_after() -> None:
+async def test_a_429_is_told_to_the_pacer_and_its_retry_after_delays_the_row() -> None:
     row, sleeps, _, pacer = await run([err(429, "limit_requests", **{"Retry-After": "3"}), OK])
     assert row["status"] == "ok"
     assert pacer.penalties == [3.0]
+    assert [s.throttled for s in pacer.settled] == ["rate", None]
     assert sleeps == [3.0]
 
 
@@ -114,3 +131,41 @@ async def test_attempts_count_across_runs() -> None:
 async def test_auth_failure_stops_the_run() -> None:
     with pytest.raises(RunStopped, match="HTTP 401"):
         await run([err(401, "invalid_api_key")])
+
+
+async def test_quota_429s_do_not_use_up_attempts_and_are_throttling_first() -> None:
+    # Model Studio's TPM limit answers insufficient_quota: a momentary spike is ridden out.
+    row, sleeps, _, pacer = await run([err(429, "insufficient_quota")] * 6 + [OK], max_attempts=2)
+    assert row["status"] == "ok"
+    assert row["attempts"] == 7  # every request sent is counted...
+    assert [s.throttled for s in pacer.settled] == ["quota"] * 6 + [None]  # ...and slows
+    assert len(sleeps) == 6
+
+
+async def test_a_minute_of_nothing_but_quota_429s_stops_the_run() -> None:
+    forever = iter(lambda: err(429, "Throttling.AllocationQuota"), None)
+    with pytest.raises(RunStopped, match="quota or token rate exhausted") as stopped:
+        await run(forever, max_attempts=3)
+    assert stopped.value.exit_code == 3
+    assert "rerun the same command to resume" in str(stopped.value)
+
+
+def test_any_other_answer_restarts_the_quota_minute() -> None:
+    watch = QuotaWatch()
+    quota = err(429, "insufficient_quota")
+    from batchq.client import classify
+
+    as_outcome = classify(quota.status_code, quota.content, quota.headers, 1.0)
+    other = classify(503, b"{}", {}, 1.0)
+    assert not watch.saw(as_outcome, 0.0)
+    assert not watch.saw(as_outcome, QUOTA_STOP_S - 1)
+    assert not watch.saw(other, QUOTA_STOP_S - 0.5)  # a 503: not "nothing but quota"
+    assert not watch.saw(as_outcome, QUOTA_STOP_S)
+    assert watch.saw(as_outcome, 2 * QUOTA_STOP_S)
+
+
+@pytest.mark.parametrize("status", [400, 429])
+async def test_a_billing_code_stops_the_run_at_once_whatever_the_status(status: int) -> None:
+    with pytest.raises(RunStopped, match="billing") as stopped:
+        await run([err(status, "Arrearage"), OK])
+    assert "Arrearage" in str(stopped.value)
