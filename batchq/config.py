@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from batchq.errors import UsageError
+from batchq.qwen import serves_model_studio
 
 __all__ = ["PRESETS", "Job", "Limits", "Preset", "RequestSettings", "load_job"]
 
@@ -62,6 +63,11 @@ class RequestSettings:
                 "provider 'custom' needs a base_url: set it in [request] or --base-url"
             )
         return url.rstrip("/")
+
+    @property
+    def model_studio(self) -> bool:
+        """Whether the endpoint is Model Studio, so that its rules apply (``batchq.qwen``)."""
+        return serves_model_studio(self.provider, self.base_url or PRESETS[self.provider].base_url)
 
     @property
     def key_env(self) -> str | None:

@@ -10,9 +10,16 @@ From Model Studio's "OpenAI compatible - Chat" reference and its deep-thinking g
   default, and the service refuses thinking without streaming: such a request without
   ``stream`` gets ``enable_thinking: false`` unless the job sets it;
 - a request that asks for thinking (``enable_thinking: true``) and stream-only models
-  (QwQ, QVQ, ``*-thinking``) are sent with ``stream: true`` and assembled.
+  (QwQ, QVQ, ``*-thinking``) are sent with ``stream: true`` and assembled;
+- ``n``: "the value must be 1 when the tools parameter is passed", so ``n`` above 1
+  with ``tools`` is refused here; the reference lists ``n`` above 1 for qwen-plus and
+  Qwen3 in non-thinking mode only, so on another model it is said once (the service
+  may refuse it).
 
-Each rule that changes a body is said once at the start of the run (``notes``).
+The rules apply wherever the endpoint is Model Studio (``serves_model_studio``): the
+``dashscope*`` presets, a base URL on an ``aliyuncs.com`` host, or one whose path holds
+``/compatible-mode/`` (workspace URLs, gateways). Each rule that changes a body, or
+warns about it, is said once at the start of the run (``notes``).
 """
 
 from __future__ import annotations
@@ -20,10 +27,32 @@ from __future__ import annotations
 import functools
 import re
 from typing import Any
+from urllib.parse import urlsplit
 
-__all__ = ["MODEL_STUDIO", "RangeProblem", "apply_rules"]
+__all__ = ["MODEL_STUDIO", "RangeProblem", "apply_rules", "serves_model_studio"]
 
 MODEL_STUDIO = frozenset({"dashscope", "dashscope-intl"})
+
+
+def serves_model_studio(provider: str, base_url: str | None) -> bool:
+    """Whether requests go to Model Studio: a ``dashscope*`` preset, or a base URL on an
+    ``aliyuncs.com`` host or with ``/compatible-mode/`` in its path.
+
+    >>> serves_model_studio("custom", "https://ws-1.ap-southeast-1.maas.aliyuncs.com/v1")
+    True
+    """
+    if provider in MODEL_STUDIO:
+        return True
+    if not base_url:
+        return False
+    parts = urlsplit(base_url)
+    host = (parts.hostname or "").lower()
+    return (
+        host == "aliyuncs.com"
+        or host.endswith(".aliyuncs.com")
+        or ("/compatible-mode/" in parts.path + "/")
+    )
+
 
 #: name: (low, high, low included, high included)
 RANGES: dict[str, tuple[float, float, bool, bool]] = {
@@ -53,8 +82,8 @@ def apply_rules(body: dict[str, Any], notes: set[str] | None = None) -> None:
     The decision depends on a few fields only, and all rows of a job usually share them,
     so it is made once per combination (this runs on every row)."""
     # With each value its type: True == 1 == 1.0 as keys, but not as parameters.
-    values = [body.get(name, _ABSENT) for name in ("stream", "enable_thinking", *RANGES)]
-    key = (body.get("model"), *((v, type(v)) for v in values))
+    values = [body.get(name, _ABSENT) for name in ("stream", "enable_thinking", "n", *RANGES)]
+    key = (body.get("model"), bool(body.get("tools")), *((v, type(v)) for v in values))
     try:
         problem, updates, note = _decide(key)
     except TypeError:  # an unhashable value (a list where a number belongs): decide afresh
@@ -72,12 +101,33 @@ Decision = tuple[tuple[str, str] | None, dict[str, Any], str | None]
 @functools.lru_cache(maxsize=1024)
 def _decide(key: tuple[Any, ...]) -> Decision:
     """(range problem, fields to set, note) for a body with these rule-deciding fields."""
-    model, (stream, _), (thinking, _), *typed = key
+    model, tools, (stream, _), (thinking, _), (n, _), *typed = key
     values = [value for value, _ in typed]
     for (name, bounds), value in zip(RANGES.items(), values, strict=True):
         if value is not _ABSENT and (problem := _range_problem(name, value, *bounds)):
             return (name, problem), {}, None
     model = str(model or "")
+    many = isinstance(n, int) and not isinstance(n, bool) and n > 1
+    if many and tools:
+        return ("n", f"n = {n} with tools: Model Studio takes n = 1 only when tools are "
+                "given; drop n, or the tools"), {}, None  # fmt: skip
+    refused, updates, note = _thinking(model, stream, thinking)
+    if many and not _takes_n(model, updates.get("enable_thinking", thinking)):
+        warning = (f"{model} with n = {n}: Model Studio lists n above 1 for qwen-plus and "
+                   "Qwen3 in non-thinking mode only; the service may refuse it")  # fmt: skip
+        note = f"{note}; {warning}" if note else warning
+    return refused, updates, note
+
+
+def _takes_n(model: str, thinking: Any) -> bool:
+    """Whether Model Studio's reference lists ``n`` above 1 for this model."""
+    if model.startswith("qwen-plus"):
+        return True
+    return model.startswith("qwen3") and (thinking is False or "instruct" in model)
+
+
+def _thinking(model: str, stream: Any, thinking: Any) -> Decision:
+    """The streaming and thinking rules."""
     if stream not in (_ABSENT, None, False):
         return None, {}, None
     if _STREAM_ONLY.search(model):

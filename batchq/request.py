@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from batchq.config import RequestSettings
-from batchq.qwen import MODEL_STUDIO, RangeProblem, apply_rules
+from batchq.qwen import RangeProblem, apply_rules
 
 __all__ = [
     "REQUEST_FIELDS",
@@ -52,8 +52,8 @@ def build_body(
 ) -> dict[str, Any]:
     """The request body for one row. Pure; raises RowProblem for a row that cannot be sent.
 
-    With a Model Studio preset its rules apply (``batchq.qwen``), adding what they changed
-    to ``notes``. A streamed request always asks for the usage in its last chunk."""
+    Wherever the endpoint is Model Studio its rules apply (``batchq.qwen``), adding what
+    they changed to ``notes``. A streamed request always asks for the usage in its last chunk."""
     if isinstance(row.get("body"), dict) and "custom_id" in row:
         return _finish(_batch_api_body(row, settings), settings, notes)
     messages = _messages(row, settings)
@@ -87,7 +87,7 @@ def _finish(
         raise RowProblem(
             "no model: set model in [request] or --model, or give a model column", column="model"
         )
-    if settings.provider in MODEL_STUDIO:
+    if settings.model_studio:
         try:
             apply_rules(body, notes)
         except RangeProblem as e:

@@ -23,6 +23,12 @@ __all__ = ["simulate"]
 @click.option("--fail-500", default=0.0, type=float, help="share of requests answered 500")
 @click.option("--fail-503", default=0.0, type=float, help="share of requests answered 503")
 @click.option("--fail-429", default=0.0, type=float, help="share answered 429 whatever the rate")
+@click.option(
+    "--fail-429-code",
+    default="limit_requests",
+    show_default=True,
+    help="error.code of those 429s (insufficient_quota, limit_burst_rate, Arrearage...)",
+)
 @click.option("--fail-drop", default=0.0, type=float, help="share whose connection is dropped")
 @click.option("--fail-truncate", default=0.0, type=float, help="share answered half a body")
 @click.option("--fail-malformed", default=0.0, type=float, help="share answered 200 non-completion")

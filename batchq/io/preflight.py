@@ -210,11 +210,18 @@ def _check_clash(columns: list[str], id_column: str | None, path: Path) -> None:
 
 
 def _check_output(output: Path) -> None:
+    """The output's folder is writable, or can be made: its nearest existing ancestor is
+    a writable folder (the state folder is made with its parents, after every check)."""
     folder = output.parent if str(output.parent) else Path(".")
-    if not folder.is_dir():
-        raise UsageError(f"the output folder {folder} does not exist: create it first")
-    if not os.access(folder, os.W_OK):
-        raise UsageError(f"the output folder {folder} is not writable: choose another output")
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"the output folder {folder} cannot be made: {existing} is a file; "
+                         "choose another output")  # fmt: skip
+    if not os.access(existing, os.W_OK):
+        what = "is not writable" if existing == folder else f"cannot be made in {existing}"
+        raise UsageError(f"the output folder {folder} {what}: choose another output")
 
 
 def _digest(path: Path) -> str:

@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["chunks", "completion", "reply_for", "thinking_refusal"]
+__all__ = ["chunks", "completion", "refusal", "reply_for"]
 
 _HYBRID = re.compile(r"^qwen3-\d+(\.\d+)?b(-a\d+(\.\d+)?b)?$")
 _STREAM_ONLY = re.compile(r"^(qwq|qvq)-|-thinking(-\d{4}(-\d{2}-\d{2})?)?$")
@@ -52,8 +52,12 @@ def _thinks(body: dict[str, Any]) -> bool:
     return body.get("enable_thinking") is True
 
 
-def thinking_refusal(body: dict[str, Any]) -> str | None:
-    """The 400 message Model Studio gives a non-streamed request that would think."""
+def refusal(body: dict[str, Any]) -> str | None:
+    """The 400 message Model Studio gives a request it refuses for its parameters: ``n``
+    above 1 with ``tools``, or a non-streamed request that would think."""
+    n, tools = body.get("n"), body.get("tools")
+    if isinstance(n, int) and n > 1 and tools:
+        return "The value of n must be 1 when the tools parameter is passed."
     if body.get("stream") or not _thinks(body):
         return None
     if _STREAM_ONLY.search(str(body.get("model", ""))):

@@ -4,7 +4,8 @@ Content is a deterministic function of the request (see ``content.py``): the rep
 conversation is ``"echo: "`` followed by its last user message, so a test can check that
 every row got *its* answer; ``n``, ``tools``, thinking and ``stream`` (server-sent events,
 usage in the last chunk with ``stream_options.include_usage``) are served as Model Studio
-serves them, including its refusal of non-streamed thinking. Around that: a lognormal
+serves them, including its refusal of non-streamed thinking and of ``n`` above 1 with
+``tools``. Around that: a lognormal
 latency, server-side QPS / QPM limits answered with 429 and Model Studio's error body
 (optionally with ``Retry-After``), injected 500 / 503 rates, 401 for a wrong key, and
 a moderation refusal (400 ``data_inspection_failed``) for a message with MODERATION_MARKER.
@@ -28,7 +29,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from batchq.simulator.content import chunks, completion, reply_for, thinking_refusal
+from batchq.simulator.content import chunks, completion, refusal, reply_for
 
 #: A user message containing this is refused like Model Studio's content moderation.
 MODERATION_MARKER = "FLAGGED-CONTENT"
@@ -42,6 +43,20 @@ __all__ = [
     "serve_in_thread",
 ]
 
+
+#: Model Studio's messages for its 429 codes (its rate-limit page: "Requests rate limit
+#: exceeded" is RPM, "Allocated quota exceeded" TPM, "Request rate increased too quickly"
+#: the burst protection; alibabacloud.com/help/en/model-studio/rate-limit, 2026-02-09).
+MESSAGES_429 = {
+    "limit_requests": "Requests rate limit exceeded, please try again later.",
+    "Throttling.RateQuota": "Requests rate limit exceeded, please try again later.",
+    "limit_burst_rate": "Request rate increased too quickly.",
+    "Throttling.BurstRate": "Request rate increased too quickly.",
+    "insufficient_quota": "You exceeded your current quota, please check your plan and "
+    "billing details.",
+    "Throttling.AllocationQuota": "Allocated quota exceeded, please increase your quota limit.",
+    "Arrearage": "Access denied, please make sure your account is in good standing.",
+}
 
 #: The faults the simulator can inject, each at its own rate per request.
 FAULTS = ("500", "503", "429", "drop", "truncate", "malformed", "slow")
@@ -65,6 +80,8 @@ class SimConfig:
     fail_500: float = 0.0
     fail_503: float = 0.0
     fail_429: float = 0.0
+    #: the ``error.code`` of the 429s injected by ``fail_429`` (Model Studio's codes)
+    fail_429_code: str = "limit_requests"
     fail_drop: float = 0.0
     fail_truncate: float = 0.0
     fail_malformed: float = 0.0
@@ -188,8 +205,8 @@ class Simulator:
         if MODERATION_MARKER in reply:  # input moderation comes before any generation
             return _error(400, "data_inspection_failed", "Input data may contain inappropriate "
                           "content.", "data_inspection_failed")  # fmt: skip
-        if (refusal := thinking_refusal(body)) is not None:
-            return _error(400, "invalid_parameter_error", refusal, "invalid_request_error")
+        if (refused := refusal(body)) is not None:
+            return _error(400, "invalid_parameter_error", refused, "invalid_request_error")
         if config.latency_ms > 0:
             await asyncio.sleep(self._latency_s())
         fault = self._fault()
@@ -240,7 +257,7 @@ class Simulator:
             return _error(503, "ServiceUnavailable", "The service is overloaded.",
                           "service_unavailable")  # fmt: skip
         if fault == "429":
-            return self._too_many()
+            return self._too_many(self.config.fail_429_code)
         if fault == "drop":
             return None
         if fault == "malformed":
@@ -256,9 +273,9 @@ class Simulator:
             return await self._stream(request, whole, body)
         return web.Response(body=full, content_type="application/json")
 
-    def _too_many(self) -> web.Response:
-        response = _error(429, "limit_requests", "Requests rate limit exceeded, please try "
-                          "again later.", "limit_requests")  # fmt: skip
+    def _too_many(self, code: str = "limit_requests") -> web.Response:
+        message = MESSAGES_429.get(code, "Too many requests.")
+        response = _error(429, code, message, code)
         if self.config.retry_after is not None:
             response.headers["Retry-After"] = f"{self.config.retry_after:g}"
         return response

@@ -118,7 +118,12 @@ def test_parquet_rows_are_reported_by_row_number(tmp_path: Path) -> None:
     assert (caught.value.row, caught.value.line) == (2, None)
 
 
-def test_output_folder_must_exist(write_jsonl: Callable[..., Path], tmp_path: Path) -> None:
+def test_output_folder_must_be_writable_or_makeable(
+    write_jsonl: Callable[..., Path], tmp_path: Path
+) -> None:
     path = write_jsonl([{"prompt": "a"}])
-    with pytest.raises(UsageError, match="does not exist"):
-        preflight(job_for(path, output=str(tmp_path / "missing" / "o.parquet")))
+    preflight(job_for(path, output=str(tmp_path / "missing" / "deeper" / "o.parquet")))
+    assert not (tmp_path / "missing").exists()  # nothing is written by the checks
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UsageError, match="is a file"):
+        preflight(job_for(path, output=str(tmp_path / "file" / "o.parquet")))

@@ -121,16 +121,30 @@ def test_unreadable_inputs(
     assert sim.stats.requests == 0
 
 
-def test_output_in_a_missing_folder(
+def test_output_in_a_missing_folder_is_made(
     simulator: Callable[..., Any], cli: Any, tmp_path: Path
 ) -> None:
     sim = simulator()
     (tmp_path / "in.jsonl").write_text(OK)
-    result = cli("run", "--input", tmp_path / "in.jsonl", "--output", tmp_path / "no" / "o.parquet",
+    output = tmp_path / "no" / "such" / "o.parquet"
+    result = cli("run", "--input", tmp_path / "in.jsonl", "--output", output,
                  "--model", "m", "--template", "{text}", "--base-url", sim.base_url)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert output.exists()
+
+
+def test_output_under_a_file_cannot_be_made(
+    simulator: Callable[..., Any], cli: Any, tmp_path: Path
+) -> None:
+    sim = simulator()
+    (tmp_path / "in.jsonl").write_text(OK)
+    (tmp_path / "afile").write_text("x")
+    result = cli("run", "--input", tmp_path / "in.jsonl", "--output",
+                 tmp_path / "afile" / "sub" / "o.parquet", "--model", "m",
+                 "--template", "{text}", "--base-url", sim.base_url)  # fmt: skip
     assert result.exit_code == 2
-    assert "the output folder" in result.output
-    assert "does not exist: create it first" in result.output
+    assert "cannot be made" in result.output
+    assert "is a file" in result.output
     assert sim.stats.requests == 0
 
 

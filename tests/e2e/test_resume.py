@@ -25,7 +25,7 @@ from batchq.runner import run_job
 
 ROOT = Path(__file__).resolve().parents[2]
 FAULTS = {"fail_503": 0.04, "fail_500": 0.02, "fail_drop": 0.02, "fail_truncate": 0.02,
-          "fail_malformed": 0.01, "fail_429": 0.005}  # fmt: skip
+          "fail_malformed": 0.01, "fail_429": 0.05}  # fmt: skip
 
 
 def reply(i: int) -> str:

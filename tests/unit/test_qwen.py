@@ -100,3 +100,58 @@ def test_decisions_are_remembered_by_value_and_type() -> None:
     assert body("qwen-plus", top_p=1)["top_p"] == 1
     with pytest.raises(RowProblem, match="must be a number"):
         body("qwen-plus", top_p=[1])  # unhashable: decided afresh
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://dashscope-intl.aliyuncs.com/compatible-mode/v1",
+        "https://ws-abc.ap-southeast-1.maas.aliyuncs.com/compatible-mode/v1",
+        "https://gateway.example.com/compatible-mode/v1",
+        "http://127.0.0.1:8080/proxy/compatible-mode/v1/",
+    ],
+)
+def test_a_custom_base_url_on_model_studio_gets_its_rules(url: str) -> None:
+    settings = RequestSettings(provider="custom", base_url=url, model="qwen3-32b")
+    assert build_body(ROW, settings)["enable_thinking"] is False  # refused without it
+    settings = RequestSettings(provider="custom", base_url=url, model="qwq-plus")
+    assert build_body(ROW, settings)["stream"] is True
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:8000/v1", "https://api.openai.com/v1", "https://aliyuncs.com.evil.io/v1"],
+)
+def test_other_base_urls_get_what_the_user_wrote(url: str) -> None:
+    settings = RequestSettings(provider="custom", base_url=url, model="qwen3-32b")
+    assert "enable_thinking" not in build_body(ROW, settings)
+
+
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+
+
+def test_n_above_1_with_tools_is_refused() -> None:
+    with pytest.raises(RowProblem) as info:
+        body("qwen-plus", n=2, tools=TOOLS)
+    assert info.value.column == "n"
+    assert "tools" in str(info.value)
+    assert body("qwen-plus", n=1, tools=TOOLS)["n"] == 1
+    assert body("qwen-plus", "openai", n=2, tools=TOOLS)["n"] == 2  # OpenAI takes it
+
+
+def test_n_above_1_with_tools_from_a_row_names_the_row_column() -> None:
+    settings = RequestSettings(model="qwen-plus", params={"tools": TOOLS})
+    with pytest.raises(RowProblem) as info:
+        build_body({"prompt": "hi", "n": 3}, settings)
+    assert info.value.column == "n"
+
+
+@pytest.mark.parametrize(
+    ("model", "said"),
+    [("qwen-plus", False), ("qwen3-32b", False), ("qwen3-235b-a22b-instruct-2507", False),
+     ("qwen-max", True), ("qwen-turbo", True)],
+)  # fmt: skip
+def test_n_above_1_on_a_model_not_listed_for_it_is_said_once(model: str, said: bool) -> None:
+    notes: set[str] = set()
+    body(model, notes=notes, n=2)
+    assert any("n above 1" in note for note in notes) == said
