@@ -3,6 +3,7 @@
     python bench/first_request.py --rows 1000000            # time to first request, then stop
     python bench/first_request.py --rows 10000000 --whole   # the whole run: peak RSS at 10M
     python bench/first_request.py --rows 40000 --whole --text-bytes 2000  # long rows
+    python bench/first_request.py --rows 1000000 --shape messages          # a messages column
 
 Writes an input of N review rows (id, text, stars; a template job), starts `batchq run`
 in a subprocess against the simulator (in this process's thread) and reports the seconds
@@ -11,7 +12,9 @@ bare `python -c "import batchq.cli"` takes on the same machine (the floor: inter
 and imports). Without --whole the run is stopped by SIGINT two seconds after its first
 request; with --whole it runs to the end. Either way the child's peak RSS is reported.
 --text-bytes pads each review's text; the simulator echoes the prompt, so the answers
-are as long.
+are as long. --shape messages writes each row as a ``messages`` column (a system and a
+user message) instead, --shape prompt as a ``prompt`` column; the job then has no
+template.
 """
 
 from __future__ import annotations
@@ -31,15 +34,23 @@ import orjson
 from batchq.simulator import SimConfig, serve_in_thread
 
 
-def write_input(path: Path, rows: int, text_bytes: int = 0) -> None:
+def write_input(path: Path, rows: int, text_bytes: int = 0, shape: str = "template") -> None:
     pad = (" lorem ipsum" * (text_bytes // 12 + 1))[:text_bytes]
+
+    def row(i: int) -> dict[str, Any]:
+        text = f"review {i}: it does what it says{pad}"
+        if shape == "messages":
+            return {"id": f"r{i}", "messages": [
+                {"role": "system", "content": "Answer with one word."},
+                {"role": "user", "content": f"Review: {text} ({i % 5} stars)"}]}  # fmt: skip
+        if shape == "prompt":
+            return {"id": f"r{i}", "prompt": f"Review: {text} ({i % 5} stars)"}
+        return {"id": f"r{i}", "text": text, "stars": i % 5}
+
     with path.open("wb") as f:
         for start in range(0, rows, 100_000):
-            f.write(b"".join(
-                orjson.dumps({"id": f"r{i}", "text": f"review {i}: it does what it says{pad}",
-                              "stars": i % 5}) + b"\n"
-                for i in range(start, min(start + 100_000, rows))
-            ))  # fmt: skip
+            f.write(b"".join(orjson.dumps(row(i)) + b"\n"
+                             for i in range(start, min(start + 100_000, rows))))  # fmt: skip
 
 
 def import_seconds() -> float:
@@ -56,17 +67,18 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--whole", action="store_true", help="run to the end")
     parser.add_argument("--text-bytes", type=int, default=0, help="pad each text (and answer)")
+    parser.add_argument("--shape", choices=["template", "prompt", "messages"], default="template")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         source, out = Path(folder) / "in.jsonl", Path(folder) / "out.parquet"
-        write_input(source, args.rows, args.text_bytes)
+        write_input(source, args.rows, args.text_bytes, args.shape)
         print(f"input: {args.rows:,} rows, {source.stat().st_size / 1e6:,.0f} MB")
         floor = import_seconds()
         with serve_in_thread(SimConfig()) as sim:
+            template = ["--template", "Review: {text} ({stars} stars)"]
             command = [sys.executable, "-m", "batchq", "run", "--input", str(source),
-                       "--output", str(out), "--model", "qwen-plus", "--template",
-                       "Review: {text} ({stars} stars)", "--base-url", sim.base_url,
-                       "--quiet"]  # fmt: skip
+                       "--output", str(out), "--model", "qwen-plus", "--base-url", sim.base_url,
+                       "--quiet", *(template if args.shape == "template" else [])]  # fmt: skip
             started = time.perf_counter()
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             phases = [0.0, 0.0, 0.0, 0.0]  # three phases' VmRSS, then VmHWM

@@ -3,8 +3,9 @@ a time, so a million-row job starts sending in well under a second.
 
 It answers the question the exact pass (``preflight.py``, a Python loop over every row)
 answers, for the inputs where whole-column checks decide it: rows that take their text
-from a template over plain columns, or from a string ``prompt`` column, with no per-row
-request fields, no ``messages`` and no Batch-API lines. It never reports a problem:
+from a template over plain columns, from a string ``prompt`` column, or from a
+``messages`` column of ``{role, content}`` text messages, with no per-row request fields
+and no Batch-API lines. It never reports a problem:
 whenever it sees one, or anything it cannot decide for sure (a null, a mixed column, a
 NaN, bytes that are not UTF-8, a line holding two objects, a request near the TPM
 limit, an id hash seen twice ...), it returns None and the exact pass runs, which says
@@ -30,7 +31,7 @@ from batchq.config import Job
 from batchq.io.keys import RepeatFinder
 from batchq.io.reader import input_format
 from batchq.io.schema import RESULT_COLUMNS
-from batchq.request import REQUEST_FIELDS, RowProblem, completion_cap, job_body
+from batchq.request import REQUEST_FIELDS, ROLES, RowProblem, completion_cap, job_body
 
 __all__ = ["Vouched", "vouch"]
 
@@ -204,24 +205,30 @@ class _Checks:
         self, job: Job, schema: pa.Schema, id_column: str | None, *, fixed_chars: int, cap: int
     ) -> None:
         names = set(schema.names)
-        if names & REQUEST_FIELDS or "messages" in names or {"custom_id", "body"} <= names:
-            raise _Unsure("per-row request fields, messages or Batch-API lines")
+        if names & REQUEST_FIELDS or {"custom_id", "body"} <= names:
+            raise _Unsure("per-row request fields or Batch-API lines")
         self._job = job
         self._id_column = id_column
         self._fixed_chars = fixed_chars
         self._cap = cap
         self._keys = RepeatFinder()  # one key a row: the int id, or its text's hash
         r = job.request
+        self._messages = r.template is None and "messages" in names
         if r.template is not None:
             self._sources = _template_fields(r.template)
+        elif self._messages:
+            self._sources = []
+            _text_messages(schema.field("messages").type)
+            # each message's framing is counted per message, not the one user message's
+            self._fixed_chars -= 12
         elif "prompt" in names:
             self._sources = ["prompt"]
         else:
-            raise _Unsure("no template and no prompt column")
+            raise _Unsure("no template, no messages and no prompt column")
         for name in self._sources:
             if name not in names or not any(ok(schema.field(name).type) for ok in _PLAIN):
                 raise _Unsure(f"template field {name!r} is missing or not a plain column")
-        if r.template is None and not pa.types.is_string(schema.field("prompt").type):
+        if self._sources == ["prompt"] and not pa.types.is_string(schema.field("prompt").type):
             raise _Unsure("prompt is not text")
         if id_column is not None and (
             id_column not in names or schema.field(id_column).type not in _ID_TYPES
@@ -230,6 +237,8 @@ class _Checks:
 
     def batch(self, batch: pa.RecordBatch) -> None:
         chars = pa.scalar(self._fixed_chars, pa.int64())
+        if self._messages:
+            chars = pc.add(chars, _message_chars(batch.column("messages")))
         for name in self._sources:
             column = batch.column(name)
             if column.null_count:
@@ -255,6 +264,48 @@ class _Checks:
         """A repeated key sends the ids to the exact pass, which says which and where."""
         if self._keys.repeated():
             raise _Unsure("an id hash seen twice: the exact pass checks the ids themselves")
+
+
+def _text_messages(type_: pa.DataType) -> None:
+    """A ``messages`` column the fast path decides: a list of ``{role, content}`` structs
+    of text (multimodal parts, tool calls, names: the exact pass)."""
+    if not (pa.types.is_list(type_) or pa.types.is_large_list(type_)):
+        raise _Unsure("messages is not a list")
+    item = type_.value_type
+    if not pa.types.is_struct(item) or {item.field(i).name for i in range(item.num_fields)} != {
+        "role",
+        "content",
+    }:
+        raise _Unsure("messages are not {role, content} objects")
+    for name in ("role", "content"):
+        if not pa.types.is_string(item.field(name).type):
+            raise _Unsure(f"a message's {name} is not text")
+
+
+def _message_chars(column: pa.Array) -> pa.Array:
+    """The exact pass's message checks, and each row's characters as estimate_tokens
+    counts them (content, and 12 for each message's framing)."""
+    if column.null_count or pc.min(pc.list_value_length(column)).as_py() < 1:
+        raise _Unsure("a null or empty messages list")
+    messages = column.flatten()
+    if messages.null_count:
+        raise _Unsure("a null message")
+    role, content = messages.field("role"), messages.field("content")
+    if role.null_count or not pc.all(pc.is_in(role, value_set=_ROLES)).as_py():
+        raise _Unsure("a message without a known role")
+    if (
+        content.null_count
+        and pc.any(pc.and_(pc.is_null(content), pc.not_equal(role, "assistant"))).as_py()
+    ):
+        raise _Unsure("a message without content")
+    lengths = pc.add(pc.cast(pc.fill_null(pc.utf8_length(content), 0), pa.int64()), 12)
+    totals = pa.concat_arrays([pa.array([0], pa.int64()), pc.cumulative_sum(lengths)])
+    offsets = pc.subtract(column.offsets, column.offsets[0])
+    ends = pc.take(totals, offsets.slice(1))
+    return pc.subtract(ends, pc.take(totals, offsets.slice(0, len(column))))
+
+
+_ROLES = pa.array(sorted(ROLES))
 
 
 def _template_fields(template: str) -> list[str]:

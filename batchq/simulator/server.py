@@ -99,6 +99,8 @@ class SimStats:
 
     requests: int = 0
     by_status: Counter[int] = field(default_factory=Counter)
+    #: 429s for going beyond the QPS / QPM limits (the rest of the 429s are injected)
+    limited: int = 0
     #: answers ok per whole second of the server's monotonic clock
     ok_by_second: Counter[int] = field(default_factory=Counter)
     #: requests received, and first requests for a reply (a row's first attempt), per second
@@ -163,6 +165,7 @@ class Simulator:
             return [counts[s] for s in range(start, end)]
 
         return _json({"requests": stats.requests, "by_status": by_status,
+                      "limited": stats.limited,
                       "ok_per_second": per_second(stats.ok_by_second),
                       "received_per_second": per_second(stats.received_by_second),
                       "first_per_second": per_second(stats.first_by_second)})  # fmt: skip
@@ -201,6 +204,7 @@ class Simulator:
             return _error(401, "invalid_api_key", f"Incorrect API key provided: {sent[7:]}.",
                           "invalid_request_error")  # fmt: skip
         if not all(w.admit(time.monotonic()) for w in self._windows):
+            self.stats.limited += 1
             return self._too_many()
         if MODERATION_MARKER in reply:  # input moderation comes before any generation
             return _error(400, "data_inspection_failed", "Input data may contain inappropriate "

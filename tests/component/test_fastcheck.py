@@ -55,7 +55,64 @@ CASES: dict[str, tuple[bytes, dict[str, Any], bool]] = {
         False,
     ),
     "row overrides": (lines(reviews(seed=3)), TEMPLATE, False),
-    "messages": (lines([{"messages": [{"role": "user", "content": "hi"}]}]), {}, False),
+    "messages": (
+        lines(
+            [
+                {
+                    "id": i,
+                    "messages": [
+                        {"role": "system", "content": "Be brief."},
+                        {"role": "user", "content": f"hi {i} 世界"},
+                    ],
+                }
+                for i in range(40)
+            ]
+        ),
+        {"system": "Label it.", "tpm": 100_000, "max_tokens": 5},
+        True,
+    ),
+    "messages with an assistant turn without content": (
+        lines(
+            [
+                {
+                    "messages": [
+                        {"role": "user", "content": "a"},
+                        {"role": "assistant", "content": None},
+                        {"role": "user", "content": "b"},
+                    ]
+                }
+            ]
+            * 5
+        ),
+        {},
+        True,
+    ),
+    "messages with multimodal parts": (
+        lines([{"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]}]),
+        {},
+        False,
+    ),
+    # refused by the exact pass: the fast path must decline
+    "an empty messages list": (
+        lines([{"messages": [{"role": "user", "content": "a"}]}, {"messages": []}]),
+        {},
+        False,
+    ),
+    "a message with an unknown role": (
+        lines([{"messages": [{"role": "robot", "content": "a"}]}]),
+        {},
+        False,
+    ),
+    "a user message without content": (
+        lines(
+            [
+                {"messages": [{"role": "user", "content": "a"}]},
+                {"messages": [{"role": "user", "content": None}]},
+            ]
+        ),
+        {},
+        False,
+    ),
     "batch lines": (
         lines(
             [
