@@ -1,4 +1,5 @@
-"""The pacer under a fake clock: its sleeps advance the clock instead of waiting."""
+"""The pacer and its ceiling under a fake clock: its sleeps advance the clock instead of
+waiting."""
 
 from __future__ import annotations
 
@@ -13,18 +14,9 @@ import pytest
 from anyio import wait_all_tasks_blocked
 from anyio.lowlevel import checkpoint
 
+from batchq.ceiling import CUT, CUT_EVERY_S, PROBE, RECOVER_S, TRIAL_CUT
 from batchq.config import Limits
-from batchq.limiter import (
-    CUT,
-    CUT_EVERY_S,
-    FIRST_COMPLETION_GUESS,
-    PROBE,
-    RAMP_S,
-    RECOVER_S,
-    TRIAL_CUT,
-    RatePacer,
-    Settled,
-)
+from batchq.limiter import FIRST_COMPLETION_GUESS, RAMP_S, RatePacer, Settled
 
 pytestmark = pytest.mark.anyio
 
