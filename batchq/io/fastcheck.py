@@ -16,7 +16,6 @@ what and where. When it returns an InputInfo, it is the one the exact pass would
 from __future__ import annotations
 
 import array as pyarray
-import hashlib
 import string
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,9 +27,10 @@ import pyarrow.json as pj
 import pyarrow.parquet as pq
 
 from batchq.config import Job
+from batchq.errors import InputError
 from batchq.io.keys import RepeatFinder
 from batchq.io.reader import input_format
-from batchq.io.schema import RESULT_COLUMNS
+from batchq.io.rules import check_clash, default_id_column, digest_and_lines
 from batchq.request import REQUEST_FIELDS, ROLES, RowProblem, completion_cap, job_body
 
 __all__ = ["Vouched", "vouch"]
@@ -77,7 +77,7 @@ def _vouch(job: Job) -> Vouched:
     if first is None or first.num_rows == 0:
         raise _Unsure("no rows")
     schema = first.schema
-    id_column = job.id_column or ("id" if "id" in schema.names else None)
+    id_column = job.id_column or default_id_column(schema.names, batch_lines=False)
     check = _Checks(job, schema, id_column, fixed_chars=_fixed_chars(job), cap=cap)
     rows = 0
     for batch in _chain(first, batches):
@@ -86,19 +86,17 @@ def _vouch(job: Job) -> Vouched:
         check.batch(batch)
         rows += batch.num_rows
     check.ids_unique()
+    digest, lines = digest_and_lines(path)
     if fmt == "jsonl":
-        digest, lines = _digest_and_lines(path)
         if lines != rows:
             raise _Unsure("a blank line, or two objects on a line")
         columns = tuple((f.name, _output_type(f.type)) for f in schema)
     else:
-        digest = _digest_and_lines(path)[0]
         columns = tuple((f.name, f.type) for f in schema)
-    names = [name for name, _ in columns]
-    if any(n in RESULT_COLUMNS and n != "model" for n in names) or (
-        id_column is None and "row" in names
-    ):
-        raise _Unsure("a column clash: the exact pass says which")
+    try:
+        check_clash((name for name, _ in columns), id_column, path)
+    except InputError:
+        raise _Unsure("a column clash: the exact pass says where") from None
     return Vouched(rows, columns, id_column, digest, (note,) if note else ())
 
 
@@ -317,17 +315,3 @@ def _template_fields(template: str) -> list[str]:
             raise _Unsure(f"template field {name!r} is not a plain column name")
         fields.append(name)
     return fields
-
-
-def _digest_and_lines(path: Path) -> tuple[str, int]:
-    """The input's digest (as the exact pass computes it) and its number of lines."""
-    digest = hashlib.sha256()
-    lines, last = 0, b"\n"
-    with path.open("rb") as f:
-        while chunk := f.read(4 * 1024**2):
-            digest.update(chunk)
-            lines += chunk.count(b"\n")
-            last = chunk[-1:]
-    if last != b"\n":
-        lines += 1
-    return digest.hexdigest()[:32], lines

@@ -8,7 +8,6 @@ needs: the row count, the input's columns and their types, and the input's diges
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,10 +21,12 @@ from batchq.errors import InputError, UsageError
 from batchq.io.fastcheck import vouch
 from batchq.io.keys import RepeatFinder
 from batchq.io.reader import InputBatch, input_format, read_batches
-from batchq.io.schema import RESULT_COLUMNS, ColumnKinds
+from batchq.io.rules import ROW_COLUMN, check_clash, default_id_column, digest_and_lines
+from batchq.io.schema import ColumnKinds
 from batchq.request import RowProblem, build_body, completion_cap, estimate_tokens
 
 __all__ = [
+    "ROW_COLUMN",
     "InputInfo",
     "completion_cap",
     "exact_preflight",
@@ -33,9 +34,6 @@ __all__ = [
     "request_tokens",
     "row_id",
 ]
-
-#: The column written when the input has no id column: the row's 0-based position.
-ROW_COLUMN = "row"
 
 
 @dataclass(frozen=True)
@@ -92,7 +90,9 @@ def exact_preflight(
     parquet_schema: pa.Schema | None = None
     for batch in read_batches(path):
         if total == 0:
-            id_column = id_column or _default_id_column(batch.rows[0])
+            first = batch.rows[0]
+            batch_lines = "custom_id" in first and isinstance(first.get("body"), dict)
+            id_column = id_column or default_id_column(first, batch_lines=batch_lines)
         if batch.arrow is not None:
             parquet_schema = batch.arrow.schema
         else:
@@ -107,14 +107,9 @@ def exact_preflight(
         columns = tuple((f.name, f.type) for f in parquet_schema)
     else:
         columns = tuple((name, kinds.arrow_type(name)) for name in kinds.kinds)
-    _check_clash([name for name, _ in columns], id_column, path)
-    return InputInfo(path, fmt, total, columns, id_column, _digest(path), tuple(sorted(notes)))
-
-
-def _default_id_column(first: dict[str, Any]) -> str | None:
-    if "custom_id" in first and isinstance(first.get("body"), dict):
-        return "custom_id"
-    return "id" if "id" in first else None
+    check_clash([name for name, _ in columns], id_column, path)
+    digest = digest_and_lines(path)[0]
+    return InputInfo(path, fmt, total, columns, id_column, digest, tuple(sorted(notes)))
 
 
 def _check_rows(
@@ -191,24 +186,6 @@ class _IdChecker:
                 seen[value] = where[label]
 
 
-def _check_clash(columns: list[str], id_column: str | None, path: Path) -> None:
-    for name in columns:
-        if name in RESULT_COLUMNS and name != "model":
-            raise InputError(
-                f"the input column {name!r} clashes with the output column of that name: "
-                "rename it in the input",
-                path=str(path),
-                column=name,
-            )
-    if id_column is None and ROW_COLUMN in columns:
-        raise InputError(
-            f"the input has a {ROW_COLUMN!r} column but no id column, and batchq writes the "
-            f"row number as {ROW_COLUMN!r}: set id_column (or --id-column) to a unique column",
-            path=str(path),
-            column=ROW_COLUMN,
-        )
-
-
 def _check_output(output: Path) -> None:
     """The output's folder is writable, or can be made: its nearest existing ancestor is
     a writable folder (the state folder is made with its parents, after every check)."""
@@ -222,8 +199,3 @@ def _check_output(output: Path) -> None:
     if not os.access(existing, os.W_OK):
         what = "is not writable" if existing == folder else f"cannot be made in {existing}"
         raise UsageError(f"the output folder {folder} {what}: choose another output")
-
-
-def _digest(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()[:32]

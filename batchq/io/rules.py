@@ -1,0 +1,63 @@
+"""The input rules both preflight passes apply, in one place: which column is the id, which
+input column clashes with the output, and the input's digest (what a resumed run's input
+is checked against). The exact pass (``preflight.py``) reports a broken rule with where
+it is broken; the fast path (``fastcheck.py``) leaves such an input to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+
+from batchq.errors import InputError
+from batchq.io.schema import RESULT_COLUMNS
+
+__all__ = ["ROW_COLUMN", "check_clash", "default_id_column", "digest_and_lines"]
+
+#: The column written when the input has no id column: the row's 0-based position.
+ROW_COLUMN = "row"
+
+
+def default_id_column(names: Iterable[str], *, batch_lines: bool) -> str | None:
+    """The id column when the job names none: ``custom_id`` for Batch-API lines, else
+    ``id`` if the input has it, else None (rows are known by their position)."""
+    if batch_lines:
+        return "custom_id"
+    return "id" if "id" in names else None
+
+
+def check_clash(columns: Iterable[str], id_column: str | None, path: Path) -> None:
+    """InputError for an input column the output would write again (``model`` excepted:
+    it is the requested model), or a ``row`` column where batchq writes the position."""
+    names = list(columns)
+    for name in names:
+        if name in RESULT_COLUMNS and name != "model":
+            raise InputError(
+                f"the input column {name!r} clashes with the output column of that name: "
+                "rename it in the input",
+                path=str(path),
+                column=name,
+            )
+    if id_column is None and ROW_COLUMN in names:
+        raise InputError(
+            f"the input has a {ROW_COLUMN!r} column but no id column, and batchq writes the "
+            f"row number as {ROW_COLUMN!r}: set id_column (or --id-column) to a unique column",
+            path=str(path),
+            column=ROW_COLUMN,
+        )
+
+
+def digest_and_lines(path: Path) -> tuple[str, int]:
+    """The input's digest (SHA-256 of its bytes, 32 hex digits) and its number of lines
+    (a last line without a newline counts)."""
+    digest = hashlib.sha256()
+    lines, last = 0, b"\n"
+    with path.open("rb") as f:
+        while chunk := f.read(4 * 1024**2):
+            digest.update(chunk)
+            lines += chunk.count(b"\n")
+            last = chunk[-1:]
+    if last != b"\n":
+        lines += 1
+    return digest.hexdigest()[:32], lines
