@@ -317,8 +317,7 @@ class Ceiling:
             self._ceiling, self._cut_at = None, -math.inf
         else:
             self._ceiling, self._cut_at = trial.before * (1 - self.floor), now - self._recover_s
-        self.undone = (f"429s at {self.floor:.1%} of requests whatever the rate are not a "
-                       "limit: the cut is undone; their rows are retried one by one")  # fmt: skip
+        self.undone = f"429s at {self.floor:.1%} of requests whatever the rate are not a limit"
 
     def _learn_floor(self, refused: float, answers: float) -> None:
         noise = self._noise

@@ -146,7 +146,8 @@ class RatePacer:
         if self._ceiling.undone:
             rate = self.rate(now)
             to = f"{rate:,.1f} req/s" if rate is not None else "full speed"
-            self._emit(Notice(f"{self._ceiling.undone}: back to {to}"))
+            self._emit(Notice(f"{self._ceiling.undone}: back to {to}; their rows are retried "
+                              "one by one"))  # fmt: skip
         if cut is None:
             return
         self._next_send = -math.inf  # bookings start over from the cut (or the pause)
