@@ -105,7 +105,7 @@ def test_decisions_are_remembered_by_value_and_type() -> None:
 @pytest.mark.parametrize(
     "url",
     [
-        "https://dashscope-intl.aliyuncs.com/compatible-mode/v1",
+        "https://dashscope-us.aliyuncs.com/compatible-mode/v1",
         "https://ws-abc.ap-southeast-1.maas.aliyuncs.com/compatible-mode/v1",
         "https://gateway.example.com/compatible-mode/v1",
         "http://127.0.0.1:8080/proxy/compatible-mode/v1/",
@@ -120,7 +120,7 @@ def test_a_custom_base_url_on_model_studio_gets_its_rules(url: str) -> None:
 
 @pytest.mark.parametrize(
     "url",
-    ["http://127.0.0.1:8000/v1", "https://api.openai.com/v1", "https://aliyuncs.com.evil.io/v1"],
+    ["http://127.0.0.1:8000/v1", "https://llm.example.com/v1", "https://aliyuncs.com.evil.io/v1"],
 )
 def test_other_base_urls_get_what_the_user_wrote(url: str) -> None:
     settings = RequestSettings(provider="custom", base_url=url, model="qwen3-32b")
