@@ -4,8 +4,9 @@ a time, so a million-row job starts sending in well under a second.
 It answers the question the exact pass (``preflight.py``, a Python loop over every row)
 answers, for the inputs where whole-column checks decide it: rows that take their text
 from a template over plain columns, from a string ``prompt`` column, or from a
-``messages`` column of ``{role, content}`` text messages, with no per-row request fields
-and no Batch-API lines. It never reports a problem:
+``messages`` column of ``{role, content}`` text messages; with per-row request fields
+only where they are numbers (``temperature``, ``top_p``, ``max_tokens``, ``seed`` ...);
+no Batch-API lines. It never reports a problem:
 whenever it sees one, or anything it cannot decide for sure (a null, a mixed column, a
 NaN, bytes that are not UTF-8, a line holding two objects, a request near the TPM
 limit, an id hash seen twice ...), it returns None and the exact pass runs, which says
@@ -31,6 +32,7 @@ from batchq.errors import InputError
 from batchq.io.keys import RepeatFinder
 from batchq.io.reader import input_format
 from batchq.io.rules import check_clash, default_id_column, digest_and_lines
+from batchq.qwen import RANGES
 from batchq.request import REQUEST_FIELDS, ROLES, RowProblem, completion_cap, job_body
 
 __all__ = ["Vouched", "vouch"]
@@ -38,6 +40,10 @@ __all__ = ["Vouched", "vouch"]
 BLOCK_BYTES = 1024**2
 _ID_TYPES = (pa.int64(), pa.string(), pa.large_string())
 _PLAIN = (pa.types.is_integer, pa.types.is_floating, pa.types.is_string, pa.types.is_boolean)
+#: Request fields a row may set that whole-column checks decide: numbers, ranged or not.
+ROW_NUMBERS = frozenset(
+    {"temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "max_tokens"}
+)
 
 
 class _Unsure(Exception):
@@ -203,8 +209,17 @@ class _Checks:
         self, job: Job, schema: pa.Schema, id_column: str | None, *, fixed_chars: int, cap: int
     ) -> None:
         names = set(schema.names)
-        if names & REQUEST_FIELDS or {"custom_id", "body"} <= names:
-            raise _Unsure("per-row request fields or Batch-API lines")
+        if {"custom_id", "body"} <= names:
+            raise _Unsure("Batch-API lines")
+        self._fields = sorted(names & REQUEST_FIELDS)
+        for name in self._fields:
+            type_ = schema.field(name).type
+            if name not in ROW_NUMBERS or not (
+                pa.types.is_integer(type_) or (pa.types.is_floating(type_) and name != "max_tokens")
+                or pa.types.is_null(type_)
+            ):  # fmt: skip
+                raise _Unsure(f"a per-row {name} the exact pass checks")
+        self._ranges = job.request.model_studio
         self._job = job
         self._id_column = id_column
         self._fixed_chars = fixed_chars
@@ -244,8 +259,9 @@ class _Checks:
             if self._job.limits.tpm:
                 text = column if pa.types.is_string(column.type) else pc.cast(column, pa.string())
                 chars = pc.add(chars, pc.utf8_length(text))
+        cap = self._row_fields(batch)
         if self._job.limits.tpm and batch.num_rows:
-            most = pc.max(chars).as_py() // 3 + 1 + self._cap
+            most = pc.max(pc.add(pc.add(pc.divide(chars, 3), 1), cap)).as_py()
             if most * 1.1 + 10 > self._job.limits.tpm:
                 raise _Unsure("a request near the TPM limit: the exact pass estimates it")
         if self._id_column is not None:
@@ -257,6 +273,26 @@ class _Checks:
             else:
                 hashes = pyarray.array("q", map(hash, ids.to_pylist()))
                 self._keys.add_array(pa.array(hashes, pa.int64()))
+
+    def _row_fields(self, batch: pa.RecordBatch) -> pa.Array | pa.Scalar:
+        """Check the rows' own numeric request fields as Model Studio's rules would (a
+        value out of range: the exact pass says where); each row's completion cap."""
+        cap: pa.Array | pa.Scalar = pa.scalar(self._cap, pa.int64())
+        for name in self._fields:
+            column = batch.column(name)
+            if pa.types.is_null(column.type):
+                continue
+            if name == "max_tokens":
+                if pc.any(pc.less_equal(column, 0)).as_py():
+                    raise _Unsure("a max_tokens of 0 or less")
+                cap = pc.fill_null(pc.cast(column, pa.int64()), self._cap)
+            elif self._ranges and name in RANGES and column.null_count < len(column):
+                low, high, low_in, high_in = RANGES[name]
+                under = pc.less(column, low) if low_in else pc.less_equal(column, low)
+                over = pc.greater(column, high) if high_in else pc.greater_equal(column, high)
+                if pc.any(pc.or_(under, over)).as_py():
+                    raise _Unsure(f"a {name} outside Model Studio's range")
+        return cap
 
     def ids_unique(self) -> None:
         """A repeated key sends the ids to the exact pass, which says which and where."""

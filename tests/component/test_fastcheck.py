@@ -54,7 +54,53 @@ CASES: dict[str, tuple[bytes, dict[str, Any], bool]] = {
         TEMPLATE,
         False,
     ),
-    "row overrides": (lines(reviews(seed=3)), TEMPLATE, False),
+    "row overrides": (lines(reviews(seed=3)), TEMPLATE, True),
+    "per-row numbers": (
+        lines(
+            [
+                {
+                    "id": i,
+                    "text": "x",
+                    "stars": 1,
+                    "temperature": i % 3 * 0.5,
+                    "max_tokens": 5 + i,
+                    "top_p": 1,
+                }
+                for i in range(30)
+            ]
+        ),
+        {**TEMPLATE, "tpm": 100_000},
+        True,
+    ),
+    "per-row numbers with nulls": (
+        lines(
+            [
+                {"id": i, "text": "x", "stars": 1, "temperature": None if i % 2 else 0.2}
+                for i in range(30)
+            ]
+        ),
+        TEMPLATE,
+        True,
+    ),
+    "a per-row model": (lines(reviews(model="qwen-max")), TEMPLATE, False),
+    "a per-row bool temperature": (lines(reviews(temperature=True)), TEMPLATE, False),
+    "a per-row float max_tokens": (lines(reviews(max_tokens=5.5)), TEMPLATE, False),
+    "a per-row max_tokens of 0": (lines(reviews(max_tokens=0)), TEMPLATE, False),
+    "a per-row temperature out of range": (
+        lines(
+            [
+                {"id": i, "text": "x", "stars": 1, "temperature": 2.5 if i == 3 else 0.5}
+                for i in range(5)
+            ]
+        ),
+        TEMPLATE,
+        False,
+    ),
+    "a per-row max_tokens over the TPM": (
+        lines(reviews(3, max_tokens=900)),
+        {**TEMPLATE, "tpm": 1000},
+        False,
+    ),
     "messages": (
         lines(
             [
