@@ -187,11 +187,12 @@ class Ceiling:
         self._refused.restart(until)
 
     def observe(
-        self, settled: Settled, now: float, *, current: float | None,
+        self, settled: Settled, now: float, *, rate: Callable[[float], float | None],
         ramping: Callable[[float], bool],
     ) -> Cut | None:  # fmt: skip
         """Learn from a request settled at ``now``; a Cut when the whole run must slow.
-        ``current`` is the pacer's rate now, ``ramping(t)`` whether it was ramping up."""
+        ``rate(t)`` is the pacer's rate, ``ramping(t)`` whether it was ramping up (asked
+        only when a 429 may cut)."""
         self.undone = None
         if settled.throttled is None:  # 429s come back fast; what matters is the answers
             self._latency += 0.05 * (now - settled.sent_at - self._latency)
@@ -213,10 +214,10 @@ class Ceiling:
                 self._judge(now)
         if not refused:
             return None
-        return self._consider_cut(now, settled.retry_after, current, ramping)
+        return self._consider_cut(now, settled.retry_after, rate, ramping)
 
     def _consider_cut(
-        self, now: float, retry_after: float | None, current: float | None,
+        self, now: float, retry_after: float | None, rate: Callable[[float], float | None],
         ramping: Callable[[float], bool],
     ) -> Cut | None:  # fmt: skip
         """Cut when the 429s lately exceed the floor (see the module doc)."""
@@ -237,6 +238,7 @@ class Ceiling:
             return None  # within what the floor and chance explain: each row backs off alone
         if self._trial is not None and share - floor < WALL_SHARE:
             return None  # a cut is on trial, and these 429s do not say it was too shallow
+        current = rate(now)
         let_through = self._accepted.rate(now) if accepted else None
         if let_through is None:  # nothing got through: halve what is being sent
             let_through = (current or self._sent.rate(now) or 2 * MIN_RATE) / 2 * (1 - floor)

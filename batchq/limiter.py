@@ -92,9 +92,8 @@ class RatePacer:
     def rate(self, now: float) -> float | None:
         """Requests per second allowed at ``now`` (None: no limit)."""
         limit = self._limit
-        if limit is not None and self._started is not None:
-            ramp = self._ramp_from + (1 - self._ramp_from) * (now - self._started) / self._ramp_s
-            limit *= min(1.0, ramp)
+        if limit is not None:
+            limit *= self._ramp(now)
         if (ceiling := self._ceiling.rate(now)) is not None:
             limit = ceiling if limit is None else min(limit, ceiling)
         return limit
@@ -142,7 +141,7 @@ class RatePacer:
         now = self._clock()
         if settled.throttled == "burst":
             self._gentler_ramp(now)
-        cut = self._ceiling.observe(settled, now, current=self.rate(now), ramping=self._ramping)
+        cut = self._ceiling.observe(settled, now, rate=self.rate, ramping=self._ramping)
         if self._ceiling.undone:
             rate = self.rate(now)
             to = f"{rate:,.1f} req/s" if rate is not None else "full speed"
@@ -157,11 +156,17 @@ class RatePacer:
         pause = max(0.0, self._paused_until - now)
         self._emit(Slowdown(self.rate(now) or MIN_RATE, pause, cut.share))
 
+    def _ramp(self, at: float) -> float:
+        """The share of the limit the ramp allows at ``at`` (1 before the first send)."""
+        if self._started is None:
+            return 1.0
+        return min(
+            1.0, self._ramp_from + (1 - self._ramp_from) * (at - self._started) / self._ramp_s
+        )
+
     def _ramping(self, at: float) -> bool:
         """Whether the rate was still ramping up at ``at``."""
-        return not (self._limit is None or self._started is None or (
-            self._ramp_from + (1 - self._ramp_from) * (at - self._started) / self._ramp_s >= 1
-        ))  # fmt: skip
+        return self._limit is not None and self._ramp(at) < 1
 
     def _gentler_ramp(self, now: float) -> None:
         """A burst limit refused a surge: ramp again from half of where the rate stands,

@@ -402,3 +402,21 @@ async def test_a_real_limit_is_found_and_held_under_random_429s(server: Server) 
     assert len(steady) / (steady[-1] - steady[0]) >= 95
     assert server.limit_429s < 0.05 * len(server.times)
     assert elapsed <= 1.15 * ideal
+
+
+async def test_a_burst_429_makes_the_ramp_gentler() -> None:
+    # Model Studio's "Request rate increased too quickly": ramp again from half of where
+    # the rate stands, over twice as long; a second one within a second changes nothing.
+    p, clock = pacer(qps=100, concurrency=500)
+    await send_times(p, clock, 1)
+    await answered_at(p, clock, 100, RAMP_S)  # the server lets all of it through
+    assert p.rate(clock.now) == 100
+    burst = clock.now
+    p.release(0, Settled(clock.now, throttled="burst"))
+    p.release(0, Settled(clock.now, throttled="burst"))
+    assert p.rate(burst) == pytest.approx(50)
+    assert p.rate(burst + RAMP_S) == pytest.approx(75)
+    assert p.rate(burst + 2 * RAMP_S) == 100
+    # A rate-limit 429 does not touch the ramp.
+    p.release(0, Settled(burst + 2 * RAMP_S, throttled="rate"))
+    assert p.rate(burst + 2 * RAMP_S) == 100
