@@ -16,9 +16,11 @@ refuses that share at any rate. So:
 - A cut is made when the 429s of the last METER_S exceed the floor by CUT_SHARE and by
   CUT_Z standard errors (RAMP_CUT_SHARE while ramping up), at most once per CUT_EVERY_S
   plus twice the answers' latency, counting only requests sent since the last cut. The
-  ceiling is the rate of answers that were not 429, ``accepted`` (an error or a dropped
-  connection was let through all the same: only the ok answers would read low under
-  faults, and every cut would go deeper), kept as such: rate() divides by 1 − floor.
+  ceiling is the rate of answers that were not 429 over the last WINDOW_S, ``accepted``
+  (an error or a dropped connection was let through all the same: only the ok answers
+  would read low under faults, and every cut would go deeper; and not a decaying count,
+  which after a step up still reads the rate before it), kept as such: rate() divides
+  by 1 − floor.
 - A cut is a trial. The requests sent from TRIAL_DELAY_S after it (a server's window
   still counts what was sent before) until enough are in to tell the two predictions
   apart are the sample, judged once answered: noise predicts the share of 429s of the
@@ -46,6 +48,7 @@ retried row by row and do not wear the rate down.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -78,6 +81,10 @@ MEASURE_S = 0.5
 #: Requests that judge a cut: enough to put HELPED_Z standard errors between each
 #: prediction and the middle, within these bounds.
 VERDICT_N, VERDICT_MAX_N, HELPED_Z = 120, 500, 2.0
+#: What a server lets through is read from the answers of about this long: a window's
+#: period (a decaying count remembers the rate before a step up, which a sliding window
+#: lets through for a period after it: the reading would be the old rate, not the limit).
+WINDOW_S = 1.0
 #: The requests that judge a cut are those sent from this long after it.
 TRIAL_DELAY_S = 1.0
 #: 429s this share beyond the floor are a wall: the whole run waits out Retry-After.
@@ -149,7 +156,8 @@ class Ceiling:
         self._trial: _Trial | None = None
         self._limit_seen = False  # whether a cut has been kept
         self._noise: list[float] = [0.0, 0.0]  # 429s and answers the floor is learned from
-        self._sent, self._accepted, self._refused = _Meter(), _Meter(), _Meter()
+        self._sent, self._refused = _Meter(), _Meter()
+        self._accepted = _Meter(window=WINDOW_S)
         # the share of 429s over a longer span, never restarted: what noise predicts
         self._long = (_Meter(LONG_S), _Meter(LONG_S))  # answers let through, 429s
         self._measure_from = -math.inf  # answers to requests sent before count for nothing
@@ -239,7 +247,7 @@ class Ceiling:
         if self._trial is not None and share - floor < WALL_SHARE:
             return None  # a cut is on trial, and these 429s do not say it was too shallow
         current = rate(now)
-        let_through = self._accepted.rate(now) if accepted else None
+        let_through = self._accepted.recent(now) if accepted else None
         if let_through is None:  # nothing got through: halve what is being sent
             let_through = (current or self._sent.rate(now) or 2 * MIN_RATE) / 2 * (1 - floor)
         elif (
@@ -330,11 +338,13 @@ class Ceiling:
 
 
 class _Meter:
-    """Events per second, as a count decaying with a time constant of ``span`` seconds."""
+    """Events per second, as a count decaying with a time constant of ``span`` seconds;
+    with ``window``, also as the events of the last ``window`` seconds (``recent``)."""
 
-    def __init__(self, span: float = METER_S) -> None:
-        self._span = span
+    def __init__(self, span: float = METER_S, *, window: float | None = None) -> None:
+        self._span, self._window = span, window
         self._count, self._at, self._since = 0.0, -math.inf, math.inf
+        self._times: deque[float] = deque()
 
     @property
     def since(self) -> float:
@@ -345,10 +355,16 @@ class _Meter:
         self._count = self._count * math.exp(min(0.0, self._at - now) / self._span) + 1.0
         self._at = max(self._at, now)
         self._since = min(self._since, now)
+        if self._window is not None:
+            times = self._times
+            times.append(now)
+            while times[0] <= now - self._window:
+                times.popleft()
 
     def restart(self, at: float) -> None:
         """Count from zero from ``at`` on."""
         self._count, self._at, self._since = 0.0, at, math.inf
+        self._times.clear()
 
     def count(self, now: float) -> float:
         """Events in about the last ``span`` seconds."""
@@ -361,3 +377,14 @@ class _Meter:
             return None
         span = self._span
         return self.count(now) / span / (1 - math.exp(-max(0.1, now - self._since) / span))
+
+    def recent(self, now: float) -> float | None:
+        """Events per second over the last ``window`` seconds, once counted that long (till
+        then, ``rate``)."""
+        window = self._window
+        if window is None or now - self._since < window:
+            return self.rate(now)
+        times = self._times
+        while times and times[0] <= now - window:
+            times.popleft()
+        return len(times) / window

@@ -14,7 +14,7 @@ import pytest
 from anyio import wait_all_tasks_blocked
 from anyio.lowlevel import checkpoint
 
-from batchq.ceiling import CUT, CUT_EVERY_S, PROBE, RECOVER_S, TRIAL_CUT
+from batchq.ceiling import CUT, CUT_EVERY_S, PROBE, RECOVER_S, TRIAL_CUT, Ceiling
 from batchq.config import Limits
 from batchq.limiter import FIRST_COMPLETION_GUESS, RAMP_S, RatePacer, Settled
 
@@ -420,3 +420,21 @@ async def test_a_burst_429_makes_the_ramp_gentler() -> None:
     # A rate-limit 429 does not touch the ramp.
     p.release(0, Settled(burst + 2 * RAMP_S, throttled="rate"))
     assert p.rate(burst + 2 * RAMP_S) == 100
+
+
+def test_a_cut_after_a_step_up_reads_the_new_rate_let_through() -> None:
+    # 80 a second for 5 s, then 100 a second (the server's limit), a quarter of what is
+    # sent beyond it refused from 6 s on. A count decaying over 2 s still remembers the 80
+    # (it read 90 here): every cut after a step up went below the limit.
+    ceiling, t, cut = Ceiling(), 0.0, None
+    rate, ramping = (lambda now: 300.0), (lambda now: False)
+    for n, (until, per_second) in enumerate([(5.0, 80), (6.5, 100)]):
+        while t < until and cut is None:
+            ceiling.sent(t)
+            cut = ceiling.observe(Settled(t, 10, 5), t + 0.05, rate=rate, ramping=ramping)
+            if n and t > 6.0 and round(t * per_second) % 4 == 0:
+                refused = Settled(t, throttled="rate")
+                cut = cut or ceiling.observe(refused, t + 0.05, rate=rate, ramping=ramping)
+            t += 1 / per_second
+    assert cut is not None
+    assert ceiling.rate(t) == pytest.approx(100 * TRIAL_CUT, rel=0.03)
