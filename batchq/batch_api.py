@@ -32,7 +32,8 @@ from batchq.config import Job
 from batchq.errors import InputError, UsageError
 from batchq.io.preflight import InputInfo, preflight, row_id
 from batchq.io.reader import read_batches
-from batchq.io.writer import merge_output, read_output_manifest
+from batchq.io.schema import output_manifest
+from batchq.io.writer import merge_output
 from batchq.request import build_body
 from batchq.response import InvalidCompletion, completion_columns
 
@@ -133,7 +134,7 @@ def _done_rows(job: Job, info: InputInfo) -> RowMask:
     if state.shard_paths():
         return state.done_mask(info.total_rows)
     if job.output.exists():
-        check_same_job(read_output_manifest(job.output), manifest_for(job, info), job)
+        check_same_job(output_manifest(job.output), manifest_for(job, info), job)
         return RowMask(info.total_rows, value=True)
     return RowMask(info.total_rows)
 

@@ -23,13 +23,21 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchq.config import Job
+from batchq.config import Job, RequestSettings
 from batchq.errors import RunStopped, UsageError
 from batchq.io.preflight import ROW_COLUMN, InputInfo
 from batchq.io.schema import FEW_VALUES, RAW, RESULT_SCHEMA, SHARD_SCHEMA
 from batchq.pricing import region_of
 
-__all__ = ["RowMask", "StateDir", "check_same_job", "manifest_for", "read_parquet", "write_atomic"]
+__all__ = [
+    "RowMask",
+    "StateDir",
+    "check_same_job",
+    "endpoint_of",
+    "manifest_for",
+    "read_parquet",
+    "write_atomic",
+]
 
 VERSION = 1
 
@@ -47,6 +55,7 @@ def manifest_for(job: Job, info: InputInfo, *, command: str | None = None) -> di
         "input_digest": info.digest,
         "input_rows": info.total_rows,
         "id_column": info.id_column,
+        "endpoint": endpoint_of(r),
         "request": {
             "model": r.model,
             "system": r.system,
@@ -55,6 +64,16 @@ def manifest_for(job: Job, info: InputInfo, *, command: str | None = None) -> di
             "temperature": r.temperature,
             "params": r.params,
         },
+    }
+
+
+def endpoint_of(request: RequestSettings) -> dict[str, Any]:
+    """Where a job's answers come from: part of what its results belong to. The simulator
+    is one endpoint whatever its port; a real endpoint is its provider and base URL."""
+    return {
+        "provider": request.provider,
+        "base_url": None if request.simulated else request.url,
+        "simulated": request.simulated,
     }
 
 
@@ -251,6 +270,7 @@ def check_same_job(old: dict[str, Any] | None, new: dict[str, Any], job: Job) ->
     """Refuse, naming what changed, to mix results of ``old`` into a job that is ``new``."""
     if old is None:
         return
+    _check_same_endpoint(old, new, job)
     changed = []
     if old.get("input_digest") != new["input_digest"]:
         changed.append(f"the input file ({old.get('input')} has changed)")
@@ -265,6 +285,27 @@ def check_same_job(old: dict[str, Any] | None, new: dict[str, Any], job: Job) ->
             "Rerun with --restart to throw those results away and start over, "
             "or undo the change to resume"
         )
+
+
+def _check_same_endpoint(old: dict[str, Any], new: dict[str, Any], job: Job) -> None:
+    """Refuse to mix a rehearsal's answers with real ones, or one endpoint's with another's.
+    (A manifest from before endpoints were recorded is taken as it is.)"""
+    was, now = old.get("endpoint"), new["endpoint"]
+    if was is None or was == now:
+        return
+    if was["simulated"]:
+        problem = (f"{job.output} holds the simulator's answers (a --simulate rehearsal), "
+                   f"not {now['provider']}'s")  # fmt: skip
+    elif now["simulated"]:
+        problem = f"{job.output} holds real answers from {was['base_url']}, not the simulator's"
+    else:
+        problem = (f"{job.output} holds answers from {was['base_url']} ({was['provider']}), "
+                   f"not from {now['base_url']} ({now['provider']})")  # fmt: skip
+    raise UsageError(
+        f"{problem}; one output never mixes two endpoints' answers. Rerun with --restart "
+        "to throw those answers away and send every row again, choose another --output, "
+        "or undo the change to resume"
+    )
 
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:

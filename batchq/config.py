@@ -53,6 +53,8 @@ class RequestSettings:
     max_tokens: int | None = None
     temperature: float | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    #: Whether the endpoint is the built-in simulator (``--simulate``), not the provider's.
+    simulated: bool = False
 
     @property
     def url(self) -> str:
@@ -117,7 +119,7 @@ class Job:
 
 
 _TOP_KEYS = {"name", "input", "output", "id_column"}
-_REQUEST_KEYS = {f.name for f in fields(RequestSettings)} - {"params"}
+_REQUEST_KEYS = {f.name for f in fields(RequestSettings)} - {"params", "simulated"}
 _LIMIT_KEYS = {f.name for f in fields(Limits)}
 _TYPES: dict[str, tuple[type, ...]] = {
     "name": (str,),
@@ -248,8 +250,9 @@ def _default_output(input_path: Path) -> Path:
     return input_path.with_name(f"{stem}.batchq.parquet")
 
 
-def with_base_url(job: Job, base_url: str, *, api_key_env: str | None = None) -> Job:
-    """The same job pointed at another endpoint (used by ``--simulate``). The provider
-    stays, so a rehearsal follows its rules and is priced as the real run would be."""
-    request = replace(job.request, base_url=base_url, api_key_env=api_key_env)
+def simulated(job: Job, base_url: str) -> Job:
+    """The same job pointed at the built-in simulator at ``base_url`` (``--simulate``).
+    The provider stays, so a rehearsal follows its rules and is priced as the real run
+    would be; ``simulated`` keeps its answers apart from the real ones."""
+    request = replace(job.request, base_url=base_url, api_key_env=None, simulated=True)
     return replace(job, request=request)

@@ -25,7 +25,7 @@ from batchq.checkpoint import read_parquet
 from batchq.config import load_job
 from batchq.errors import UsageError
 from batchq.io.keys import RepeatFinder
-from batchq.io.writer import read_output_manifest
+from batchq.io.schema import output_manifest
 from batchq.pricing import PriceTable, cost_array
 
 __all__ = [
@@ -84,15 +84,25 @@ def find_results(path: Path) -> Results:
         manifest = orjson.loads((state / "manifest.json").read_bytes())
         return Results(output, state, manifest, finished=False)
     if output.exists():
-        try:
-            manifest = read_output_manifest(output)
-        except (OSError, ValueError) as e:  # pyarrow raises ArrowInvalid, a ValueError
-            raise UsageError(f"{output} is not a Parquet file batchq can read: {e}") from None
-        return Results(output, state, manifest, finished=True)
+        if not _holds_results(output):
+            raise UsageError(
+                f"{output} is not a batchq output (no status column in it): give the output "
+                "file, the state folder or the job file of a job that has run"
+            )
+        return Results(output, state, output_manifest(output), finished=True)
     raise UsageError(
         f"no results at {path}: neither {output} nor its state folder {state} exists. "
         "Give the output file, the state folder or the job file of a job that has run"
     )
+
+
+def _holds_results(path: Path) -> bool:
+    """Whether ``path`` is a Parquet file with the result columns (an output, or a part
+    of one saved by hand)."""
+    try:
+        return path.is_file() and "status" in pq.read_schema(path).names
+    except (pa.ArrowException, OSError):
+        return False
 
 
 def _output_tables(output: Path, columns: list[str]) -> Iterator[pa.Table]:

@@ -40,8 +40,9 @@ from batchq.events import (
 )
 from batchq.io.preflight import InputInfo, completion_cap, preflight, row_id
 from batchq.io.reader import read_batches
-from batchq.io.writer import merge_output, read_output_manifest
-from batchq.limiter import Pacer, RatePacer
+from batchq.io.schema import output_manifest
+from batchq.io.writer import merge_output
+from batchq.limiter import Pacer, RatePacer, Settled
 from batchq.request import build_body, estimate_tokens
 from batchq.work import Item, QuotaWatch, answer
 
@@ -84,15 +85,17 @@ async def run_job(
     to resume the run, as ``status`` will show it; ``on_results`` is given each block of
     results as the merge writes it (every row of the output, in order)."""
     started = time.monotonic()
+    _ = job.request.url  # a UsageError for a provider without one, before anything is written
     info = preflight(job)
+    finished = job.output.exists() and not restart and not StateDir(job.state_dir).shard_paths()
+    if finished:  # checked before the state folder is made: a refused run leaves nothing
+        check_same_job(output_manifest(job.output), manifest_for(job, info), job)
     state = StateDir.open(job, info, restart=restart, command=command)
     try:
-        if job.output.exists() and not state.shard_paths() and not restart:
-            check_same_job(read_output_manifest(job.output), manifest_for(job, info), job)
-            if not (retry_errors and state.adopt_output(job.output, info.id_column)):
-                state.remove()
-                sink(Notice(f"{job.output} is complete already: nothing to send"))
-                return _finish(sink, job, info, ok_error=None, sent=0, started=started, done=True)
+        if finished and not (retry_errors and state.adopt_output(job.output, info.id_column)):
+            state.remove()
+            sink(Notice(f"{job.output} is complete already: nothing to send"))
+            return _finish(sink, job, info, ok_error=None, sent=0, started=started, done=True)
         done = state.done_mask(info.total_rows, retry_errors=retry_errors)
         todo = info.total_rows - done.count()
         sink(RunStarted(job.name, info.total_rows, todo, job.output))
@@ -160,6 +163,9 @@ class _Pipeline:
     quota: QuotaWatch = field(default_factory=QuotaWatch)
     stopping: bool = False
 
+    def __post_init__(self) -> None:
+        self.gate = _Gate(self.pacer)
+
     async def run(self) -> None:
         """Send every row not done. Raises Interrupted after a clean stop on a signal."""
         # More rows in progress than requests in flight: a row waiting out its backoff
@@ -200,11 +206,14 @@ class _Pipeline:
             async for item in items:
                 if self.stopping:
                     return
-                row = await answer(
-                    item, client=self.client, pacer=self.pacer,
-                    max_attempts=self.job.limits.max_attempts, emit=self.sink,
-                    sleep=anyio.sleep, rng=self.rng, quota=self.quota,
-                )  # fmt: skip
+                try:
+                    row = await answer(
+                        item, client=self.client, pacer=self.gate,
+                        max_attempts=self.job.limits.max_attempts, emit=self.sink,
+                        sleep=self.gate.sleep, rng=self.rng, quota=self.quota,
+                    )  # fmt: skip
+                except _Stopping:
+                    return  # the row stays pending: the next run sends it
                 self.journal.add(row)
                 self.sink(_finished(row))
 
@@ -215,8 +224,9 @@ class _Pipeline:
             self.journal.flush()
 
     async def _watch_signals(self, pool: anyio.CancelScope, feeding: anyio.CancelScope) -> None:
-        """First SIGINT / SIGTERM: send no more, give requests in flight STOP_GRACE_S.
-        A second one: stop at once. Either way the journal is flushed on the way out."""
+        """First SIGINT / SIGTERM: start no request more (not even a retry), give those
+        in flight STOP_GRACE_S. A second one: stop at once. Either way the journal is
+        flushed on the way out."""
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _ in signals:
                 if self.stopping:
@@ -224,9 +234,57 @@ class _Pipeline:
                     return
                 self.stopping = True
                 feeding.cancel()
+                self.gate.close()
                 pool.deadline = anyio.current_time() + STOP_GRACE_S
                 self.sink(Notice(f"stopping: waiting up to {STOP_GRACE_S:g} s for requests "
                                  "in flight (Ctrl-C again to stop now)"))  # fmt: skip
+
+
+class _Stopping(Exception):
+    """The run is stopping: this row's next request is not sent."""
+
+
+class _Gate:
+    """The run's pacer, and the backoff's sleep, closed when the run stops: a row waiting
+    its turn or its backoff stops there (``_Stopping``), one in flight finishes. Without
+    it, a run at 40 QPS stopped with Ctrl-C sent 200 requests more in its grace."""
+
+    def __init__(self, pacer: Pacer) -> None:
+        self._pacer = pacer
+        self._waiting: set[anyio.CancelScope] = set()
+        self._closed = False
+
+    async def acquire(self, prompt_tokens: int, max_completion: int | None) -> int:
+        if not self._closed:
+            with anyio.CancelScope() as scope:
+                self._waiting.add(scope)
+                try:
+                    return await self._pacer.acquire(prompt_tokens, max_completion)
+                finally:
+                    self._waiting.discard(scope)
+        raise _Stopping
+
+    async def sleep(self, seconds: float) -> None:
+        if not self._closed:
+            with anyio.CancelScope() as scope:
+                self._waiting.add(scope)
+                try:
+                    await anyio.sleep(seconds)
+                finally:
+                    self._waiting.discard(scope)
+        if self._closed:
+            raise _Stopping
+
+    def release(self, reserved: int, settled: Settled) -> None:
+        self._pacer.release(reserved, settled)
+
+    def now(self) -> float:
+        return self._pacer.now()
+
+    def close(self) -> None:
+        self._closed = True
+        for scope in self._waiting:
+            scope.cancel()
 
 
 async def _send_all(

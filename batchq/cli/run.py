@@ -11,7 +11,7 @@ import anyio
 import click
 
 from batchq.cli._common import PRICE_FILE, cost_text, fail, job_from, job_options
-from batchq.config import Job, with_base_url
+from batchq.config import Job, simulated
 from batchq.errors import BatchqError, Interrupted
 from batchq.events import Sink, fan_out
 from batchq.logfile import JsonLog
@@ -56,7 +56,7 @@ def run(job_file: str | None, simulate: bool, quiet: bool, log_file: Path | None
         sink = sinks.open(job, table, key, quiet=quiet, log_file=log_file)
         if simulate:
             with serve_in_thread(SimConfig(latency_ms=20)) as sim:
-                summary = _run(with_base_url(job, sim.base_url), None, sink, options, seed)
+                summary = _run(simulated(job, sim.base_url), None, sink, options, seed)
         else:
             summary = _run(job, key, sink, options, seed)
     except BatchqError as e:

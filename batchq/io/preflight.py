@@ -22,7 +22,7 @@ from batchq.io.fastcheck import vouch
 from batchq.io.keys import RepeatFinder
 from batchq.io.reader import InputBatch, input_format, read_batches
 from batchq.io.rules import ROW_COLUMN, check_clash, default_id_column, digest_and_lines
-from batchq.io.schema import ColumnKinds
+from batchq.io.schema import ColumnKinds, output_manifest
 from batchq.request import RowProblem, build_body, completion_cap, estimate_tokens
 
 __all__ = [
@@ -69,7 +69,7 @@ def preflight(job: Job, *, observe: Callable[[dict[str, Any]], None] | None = No
     Arrow); anything else, or anything it is unsure of, gets the exact pass, a loop over
     every row that says what is wrong and where. ``observe`` is called with each row's
     request body (``estimate`` counts them), which takes the exact pass."""
-    _check_output(job.output)
+    _check_output(job)
     if observe is None and (v := vouch(job)) is not None:
         fmt = input_format(job.input)
         return InputInfo(job.input, fmt, v.rows, v.columns, v.id_column, v.digest, v.notes)
@@ -186,9 +186,23 @@ class _IdChecker:
                 seen[value] = where[label]
 
 
-def _check_output(output: Path) -> None:
-    """The output's folder is writable, or can be made: its nearest existing ancestor is
-    a writable folder (the state folder is made with its parents, after every check)."""
+def _check_output(job: Job) -> None:
+    """The output is not the input, nor a folder, nor a file batchq did not write; its
+    folder is writable, or can be made: its nearest existing ancestor is a writable
+    folder (the state folder is made with its parents, after every check)."""
+    output, state = job.output, job.state_dir
+    if output.exists() and job.input.exists() and os.path.samefile(output, job.input):
+        raise UsageError(f"the output {output} is the input file: batchq never writes over "
+                         "its input; choose another --output")  # fmt: skip
+    if output.is_dir():
+        raise UsageError(f"the output {output} is a folder: give a file path, such as "
+                         f"{output / (job.input.stem + '.parquet')}")  # fmt: skip
+    if output.exists() and output_manifest(output) is None:
+        raise UsageError(f"{output} exists and is not a batchq output: batchq will not write "
+                         "over it; choose another --output, or move the file away")  # fmt: skip
+    if state.exists() and not state.is_dir():
+        raise UsageError(f"{state} is a file, where the run keeps its state folder: move it "
+                         "away or choose another --output")  # fmt: skip
     folder = output.parent if str(output.parent) else Path(".")
     existing = folder
     while not existing.exists():

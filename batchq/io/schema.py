@@ -8,18 +8,22 @@ objects, lists and columns of mixed kinds are kept as JSON text.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 __all__ = [
     "FEW_VALUES",
+    "MANIFEST_KEY",
     "RAW",
     "RESULT_SCHEMA",
     "SHARD_SCHEMA",
     "ColumnKinds",
     "input_arrays",
+    "output_manifest",
 ]
 
 RESULT_SCHEMA = pa.schema(
@@ -120,3 +124,18 @@ def _json_text(value: Any) -> str | None:
     if value is None:
         return None
     return orjson.dumps(value).decode()
+
+
+#: The output file's metadata key for the manifest of the job that wrote it.
+MANIFEST_KEY = b"batchq.manifest"
+
+
+def output_manifest(output: Path) -> dict[str, Any] | None:
+    """The manifest of the job that wrote ``output``; None for a file batchq did not write
+    (not Parquet, or Parquet without one)."""
+    try:
+        metadata = pq.read_schema(output).metadata or {}
+    except (pa.ArrowException, OSError):
+        return None
+    raw = metadata.get(MANIFEST_KEY)
+    return orjson.loads(raw) if raw else None

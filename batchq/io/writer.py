@@ -35,9 +35,16 @@ from batchq import memory
 from batchq.checkpoint import StateDir, write_atomic
 from batchq.io.preflight import ROW_COLUMN, InputInfo
 from batchq.io.reader import read_batches
-from batchq.io.schema import FEW_VALUES, RAW, RESULT_SCHEMA, SHARD_SCHEMA, input_arrays
+from batchq.io.schema import (
+    FEW_VALUES,
+    MANIFEST_KEY,
+    RAW,
+    RESULT_SCHEMA,
+    SHARD_SCHEMA,
+    input_arrays,
+)
 
-__all__ = ["MergeCounts", "merge_output", "read_output_manifest"]
+__all__ = ["MergeCounts", "merge_output"]
 
 BLOCK = 16384
 #: Input and results, uncompressed, a block holds at most (about): 16,384 short reviews and
@@ -45,7 +52,6 @@ BLOCK = 16384
 BLOCK_BYTES = 8 << 20
 MIN_BLOCK = 256
 READ = 2048
-MANIFEST_KEY = b"batchq.manifest"
 
 
 @dataclass(frozen=True)
@@ -103,13 +109,6 @@ def merge_output(
 
     write_atomic(output, write)
     return MergeCounts(sum(statuses.values()), dict(statuses))
-
-
-def read_output_manifest(output: Path) -> dict[str, Any] | None:
-    """The manifest of the job that wrote ``output``, or None for a file batchq did not write."""
-    metadata = pq.read_schema(output).metadata or {}
-    raw = metadata.get(MANIFEST_KEY)
-    return orjson.loads(raw) if raw else None
 
 
 def _index(state: StateDir) -> list[_Shard]:

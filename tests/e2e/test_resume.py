@@ -124,6 +124,35 @@ def test_sigint_stops_cleanly_with_130_and_resumes(
     assert sim.stats.requests == n
 
 
+def test_a_stop_starts_no_request_more(
+    simulator: Callable[..., Any], write_jsonl: Callable[..., Path], tmp_path: Path
+) -> None:
+    # 40 QPS with rows in backoff (503s): before, the run kept sending at full rate for
+    # its 5 s grace (243 requests before the signal, 444 at exit).
+    sim = simulator(latency_ms=200, fail_503=0.2, seed=4)
+    path = write_jsonl([{"id": f"r{i}", "text": f"review number {i}"} for i in range(400)])
+    out = tmp_path / "out.parquet"
+    args = command(sim, path, out, "--qps", "40", "--concurrency", "8")
+    process = subprocess.Popen(args, cwd=ROOT, stdout=DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while sim.stats.requests < 80:
+        assert time.monotonic() < deadline
+        assert process.poll() is None
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    at_signal = sim.stats.requests
+    _, stderr = process.communicate(timeout=20)
+    assert process.returncode == 130, stderr
+    # Only what was in flight (8 at most), and what was already on its way when the
+    # signal was sent: none at 40 QPS beyond a few.
+    assert sim.stats.requests - at_signal <= 8 + 2, (at_signal, sim.stats.requests)
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    df = pl.read_parquet(out)
+    assert df["id"].to_list() == [f"r{i}" for i in range(400)]
+    assert set(df["status"]) == {"ok"}
+
+
 def test_sigterm_is_a_stop_too(
     simulator: Callable[..., Any], write_jsonl: Callable[..., Path], tmp_path: Path
 ) -> None:
