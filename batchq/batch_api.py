@@ -69,11 +69,30 @@ class ExportResult:
 
 
 def export_batch(
-    job: Job, folder: Path, *, max_lines: int = MAX_LINES, max_bytes: int = MAX_BYTES
-) -> ExportResult:
-    """Write ``job``'s pending rows as Batch-API files into ``folder``."""
+    job: Job, folder: Path, *, max_lines: int = MAX_LINES, max_bytes: int = MAX_BYTES,
+    command: str | None = None,
+) -> ExportResult:  # fmt: skip
+    """Write ``job``'s pending rows as Batch-API files into ``folder``.
+
+    The job's state folder is opened as a run opens it: refused while a run holds its
+    lock (those rows are being sent: exported, they would be paid twice), and marked with
+    the job, so that ``import_batch`` into a changed job is refused as a resumed run is."""
     info = preflight(job)
-    done = _done_rows(job, info)
+    if job.output.exists() and not StateDir(job.state_dir).shard_paths():
+        check_same_job(output_manifest(job.output), manifest_for(job, info), job)
+        return _export(job, info, folder, RowMask(info.total_rows, value=True),
+                       max_lines=max_lines, max_bytes=max_bytes)  # fmt: skip
+    state = StateDir.open(job, info, command=command)
+    try:
+        done = state.done_mask(info.total_rows)
+        return _export(job, info, folder, done, max_lines=max_lines, max_bytes=max_bytes)
+    finally:
+        state.close()
+
+
+def _export(
+    job: Job, info: InputInfo, folder: Path, done: RowMask, *, max_lines: int, max_bytes: int
+) -> ExportResult:
     folder.mkdir(parents=True, exist_ok=True)
     result = ExportResult(folder, 0, already_done=done.count())
     open_files: dict[str, _File] = {}
@@ -104,8 +123,8 @@ def export_batch(
         for file in open_files.values():
             _close(file, result)
     manifest = {"job": job.name, "input": str(info.path), "input_digest": info.digest,
-                "id_column": info.id_column, "rows": result.rows,
-                "files": result.files}  # fmt: skip
+                "id_column": info.id_column, "rows": result.rows, "files": result.files,
+                "request": manifest_for(job, info)["request"]}  # fmt: skip
     (folder / "manifest.json").write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
     return result
 
@@ -128,17 +147,6 @@ def _rows(info: InputInfo) -> Iterator[tuple[int, dict[str, Any]]]:
             yield batch.start + i, row
 
 
-def _done_rows(job: Job, info: InputInfo) -> RowMask:
-    """Rows with a result already: in the state folder, or all of them in a finished output."""
-    state = StateDir(job.state_dir)
-    if state.shard_paths():
-        return state.done_mask(info.total_rows)
-    if job.output.exists():
-        check_same_job(output_manifest(job.output), manifest_for(job, info), job)
-        return RowMask(info.total_rows, value=True)
-    return RowMask(info.total_rows)
-
-
 # --- import ----------------------------------------------------------------------------
 
 
@@ -151,6 +159,8 @@ class ImportResult:
     missing_ids: list[str]
     merged: bool
     output: Path
+    repeated: int = 0  # ids answered more than once in the files
+    twice: list[Path] = field(default_factory=list)  # files given more than once
 
 
 def import_batch(
@@ -164,7 +174,7 @@ def import_batch(
     state = StateDir.open(job, info, command=command)
     try:
         done_ok = state.done_mask(info.total_rows, retry_errors=True)
-        fresh = [r for r in results.values() if not done_ok[r["_row"]]]
+        fresh = [r for r in results.rows.values() if not done_ok[r["_row"]]]
         for start in range(0, len(fresh), 10_000):
             state.write_shard(fresh[start : start + 10_000])
         done = state.done_mask(info.total_rows)
@@ -179,7 +189,8 @@ def import_batch(
         state.close()
     ok = sum(r["status"] == "ok" for r in fresh)
     ids = [_id_of(rows, i) for i in missing[:5]]
-    return ImportResult(len(fresh), ok, len(fresh) - ok, len(missing), ids, merged, job.output)
+    return ImportResult(len(fresh), ok, len(fresh) - ok, len(missing), ids, merged, job.output,
+                        results.repeated, results.twice)  # fmt: skip
 
 
 def _row_index(job: Job, info: InputInfo) -> dict[str, tuple[int, str]]:
@@ -194,22 +205,57 @@ def _id_of(rows: dict[str, tuple[int, str]], position: int) -> str:
     return next(ident for ident, (i, _) in rows.items() if i == position)
 
 
-def _read_results(files: list[Path], rows: dict[str, tuple[int, str]]) -> dict[int, dict[str, Any]]:
-    """The result row of every line, by input position; an ok line beats an error line."""
-    results: dict[int, dict[str, Any]] = {}
+@dataclass
+class _Results:
+    """The result row of every line, by input position, and what came more than once."""
+
+    rows: dict[int, dict[str, Any]] = field(default_factory=dict)
+    where: dict[int, str] = field(default_factory=dict)  # the line each row was read from
+    repeated: int = 0  # ids answered more than once (the same answer, or an error and an ok)
+    twice: list[Path] = field(default_factory=list)  # files given more than once, read once
+
+
+def _read_results(files: list[Path], rows: dict[str, tuple[int, str]]) -> _Results:
+    """Every line of ``files``: an ok line beats an error line; two different ok answers
+    for one id are refused (which is the row's?)."""
+    results = _Results()
+    seen: list[Path] = []
     for path in files:
+        if any(path.samefile(other) for other in seen):
+            results.twice.append(path)
+            continue
+        seen.append(path)
         try:
             handle = path.open("rb")
         except OSError as e:
             raise UsageError(f"cannot read the result file {path}: {e.strerror}") from None
         with handle:
             for number, raw in enumerate(handle, start=1):
-                if not raw.strip():
-                    continue
-                row = _result_row(raw, rows, path=path, line=number)
-                if row["status"] == "ok" or row["_row"] not in results:
-                    results[row["_row"]] = row
+                if raw.strip():
+                    _take(results, _result_row(raw, rows, path=path, line=number),
+                          f"{path}, line {number}")  # fmt: skip
     return results
+
+
+def _take(results: _Results, row: dict[str, Any], where: str) -> None:
+    position = row["_row"]
+    old = results.rows.get(position)
+    if old is not None:
+        results.repeated += 1
+        if old["status"] == "ok" and row["status"] == "ok" and _answer(old) != _answer(row):
+            raise UsageError(
+                f"custom_id {row['_id']!r} has two different answers, at {results.where[position]} "
+                f"and at {where}: import each row's result once (are these files of two "
+                "batches of the same rows? import the one you want)"
+            )
+        if old["status"] == "ok" or row["status"] != "ok":
+            return
+    results.rows[position] = row
+    results.where[position] = where
+
+
+def _answer(row: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(row.get(k) for k in ("response", "tool_calls", "reasoning", "choices"))
 
 
 def _result_row(

@@ -116,17 +116,22 @@ class StateDir:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
             os.close(fd)
+            who = f"another batchq process (pid {holder})" if holder else "another batchq process"
             raise UsageError(
-                f"another batchq run is using {self.path}: wait for it to finish "
-                "(or stop it) before running this job again"
+                f"{who} is running this job, using {self.path}: wait for it to finish "
+                "(or stop it) first; its rows are being sent, and would be paid twice"
             ) from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._lock = fd
 
     def close(self) -> None:
+        """Unlock. The pid goes from the lock file: one left there names a process that
+        died holding it (``status`` says it crashed)."""
         if self._lock is not None:
+            os.ftruncate(self._lock, 0)
             os.close(self._lock)
             self._lock = None
 

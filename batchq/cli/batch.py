@@ -32,8 +32,9 @@ def export_batch(job_file: str | None, out_dir: Path | None, max_lines: int, max
         job = job_from(job_file, flags)
         stem = job.output.name.removesuffix(".parquet")
         folder = out_dir or job.output.with_name(stem + ".batch")
+        command = shlex.join(["batchq", "run", job_file]) if job_file else None
         e = batch_api.export_batch(job, folder, max_lines=max_lines,
-                                   max_bytes=int(max_mb * 1024**2))  # fmt: skip
+                                   max_bytes=int(max_mb * 1024**2), command=command)  # fmt: skip
     except BatchqError as err:
         fail(err)
     done = f" ({e.already_done:,} rows have results already)" if e.already_done else ""
@@ -58,6 +59,11 @@ def import_batch(results: tuple[Path, ...], job_file: str, keep_state: bool) -> 
         r = batch_api.import_batch(job, list(results), keep_state=keep_state, command=command)
     except BatchqError as err:
         fail(err)
+    for path in r.twice:
+        click.echo(f"note: {path} was given more than once; read once")
+    if r.repeated:
+        click.echo(f"note: {r.repeated:,} custom_ids came more than once with the same answer, "
+                   "or an error and an answer: kept one each (the answer)")  # fmt: skip
     click.echo(f"imported {r.imported:,} rows ({r.ok:,} ok, {r.error:,} error)")
     if r.merged:
         click.echo(f"every row has a result -> {r.output}")

@@ -56,8 +56,10 @@ def _run_state_text(s: report.Status) -> str:
     resume = s.command or f"batchq run <the job> (output {s.output})"
     if s.state_of_run == "running":
         return f"running (pid {s.pid}); {flushed}"
-    stale = f"; the lock names pid {s.pid}, which no longer holds it (stale)" if s.pid else ""
-    return f"not running: stopped or crashed{stale}; {flushed}. Resume with: {resume}"
+    if s.pid:
+        crashed = f": it crashed or was killed (pid {s.pid} died holding the lock)"
+        return f"not running{crashed}; {flushed}. Resume with: {resume}"
+    return f"not running; {flushed}. Resume with: {resume}"
 
 
 @click.command()

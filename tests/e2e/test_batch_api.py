@@ -4,9 +4,14 @@ with the rows the provider did not answer finished by a live run."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
+from subprocess import DEVNULL
 from typing import Any
 
 import orjson
@@ -94,6 +99,8 @@ stream = true
     assert "stay pending" in imported.output
     status = json.loads(cli("status", job, "--json").output)
     assert (status["done"], status["remaining"]) == (N - lost, lost)
+    assert status["pid"] is None  # import ended cleanly: not "crashed"
+    assert "crashed" not in cli("status", job).output
     cost_after_import = json.loads(cli("cost", job, "--json").output)
     assert cost_after_import["batch_rows"] == N - lost
 
@@ -145,3 +152,79 @@ def test_import_refuses_a_foreign_or_broken_file(
     assert "line 1" in result.output
     assert "is it a Batch-API result file?" in result.output
     assert not (tmp_path / "in.batchq.parquet.batchq").exists()
+
+
+def small_job(tmp_path: Path, write_jsonl: Callable[..., Path], model: str = "qwen-plus") -> Path:
+    path = write_jsonl([{"id": f"r{i}", "text": f"review number {i}"} for i in range(20)])
+    job = tmp_path / "job.toml"
+    job.write_text(f'input = "{path}"\noutput = "{tmp_path / "out.parquet"}"\n[request]\n'
+                   f'model = "{model}"\ntemplate = "Review: {{text}}"\n')  # fmt: skip
+    return job
+
+
+def answered(tmp_path: Path, name: str = "results.jsonl", seed: int = 1) -> Path:
+    """The provider's output file for every line of the export."""
+    folder = tmp_path / "out.batch"
+    lines = [
+        json.loads(x) for f in sorted(folder.glob("*.jsonl")) for x in f.read_text().splitlines()
+    ]
+    output, _ = provider(lines, random.Random(seed))
+    path = tmp_path / name
+    path.write_bytes(b"\n".join(output) + b"\n")
+    return path
+
+
+@pytest.mark.parametrize(("key", "new"), [("model", "qwen-max"), ("template", "Label: {text}")])
+def test_import_into_a_changed_job_is_refused(
+    write_jsonl: Callable[..., Path], cli: Any, tmp_path: Path, key: str, new: str
+) -> None:
+    job = small_job(tmp_path, write_jsonl)
+    assert cli("export-batch", job).exit_code == 0
+    results = answered(tmp_path)
+    old = {"model": "qwen-plus", "template": "Review: {text}"}[key]
+    job.write_text(job.read_text().replace(f'{key} = "{old}"', f'{key} = "{new}"'))
+    result = cli("import-batch", results, "--job", job)
+    assert result.exit_code == 2, result.output
+    assert f"changed: {key}" in result.output
+    assert not (tmp_path / "out.parquet").exists()
+
+
+def test_import_says_what_came_twice_and_refuses_two_answers_for_one_row(
+    write_jsonl: Callable[..., Path], cli: Any, tmp_path: Path
+) -> None:
+    job = small_job(tmp_path, write_jsonl)
+    assert cli("export-batch", job).exit_code == 0
+    results = answered(tmp_path)
+    other = tmp_path / "other.jsonl"  # the same rows answered otherwise (another batch)
+    first = json.loads(results.read_text().splitlines()[0])
+    first["response"]["body"]["choices"][0]["message"]["content"] = "something else"
+    other.write_text(json.dumps(first) + "\n")
+    result = cli("import-batch", results, other, "--job", job)
+    assert result.exit_code == 2, result.output
+    assert f"custom_id {first['custom_id']!r} has two different answers" in result.output
+    assert f"{other}, line 1" in result.output
+    result = cli("import-batch", results, results, "--job", job)
+    assert result.exit_code == 0, result.output
+    assert f"{results} was given more than once" in result.output
+
+
+def test_export_is_refused_while_a_run_holds_the_job(
+    simulator: Callable[..., Any], write_jsonl: Callable[..., Path], cli: Any, tmp_path: Path
+) -> None:
+    sim = simulator()
+    job = small_job(tmp_path, write_jsonl)
+    job.write_text(job.read_text() + f'base_url = "{sim.base_url}"\n')
+    args = [sys.executable, "-m", "batchq", "run", str(job), "--qps", "2", "--quiet"]
+    process = subprocess.Popen(args, env={**os.environ, **ENV}, stdout=DEVNULL, stderr=DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while sim.stats.requests == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        result = cli("export-batch", job)
+        assert result.exit_code == 2, result.output
+        assert f"pid {process.pid}" in result.output
+        assert not (tmp_path / "out.batch").exists()
+    finally:
+        process.kill()
+        process.wait()

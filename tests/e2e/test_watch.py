@@ -175,7 +175,7 @@ def test_status_of_a_running_a_killed_and_a_finished_run(
     assert s["remaining"] == n - flushed
     assert s["total_rows"] == n
     text = cli("status", out).output
-    assert f"the lock names pid {process.pid}, which no longer holds it (stale)" in text
+    assert f"it crashed or was killed (pid {process.pid} died holding the lock)" in text
     assert "Resume with: batchq run --input" in text
     assert "--quiet" in text
 
