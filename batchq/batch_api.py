@@ -93,7 +93,11 @@ def export_batch(
 def _export(
     job: Job, info: InputInfo, folder: Path, done: RowMask, *, max_lines: int, max_bytes: int
 ) -> ExportResult:
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot make the export folder {folder}: {e.strerror}; choose "
+                         "another --out-dir") from None  # fmt: skip
     result = ExportResult(folder, 0, already_done=done.count())
     open_files: dict[str, _File] = {}
     counts: dict[str, int] = {}

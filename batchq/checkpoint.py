@@ -85,6 +85,7 @@ class StateDir:
         self.shards = path / "shards"
         self._lock: int | None = None
         self._next_seq: int | None = None
+        self.notes: list[str] = []  # what opening it did that the run should say
 
     @classmethod
     def open(
@@ -92,10 +93,15 @@ class StateDir:
     ) -> StateDir:
         """Open (creating, or checking against the job) and lock the job's state folder."""
         state = cls(job.state_dir)
-        state.shards.mkdir(parents=True, exist_ok=True)
+        try:
+            state.shards.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"cannot make the state folder {state.path}: {e.strerror}; "
+                             "choose another --output") from None  # fmt: skip
         state._acquire_lock()
         try:
             state._check_manifest(manifest_for(job, info, command=command), job, restart=restart)
+            state.notes = state.set_aside_damaged()
         except BaseException:
             state.close()
             raise
@@ -150,6 +156,31 @@ class StateDir:
     def shard_paths(self) -> list[Path]:
         """Whole shards in the order they were written (temp files are ignored)."""
         return sorted(self.shards.glob("[0-9]*.parquet"))
+
+    def damaged(self) -> list[tuple[Path, str]]:
+        """Shards that cannot be read (a disk fault, a copy cut short), with the reason.
+        Shards are written whole, so batchq itself leaves none."""
+        damaged = []
+        for path in self.shard_paths():
+            try:
+                names = pq.read_schema(path).names
+            except (pa.ArrowException, OSError) as e:
+                damaged.append((path, str(e).splitlines()[0]))
+                continue
+            if not {"_row", "status"} <= set(names):
+                damaged.append((path, "it is not a batchq shard (no _row or status column)"))
+        return damaged
+
+    def set_aside_damaged(self) -> list[str]:
+        """Move damaged shards aside (``damaged-<name>``), so that their rows are sent
+        again and every intact shard's rows are kept; what was done, to say so."""
+        notes = []
+        for path, reason in self.damaged():
+            aside = path.with_name(f"damaged-{path.name}")
+            os.replace(path, aside)
+            notes.append(f"the state folder's shard {path} cannot be read ({reason}): moved "
+                         f"aside to {aside.name}; its rows will be sent again")  # fmt: skip
+        return notes
 
     def done_mask(self, total_rows: int, *, retry_errors: bool = False) -> RowMask:
         """Set where a finished result is on disk (``ok`` only, with ``retry_errors``).

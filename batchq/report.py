@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batchq.checkpoint import read_parquet
+from batchq.checkpoint import StateDir, read_parquet
 from batchq.config import load_job
 from batchq.errors import UsageError
 from batchq.io.keys import RepeatFinder
@@ -137,7 +137,12 @@ def _shard_tables(shards: Path, columns: list[str]) -> Iterator[pa.Table]:
     """Each shard in turn, without the rows a later shard answered again (--retry-errors):
     one pass over the ``_row`` columns finds the rows seen twice and their latest shard,
     so memory holds one shard and 8 bytes a row, not the whole state folder."""
-    paths = sorted(shards.glob("[0-9]*.parquet"))
+    state = StateDir(shards.parent)
+    if damaged := state.damaged():
+        path, reason = damaged[0]
+        raise UsageError(f"the state folder's shard {path} cannot be read ({reason}): rerun "
+                         "the job to set it aside and send its rows again")  # fmt: skip
+    paths = state.shard_paths()
     if not paths:
         yield _with_all(pa.table({"status": pa.array([], pa.string())}), columns)
         return

@@ -99,7 +99,7 @@ async def run_job(
         done = state.done_mask(info.total_rows, retry_errors=retry_errors)
         todo = info.total_rows - done.count()
         sink(RunStarted(job.name, info.total_rows, todo, job.output))
-        for note in info.notes:
+        for note in (*state.notes, *info.notes):
             sink(Notice(note))
         if todo < info.total_rows:
             sink(Notice(f"resuming: {info.total_rows - todo:,} rows already done"))

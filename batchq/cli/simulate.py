@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+from batchq.cli._common import fail
 from batchq.errors import UsageError
 from batchq.simulator import SimConfig
 
@@ -45,12 +46,16 @@ def simulate(host: str, port: int, api_key_env: str | None, **options: Any) -> N
     from batchq.simulator.server import Simulator, start
 
     if host not in ("127.0.0.1", "localhost", "::1"):
-        raise UsageError("the simulator serves on loopback only: use --host 127.0.0.1")
+        fail(UsageError("the simulator serves on loopback only: use --host 127.0.0.1"))
     key = os.environ.get(api_key_env) if api_key_env else None
     simulator = Simulator(SimConfig(api_key=key, **options))
 
     async def serve() -> None:
-        runner = await start(simulator, host=host, port=port)
+        try:
+            runner = await start(simulator, host=host, port=port)
+        except OSError as e:
+            fail(UsageError(f"cannot serve on {host}:{port}: {e.strerror or e}; choose another "
+                            "--port (or leave it out for a free one)"))  # fmt: skip
         bound = runner.addresses[0]
         click.echo(f"batchq simulator on http://{bound[0]}:{bound[1]}/v1 (Ctrl-C stops it)")
         try:

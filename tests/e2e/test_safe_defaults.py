@@ -15,7 +15,7 @@ import pytest
 
 from tests.e2e.test_run import rows
 
-T = ["--model", "qwen-plus", "--template", "Review: {text}", "--quiet"]
+T = ["--model", "qwen-plus", "--template", "Review: {text}"]
 
 
 def run(cli: Any, input_path: Path, output: Path, *extra: str) -> Any:
@@ -153,3 +153,27 @@ def test_a_refused_run_leaves_nothing_behind(
                  "--base-url", sim.base_url)  # fmt: skip
     assert result.exit_code == 0, result.output
     assert pl.read_parquet(output)["status"].to_list() == ["ok"] * 10
+
+
+def test_a_damaged_shard_is_named_and_set_aside_and_the_intact_ones_kept(
+    simulator: Callable[..., Any], cli: Any, write_jsonl: Callable[..., Path], tmp_path: Path
+) -> None:
+    sim = simulator(latency_ms=1)
+    path = write_jsonl(rows(30))
+    output = tmp_path / "out.parquet"
+    flags = ["--base-url", sim.base_url]
+    assert run(cli, path, output, *flags, "--keep-state").exit_code == 0
+    output.unlink()  # as a stopped run leaves it: shards, no output
+    (first,) = sorted((state_of(output) / "shards").glob("*.parquet"))
+    intact = first.with_name("000002.parquet")
+    intact.write_bytes(first.read_bytes())
+    first.write_bytes(first.read_bytes()[:100])  # cut short
+    result = cli("status", output)
+    assert result.exit_code == 2, result.output
+    assert f"shard {first} cannot be read" in result.output
+    result = cli("run", "--input", path, "--output", output, *T, *flags)
+    assert result.exit_code == 0, result.output
+    assert f"shard {first} cannot be read" in result.output
+    assert sim.stats.requests == 30  # the intact shard's rows were not sent again
+    df = pl.read_parquet(output)
+    assert df["response"].to_list() == [f"echo: Review: review number {i}" for i in range(30)]
