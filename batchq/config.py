@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import string
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -216,6 +217,8 @@ def _build(flat: dict[str, Any], params: dict[str, Any], *, default_name: str | 
         raise UsageError(f"unknown provider {provider!r}; choose one of {', '.join(PRESETS)}")
     if isinstance(params.get("tools"), str):
         params["tools"] = _read_tools(Path(params["tools"]))
+    if isinstance(flat.get("template"), str):
+        _check_template(flat["template"])
     request = RequestSettings(
         provider=provider,
         **{k: flat[k] for k in _REQUEST_KEYS - {"provider"} if k in flat},
@@ -228,6 +231,26 @@ def _build(flat: dict[str, Any], params: dict[str, Any], *, default_name: str | 
     output = Path(flat.get("output") or _default_output(input_path))
     name = flat.get("name") or default_name or input_path.stem
     return Job(name, input_path, output, request, limits, flat.get("id_column"))
+
+
+def _check_template(template: str) -> None:
+    """A template's fields are column names, nothing more: ``{text.upper}`` would send a
+    method's repr, ``{text!r}`` Python's quoting."""
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template)]
+    except ValueError as e:
+        raise UsageError(f"the template {template!r} is not valid: {e}; write a literal "
+                         "brace as {{ or }}") from None  # fmt: skip
+    for name, spec, conversion in fields:
+        if name is None:
+            continue
+        if not name.isidentifier() or spec or conversion:
+            field = "{" + name + (f"!{conversion}" if conversion else "")
+            field += (f":{spec}" if spec else "") + "}"
+            raise UsageError(
+                f"the template field {field} is not a column name: a field is a column's "
+                "name alone, such as {text} (write a literal brace as {{ or }})"
+            )
 
 
 def _read_tools(path: Path) -> list[Any]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 from batchq.config import RequestSettings
 from batchq.qwen import RangeProblem, apply_rules
 
@@ -161,6 +163,24 @@ def _messages(row: dict[str, Any], settings: RequestSettings) -> list[dict[str, 
 
 
 class _Columns(dict[str, Any]):
+    """A row as the template sees it: text as it is, a number as written, anything else
+    (true / false, a list or an object) as JSON; never a Python repr. A null is a
+    problem: the word None would be sent."""
+
+    def __getitem__(self, key: str) -> Any:
+        value = super().__getitem__(key)
+        if value is None:
+            raise RowProblem(
+                f"column {key!r} is null in this row, so the template cannot be filled: "
+                "give the row a value (or drop the row)",
+                column=key,
+            )
+        if isinstance(value, str) or (
+            isinstance(value, int | float) and not isinstance(value, bool)
+        ):
+            return value
+        return orjson.dumps(value, default=str).decode()
+
     def __missing__(self, key: str) -> Any:
         raise RowProblem(f"the template names column {key!r}, which this row lacks", column=key)
 

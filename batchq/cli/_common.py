@@ -26,8 +26,14 @@ def _param(ctx: click.Context, option: click.Parameter, values: tuple[str, ...])
             raise click.BadParameter(f"{item!r} is not KEY=JSON, e.g. --param top_p=0.8")
         try:
             params[key] = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            params[key] = raw  # a bare word is a string: --param stop=END
+        except orjson.JSONDecodeError as e:
+            # Not guessed as a string: {type:json_object} would be sent as one.
+            hint = "check its quotes and brackets"
+            if raw and raw[0] not in '{["':
+                hint = f"a string needs JSON quotes: --param '{key}=\"{raw}\"'"
+            raise click.BadParameter(
+                f"{item!r}: {raw!r} is not JSON ({e.msg} at character {e.pos + 1}); {hint}"
+            ) from None
     return params
 
 

@@ -23,7 +23,7 @@ from batchq.io.keys import RepeatFinder
 from batchq.io.reader import InputBatch, input_format, read_batches
 from batchq.io.rules import ROW_COLUMN, check_clash, default_id_column, digest_and_lines
 from batchq.io.schema import ColumnKinds, output_manifest
-from batchq.request import RowProblem, build_body, completion_cap, estimate_tokens
+from batchq.request import RowProblem, build_body, completion_cap, estimate_tokens, job_body
 
 __all__ = [
     "ROW_COLUMN",
@@ -70,6 +70,7 @@ def preflight(job: Job, *, observe: Callable[[dict[str, Any]], None] | None = No
     every row that says what is wrong and where. ``observe`` is called with each row's
     request body (``estimate`` counts them), which takes the exact pass."""
     _check_output(job)
+    _check_settings(job)
     if observe is None and (v := vouch(job)) is not None:
         fmt = input_format(job.input)
         return InputInfo(job.input, fmt, v.rows, v.columns, v.id_column, v.digest, v.notes)
@@ -184,6 +185,24 @@ class _IdChecker:
                         **where,
                     )
                 seen[value] = where[label]
+
+
+def _check_settings(job: Job) -> None:
+    """The job's own request fields, once: a bad value there is the job's (the flag's or
+    the job file's), not the first row's. (No model is left to the rows: a model column
+    may give it.)"""
+    try:
+        job_body(job.request)
+    except RowProblem as e:
+        if e.column == "model":
+            return
+        where = f"{e.column} = {_setting(job, e.column)!r}" if e.column else "the request"
+        raise UsageError(f"{where} (set by a flag or in [request]): {e}") from None
+
+
+def _setting(job: Job, name: str) -> Any:
+    r = job.request
+    return r.params.get(name, getattr(r, name, None))
 
 
 def _check_output(job: Job) -> None:

@@ -116,7 +116,7 @@ def test_a_changed_input_is_refused(job) -> None:  # type: ignore[no-untyped-def
 def test_one_run_at_a_time(job) -> None:  # type: ignore[no-untyped-def]
     info = preflight(job)
     first = StateDir.open(job, info)
-    with pytest.raises(UsageError, match="another batchq run"):
+    with pytest.raises(UsageError, match="another batchq process"):
         StateDir.open(job, info)
     first.close()
     StateDir.open(job, info).close()

@@ -178,7 +178,6 @@ CASES: dict[str, tuple[bytes, dict[str, Any], bool]] = {
         TEMPLATE,
         False,
     ),
-    "format spec": (lines(reviews()), {"template": "{stars:>3} {text!r}"}, False),
     # refused by the exact pass: the fast path must decline
     "NaN": (lines(reviews(3)).replace(b'"stars": 1', b'"stars": NaN'), TEMPLATE, False),
     "not UTF-8": (lines(reviews(3)).replace(b"review 1", b"review \xff"), TEMPLATE, False),

@@ -44,6 +44,12 @@ CASES: list[tuple[str, bytes, list[str], list[str]]] = [
      [*T, "--tpm", "1000"], ["line 1", "more than the whole TPM limit", "raise tpm"]),
     ("a negative limit", OK.encode(), [*T, "--qps", "-5"], ["qps must be positive"]),
     ("zero concurrency", OK.encode(), [*T, "--concurrency", "0"], ["concurrency must be positive"]),
+    ("a null where the template reads", (OK + '{"id": 2, "text": null}\n').encode(), T,
+     ["line 2, column text", "is null in this row"]),
+    ("a template field that is not a column name", OK.encode(), ["--template", "{text.upper}"],
+     ["{text.upper} is not a column name"]),
+    ("a template field with a conversion", OK.encode(), ["--template", "{text!r}"],
+     ["{text!r} is not a column name"]),
 ]  # fmt: skip
 
 
@@ -172,3 +178,33 @@ def test_a_malformed_param_flag(cli: Any, tmp_path: Path) -> None:
     result = cli("run", "--input", tmp_path / "in.jsonl", "--param", "top_p")
     assert result.exit_code == 2
     assert "is not KEY=JSON" in result.output
+
+
+@pytest.mark.parametrize(
+    ("param", "words"),
+    [("response_format={type:json_object}", "check its quotes and brackets"),
+     ("stop=END", """a string needs JSON quotes: --param 'stop="END"'"""),
+     ("top_p=abc", "'abc' is not JSON")],
+)  # fmt: skip
+def test_a_param_that_is_not_json_is_refused_not_sent_as_text(
+    simulator: Callable[..., Any], cli: Any, tmp_path: Path, param: str, words: str
+) -> None:
+    sim = simulator()
+    (tmp_path / "in.jsonl").write_text(OK)
+    result = cli("run", "--input", tmp_path / "in.jsonl", *T, "--model", "m",
+                 "--base-url", sim.base_url, "--param", param)  # fmt: skip
+    assert result.exit_code == 2
+    assert "--param" in result.output
+    assert words in result.output
+    assert "line 1" not in result.output  # the flag's fault, not the input's
+    assert sim.stats.requests == 0
+
+
+def test_a_bad_value_in_the_jobs_settings_blames_the_setting(cli: Any, tmp_path: Path) -> None:
+    (tmp_path / "in.jsonl").write_text(OK)
+    result = cli("run", "--input", tmp_path / "in.jsonl", *T, "--model", "qwen-plus",
+                 "--simulate", "--param", 'top_p="abc"')  # fmt: skip
+    assert result.exit_code == 2
+    assert "top_p = 'abc' (set by a flag or in [request])" in result.output
+    assert "line 1" not in result.output
+    assert not (tmp_path / "in.batchq.parquet.batchq").exists()

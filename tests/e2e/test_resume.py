@@ -146,11 +146,8 @@ def test_a_stop_starts_no_request_more(
     # Only what was in flight (8 at most), and what was already on its way when the
     # signal was sent: none at 40 QPS beyond a few.
     assert sim.stats.requests - at_signal <= 8 + 2, (at_signal, sim.stats.requests)
-    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    df = pl.read_parquet(out)
-    assert df["id"].to_list() == [f"r{i}" for i in range(400)]
-    assert set(df["status"]) == {"ok"}
+    # What was answered is saved (resuming from it: test_sigint_stops_cleanly...).
+    assert 0 < len(flushed_rows(out)) <= sim.stats.requests
 
 
 def test_sigterm_is_a_stop_too(

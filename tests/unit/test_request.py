@@ -74,3 +74,13 @@ def test_token_estimate_grows_with_the_text() -> None:
     short = estimate_tokens({"messages": [{"role": "user", "content": "x" * 30}]})
     long = estimate_tokens({"messages": [{"role": "user", "content": "x" * 3000}]})
     assert long - short == 990
+
+
+def test_a_template_sends_values_as_json_never_as_python() -> None:
+    settings = RequestSettings(model="m", template="{ok} {tags} {meta} {n} {x}")
+    row = {"ok": True, "tags": ["a", "b"], "meta": {"k": None}, "n": 3, "x": 0.5}
+    body = build_body(row, settings)
+    assert body["messages"][0]["content"] == 'true ["a","b"] {"k":null} 3 0.5'
+    with pytest.raises(RowProblem, match="'ok' is null") as info:
+        build_body({**row, "ok": None}, settings)
+    assert info.value.column == "ok"
