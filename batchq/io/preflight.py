@@ -107,7 +107,8 @@ def exact_preflight(
     if parquet_schema is not None:
         columns = tuple((f.name, f.type) for f in parquet_schema)
     else:
-        columns = tuple((name, kinds.arrow_type(name)) for name in kinds.kinds)
+        columns = tuple((name, kinds.arrow_type(name, text=name == id_column))
+                        for name in kinds.kinds)  # fmt: skip
     check_clash([name for name, _ in columns], id_column, path)
     digest = digest_and_lines(path)[0]
     return InputInfo(path, fmt, total, columns, id_column, digest, tuple(sorted(notes)))

@@ -6,6 +6,7 @@ Nothing is loaded whole: memory stays flat in the row count.
 from __future__ import annotations
 
 import gzip
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from batchq.errors import InputError
 __all__ = ["InputBatch", "input_format", "read_batches"]
 
 BOM = b"\xef\xbb\xbf"
+_INT64 = 2.0**63
 
 
 @dataclass(slots=True)
@@ -100,6 +102,10 @@ def _jsonl_batches(path: Path, batch_size: int) -> Iterator[InputBatch]:
 def _parse_line(raw: bytes, path: Path, number: int) -> dict[str, Any]:
     try:
         value = orjson.loads(raw)
+        if isinstance(value, dict) and any(
+            type(v) is float and not -_INT64 < v < _INT64 for v in value.values()
+        ):  # orjson reads an integer past 64 bits as a float: two ids would become one
+            value = json.loads(raw)
     except orjson.JSONDecodeError as e:
         raise InputError(
             f"not valid JSON ({e.msg}, column {e.colno}): each line must be one JSON object",

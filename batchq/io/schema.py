@@ -94,14 +94,16 @@ class ColumnKinds:
                 kind = _BigInt
             seen.add(kind)
 
-    def arrow_type(self, name: str) -> pa.DataType | None:
-        """The column's Arrow type, or None when it is kept as JSON text."""
+    def arrow_type(self, name: str, *, text: bool = False) -> pa.DataType | None:
+        """The column's Arrow type, or None when it is kept as JSON text. With ``text``
+        (the id column), a column of mixed kinds or of integers past 64 bits is text,
+        each value as its id reads (``x``, ``1``), not as JSON (``"x"``)."""
         kinds = self.kinds[name] - {type(None)}
         if kinds <= _NUMBERS:
             return pa.float64() if float in kinds else pa.int64()
         if kinds == {bool}:
             return pa.bool_()
-        if kinds == {str}:
+        if kinds == {str} or text:
             return pa.string()
         return None
 
@@ -115,6 +117,9 @@ def input_arrays(
         values = [row.get(name) for row in rows]
         if type_ is None:
             arrays.append(pa.array([_json_text(v) for v in values], pa.string()))
+        elif type_ == pa.string() and not all(type(v) is str or v is None for v in values):
+            # an id column of mixed kinds: each id as text, as the rows' ids read
+            arrays.append(pa.array([None if v is None else str(v) for v in values], type_))
         else:
             arrays.append(pa.array(values, type_))
     return arrays

@@ -4,6 +4,7 @@ each gets a message with exit 2, never a traceback."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -177,3 +178,18 @@ def test_a_damaged_shard_is_named_and_set_aside_and_the_intact_ones_kept(
     assert sim.stats.requests == 30  # the intact shard's rows were not sent again
     df = pl.read_parquet(output)
     assert df["response"].to_list() == [f"echo: Review: review number {i}" for i in range(30)]
+
+
+def test_ids_are_kept_exactly_as_text_when_the_input_mixes_kinds(cli: Any, tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    ids: list[Any] = [1, "x", 18446744073709551617, 18446744073709551618, "007"]
+    path.write_text("".join(json.dumps({"id": i, "text": f"t{n}"}) + "\n"
+                            for n, i in enumerate(ids)))  # fmt: skip
+    output = tmp_path / "out.parquet"
+    result = run(cli, path, output, "--simulate")
+    assert result.exit_code == 0, result.output
+    assert pl.read_parquet(output)["id"].to_list() == [str(i) for i in ids]
+    exported = cli("export-batch", "--input", path, "--output", tmp_path / "o2.parquet", *T)
+    assert exported.exit_code == 0, exported.output
+    (lines,) = [f.read_text().splitlines() for f in (tmp_path / "o2.batch").glob("*.jsonl")]
+    assert [json.loads(x)["custom_id"] for x in lines] == [str(i) for i in ids]
