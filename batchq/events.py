@@ -20,6 +20,7 @@ __all__ = [
     "RunSummary",
     "Sink",
     "Slowdown",
+    "Tick",
     "fan_out",
 ]
 
@@ -85,6 +86,11 @@ class Flushed:
     rows: int
 
 
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """A second went by while sending, whatever the run was doing (waiting included)."""
+
+
 @dataclass(frozen=True)
 class RunSummary:
     """What a run came to: the whole output's counts, and what this run sent."""
@@ -104,7 +110,7 @@ class RunFinished:
     summary: RunSummary
 
 
-Event = RunStarted | Notice | RowFinished | Retrying | Slowdown | Flushed | RunFinished
+Event = RunStarted | Notice | RowFinished | Retrying | Slowdown | Flushed | Tick | RunFinished
 
 
 class Sink(Protocol):

@@ -29,6 +29,7 @@ from batchq.events import (
     RunFinished,
     RunStarted,
     Slowdown,
+    Tick,
 )
 
 __all__ = ["JsonLog"]
@@ -55,8 +56,8 @@ class JsonLog:
         self._key = api_key
 
     def __call__(self, event: Event) -> None:
-        if isinstance(event, RowFinished) and event.status == "ok":
-            return
+        if (isinstance(event, RowFinished) and event.status == "ok") or isinstance(event, Tick):
+            return  # the log holds what happened, not every row or second
         record: dict[str, Any] = {"t": _now(), "event": _NAMES[type(event)]}
         if isinstance(event, RowFinished):
             record |= {"row": event.row_id, "attempts": event.attempts,

@@ -18,6 +18,7 @@ from batchq.events import (
     RunFinished,
     RunStarted,
     Slowdown,
+    Tick,
 )
 from batchq.pricing import PriceTable
 
@@ -118,8 +119,8 @@ class PlainProgress:
                 self._print(message)
             case Slowdown():
                 self._print(_slowdown_text(event))
-            case RowFinished() if self._clock() - self._last >= self._every:
-                self._print(self.line())
+            case RowFinished() | Tick() if self._clock() - self._last >= self._every:
+                self._print(self.line())  # on schedule, even while nothing finishes
 
     def line(self) -> str:
         self._last = self._clock()
@@ -173,7 +174,7 @@ class LiveProgress:
             case RunFinished():
                 self._show()
                 self._live.stop()
-            case RowFinished() | Retrying() if self._clock() - self._shown >= 0.2:
+            case RowFinished() | Retrying() | Tick() if self._clock() - self._shown >= 0.2:
                 self._show()
 
     def _show(self) -> None:

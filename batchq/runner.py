@@ -36,6 +36,7 @@ from batchq.events import (
     RunStarted,
     RunSummary,
     Sink,
+    Tick,
     discard,
 )
 from batchq.io.preflight import InputInfo, completion_cap, preflight, row_id
@@ -222,6 +223,7 @@ class _Pipeline:
         while True:
             await anyio.sleep(FLUSH_EVERY_S)
             self.journal.flush()
+            self.sink(Tick())
 
     async def _watch_signals(self, pool: anyio.CancelScope, feeding: anyio.CancelScope) -> None:
         """First SIGINT / SIGTERM: start no request more (not even a retry), give those

@@ -4,6 +4,7 @@ codes do what their kind says."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -144,3 +145,21 @@ def test_n_above_1_with_tools_is_refused_before_sending(
     df = pl.read_parquet(out)
     assert set(df["error_code"]) == {"invalid_parameter_error"}
     assert sim.stats.requests == 5  # a 400: recorded on its row, never retried
+
+
+@pytest.mark.timeout(60)  # before: 1 of 5 rows in 120 s at --tpm 60 (here, 10x that)
+def test_a_small_tpm_without_max_tokens_learns_the_answers_length(
+    simulator: Callable[..., Any], write_jsonl: Callable[..., Path], cli: Any, tmp_path: Path
+) -> None:
+    # Each request reserved a 256-token completion guess (26 s of a 600 TPM budget) and
+    # booked it ahead, so the next waited that long whatever the answers used.
+    sim = simulator()
+    out = tmp_path / "out.parquet"
+    args = run_args(sim, write_jsonl(rows(8)), out, "--tpm", "600", "--concurrency", "2")
+    result = cli(*[a for a in args if a != "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert set(pl.read_parquet(out)["status"]) == {"ok"}
+    # About 8 s of tokens at 10 a second (answers of ~10 tokens); 34 s before.
+    assert len(sent_per_second(sim)) <= 20, sent_per_second(sim)
+    # A plain line every 5 s, whatever the run is doing (waiting for tokens included).
+    assert re.search(r"\d/8 rows \(\d+%\)", result.output), result.output
