@@ -79,6 +79,8 @@ class Outcome:
     latency_ms: float | None = None
     #: for a 429: a request-rate limit, a burst limit, or token quota throttling
     throttled: Throttle | None = None
+    #: an error's body as received (``--keep-raw``; an answer's goes in ``result``)
+    raw: str | None = None
 
 
 class WireError(Exception):
@@ -218,8 +220,12 @@ class Client:
             content = b"\n".join(stream.lines)
         else:
             outcome = classify(status, content, headers, latency_ms)
-        if self._keep_raw and outcome.result is not None:
-            outcome.result["raw"] = content.decode("utf-8", "replace")
+        if self._keep_raw:
+            raw = content.decode("utf-8", "replace")
+            if outcome.result is not None:
+                outcome.result["raw"] = raw
+            else:
+                outcome.raw = redact(raw, self._key)
         if outcome.error_message:
             outcome.error_message = redact(outcome.error_message, self._key)
         return outcome

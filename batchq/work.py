@@ -126,6 +126,7 @@ def _row(item: Item, outcome: Outcome, attempts: int) -> dict[str, Any]:
             error_type=outcome.error_type,
             error_code=outcome.error_code,
             error_message=outcome.error_message,
+            raw=outcome.raw,
         )
     return row
 

@@ -191,3 +191,13 @@ def test_keep_raw_adds_the_responses_as_received(
     first = pl.read_parquet(streamed)["raw"][0]
     assert first.startswith("data: {")
     assert first.rstrip().endswith("data: [DONE]")
+    # An error row keeps the error's body as received.
+    failing = simulator(fail_500=1.0)
+    errors = tmp_path / "errors.parquet"
+    done = run("--input", path, "--base-url", failing.base_url, "--model", "m", "--template",
+               "{text}", "--quiet", "--output", errors, "--keep-raw",
+               "--max-attempts", "1")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    df = pl.read_parquet(errors)
+    assert set(df["status"]) == {"error"}
+    assert all(orjson.loads(r)["error"]["message"] for r in df["raw"])
