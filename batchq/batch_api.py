@@ -28,6 +28,7 @@ from typing import IO, Any
 import orjson
 
 from batchq.checkpoint import RowMask, StateDir, check_same_job, manifest_for
+from batchq.client import RETRY_STATUS
 from batchq.config import Job
 from batchq.errors import InputError, UsageError
 from batchq.io.preflight import InputInfo, preflight, row_id
@@ -39,6 +40,10 @@ from batchq.response import InvalidCompletion, completion_columns
 
 __all__ = ["ExportResult", "ImportResult", "export_batch", "import_batch"]
 
+#: Error lines that are not the row's answer: the batch ran out of time (OpenAI's and
+#: Model Studio's code) or was cancelled before the row; with a 5xx or 429 status, as a
+#: live run would retry them. Such rows stay pending.
+RETRYABLE_CODES = frozenset({"batch_expired", "batch_cancelled"})
 MAX_LINES = 50_000
 MAX_BYTES = 200 * 1024**2
 URL = "/v1/chat/completions"
@@ -165,6 +170,7 @@ class ImportResult:
     output: Path
     repeated: int = 0  # ids answered more than once in the files
     twice: list[Path] = field(default_factory=list)  # files given more than once
+    retryable: int = 0  # rows failed as a live run would retry (left pending)
 
 
 def import_batch(
@@ -193,8 +199,9 @@ def import_batch(
         state.close()
     ok = sum(r["status"] == "ok" for r in fresh)
     ids = [_id_of(rows, i) for i in missing[:5]]
+    retryable = len(results.retryable - results.rows.keys())
     return ImportResult(len(fresh), ok, len(fresh) - ok, len(missing), ids, merged, job.output,
-                        results.repeated, results.twice)  # fmt: skip
+                        results.repeated, results.twice, retryable)  # fmt: skip
 
 
 def _row_index(job: Job, info: InputInfo) -> dict[str, tuple[int, str]]:
@@ -217,6 +224,7 @@ class _Results:
     where: dict[int, str] = field(default_factory=dict)  # the line each row was read from
     repeated: int = 0  # ids answered more than once (the same answer, or an error and an ok)
     twice: list[Path] = field(default_factory=list)  # files given more than once, read once
+    retryable: set[int] = field(default_factory=set)  # rows failed as a live run would retry
 
 
 def _read_results(files: list[Path], rows: dict[str, tuple[int, str]]) -> _Results:
@@ -243,6 +251,11 @@ def _read_results(files: list[Path], rows: dict[str, tuple[int, str]]) -> _Resul
 
 def _take(results: _Results, row: dict[str, Any], where: str) -> None:
     position = row["_row"]
+    if row.pop("retryable", False):
+        # Not the row's answer: the batch did not get to it (expired) or the service
+        # failed it (5xx, 429). It stays pending, so that the next run sends it.
+        results.retryable.add(position)
+        return
     old = results.rows.get(position)
     if old is not None:
         results.repeated += 1
@@ -292,6 +305,8 @@ def _result_row(
             error = {"type": "invalid_response", "code": "invalid_response", "message": str(e)}
     else:
         error = _dict(body.get("error")) or _dict(data.get("error"))
+    if status in RETRY_STATUS or error.get("code") in RETRYABLE_CODES:
+        row["retryable"] = True
     return row | {
         "status": "error",
         "error_type": str(error.get("type") or "batch_error"),

@@ -65,6 +65,9 @@ def import_batch(results: tuple[Path, ...], job_file: str, keep_state: bool) -> 
         click.echo(f"note: {r.repeated:,} custom_ids came more than once with the same answer, "
                    "or an error and an answer: kept one each (the answer)")  # fmt: skip
     click.echo(f"imported {r.imported:,} rows ({r.ok:,} ok, {r.error:,} error)")
+    if r.retryable:
+        click.echo(f"{r.retryable:,} rows failed in the batch as a live run would retry "
+                   "(expired, cancelled, 5xx or 429): not imported, they stay pending")  # fmt: skip
     if r.merged:
         click.echo(f"every row has a result -> {r.output}")
     else:

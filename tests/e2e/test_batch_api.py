@@ -25,17 +25,22 @@ ENV = {"DASHSCOPE_API_KEY": "sk-simulated"}
 
 
 def provider(lines: list[dict[str, Any]], rng: random.Random) -> tuple[list[bytes], list[bytes]]:
-    """A Batch API: answer each request line, fail 2 % of them, lose 1 %."""
+    """A Batch API: answer each request line; lose 1 %, refuse 1 % (a 400, final), fail
+    1 % as a live run would retry (a 500) and expire 1 % (batch_expired)."""
     output, errors = [], []
+    failures = [(400, "data_inspection_failed", "inappropriate content"),
+                (500, "InternalError", "the batch worker failed"),
+                (None, "batch_expired", "not run before the completion window ended")]  # fmt: skip
     for i, line in enumerate(lines):
         roll = rng.random()
         if roll < 0.01:
             continue
-        if roll < 0.03:
-            error = {"code": "InternalError", "message": "the batch worker failed"}
+        if roll < 0.04:
+            status, code, message = failures[int((roll - 0.01) / 0.01)]
+            error = {"code": code, "message": message}
+            response = {"status_code": status, "body": {"error": error}} if status else None
             errors.append(orjson.dumps({"id": f"batch_req_{i}", "custom_id": line["custom_id"],
-                                        "response": {"status_code": 500, "body": {"error": error}},
-                                        "error": error}))  # fmt: skip
+                                        "response": response, "error": error}))  # fmt: skip
             continue
         body = completion(line["body"], f"chatcmpl-batch-{i}")
         output.append(orjson.dumps({"id": f"batch_req_{i}", "custom_id": line["custom_id"],
@@ -90,11 +95,14 @@ stream = true
     half = len(output) // 2
     files[1].write_bytes(b"\n".join(output[:half]) + b"\n")
     files[2].write_bytes(b"\n".join(output[half:]) + b"\n")
-    lost = N - len(output) - len(errors)
+    final = [e for e in errors if b"data_inspection_failed" in e]
+    retryable = len(errors) - len(final)
+    lost = N - len(output) - len(final)  # pending after the import: lost, or to retry
 
     imported = cli("import-batch", *files, "--job", job)
     assert imported.exit_code == 0, imported.output
-    assert f"imported {len(output) + len(errors):,} rows ({len(output):,} ok" in imported.output
+    assert f"imported {len(output) + len(final):,} rows ({len(output):,} ok" in imported.output
+    assert f"{retryable:,} rows failed in the batch as a live run would retry" in imported.output
     assert f"{lost:,} rows have no result in these files" in imported.output
     assert "stay pending" in imported.output
     status = json.loads(cli("status", job, "--json").output)
@@ -114,7 +122,7 @@ stream = true
     assert ok["response"].to_list() == [f"echo: Review: review number {i}"
                                         for i in range(N) if f"r{i}" in set(ok["id"])]  # fmt: skip
     assert df.filter(pl.col("status") == "error")["error_code"].unique().to_list() == [
-        "InternalError"
+        "data_inspection_failed"
     ]
     assert (df["via"] == "live").sum() == lost
     assert (df["via"] == "batch").sum() == N - lost
