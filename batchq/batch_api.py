@@ -29,7 +29,7 @@ import orjson
 
 from batchq.checkpoint import RowMask, StateDir, check_same_job, manifest_for
 from batchq.client import RETRY_STATUS
-from batchq.config import Job
+from batchq.config import Job, job_settings
 from batchq.errors import InputError, UsageError
 from batchq.io.preflight import InputInfo, preflight, row_id
 from batchq.io.reader import read_batches
@@ -131,9 +131,10 @@ def _export(
     finally:
         for file in open_files.values():
             _close(file, result)
-    manifest = {"job": job.name, "input": str(info.path), "input_digest": info.digest,
+    manifest = {"name": job.name, "input": str(info.path), "input_digest": info.digest,
                 "id_column": info.id_column, "rows": result.rows, "files": result.files,
-                "request": manifest_for(job, info)["request"]}  # fmt: skip
+                "request": manifest_for(job, info)["request"],
+                "job": job_settings(job)}  # fmt: skip
     (folder / "manifest.json").write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
     return result
 

@@ -19,7 +19,15 @@ from typing import Any
 from batchq.errors import UsageError
 from batchq.qwen import serves_model_studio
 
-__all__ = ["PRESETS", "Job", "Limits", "Preset", "RequestSettings", "load_job"]
+__all__ = [
+    "PRESETS",
+    "Job",
+    "Limits",
+    "Preset",
+    "RequestSettings",
+    "job_settings",
+    "load_job",
+]
 
 
 @dataclass(frozen=True)
@@ -153,6 +161,10 @@ def load_job(path: str | Path | None, *, overrides: dict[str, Any] | None = None
     >>> load_job(None, overrides={"input": "in.jsonl", "model": "qwen-plus"}).output
     PosixPath('in.batchq.parquet')
     """
+    if path is not None and str(path).endswith(".json"):  # an export's manifest.json
+        exported, extra = _exported_job(Path(path)), dict(overrides or {})
+        params = {**exported.pop("params", {}), **extra.pop("params", {})}
+        return load_job(None, overrides={**exported, **extra, "params": params})
     raw = _read_toml(Path(path)) if path is not None else {}
     flat, params = _flatten(raw, source=str(path) if path else "flags")
     for key, value in (overrides or {}).items():
@@ -163,6 +175,32 @@ def load_job(path: str | Path | None, *, overrides: dict[str, Any] | None = None
     for key, value in flat.items():
         _check_type(key, value, source=str(path) if path else "flags")
     return _build(flat, params, default_name=Path(path).stem if path else None)
+
+
+def job_settings(job: Job) -> dict[str, Any]:
+    """The job as ``load_job``'s overrides: what ``export-batch`` records in its
+    manifest.json, so that a job given by flags alone can be named by that file."""
+    r, limits = job.request, job.limits
+    settings: dict[str, Any] = {"name": job.name, "input": str(job.input.absolute()),
+                                "output": str(job.output.absolute()),
+                                "id_column": job.id_column}  # fmt: skip
+    settings |= {k: getattr(r, k) for k in _REQUEST_KEYS}
+    settings |= {k: getattr(limits, k) for k in _LIMIT_KEYS}
+    return {k: v for k, v in settings.items() if v is not None} | {"params": dict(r.params)}
+
+
+def _exported_job(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"job file {path} does not exist: check the path") from None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path} is not an export's manifest.json: {e}") from None
+    job = manifest.get("job") if isinstance(manifest, dict) else None
+    if not isinstance(job, dict):
+        raise UsageError(f"{path} holds no job: give the job file, or the manifest.json "
+                         "that export-batch wrote")  # fmt: skip
+    return job
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -41,15 +41,17 @@ def export_batch(job_file: str | None, out_dir: Path | None, max_lines: int, max
     click.echo(f"{e.rows:,} requests in {len(e.files)} files{done} -> {e.folder}/")
     for f in e.files:
         click.echo(f"  {f['file']}: {f['model']}, {f['lines']:,} lines, {f['bytes']:,} bytes")
+    job_ref = job_file or shlex.quote(str(e.folder / "manifest.json"))
     click.echo("upload them to the provider's Batch API; then: batchq import-batch "
-               f"RESULTS.jsonl… --job {job_file or '<the job>'}")  # fmt: skip
+               f"RESULTS.jsonl… --job {job_ref}")  # fmt: skip
 
 
 @click.command("import-batch")
 @click.argument("results", nargs=-1, required=True,
                 type=click.Path(exists=True, dir_okay=False, path_type=Path))  # fmt: skip
 @click.option("--job", "job_file", required=True, type=click.Path(dir_okay=False),
-              help="the job file the requests were exported from")  # fmt: skip
+              help="the job file the requests were exported from, or the export's "
+                   "manifest.json")  # fmt: skip
 @click.option("--keep-state", is_flag=True, help="keep the state folder after the merge")
 def import_batch(results: tuple[Path, ...], job_file: str, keep_state: bool) -> None:
     """Read Batch-API output and error files into the job's output Parquet."""

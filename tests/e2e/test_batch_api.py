@@ -236,3 +236,26 @@ def test_export_is_refused_while_a_run_holds_the_job(
     finally:
         process.kill()
         process.wait()
+
+
+def test_a_job_given_by_flags_alone_is_named_by_its_exports_manifest(
+    simulator: Callable[..., Any], write_jsonl: Callable[..., Path], cli: Any, tmp_path: Path
+) -> None:
+    sim = simulator()
+    path = write_jsonl([{"id": f"r{i}", "text": f"review number {i}"} for i in range(20)])
+    flags = ["--input", path, "--output", tmp_path / "out.parquet", "--model", "qwen-plus",
+             "--template", "Review: {text}", "--base-url", sim.base_url,
+             "--param", "seed=7"]  # fmt: skip
+    exported = cli("export-batch", *flags)
+    assert exported.exit_code == 0, exported.output
+    manifest = tmp_path / "out.batch" / "manifest.json"
+    assert f"--job {manifest}" in exported.output
+    results = answered(tmp_path)
+    imported = cli("import-batch", results, "--job", manifest)
+    assert imported.exit_code == 0, imported.output
+    if "stay pending" in imported.output:  # the provider lost some: a live run ends it
+        live = cli("run", manifest, "--quiet")
+        assert live.exit_code == 0, live.output
+    df = pl.read_parquet(tmp_path / "out.parquet")
+    assert df["id"].to_list() == [f"r{i}" for i in range(20)]
+    assert (df["via"] == "batch").sum() + sim.stats.requests == 20
