@@ -196,6 +196,11 @@ class Client:
         if self._wire is not None:
             await self._wire.aclose()
 
+    @property
+    def url(self) -> str:
+        """Where requests go: the base URL's ``/chat/completions``."""
+        return self._url
+
     async def send(self, body: dict[str, Any]) -> Outcome:
         """One attempt, never raising for anything the server or network does."""
         assert self._wire is not None, "use the client as an async context manager"

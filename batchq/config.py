@@ -73,7 +73,13 @@ class RequestSettings:
             raise UsageError(
                 "provider 'custom' needs a base_url: set it in [request] or --base-url"
             )
-        return url.rstrip("/")
+        url = url.rstrip("/")
+        if url.endswith("/chat/completions"):
+            raise UsageError(
+                f"the base_url {url} ends with /chat/completions, which batchq adds: give "
+                f"{url.removesuffix('/chat/completions')} instead"
+            )
+        return url
 
     @property
     def model_studio(self) -> bool:

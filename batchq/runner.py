@@ -45,7 +45,7 @@ from batchq.io.schema import output_manifest
 from batchq.io.writer import merge_output
 from batchq.limiter import Pacer, RatePacer, Settled
 from batchq.request import build_body, estimate_tokens
-from batchq.work import Item, QuotaWatch, answer
+from batchq.work import EndpointWatch, Item, QuotaWatch, answer
 
 if TYPE_CHECKING:  # httpx loads only when a caller brings a transport (tests)
     from collections.abc import Callable
@@ -166,6 +166,7 @@ class _Pipeline:
 
     def __post_init__(self) -> None:
         self.gate = _Gate(self.pacer)
+        self.endpoint = EndpointWatch(self.client.url)
 
     async def run(self) -> None:
         """Send every row not done. Raises Interrupted after a clean stop on a signal."""
@@ -212,6 +213,7 @@ class _Pipeline:
                         item, client=self.client, pacer=self.gate,
                         max_attempts=self.job.limits.max_attempts, emit=self.sink,
                         sleep=self.gate.sleep, rng=self.rng, quota=self.quota,
+                        endpoint=self.endpoint,
                     )  # fmt: skip
                 except _Stopping:
                     return  # the row stays pending: the next run sends it

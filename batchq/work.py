@@ -17,7 +17,7 @@ from batchq.events import Retrying, Sink
 from batchq.limiter import Pacer, Settled
 from batchq.retry import backoff_delay
 
-__all__ = ["QUOTA_STOP_S", "Item", "QuotaWatch", "answer"]
+__all__ = ["QUOTA_STOP_S", "EndpointWatch", "Item", "QuotaWatch", "answer"]
 
 
 @dataclass(slots=True)
@@ -57,6 +57,66 @@ class QuotaWatch:
         return now - self._since >= self._stop_s
 
 
+#: Answers in a row that are one endpoint-level failure before a run stops: before any
+#: answer was ok, and after one.
+ENDPOINT_STOP_N, ENDPOINT_STOP_AFTER_OK_N = 10, 100
+#: Transport errors that say nothing answers at the URL (aiohttp's and httpx's names).
+_UNREACHABLE = {
+    "ClientConnectorError": "nothing answers there (connection refused): is the server "
+    "running, and are the host and port right?",
+    "ConnectError": "nothing answers there (connection refused): is the server running, and "
+    "are the host and port right?",
+    "ClientConnectorDNSError": "the host name does not resolve: check it",
+    "ClientConnectorCertificateError": "its TLS certificate is not trusted: check https vs http",
+    "ClientConnectorSSLError": "TLS failed: check https vs http",
+    "ClientSSLError": "TLS failed: check https vs http",
+}
+
+
+class EndpointWatch:
+    """Whether the answers are all one endpoint-level failure: a 404 (the path, or a model
+    the service does not have), a connection refused, a DNS or TLS failure. Then every row
+    would fail alike, each after all its attempts: the run stops instead (exit 3). One
+    watch is shared by every worker of a run."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._ok = False
+        self._what: str | None = None
+        self._same = 0
+
+    def saw(self, outcome: Outcome) -> str | None:
+        """Note an answer; the stop message when the run must stop."""
+        if outcome.kind == "ok":
+            self._ok, self._what, self._same = True, None, 0
+            return None
+        what = _endpoint_failure(outcome)
+        if what is None or what != self._what:
+            self._what, self._same = what, int(what is not None)
+            return None
+        self._same += 1
+        if self._same < (ENDPOINT_STOP_AFTER_OK_N if self._ok else ENDPOINT_STOP_N):
+            return None
+        if outcome.http_status == 404:
+            hint = (f"HTTP 404 ({outcome.error_message}): check the base_url, which ends "
+                    "where /chat/completions would follow, such as https://host/v1 or "
+                    ".../compatible-mode/v1; a 404 also comes for a model the service does "
+                    "not have: check the model name")  # fmt: skip
+        else:
+            hint = f"{outcome.error_code}: {_UNREACHABLE[what]}"
+        return (f"the run stopped: the last {self._same} answers from {self._url} were all "
+                f"the same failure, so every row would fail alike. {hint}; then rerun the "
+                "same command to resume")  # fmt: skip
+
+
+def _endpoint_failure(outcome: Outcome) -> str | None:
+    if outcome.http_status == 404:
+        return "404"
+    if outcome.error_type == "transport" and outcome.error_code in _UNREACHABLE:
+        return outcome.error_code
+    return None
+
+
 async def answer(
     item: Item,
     *,
@@ -67,6 +127,7 @@ async def answer(
     sleep: Callable[[float], Awaitable[None]],
     rng: random.Random,
     quota: QuotaWatch,
+    endpoint: EndpointWatch | None = None,
 ) -> dict[str, Any]:
     """The result row for ``item``. Raises RunStopped on a fatal answer (401/403, billing)
     or when ``quota`` says the token quota has been exhausted for a minute.
@@ -84,6 +145,8 @@ async def answer(
             pacer.release(reserved, _settled(sent_at, outcome))
         sent += 1
         counted += outcome.throttled != "quota"
+        if endpoint is not None and (stop := endpoint.saw(outcome)) is not None:
+            raise RunStopped(stop)
         if outcome.kind == "ok":
             quota.saw(outcome, pacer.now())
             return _row(item, outcome, sent)

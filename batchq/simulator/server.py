@@ -151,7 +151,9 @@ class Simulator:
         ]
         self._burst: tuple[str, float] | None = None
         self.app = web.Application(client_max_size=64 * 1024**2)
-        self.app.router.add_post(r"/{prefix:.*}chat/completions", self.handle)
+        # Only where an OpenAI-compatible server serves it (/v1, .../compatible-mode/v1):
+        # elsewhere a 404, as a real one answers, so that a rehearsal catches a missing /v1.
+        self.app.router.add_post(r"/{prefix:(?:.*/)?}v1/chat/completions", self.handle)
         self.app.router.add_get("/_stats", self.report)
 
     async def report(self, request: web.Request) -> web.Response:

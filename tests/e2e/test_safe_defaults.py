@@ -5,6 +5,7 @@ each gets a message with exit 2, never a traceback."""
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -193,3 +194,32 @@ def test_ids_are_kept_exactly_as_text_when_the_input_mixes_kinds(cli: Any, tmp_p
     assert exported.exit_code == 0, exported.output
     (lines,) = [f.read_text().splitlines() for f in (tmp_path / "o2.batch").glob("*.jsonl")]
     assert [json.loads(x)["custom_id"] for x in lines] == [str(i) for i in ids]
+
+
+def test_a_wrong_endpoint_stops_early_instead_of_burning_every_row(
+    simulator: Callable[..., Any], cli: Any, write_jsonl: Callable[..., Path], tmp_path: Path
+) -> None:
+    sim = simulator(latency_ms=1)
+    path = write_jsonl(rows(300))
+    no_v1 = sim.base_url.removesuffix("/v1")
+    result = run(cli, path, tmp_path / "a.parquet", "--base-url", no_v1, "--quiet")
+    assert result.exit_code == 3, result.output
+    assert f"{no_v1}/chat/completions" in result.output
+    assert "HTTP 404" in result.output
+    assert "check the base_url" in result.output
+    assert sim.stats.requests < 100  # not 300 rows x their attempts
+    assert not (tmp_path / "a.parquet").exists()
+
+    doubled = f"{sim.base_url}/chat/completions"
+    result = run(cli, path, tmp_path / "b.parquet", "--base-url", doubled, "--quiet")
+    assert result.exit_code == 2, result.output
+    assert f"give {sim.base_url} instead" in result.output
+    assert not state_of(tmp_path / "b.parquet").exists()
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    result = run(cli, path, tmp_path / "c.parquet", "--base-url", closed, "--quiet")
+    assert result.exit_code == 3, result.output
+    assert "connection refused" in result.output
+    assert "rerun the same command to resume" in result.output
