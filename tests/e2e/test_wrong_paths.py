@@ -3,6 +3,7 @@ a traceback, and nothing sent or written over."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -88,3 +89,14 @@ ALLOWED = {
     ("folder", "export-batch --out-dir"), ("the input", "run --input"),
     ("the input", "estimate --input"),
 }  # fmt: skip
+
+
+@pytest.mark.timeout(30)
+def test_simulate_on_a_port_in_use(cli: Any) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = cli("simulate", "--port", taken.getsockname()[1])
+    assert result.exit_code == 2, result.output
+    assert "address already in use" in result.output
+    assert "choose another --port" in result.output
