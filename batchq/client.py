@@ -184,6 +184,9 @@ class Client:
         self._keep_raw = keep_raw
         self._url = base_url.rstrip("/") + "/chat/completions"
         self._wire: Wire | None = None
+        # Requests in flight: shielded from the run's stop, which lets them finish (see
+        # ``abort``), while every row waiting its turn or its backoff stops at once.
+        self._in_flight: set[anyio.CancelScope] = set()
 
     async def __aenter__(self) -> Client:
         if self._transport is not None:
@@ -196,6 +199,11 @@ class Client:
         if self._wire is not None:
             await self._wire.aclose()
 
+    def abort(self) -> None:
+        """Cancel the requests in flight (a stop's grace is over, or a second Ctrl-C)."""
+        for scope in self._in_flight:
+            scope.cancel()
+
     @property
     def url(self) -> str:
         """Where requests go: the base URL's ``/chat/completions``."""
@@ -206,11 +214,16 @@ class Client:
         assert self._wire is not None, "use the client as an async context manager"
         started = time.perf_counter()
         stream = _Streamed(keep_lines=self._keep_raw) if body.get("stream") else None
+        answered: tuple[int, bytes, Mapping[str, str]] | None = None
         try:
-            with anyio.fail_after(self._timeout_s):
-                status, content, headers = await self._wire.post(
-                    self._url, orjson.dumps(body), stream.feed if stream else None
-                )
+            with anyio.fail_after(self._timeout_s, shield=True) as scope:
+                self._in_flight.add(scope)
+                try:
+                    answered = await self._wire.post(
+                        self._url, orjson.dumps(body), stream.feed if stream else None
+                    )
+                finally:
+                    self._in_flight.discard(scope)
         except TimeoutError:
             return Outcome("retry", error_type="timeout", error_code="timeout",
                            error_message=f"no answer within {self._timeout_s:g} s")  # fmt: skip
@@ -219,6 +232,10 @@ class Client:
             return Outcome(
                 "retry", error_type="transport", error_code=e.code, error_message=message
             )
+        if answered is None:  # aborted: the run is stopping
+            return Outcome("retry", error_type="transport", error_code="stopped",
+                           error_message="the run stopped before the answer came")  # fmt: skip
+        status, content, headers = answered
         latency_ms = (time.perf_counter() - started) * 1000
         if stream is not None and status == 200:
             outcome = stream.outcome(started, latency_ms)

@@ -102,8 +102,10 @@ def _jsonl_batches(path: Path, batch_size: int) -> Iterator[InputBatch]:
 def _parse_line(raw: bytes, path: Path, number: int) -> dict[str, Any]:
     try:
         value = orjson.loads(raw)
-        if isinstance(value, dict) and any(
-            type(v) is float and not -_INT64 < v < _INT64 for v in value.values()
+        if (
+            isinstance(value, dict)
+            and float in map(type, value.values())  # rare, and quick to rule out
+            and any(type(v) is float and not -_INT64 < v < _INT64 for v in value.values())
         ):  # orjson reads an integer past 64 bits as a float: two ids would become one
             value = json.loads(raw)
     except orjson.JSONDecodeError as e:
