@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Protocol
 
 __all__ = [
+    "Checking",
     "Event",
     "Flushed",
     "Notice",
@@ -87,6 +88,15 @@ class Flushed:
 
 
 @dataclass(frozen=True, slots=True)
+class Checking:
+    """The preflight's progress: rows of the input checked so far (``exact``: by the exact
+    pass, which the fast path handed over to, counting from the start again)."""
+
+    rows: int
+    exact: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Tick:
     """A second went by while sending, whatever the run was doing (waiting included)."""
 
@@ -110,7 +120,17 @@ class RunFinished:
     summary: RunSummary
 
 
-Event = RunStarted | Notice | RowFinished | Retrying | Slowdown | Flushed | Tick | RunFinished
+Event = (
+    Checking
+    | RunStarted
+    | Notice
+    | RowFinished
+    | Retrying
+    | Slowdown
+    | Flushed
+    | Tick
+    | RunFinished
+)
 
 
 class Sink(Protocol):

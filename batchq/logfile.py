@@ -21,6 +21,7 @@ import orjson
 from batchq.client import redact
 from batchq.errors import UsageError
 from batchq.events import (
+    Checking,
     Event,
     Flushed,
     Notice,
@@ -56,7 +57,9 @@ class JsonLog:
         self._key = api_key
 
     def __call__(self, event: Event) -> None:
-        if (isinstance(event, RowFinished) and event.status == "ok") or isinstance(event, Tick):
+        if (isinstance(event, RowFinished) and event.status == "ok") or isinstance(
+            event, Tick | Checking
+        ):
             return  # the log holds what happened, not every row or second
         record: dict[str, Any] = {"t": _now(), "event": _NAMES[type(event)]}
         if isinstance(event, RowFinished):

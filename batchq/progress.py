@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, TextIO
 
 from batchq.events import (
+    Checking,
     Event,
     Notice,
     Retrying,
@@ -113,6 +114,9 @@ class PlainProgress:
     def __call__(self, event: Event) -> None:
         self.tally.add(event)
         match event:
+            case Checking() if self._clock() - self._last >= self._every:
+                self._last = self._clock()
+                self._print(_checking_text(event))
             case RunStarted(todo=todo, total=total):
                 self._print(f"{event.job}: {total:,} rows, {todo:,} to send")
             case Notice(message=message):
@@ -159,14 +163,31 @@ class LiveProgress:
         self._live = Live(console=console, refresh_per_second=4, transient=False)
         self._task: TaskID | None = None
         self._shown = 0.0
+        self._checking_since: float | None = None
+        self._started = False
 
     def __call__(self, event: Event) -> None:
         self.tally.add(event)
         match event:
+            case Checking():
+                now = self._clock()
+                if self._checking_since is None:
+                    self._checking_since = now
+                # Shown once the check has taken a second (most inputs take less).
+                if now - self._checking_since >= 1.0 and now - self._shown >= 0.2:
+                    from rich.text import Text
+
+                    self._shown = now
+                    if not self._started:
+                        self._live.start()
+                        self._started = True
+                    self._live.update(Text(_checking_text(event)), refresh=True)
             case RunStarted(job=job, todo=todo):
                 self._task = self._bar.add_task(job, total=todo, eta="?")
                 self._show()
-                self._live.start()
+                if not self._started:
+                    self._live.start()
+                    self._started = True
             case Notice(message=message):
                 self._live.console.print(message)
             case Slowdown():
@@ -190,6 +211,11 @@ class LiveProgress:
     def close(self) -> None:
         """Stop the display (a run that ended by an error has no RunFinished)."""
         self._live.stop()
+
+
+def _checking_text(event: Checking) -> str:
+    how = " (row by row, to say where a problem is)" if event.exact else ""
+    return f"checking the input before sending: {event.rows:,} rows so far{how}"
 
 
 def _slowdown_text(event: Slowdown) -> str:

@@ -29,6 +29,7 @@ from batchq.client import Client
 from batchq.config import Job
 from batchq.errors import BatchqError, Interrupted
 from batchq.events import (
+    Checking,
     Flushed,
     Notice,
     RowFinished,
@@ -87,7 +88,7 @@ async def run_job(
     results as the merge writes it (every row of the output, in order)."""
     started = time.monotonic()
     _ = job.request.url  # a UsageError for a provider without one, before anything is written
-    info = preflight(job)
+    info = preflight(job, progress=lambda rows, exact: sink(Checking(rows, exact)))
     finished = job.output.exists() and not restart and not StateDir(job.state_dir).shard_paths()
     if finished:  # checked before the state folder is made: a refused run leaves nothing
         check_same_job(output_manifest(job.output), manifest_for(job, info), job)

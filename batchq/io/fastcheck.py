@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import array as pyarray
 import string
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -60,15 +60,16 @@ class Vouched(NamedTuple):
     notes: tuple[str, ...]
 
 
-def vouch(job: Job) -> Vouched | None:
-    """What the exact pass would find for ``job``'s input, or None when it must decide."""
+def vouch(job: Job, *, progress: Callable[[int], None] | None = None) -> Vouched | None:
+    """What the exact pass would find for ``job``'s input, or None when it must decide.
+    ``progress`` is called with the rows read so far, after each batch."""
     try:
-        return _vouch(job)
+        return _vouch(job, progress)
     except (_Unsure, pa.ArrowException, OSError, ValueError):
         return None
 
 
-def _vouch(job: Job) -> Vouched:
+def _vouch(job: Job, progress: Callable[[int], None] | None) -> Vouched:
     path = job.input
     fmt = input_format(path)
     if fmt == "jsonl" and path.name.lower().endswith(".gz"):
@@ -91,6 +92,8 @@ def _vouch(job: Job) -> Vouched:
             raise _Unsure("the schema changed")
         check.batch(batch)
         rows += batch.num_rows
+        if progress is not None:
+            progress(rows)
     check.ids_unique()
     digest, lines = digest_and_lines(path)
     if fmt == "jsonl":

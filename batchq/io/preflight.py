@@ -62,24 +62,31 @@ def row_id(row: dict[str, Any], id_column: str | None, index: int) -> str:
     return str(index) if id_column is None else str(row[id_column])
 
 
-def preflight(job: Job, *, observe: Callable[[dict[str, Any]], None] | None = None) -> InputInfo:
+def preflight(
+    job: Job, *, observe: Callable[[dict[str, Any]], None] | None = None,
+    progress: Callable[[int, bool], None] | None = None,
+) -> InputInfo:  # fmt: skip
     """Check the whole input and the output path. Raises InputError / UsageError.
 
     An ordinary input is vouched for by the fast path (``fastcheck.py``, whole columns in
     Arrow); anything else, or anything it is unsure of, gets the exact pass, a loop over
     every row that says what is wrong and where. ``observe`` is called with each row's
-    request body (``estimate`` counts them), which takes the exact pass."""
+    request body (``estimate`` counts them), which takes the exact pass; ``progress``
+    with the rows checked so far, and whether by the exact pass, after each batch."""
     _check_output(job)
     _check_settings(job)
-    if observe is None and (v := vouch(job)) is not None:
+    fast = None if progress is None else (lambda rows: progress(rows, False))
+    if observe is None and (v := vouch(job, progress=fast)) is not None:
         fmt = input_format(job.input)
         return InputInfo(job.input, fmt, v.rows, v.columns, v.id_column, v.digest, v.notes)
-    return exact_preflight(job, observe=observe)
+    exact = None if progress is None else (lambda rows: progress(rows, True))
+    return exact_preflight(job, observe=observe, progress=exact)
 
 
 def exact_preflight(
-    job: Job, *, observe: Callable[[dict[str, Any]], None] | None = None
-) -> InputInfo:
+    job: Job, *, observe: Callable[[dict[str, Any]], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> InputInfo:  # fmt: skip
     """The exact pass over every row (see ``preflight``); the output path is not checked."""
     path = job.input
     fmt = input_format(path)
@@ -101,6 +108,8 @@ def exact_preflight(
                 kinds.add(row)
         _check_rows(batch, job, id_column, ids, observe, notes)
         total += len(batch.rows)
+        if progress is not None:
+            progress(total)
     if total == 0:
         raise InputError("the input has no rows: it is empty", path=str(path))
     ids.verify(id_column)

@@ -8,6 +8,7 @@ from pathlib import Path
 from rich.console import Console
 
 from batchq.events import (
+    Checking,
     Notice,
     Retrying,
     RowFinished,
@@ -83,3 +84,31 @@ def test_the_live_bar_shows_the_same_figures() -> None:
     assert "1 × 429 · 1 errors · 1 retrying · cost $0.2075" in text
     assert "43,890 tok/s" in text
     assert "ETA 0m10s" in text
+
+
+def check(sink: PlainProgress | LiveProgress, clock: Clock, seconds: float) -> None:
+    """The preflight's progress: 200,000 rows a second for ``seconds``, then the run."""
+    for step in range(int(seconds * 10)):
+        clock.now += 0.1
+        sink(Checking(20_000 * (step + 1), exact=step > 10))
+    sink(RunStarted("job", 1000, 1000, Path("o.parquet")))
+
+
+def test_a_preflight_longer_than_a_second_is_shown_on_a_terminal() -> None:
+    for seconds, shown in [(0.8, False), (3.0, True)]:
+        buffer, clock = io.StringIO(), Clock()
+        console = Console(file=buffer, force_terminal=True, width=250, color_system=None)
+        sink = LiveProgress(console, prices=PriceTable.builtin(), clock=clock)
+        check(sink, clock, seconds)
+        sink.close()
+        text = buffer.getvalue()
+        assert ("checking the input before sending" in text) is shown, text
+        assert ("(row by row, to say where a problem is)" in text) is shown
+
+
+def test_plain_lines_say_the_preflights_progress_every_5_s() -> None:
+    out, clock = io.StringIO(), Clock()
+    check(PlainProgress(out, clock=clock), clock, 12.0)
+    lines = [x for x in out.getvalue().splitlines() if x.startswith("checking the input")]
+    assert len(lines) == 2, lines  # at 5 s and 10 s
+    assert all(x.endswith(" rows so far (row by row, to say where a problem is)") for x in lines)
