@@ -81,24 +81,28 @@ def test_reports_on_a_file_batchq_did_not_write(cli: Any, tmp_path: Path, comman
         assert "not a batchq output" in result.output
 
 
+@pytest.mark.parametrize("stopped", [False, True], ids=["finished", "stopped half-way"])
 def test_dropping_simulate_after_a_rehearsal_sends_for_real(
-    simulator: Callable[..., Any], cli: Any, write_jsonl: Callable[..., Path], tmp_path: Path
-) -> None:
+    simulator: Callable[..., Any], cli: Any, write_jsonl: Callable[..., Path], tmp_path: Path,
+    stopped: bool,
+) -> None:  # fmt: skip
     # The README: rehearse with --simulate, then drop it. The "real" endpoint here is a
     # second simulator; what matters is that its answers, not the rehearsal's, end up kept.
     real = simulator(latency_ms=1)
     path = write_jsonl(rows(30))
     output = tmp_path / "out.parquet"
     endpoint = ["--provider", "custom", "--base-url", real.base_url]
-    assert run(cli, path, output, *endpoint, "--simulate").exit_code == 0
-    rehearsal = output.read_bytes()
+    keep = ["--keep-state"] if stopped else []
+    assert run(cli, path, output, *endpoint, "--simulate", *keep).exit_code == 0
+    if stopped:  # a rehearsal's state folder, as a stop half-way leaves it
+        output.unlink()
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     result = run(cli, path, output, *endpoint)
     assert result.exit_code == 2, result.output
     assert "simulator's answers" in result.output
     assert "--restart" in result.output
     assert real.stats.requests == 0
-    assert output.read_bytes() == rehearsal
-    assert not state_of(output).exists()
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     result = run(cli, path, output, *endpoint, "--restart")
     assert result.exit_code == 0, result.output
     assert real.stats.requests == 30
@@ -107,22 +111,6 @@ def test_dropping_simulate_after_a_rehearsal_sends_for_real(
     result = run(cli, path, output, *endpoint, "--simulate")
     assert result.exit_code == 2
     assert "real answers" in result.output
-
-
-def test_a_rehearsal_stopped_half_way_is_not_resumed_for_real(
-    simulator: Callable[..., Any], cli: Any, write_jsonl: Callable[..., Path], tmp_path: Path
-) -> None:
-    real = simulator(latency_ms=1)
-    path = write_jsonl(rows(30))
-    output = tmp_path / "out.parquet"
-    endpoint = ["--provider", "custom", "--base-url", real.base_url]
-    # A rehearsal's state folder, as a stop half-way leaves it.
-    assert run(cli, path, output, *endpoint, "--simulate", "--keep-state").exit_code == 0
-    output.unlink()
-    result = run(cli, path, output, *endpoint)
-    assert result.exit_code == 2, result.output
-    assert "simulator's answers" in result.output
-    assert real.stats.requests == 0
 
 
 def test_another_base_url_is_another_endpoint(
