@@ -33,7 +33,6 @@ __all__ = [
     "RowMask",
     "StateDir",
     "check_same_job",
-    "endpoint_of",
     "manifest_for",
     "read_parquet",
     "write_atomic",
@@ -55,7 +54,7 @@ def manifest_for(job: Job, info: InputInfo, *, command: str | None = None) -> di
         "input_digest": info.digest,
         "input_rows": info.total_rows,
         "id_column": info.id_column,
-        "endpoint": endpoint_of(r),
+        "endpoint": _endpoint_of(r),
         "request": {
             "model": r.model,
             "system": r.system,
@@ -67,7 +66,7 @@ def manifest_for(job: Job, info: InputInfo, *, command: str | None = None) -> di
     }
 
 
-def endpoint_of(request: RequestSettings) -> dict[str, Any]:
+def _endpoint_of(request: RequestSettings) -> dict[str, Any]:
     """Where a job's answers come from: part of what its results belong to. The simulator
     is one endpoint whatever its port; a real endpoint is its provider and base URL."""
     return {

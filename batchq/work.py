@@ -61,11 +61,13 @@ class QuotaWatch:
 #: answer was ok, and after one.
 ENDPOINT_STOP_N, ENDPOINT_STOP_AFTER_OK_N = 10, 100
 #: Transport errors that say nothing answers at the URL (aiohttp's and httpx's names).
+_REFUSED = (
+    "nothing answers there (connection refused): is the server running, and are the host "
+    "and port right?"
+)
 _UNREACHABLE = {
-    "ClientConnectorError": "nothing answers there (connection refused): is the server "
-    "running, and are the host and port right?",
-    "ConnectError": "nothing answers there (connection refused): is the server running, and "
-    "are the host and port right?",
+    "ClientConnectorError": _REFUSED,
+    "ConnectError": _REFUSED,
     "ClientConnectorDNSError": "the host name does not resolve: check it",
     "ClientConnectorCertificateError": "its TLS certificate is not trusted: check https vs http",
     "ClientConnectorSSLError": "TLS failed: check https vs http",

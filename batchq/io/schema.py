@@ -117,11 +117,11 @@ def input_arrays(
         values = [row.get(name) for row in rows]
         if type_ is None:
             arrays.append(pa.array([_json_text(v) for v in values], pa.string()))
-        elif type_ == pa.string() and not all(type(v) is str or v is None for v in values):
-            # an id column of mixed kinds: each id as text, as the rows' ids read
-            arrays.append(pa.array([None if v is None else str(v) for v in values], type_))
         else:
-            arrays.append(pa.array(values, type_))
+            try:
+                arrays.append(pa.array(values, type_))
+            except pa.ArrowTypeError:  # an id column of mixed kinds: each id as it reads
+                arrays.append(pa.array([None if v is None else str(v) for v in values], type_))
     return arrays
 
 
