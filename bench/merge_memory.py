@@ -23,12 +23,12 @@ os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")  # as the console e
 import orjson
 
 from batchq import memory
-from batchq.checkpoint import StateDir, manifest_for
 from batchq.config import load_job
 from batchq.io.preflight import preflight
-from batchq.io.writer import merge_output
-from batchq.pricing import PriceTable
-from batchq.report import CostTally, cost_report, find_results
+from batchq.money.pricing import PriceTable
+from batchq.money.report import CostTally, cost_report, find_results
+from batchq.output.merge import merge_output
+from batchq.state.folder import StateDir, manifest_for
 
 SHARD_ROWS = 7_000
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import orjson
 
-from batchq.checkpoint import StateDir
 from batchq.config import load_job
 from batchq.io.preflight import preflight
 from batchq.simulator import SimConfig, serve_in_thread
+from batchq.state.folder import StateDir
 
 SHARD_ROWS = 5_000
 

@@ -10,10 +10,10 @@ from typing import Any, NoReturn
 import click
 import orjson
 
+from batchq.cli.progress import money
 from batchq.config import Job, load_job
 from batchq.errors import BatchqError
-from batchq.progress import money
-from batchq.report import CostReport
+from batchq.money.report import CostReport
 
 __all__ = ["PRICE_FILE", "cost_text", "fail", "job_from", "job_options"]
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from batchq import batch_api
+from batchq.batch import api as batch_api
 from batchq.cli._common import fail, job_from, job_options
 from batchq.config import load_job
 from batchq.errors import BatchqError

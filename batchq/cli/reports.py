@@ -9,14 +9,14 @@ from typing import Any
 import click
 import orjson
 
-from batchq import report
 from batchq.cli._common import PRICE_FILE, cost_text, fail, job_from, job_options
+from batchq.cli.progress import money
 from batchq.errors import BatchqError
-from batchq.estimate import ModelEstimate
-from batchq.estimate import estimate as estimate_job
-from batchq.pricing import PriceTable
-from batchq.progress import money
-from batchq.report import CostLine, cost_report, find_results
+from batchq.money import report
+from batchq.money.estimate import ModelEstimate
+from batchq.money.estimate import estimate as estimate_job
+from batchq.money.pricing import PriceTable
+from batchq.money.report import CostLine, cost_report, find_results
 
 __all__ = ["cost", "estimate", "status"]
 

@@ -11,14 +11,14 @@ import anyio
 import click
 
 from batchq.cli._common import PRICE_FILE, cost_text, fail, job_from, job_options
+from batchq.cli.logfile import JsonLog
+from batchq.cli.progress import LiveProgress, PlainProgress
 from batchq.config import Job, simulated
 from batchq.errors import BatchqError, Interrupted
 from batchq.events import Sink, fan_out
-from batchq.logfile import JsonLog
-from batchq.pricing import PriceTable, region_of
-from batchq.progress import LiveProgress, PlainProgress
-from batchq.report import CostLine, CostTally, cost_report, find_results
-from batchq.runner import RunSummary, run_job
+from batchq.money.pricing import PriceTable, region_of
+from batchq.money.report import CostLine, CostTally, cost_report, find_results
+from batchq.run.runner import RunSummary, run_job
 from batchq.simulator import SimConfig, serve_in_thread
 
 __all__ = ["run"]

@@ -33,7 +33,7 @@ from batchq.io.keys import RepeatFinder
 from batchq.io.reader import input_format
 from batchq.io.rules import check_clash, default_id_column, digest_and_lines
 from batchq.qwen import RANGES
-from batchq.request import REQUEST_FIELDS, ROLES, RowProblem, completion_cap, job_body
+from batchq.send.request import REQUEST_FIELDS, ROLES, RowProblem, completion_cap, job_body
 
 __all__ = ["Vouched", "vouch"]
 

@@ -23,7 +23,7 @@ from batchq.io.keys import RepeatFinder
 from batchq.io.reader import InputBatch, input_format, read_batches
 from batchq.io.rules import ROW_COLUMN, check_clash, default_id_column, digest_and_lines
 from batchq.io.schema import ColumnKinds, output_manifest
-from batchq.request import RowProblem, build_body, completion_cap, estimate_tokens, job_body
+from batchq.send.request import RowProblem, build_body, completion_cap, estimate_tokens, job_body
 
 __all__ = [
     "ROW_COLUMN",

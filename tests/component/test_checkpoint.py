@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 
-from batchq.checkpoint import RowMask, StateDir
 from batchq.config import load_job
 from batchq.errors import UsageError
 from batchq.io.preflight import preflight
-from batchq.pricing import PriceTable
-from batchq.report import cost_report, find_results, status
-from batchq.runner import FLUSH_MAX_ROWS, FLUSH_MAX_TEXT, Journal
+from batchq.money.pricing import PriceTable
+from batchq.money.report import cost_report, find_results, status
+from batchq.run.runner import FLUSH_MAX_ROWS, FLUSH_MAX_TEXT, Journal
+from batchq.state.folder import RowMask, StateDir
 
 
 def result(row: int, status: str = "ok", attempts: int = 1) -> dict[str, Any]:

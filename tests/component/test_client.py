@@ -8,7 +8,7 @@ import httpx
 import orjson
 import pytest
 
-from batchq.client import Client, Outcome
+from batchq.send.client import Client, Outcome
 
 pytestmark = pytest.mark.anyio
 

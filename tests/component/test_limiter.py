@@ -14,9 +14,9 @@ import pytest
 from anyio import wait_all_tasks_blocked
 from anyio.lowlevel import checkpoint
 
-from batchq.ceiling import CUT, CUT_EVERY_S, PROBE, RECOVER_S, TRIAL_CUT, Ceiling
 from batchq.config import Limits
-from batchq.limiter import FIRST_COMPLETION_GUESS, RAMP_S, RatePacer, Settled
+from batchq.send.ceiling import CUT, CUT_EVERY_S, PROBE, RECOVER_S, TRIAL_CUT, Ceiling
+from batchq.send.limiter import FIRST_COMPLETION_GUESS, RAMP_S, RatePacer, Settled
 
 pytestmark = pytest.mark.anyio
 

@@ -8,11 +8,11 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from batchq.client import Client
 from batchq.errors import RunStopped
 from batchq.events import Event
-from batchq.limiter import Settled
-from batchq.work import QUOTA_STOP_S, Item, QuotaWatch, answer
+from batchq.run.work import QUOTA_STOP_S, Item, QuotaWatch, answer
+from batchq.send.client import Client
+from batchq.send.limiter import Settled
 
 pytestmark = pytest.mark.anyio
 
@@ -153,7 +153,7 @@ async def test_a_minute_of_nothing_but_quota_429s_stops_the_run() -> None:
 def test_any_other_answer_restarts_the_quota_minute() -> None:
     watch = QuotaWatch()
     quota = err(429, "insufficient_quota")
-    from batchq.client import classify
+    from batchq.send.client import classify
 
     as_outcome = classify(quota.status_code, quota.content, quota.headers, 1.0)
     other = classify(503, b"{}", {}, 1.0)

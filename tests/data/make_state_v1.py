@@ -37,7 +37,7 @@ max_attempts = 1
 
 
 def child(retry_errors: bool) -> None:
-    import anyio
+    import anyio  # noqa: I001  (the modules of 0.1.0: batchq.runner is gone since)
 
     from batchq.config import load_job, simulated
     from batchq.runner import run_job

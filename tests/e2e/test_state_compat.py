@@ -5,8 +5,8 @@ answered twice wins, and only the rows it does not hold are sent."""
 from __future__ import annotations
 
 import shutil
-from dataclasses import replace
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchq.config import load_job, simulated
-from batchq.runner import run_job
+from batchq.run.runner import run_job
 
 STATE_V1 = Path(__file__).resolve().parents[1] / "data" / "state_v1"
 
@@ -35,7 +35,8 @@ def test_a_state_folder_of_batchq_0_1_resumes_and_keeps_its_rows(
     shutil.copytree(STATE_V1, folder)
     monkeypatch.chdir(folder)
     kept = latest_by_row(folder / "out.parquet.batchq" / "shards")
-    assert 0 < len(kept) < 60 and any(r["status"] == "error" for r in kept.values())
+    assert 0 < len(kept) < 60
+    assert any(r["status"] == "error" for r in kept.values())
     sim = simulator()
     job = simulated(load_job(Path("job.toml")), sim.base_url)
     job = replace(job, limits=replace(job.limits, qps=None))  # limits are not the job's identity
@@ -51,7 +52,8 @@ def test_a_state_folder_of_batchq_0_1_resumes_and_keeps_its_rows(
             names = ["status", "response", "attempts", "error_code", "prompt_tokens"]
             assert {n: row[n] for n in names} == {n: old[n] for n in names}, i
         else:
-            assert row["status"] == "ok" and row["response"] == f"echo: Review: review number {i}"
+            assert row["status"] == "ok"
+            assert row["response"] == f"echo: Review: review number {i}"
     errors = sum(r["status"] == "error" for r in kept.values())
     assert (summary.ok, summary.error) == (60 - errors, errors)
     assert not (folder / "out.parquet.batchq").exists()

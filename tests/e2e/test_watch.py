@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchq.progress import money
+from batchq.cli.progress import money
 
 ROOT = Path(__file__).resolve().parents[2]
 # Runs use the dashscope-intl preset (so they are priced), which needs its key variable;

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from batchq.errors import UsageError
-from batchq.pricing import PriceTable, region_of
+from batchq.money.pricing import PriceTable, region_of
 
 
 @pytest.fixture

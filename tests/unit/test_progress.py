@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from batchq.cli.progress import LiveProgress, PlainProgress
 from batchq.events import (
     Checking,
     Notice,
@@ -17,8 +18,7 @@ from batchq.events import (
     RunSummary,
     Slowdown,
 )
-from batchq.pricing import PriceTable
-from batchq.progress import LiveProgress, PlainProgress
+from batchq.money.pricing import PriceTable
 
 
 class Clock:

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from batchq.config import RequestSettings
-from batchq.request import RowProblem, build_body
+from batchq.send.request import RowProblem, build_body
 
 ROW = {"prompt": "hi"}
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from batchq.config import RequestSettings
-from batchq.request import RowProblem, build_body, estimate_tokens
+from batchq.send.request import RowProblem, build_body, estimate_tokens
 
 BASE = RequestSettings(model="qwen-plus")
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from batchq.response import InvalidCompletion, parse_completion, parse_error_body
+from batchq.send.response import InvalidCompletion, parse_completion, parse_error_body
 
 
 def completion(**extra: object) -> bytes:

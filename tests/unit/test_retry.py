@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import random
 
-from batchq.retry import backoff_delay, parse_retry_after
+from batchq.send.retry import backoff_delay, parse_retry_after
 
 
 def test_full_jitter_stays_under_the_exponential_ceiling() -> None:

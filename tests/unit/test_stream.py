@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 import pytest
 
-from batchq.response import InvalidCompletion, Stream, assemble_stream, completion_columns
+from batchq.send.response import InvalidCompletion, Stream, assemble_stream, completion_columns
 
 
 def sse(*chunks: Any, done: bool = True) -> bytes:

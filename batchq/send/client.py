@@ -22,7 +22,7 @@ quickly" the burst protection, which fires below RPM and TPM:
     rate   limit_requests, Throttling, Throttling.RateQuota, LimitRequests, any other code
     burst  limit_burst_rate, Throttling.BurstRate
     quota  insufficient_quota, Throttling.AllocationQuota: token-rate throttling first;
-           the run stops only after a minute of nothing else (``batchq.work``)
+           the run stops only after a minute of nothing else (``batchq.run.work``)
 """
 
 from __future__ import annotations
@@ -37,15 +37,15 @@ import aiohttp
 import anyio
 import orjson
 
-from batchq.limiter import Throttle
-from batchq.response import (
+from batchq.send.limiter import Throttle
+from batchq.send.response import (
     InvalidCompletion,
     Stream,
     completion_columns,
     parse_completion,
     parse_error_body,
 )
-from batchq.retry import parse_retry_after
+from batchq.send.retry import parse_retry_after
 
 if TYPE_CHECKING:  # httpx loads only when a caller brings a transport (tests): 18 MB saved
     import httpx

@@ -38,7 +38,7 @@ refuses that share at any rate. So:
 - A ``Retry-After`` delays its own row (the caller's backoff); it pauses the whole run
   only when the 429s show a wall (WALL_SHARE or more beyond the floor).
 
-The pacer (``batchq.limiter``) takes the lower of its own rate (limits, ramp) and this
+The pacer (``batchq.send.limiter``) takes the lower of its own rate (limits, ramp) and this
 ceiling; it reports each request sent (``sent``) and each one settled (``observe``).
 So a run configured above the server's real limit settles at it instead of cycling
 through 429 storms; a run with no limit set learns one from its 429s; random 429s are

@@ -21,12 +21,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batchq.checkpoint import StateDir, read_parquet
 from batchq.config import load_job
 from batchq.errors import UsageError
 from batchq.io.keys import RepeatFinder
 from batchq.io.schema import output_manifest
-from batchq.pricing import PriceTable, cost_array
+from batchq.money.pricing import PriceTable, cost_array
+from batchq.state.folder import StateDir, read_parquet
 
 __all__ = [
     "CostLine",

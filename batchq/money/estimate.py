@@ -8,9 +8,9 @@ from typing import Any
 
 from batchq.config import Job
 from batchq.io.preflight import completion_cap, preflight
-from batchq.limiter import RAMP_S
-from batchq.pricing import DEFAULT_BATCH_SHARE, PriceTable, region_of
-from batchq.request import estimate_tokens
+from batchq.money.pricing import DEFAULT_BATCH_SHARE, PriceTable, region_of
+from batchq.send.limiter import RAMP_S
+from batchq.send.request import estimate_tokens
 
 __all__ = ["Estimate", "ModelEstimate", "estimate"]
 

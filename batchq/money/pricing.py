@@ -1,6 +1,6 @@
 """Prices: the built-in, dated table of Qwen models on Model Studio, and overrides.
 
-The table lives in ``batchq/data/prices.toml`` (its header gives the source page and the
+The table lives in ``batchq/money/data/prices.toml`` (its header gives the source page and the
 date it was checked); ``--prices FILE`` in the same format overrides or extends it, e.g.
 for OpenAI models or a self-hosted server at zero. A model the table does not know is
 *unpriced*: reported as such, never priced at zero.
@@ -123,7 +123,7 @@ class PriceTable:
 
     @classmethod
     def builtin(cls) -> PriceTable:
-        text = resources.files("batchq").joinpath("data/prices.toml").read_text("utf-8")
+        text = resources.files("batchq").joinpath("money/data/prices.toml").read_text("utf-8")
         data = tomllib.loads(text)
         source = f"{data['source']['url']} (checked {data['source']['checked']})"
         return cls(_parse(data, "the built-in price table"), source=source)

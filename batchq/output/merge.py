@@ -32,7 +32,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchq import memory
-from batchq.checkpoint import StateDir, write_atomic
 from batchq.io.preflight import ROW_COLUMN, InputInfo
 from batchq.io.reader import read_batches
 from batchq.io.schema import (
@@ -43,6 +42,7 @@ from batchq.io.schema import (
     SHARD_SCHEMA,
     input_arrays,
 )
+from batchq.state.folder import StateDir, write_atomic
 
 __all__ = ["MergeCounts", "merge_output"]
 

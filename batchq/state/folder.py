@@ -27,7 +27,7 @@ from batchq.config import Job, RequestSettings
 from batchq.errors import RunStopped, UsageError
 from batchq.io.preflight import ROW_COLUMN, InputInfo
 from batchq.io.schema import FEW_VALUES, RAW, RESULT_SCHEMA, SHARD_SCHEMA
-from batchq.pricing import region_of
+from batchq.money.pricing import region_of
 
 __all__ = [
     "RowMask",

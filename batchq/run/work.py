@@ -11,11 +11,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from batchq.client import Client, Outcome
 from batchq.errors import RunStopped
 from batchq.events import Retrying, Sink
-from batchq.limiter import Pacer, Settled
-from batchq.retry import backoff_delay
+from batchq.send.client import Client, Outcome
+from batchq.send.limiter import Pacer, Settled
+from batchq.send.retry import backoff_delay
 
 __all__ = ["QUOTA_STOP_S", "EndpointWatch", "Item", "QuotaWatch", "answer"]
 

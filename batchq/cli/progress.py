@@ -21,7 +21,7 @@ from batchq.events import (
     Slowdown,
     Tick,
 )
-from batchq.pricing import PriceTable
+from batchq.money.pricing import PriceTable
 
 if TYPE_CHECKING:  # rich loads only for a terminal
     from rich.console import Console

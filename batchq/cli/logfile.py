@@ -18,7 +18,6 @@ from typing import Any, BinaryIO
 
 import orjson
 
-from batchq.client import redact
 from batchq.errors import UsageError
 from batchq.events import (
     Checking,
@@ -32,6 +31,7 @@ from batchq.events import (
     Slowdown,
     Tick,
 )
+from batchq.send.client import redact
 
 __all__ = ["JsonLog"]
 

@@ -24,8 +24,6 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
-from batchq.checkpoint import RowMask, StateDir, check_same_job, manifest_for, read_parquet
-from batchq.client import Client
 from batchq.config import Job
 from batchq.errors import BatchqError, Interrupted
 from batchq.events import (
@@ -43,10 +41,12 @@ from batchq.events import (
 from batchq.io.preflight import InputInfo, completion_cap, preflight, row_id
 from batchq.io.reader import read_batches
 from batchq.io.schema import output_manifest
-from batchq.io.writer import merge_output
-from batchq.limiter import Pacer, RatePacer
-from batchq.request import build_body, estimate_tokens
-from batchq.work import EndpointWatch, Item, QuotaWatch, answer
+from batchq.output.merge import merge_output
+from batchq.run.work import EndpointWatch, Item, QuotaWatch, answer
+from batchq.send.client import Client
+from batchq.send.limiter import Pacer, RatePacer
+from batchq.send.request import build_body, estimate_tokens
+from batchq.state.folder import RowMask, StateDir, check_same_job, manifest_for, read_parquet
 
 if TYPE_CHECKING:  # httpx loads only when a caller brings a transport (tests)
     from collections.abc import Callable

@@ -27,16 +27,16 @@ from typing import IO, Any
 
 import orjson
 
-from batchq.checkpoint import RowMask, StateDir, check_same_job, manifest_for
-from batchq.client import RETRY_STATUS
 from batchq.config import Job, job_settings
 from batchq.errors import InputError, UsageError
 from batchq.io.preflight import InputInfo, preflight, row_id
 from batchq.io.reader import read_batches
 from batchq.io.schema import output_manifest
-from batchq.io.writer import merge_output
-from batchq.request import build_body
-from batchq.response import InvalidCompletion, completion_columns
+from batchq.output.merge import merge_output
+from batchq.send.client import RETRY_STATUS
+from batchq.send.request import build_body
+from batchq.send.response import InvalidCompletion, completion_columns
+from batchq.state.folder import RowMask, StateDir, check_same_job, manifest_for
 
 __all__ = ["ExportResult", "ImportResult", "export_batch", "import_batch"]
 

@@ -17,7 +17,7 @@ pull back in: that is looked at again each TOKEN_RECHECK_S rather than booked.
     ramp(t) = min(1, from + (1 − from) × (t − start) / ramp_s)   from 0.25 over 2 s
 
 ``ceiling(t)`` is what the server lets through, learned from its 429s, told from random
-ones (``batchq.ceiling``). A cut pauses every sender when the 429s are a wall and the
+ones (``batchq.send.ceiling``). A cut pauses every sender when the 429s are a wall and the
 server gave a Retry-After. A burst 429 (Model Studio's ``limit_burst_rate``) makes the
 ramp gentler: it starts again from half of where it was, over twice as long.
 """
@@ -31,9 +31,9 @@ from typing import Protocol
 
 import anyio
 
-from batchq.ceiling import CUT_EVERY_S, MIN_RATE, Ceiling, Settled, Throttle
 from batchq.config import Limits
 from batchq.events import Notice, Sink, Slowdown, discard
+from batchq.send.ceiling import CUT_EVERY_S, MIN_RATE, Ceiling, Settled, Throttle
 
 __all__ = ["Pacer", "RatePacer", "Settled", "Throttle"]
 
