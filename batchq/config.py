@@ -127,11 +127,6 @@ class Job:
     limits: Limits
     id_column: str | None = None
 
-    @property
-    def state_dir(self) -> Path:
-        """The checkpoint folder beside the output: ``<output>.batchq/``."""
-        return self.output.with_name(self.output.name + ".batchq")
-
 
 _TOP_KEYS = {"name", "input", "output", "id_column"}
 _REQUEST_KEYS = {f.name for f in fields(RequestSettings)} - {"params", "simulated"}

@@ -28,7 +28,8 @@ from batchq.io.preflight import preflight
 from batchq.money.pricing import PriceTable
 from batchq.money.report import CostTally, cost_report, find_results
 from batchq.output.merge import merge_output
-from batchq.state.folder import StateDir, manifest_for
+from batchq.result import Result
+from batchq.state import StateDir, manifest_for
 
 SHARD_ROWS = 7_000
 
@@ -51,19 +52,20 @@ def main() -> None:
         overrides = {"input": str(source), "output": str(out), "model": "m", "template": "{text}"}
         job = load_job(None, overrides=overrides)
         info = preflight(job)
-        state = StateDir.open(job, info)
+        manifest = manifest_for(job, info, region="intl")
+        state = StateDir.open(job, info, manifest=manifest)
         for start in range(0, n, SHARD_ROWS):
-            state.write_shard([
-                {"_row": i, "_id": f"r{i}", "status": "ok", "model": "m", "attempts": 1,
-                 "response": f"echo: review {i}", "finish_reason": "stop", "prompt_tokens": 10,
-                 "completion_tokens": 8, "total_tokens": 18, "request_id": f"chatcmpl-{i}",
-                 "latency_ms": 1.0, "http_status": 200, "via": "live"}
+            state.write([
+                Result(row=i, id=f"r{i}", status="ok", model="m", attempts=1, via="live",
+                       response=f"echo: review {i}", finish_reason="stop", prompt_tokens=10,
+                       completion_tokens=8, total_tokens=18, request_id=f"chatcmpl-{i}",
+                       latency_ms=1.0, http_status=200)
                 for i in range(start, min(start + SHARD_ROWS, n))
             ])  # fmt: skip
         before = peak_mb()
         started = time.perf_counter()
         tally = CostTally(PriceTable.load(), "intl")  # the run's closing summary, fed as
-        merge_output(state, info, out, manifest=manifest_for(job, info), on_block=tally.add)
+        merge_output(state, info, out, manifest=manifest, on_block=tally.add)
         seconds = time.perf_counter() - started
         state.close()
         merged = peak_mb()

@@ -21,8 +21,9 @@ import orjson
 
 from batchq.config import load_job
 from batchq.io.preflight import preflight
+from batchq.result import Result
 from batchq.simulator import SimConfig, serve_in_thread
-from batchq.state.folder import StateDir
+from batchq.state import StateDir, manifest_for
 
 SHARD_ROWS = 5_000
 
@@ -41,12 +42,13 @@ def main() -> None:
         out = tmp / "out.parquet"
         job = load_job(None, overrides={"input": str(source), "output": str(out), "model": "m"})
         started = time.perf_counter()
-        state = StateDir.open(job, preflight(job))
+        info = preflight(job)
+        state = StateDir.open(job, info, manifest=manifest_for(job, info, region="any"))
         for start in range(0, args.rows, SHARD_ROWS):
             rows = range(start, min(start + SHARD_ROWS, args.rows))
-            done = [{"_row": i, "_id": str(i), "status": "ok", "model": "m", "attempts": 1}
+            done = [Result(row=i, id=str(i), status="ok", model="m", attempts=1, via="live")
                     for i in rows]  # fmt: skip
-            state.write_shard(done)
+            state.write(done)
         state.close()
         print(f"state of {args.rows:,} rows built in {time.perf_counter() - started:.1f} s")
         with serve_in_thread(SimConfig()) as sim:

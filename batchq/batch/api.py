@@ -31,12 +31,20 @@ from batchq.config import Job, job_settings
 from batchq.errors import InputError, UsageError
 from batchq.io.preflight import InputInfo, preflight, row_id
 from batchq.io.reader import read_batches
-from batchq.io.schema import output_manifest
+from batchq.money.pricing import region_of
 from batchq.output.merge import merge_output
+from batchq.result import Result
 from batchq.send.client import RETRY_STATUS
 from batchq.send.request import build_body
 from batchq.send.response import InvalidCompletion, completion_columns
-from batchq.state.folder import RowMask, StateDir, check_same_job, manifest_for
+from batchq.state import (
+    RowMask,
+    StateDir,
+    check_output,
+    check_same_job,
+    manifest_for,
+    output_manifest,
+)
 
 __all__ = ["ExportResult", "ImportResult", "export_batch", "import_batch"]
 
@@ -45,6 +53,7 @@ __all__ = ["ExportResult", "ImportResult", "export_batch", "import_batch"]
 #: live run would retry them. Such rows stay pending.
 RETRYABLE_CODES = frozenset({"batch_expired", "batch_cancelled"})
 MAX_LINES = 50_000
+SHARD_ROWS = 10_000
 MAX_BYTES = 200 * 1024**2
 URL = "/v1/chat/completions"
 _NOT_IN_A_BATCH = ("stream", "stream_options")
@@ -82,12 +91,13 @@ def export_batch(
     The job's state folder is opened as a run opens it: refused while a run holds its
     lock (those rows are being sent: exported, they would be paid twice), and marked with
     the job, so that ``import_batch`` into a changed job is refused as a resumed run is."""
+    check_output(job)
     info = preflight(job)
-    if job.output.exists() and not StateDir(job.state_dir).shard_paths():
-        check_same_job(output_manifest(job.output), manifest_for(job, info), job)
+    if job.output.exists() and not StateDir.of(job.output).has_results():
+        check_same_job(output_manifest(job.output), job, info)
         return _export(job, info, folder, RowMask(info.total_rows, value=True),
                        max_lines=max_lines, max_bytes=max_bytes)  # fmt: skip
-    state = StateDir.open(job, info, command=command)
+    state = StateDir.open(job, info, manifest=_manifest(job, info, command))
     try:
         done = state.done_mask(info.total_rows)
         return _export(job, info, folder, done, max_lines=max_lines, max_bytes=max_bytes)
@@ -133,7 +143,7 @@ def _export(
             _close(file, result)
     manifest = {"name": job.name, "input": str(info.path), "input_digest": info.digest,
                 "id_column": info.id_column, "rows": result.rows, "files": result.files,
-                "request": manifest_for(job, info)["request"],
+                "request": _manifest(job, info, None)["request"],
                 "job": job_settings(job)}  # fmt: skip
     (folder / "manifest.json").write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
     return result
@@ -179,30 +189,35 @@ def import_batch(
 ) -> ImportResult:
     """Read Batch-API result files into ``job``'s state folder; merge the output when every
     row has a result. Rows the files do not answer stay pending."""
+    check_output(job)
     info = preflight(job)
     rows = _row_index(job, info)
     results = _read_results(files, rows)
-    state = StateDir.open(job, info, command=command)
+    manifest = _manifest(job, info, command)
+    state = StateDir.open(job, info, manifest=manifest)
     try:
         done_ok = state.done_mask(info.total_rows, retry_errors=True)
-        fresh = [r for r in results.rows.values() if not done_ok[r["_row"]]]
-        for start in range(0, len(fresh), 10_000):
-            state.write_shard(fresh[start : start + 10_000])
+        fresh = [r for r in results.rows.values() if not done_ok[r.row]]
+        for start in range(0, len(fresh), SHARD_ROWS):
+            state.write(fresh[start : start + SHARD_ROWS])
         done = state.done_mask(info.total_rows)
         missing = [i for i, d in enumerate(done) if not d]
         merged = not missing
         if merged:
-            manifest = manifest_for(job, info, command=command)
             merge_output(state, info, job.output, manifest=manifest)
             if not keep_state:
                 state.remove()
     finally:
         state.close()
-    ok = sum(r["status"] == "ok" for r in fresh)
+    ok = sum(r.status == "ok" for r in fresh)
     ids = [_id_of(rows, i) for i in missing[:5]]
     retryable = len(results.retryable - results.rows.keys())
     return ImportResult(len(fresh), ok, len(fresh) - ok, len(missing), ids, merged, job.output,
                         results.repeated, results.twice, retryable)  # fmt: skip
+
+
+def _manifest(job: Job, info: InputInfo, command: str | None) -> dict[str, Any]:
+    return manifest_for(job, info, region=region_of(job.request.provider), command=command)
 
 
 def _row_index(job: Job, info: InputInfo) -> dict[str, tuple[int, str]]:
@@ -221,7 +236,7 @@ def _id_of(rows: dict[str, tuple[int, str]], position: int) -> str:
 class _Results:
     """The result row of every line, by input position, and what came more than once."""
 
-    rows: dict[int, dict[str, Any]] = field(default_factory=dict)
+    rows: dict[int, Result] = field(default_factory=dict)
     where: dict[int, str] = field(default_factory=dict)  # the line each row was read from
     repeated: int = 0  # ids answered more than once (the same answer, or an error and an ok)
     twice: list[Path] = field(default_factory=list)  # files given more than once, read once
@@ -250,9 +265,10 @@ def _read_results(files: list[Path], rows: dict[str, tuple[int, str]]) -> _Resul
     return results
 
 
-def _take(results: _Results, row: dict[str, Any], where: str) -> None:
-    position = row["_row"]
-    if row.pop("retryable", False):
+def _take(results: _Results, line: tuple[Result, bool], where: str) -> None:
+    row, retryable = line
+    position = row.row
+    if retryable:
         # Not the row's answer: the batch did not get to it (expired) or the service
         # failed it (5xx, 429). It stays pending, so that the next run sends it.
         results.retryable.add(position)
@@ -260,25 +276,28 @@ def _take(results: _Results, row: dict[str, Any], where: str) -> None:
     old = results.rows.get(position)
     if old is not None:
         results.repeated += 1
-        if old["status"] == "ok" and row["status"] == "ok" and _answer(old) != _answer(row):
+        if old.status == "ok" and row.status == "ok" and _answer(old) != _answer(row):
             raise UsageError(
-                f"custom_id {row['_id']!r} has two different answers, at {results.where[position]} "
+                f"custom_id {row.id!r} has two different answers, at {results.where[position]} "
                 f"and at {where}: import each row's result once (are these files of two "
                 "batches of the same rows? import the one you want)"
             )
-        if old["status"] == "ok" or row["status"] != "ok":
+        if old.status == "ok" or row.status != "ok":
             return
     results.rows[position] = row
     results.where[position] = where
 
 
-def _answer(row: dict[str, Any]) -> tuple[Any, ...]:
-    return tuple(row.get(k) for k in ("response", "tool_calls", "reasoning", "choices"))
+def _answer(row: Result) -> tuple[Any, ...]:
+    return row.response, row.tool_calls, row.reasoning, row.choices
 
 
 def _result_row(
     raw: bytes, rows: dict[str, tuple[int, str]], *, path: Path, line: int
-) -> dict[str, Any]:
+) -> tuple[Result, bool]:
+    """A result line's Result, and whether it is retryable (not the row's answer: the
+    batch did not get to it, or the service failed it as a live run would retry)."""
+
     def problem(message: str) -> InputError:
         return InputError(message, path=str(path), line=line)
 
@@ -293,27 +312,27 @@ def _result_row(
         raise problem(f"custom_id {ident!r} is not a row of this job's input: import the "
                       "files of this job's own export")  # fmt: skip
     position, model = rows[ident]
-    row: dict[str, Any] = {"_row": position, "_id": ident, "model": model, "attempts": 1,
-                           "via": "batch"}  # fmt: skip
     response = _dict(data.get("response"))
     body = _dict(response.get("body"))
     status = response.get("status_code")
-    row["http_status"] = status if isinstance(status, int) else None
     if status == 200:
         try:
-            return row | completion_columns(body) | {"status": "ok"}
+            completion = completion_columns(body)
         except InvalidCompletion as e:
             error = {"type": "invalid_response", "code": "invalid_response", "message": str(e)}
+        else:
+            return Result.answered(row=position, id=ident, model=model, attempts=1,
+                                   via="batch", completion=completion), False  # fmt: skip
     else:
         error = _dict(body.get("error")) or _dict(data.get("error"))
-    if status in RETRY_STATUS or error.get("code") in RETRYABLE_CODES:
-        row["retryable"] = True
-    return row | {
-        "status": "error",
-        "error_type": str(error.get("type") or "batch_error"),
-        "error_code": str(error.get("code") or status or "batch_error"),
-        "error_message": str(error.get("message") or "the batch gave no answer for this row"),
-    }
+    retryable = status in RETRY_STATUS or error.get("code") in RETRYABLE_CODES
+    return Result.failed(
+        row=position, id=ident, model=model, attempts=1, via="batch",
+        http_status=status if isinstance(status, int) else None,
+        error_type=str(error.get("type") or "batch_error"),
+        error_code=str(error.get("code") or status or "batch_error"),
+        error_message=str(error.get("message") or "the batch gave no answer for this row"),
+    ), retryable  # fmt: skip
 
 
 def _dict(value: Any) -> dict[str, Any]:

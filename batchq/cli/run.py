@@ -18,7 +18,7 @@ from batchq.errors import BatchqError, Interrupted
 from batchq.events import Sink, fan_out
 from batchq.money.pricing import PriceTable, region_of
 from batchq.money.report import CostLine, CostTally, cost_report, find_results
-from batchq.run.runner import RunSummary, run_job
+from batchq.run.runner import RunOptions, RunSummary, run_job
 from batchq.simulator import SimConfig, serve_in_thread
 
 __all__ = ["run"]
@@ -44,21 +44,21 @@ __all__ = ["run"]
 def run(job_file: str | None, simulate: bool, quiet: bool, log_file: Path | None,
         prices: Path | None, seed: int | None, **flags: Any) -> None:  # fmt: skip
     """Run (or resume) a job: JOB_FILE and/or flags."""
-    options = {k: flags.pop(k) for k in ("restart", "retry_errors", "keep_state", "keep_raw")}
-    options["command"] = shlex.join(["batchq", *(a for a in sys.argv[1:] if a != "--restart")])
+    command = shlex.join(["batchq", *(a for a in sys.argv[1:] if a != "--restart")])
+    switches = {k: flags.pop(k) for k in ("restart", "retry_errors", "keep_state", "keep_raw")}
+    options = RunOptions(**switches, seed=seed, command=command)
     sinks = _Sinks()
     try:
         job = job_from(job_file, flags)
         table = PriceTable.load(prices)
         tally = CostTally(table, region_of(job.request.provider))
-        options["on_results"] = tally.add  # the merge feeds the closing summary
         key = None if simulate else job.request.api_key()
         sink = sinks.open(job, table, key, quiet=quiet, log_file=log_file)
         if simulate:
             with serve_in_thread(SimConfig(latency_ms=20)) as sim:
-                summary = _run(simulated(job, sim.base_url), None, sink, options, seed)
+                summary = _run(simulated(job, sim.base_url), None, sink, options, tally)
         else:
-            summary = _run(job, key, sink, options, seed)
+            summary = _run(job, key, sink, options, tally)
     except BatchqError as e:
         sinks.close(e)
         fail(e)
@@ -105,10 +105,10 @@ class _Sinks:
 
 
 def _run(
-    job: Job, key: str | None, sink: Sink, options: dict[str, Any], seed: int | None
+    job: Job, key: str | None, sink: Sink, options: RunOptions, tally: CostTally
 ) -> RunSummary:
-    async def go() -> RunSummary:
-        return await run_job(job, api_key=key, sink=sink, seed=seed, **options)
+    async def go() -> RunSummary:  # the merge feeds the closing summary's tally
+        return await run_job(job, api_key=key, options=options, sink=sink, on_results=tally.add)
 
     return anyio.run(go, backend_options={"use_uvloop": _has_uvloop()})
 

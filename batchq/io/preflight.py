@@ -8,7 +8,6 @@ needs: the row count, the input's columns and their types, and the input's diges
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from batchq.io.fastcheck import vouch
 from batchq.io.keys import RepeatFinder
 from batchq.io.reader import InputBatch, input_format, read_batches
 from batchq.io.rules import ROW_COLUMN, check_clash, default_id_column, digest_and_lines
-from batchq.io.schema import ColumnKinds, output_manifest
+from batchq.io.schema import ColumnKinds
 from batchq.send.request import RowProblem, build_body, completion_cap, estimate_tokens, job_body
 
 __all__ = [
@@ -66,14 +65,14 @@ def preflight(
     job: Job, *, observe: Callable[[dict[str, Any]], None] | None = None,
     progress: Callable[[int, bool], None] | None = None,
 ) -> InputInfo:  # fmt: skip
-    """Check the whole input and the output path. Raises InputError / UsageError.
+    """Check the whole input and the job's settings. Raises InputError / UsageError.
+    (The output path is the state folder's to check: ``state.check_output``.)
 
     An ordinary input is vouched for by the fast path (``fastcheck.py``, whole columns in
     Arrow); anything else, or anything it is unsure of, gets the exact pass, a loop over
     every row that says what is wrong and where. ``observe`` is called with each row's
     request body (``estimate`` counts them), which takes the exact pass; ``progress``
     with the rows checked so far, and whether by the exact pass, after each batch."""
-    _check_output(job)
     _check_settings(job)
     fast = None if progress is None else (lambda rows: progress(rows, False))
     if observe is None and (v := vouch(job, progress=fast)) is not None:
@@ -87,7 +86,7 @@ def exact_preflight(
     job: Job, *, observe: Callable[[dict[str, Any]], None] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> InputInfo:  # fmt: skip
-    """The exact pass over every row (see ``preflight``); the output path is not checked."""
+    """The exact pass over every row (see ``preflight``)."""
     path = job.input
     fmt = input_format(path)
     kinds = ColumnKinds()
@@ -213,32 +212,3 @@ def _check_settings(job: Job) -> None:
 def _setting(job: Job, name: str) -> Any:
     r = job.request
     return r.params.get(name, getattr(r, name, None))
-
-
-def _check_output(job: Job) -> None:
-    """The output is not the input, nor a folder, nor a file batchq did not write; its
-    folder is writable, or can be made: its nearest existing ancestor is a writable
-    folder (the state folder is made with its parents, after every check)."""
-    output, state = job.output, job.state_dir
-    if output.exists() and job.input.exists() and os.path.samefile(output, job.input):
-        raise UsageError(f"the output {output} is the input file: batchq never writes over "
-                         "its input; choose another --output")  # fmt: skip
-    if output.is_dir():
-        raise UsageError(f"the output {output} is a folder: give a file path, such as "
-                         f"{output / (job.input.stem + '.parquet')}")  # fmt: skip
-    if output.exists() and output_manifest(output) is None:
-        raise UsageError(f"{output} exists and is not a batchq output: batchq will not write "
-                         "over it; choose another --output, or move the file away")  # fmt: skip
-    if state.exists() and not state.is_dir():
-        raise UsageError(f"{state} is a file, where the run keeps its state folder: move it "
-                         "away or choose another --output")  # fmt: skip
-    folder = output.parent if str(output.parent) else Path(".")
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UsageError(f"the output folder {folder} cannot be made: {existing} is a file; "
-                         "choose another output")  # fmt: skip
-    if not os.access(existing, os.W_OK):
-        what = "is not writable" if existing == folder else f"cannot be made in {existing}"
-        raise UsageError(f"the output folder {folder} {what}: choose another output")

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from batchq.errors import InputError
-from batchq.io.schema import RESULT_COLUMNS
+from batchq.result import RESULT_COLUMNS
 
 __all__ = ["ROW_COLUMN", "check_clash", "default_id_column", "digest_and_lines"]
 

@@ -1,4 +1,4 @@
-"""The output's columns: the result columns of SPEC, and how input columns are typed.
+"""How the input's columns are typed in the output.
 
 Parquet input keeps its Arrow types. JSONL input is typed from what the whole file holds
 (found by the preflight pass): integers, floats, booleans and strings become those types;
@@ -8,61 +8,12 @@ objects, lists and columns of mixed kinds are kept as JSON text.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import orjson
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-__all__ = [
-    "FEW_VALUES",
-    "MANIFEST_KEY",
-    "RAW",
-    "RESULT_SCHEMA",
-    "SHARD_SCHEMA",
-    "ColumnKinds",
-    "input_arrays",
-    "output_manifest",
-]
-
-RESULT_SCHEMA = pa.schema(
-    [
-        ("status", pa.string()),
-        ("response", pa.string()),
-        ("reasoning", pa.string()),
-        ("tool_calls", pa.string()),
-        ("finish_reason", pa.string()),
-        ("choices", pa.list_(pa.string())),
-        ("model", pa.string()),
-        ("response_model", pa.string()),
-        ("prompt_tokens", pa.int64()),
-        ("completion_tokens", pa.int64()),
-        ("total_tokens", pa.int64()),
-        ("cached_tokens", pa.int64()),
-        ("reasoning_tokens", pa.int64()),
-        ("request_id", pa.string()),
-        ("attempts", pa.int32()),
-        ("via", pa.string()),
-        ("latency_ms", pa.float64()),
-        ("ttft_ms", pa.float64()),
-        ("http_status", pa.int32()),
-        ("error_type", pa.string()),
-        ("error_code", pa.string()),
-        ("error_message", pa.string()),
-    ]
-)
-#: The response as received, kept with ``--keep-raw`` (an output column only then).
-RAW = pa.field("raw", pa.string())
-#: A checkpoint shard: the input position, the id as text, the result columns, ``raw``.
-SHARD_SCHEMA = pa.schema([("_row", pa.int64()), ("_id", pa.string()), *RESULT_SCHEMA, RAW])
-RESULT_COLUMNS = frozenset([*RESULT_SCHEMA.names, RAW.name])
-
-#: Result columns with few distinct values, worth a dictionary in Parquet. Dictionary-
-#: encoding free text (response, request_id, ...) only to fall back to plain encoding cost
-#: the writer a third more memory and made a 16,384-row row group 17 % larger.
-FEW_VALUES = frozenset({"status", "model", "response_model", "finish_reason", "via",
-                        "http_status", "error_type", "error_code"})  # fmt: skip
+__all__ = ["ColumnKinds", "input_arrays"]
 
 
 class _BigInt:
@@ -129,18 +80,3 @@ def _json_text(value: Any) -> str | None:
     if value is None:
         return None
     return orjson.dumps(value).decode()
-
-
-#: The output file's metadata key for the manifest of the job that wrote it.
-MANIFEST_KEY = b"batchq.manifest"
-
-
-def output_manifest(output: Path) -> dict[str, Any] | None:
-    """The manifest of the job that wrote ``output``; None for a file batchq did not write
-    (not Parquet, or Parquet without one)."""
-    try:
-        metadata = pq.read_schema(output).metadata or {}
-    except (pa.ArrowException, OSError):
-        return None
-    raw = metadata.get(MANIFEST_KEY)
-    return orjson.loads(raw) if raw else None

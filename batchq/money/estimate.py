@@ -11,6 +11,7 @@ from batchq.io.preflight import completion_cap, preflight
 from batchq.money.pricing import DEFAULT_BATCH_SHARE, PriceTable, region_of
 from batchq.send.limiter import RAMP_S
 from batchq.send.request import estimate_tokens
+from batchq.state import check_output
 
 __all__ = ["Estimate", "ModelEstimate", "estimate"]
 
@@ -59,6 +60,7 @@ def estimate(job: Job, prices: PriceTable) -> Estimate:
         m.uncapped += cap is None
         m.thinking |= body.get("enable_thinking") is True
 
+    check_output(job)
     info = preflight(job, observe=observe)
     region = region_of(job.request.provider)
     for m in by_model.values():

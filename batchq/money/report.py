@@ -8,25 +8,20 @@ it is finished they are the output file. Nothing here prints: the CLI formats.
 
 from __future__ import annotations
 
-import fcntl
-import os
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchq.config import load_job
 from batchq.errors import UsageError
-from batchq.io.keys import RepeatFinder
-from batchq.io.schema import output_manifest
 from batchq.money.pricing import PriceTable, cost_array
-from batchq.state.folder import StateDir, read_parquet
+from batchq.result import SHARD_SCHEMA
+from batchq.state import StateDir, output_manifest, output_of
 
 __all__ = [
     "CostLine",
@@ -68,30 +63,24 @@ class Results:
         if self.finished:
             yield from _output_tables(self.output, columns)
         else:
-            yield from _shard_tables(self.state / "shards", columns)
+            yield from _shard_tables(StateDir(self.state), columns)
 
 
 def find_results(path: Path) -> Results:
     """The results ``path`` names. UsageError when there are none (yet)."""
-    if path.suffix == ".toml":
-        output = load_job(path).output
-    elif path.name.endswith(".batchq"):
-        output = path.with_name(path.name.removesuffix(".batchq"))
-    else:
-        output = path
-    state = output.with_name(output.name + ".batchq")
-    if (state / "manifest.json").exists():
-        manifest = orjson.loads((state / "manifest.json").read_bytes())
-        return Results(output, state, manifest, finished=False)
+    output = load_job(path).output if path.suffix == ".toml" else output_of(path)
+    state = StateDir.of(output)
+    if (manifest := state.manifest()) is not None:
+        return Results(output, state.path, manifest, finished=False)
     if output.exists():
         if not _holds_results(output):
             raise UsageError(
                 f"{output} is not a batchq output (no status column in it): give the output "
                 "file, the state folder or the job file of a job that has run"
             )
-        return Results(output, state, output_manifest(output), finished=True)
+        return Results(output, state.path, output_manifest(output), finished=True)
     raise UsageError(
-        f"no results at {path}: neither {output} nor its state folder {state} exists. "
+        f"no results at {path}: neither {output} nor its state folder {state.path} exists. "
         "Give the output file, the state folder or the job file of a job that has run"
     )
 
@@ -133,47 +122,24 @@ def _with_all(table: pa.Table, columns: list[str]) -> pa.Table:
     return table
 
 
-def _shard_tables(shards: Path, columns: list[str]) -> Iterator[pa.Table]:
-    """Each shard in turn, without the rows a later shard answered again (--retry-errors):
-    one pass over the ``_row`` columns finds the rows seen twice and their latest shard,
-    so memory holds one shard and 8 bytes a row, not the whole state folder."""
-    state = StateDir(shards.parent)
+def _shard_tables(state: StateDir, columns: list[str]) -> Iterator[pa.Table]:
+    """The latest answer of each row, a shard at a time (``StateDir.latest``)."""
     if damaged := state.damaged():
         path, reason = damaged[0]
         raise UsageError(f"the state folder's shard {path} cannot be read ({reason}): rerun "
                          "the job to set it aside and send its rows again")  # fmt: skip
-    paths = state.shard_paths()
-    if not paths:
-        yield _with_all(pa.table({"status": pa.array([], pa.string())}), columns)
-        return
-    extra = [c for c in columns if c not in pq.read_schema(paths[0]).names]
+    extra = [c for c in columns if c not in SHARD_SCHEMA.names]
     if extra:
         raise UsageError(
             f"the state folder holds result columns only, not {extra[0]!r}: run `cost` "
             "by an input column once the run is finished (or --by a result column now)"
         )
-    again, latest = _answered_again(paths)
-    for path in paths:
-        table = read_parquet(path, ["_row", *columns])
-        if len(again):
-            where = pc.index_in(table.column("_row"), value_set=again)
-            superseded = pc.not_equal(pc.take(latest, where), int(path.stem))
-            table = table.filter(pc.invert(pc.fill_null(superseded, False)))
+    empty = True
+    for table in state.latest(columns):
+        empty = False
         yield table.drop_columns(["_row"])
-
-
-def _answered_again(paths: list[Path]) -> tuple[pa.Array, pa.Array]:
-    """The rows found in more than one shard, and for each the number of its last shard."""
-    finder = RepeatFinder()
-    for path in paths:
-        finder.add_array(read_parquet(path, ["_row"]).column("_row").combine_chunks())
-    again = pa.array(sorted(finder.repeated(limit=None)), pa.int64())
-    latest = pa.array([0] * len(again), pa.int64())
-    if len(again):
-        for path in paths:  # oldest first: the last shard holding a row wins
-            rows = read_parquet(path, ["_row"]).column("_row").combine_chunks()
-            latest = pc.if_else(pc.is_in(again, value_set=rows), int(path.stem), latest)
-    return again, latest
+    if empty:
+        yield _with_all(pa.table({"status": pa.array([], pa.string())}), columns)
 
 
 # --- cost ------------------------------------------------------------------------------
@@ -349,45 +315,14 @@ def status(results: Results, prices: PriceTable) -> Status:
         if currency is not None:
             costs[currency] = costs.get(currency, 0.0) + v["cost"]
     done = int(total["rows"])
-    running, pid = (False, None) if results.finished else lock_holder(results.state)
+    state = StateDir(results.state)
+    running, pid = (False, None) if results.finished else state.holder()
     return Status(
         results.output, results.state, results.finished,
         manifest.get("input_rows", done if results.finished else None), done,
         int(total["ok"]), int(total["error"]), int(total["attempts"]),
         int(total["prompt_tokens"]), int(total["completion_tokens"]), costs, unpriced,
-        None if results.finished else _last_flush_ago(results.state),
+        None if results.finished else state.last_flush_ago(),
         "finished" if results.finished else ("running" if running else "stopped"),
         pid, manifest.get("command"),
     )  # fmt: skip
-
-
-def lock_holder(state: Path) -> tuple[bool, int | None]:
-    """Whether a live process holds the state folder's lock, and the pid written in it.
-
-    The kernel drops a flock when its process dies, even by ``kill -9``, so a lock file
-    nobody holds is stale whatever pid it names.
-    """
-    lock = state / "lock"
-    try:
-        fd = os.open(lock, os.O_RDONLY)
-    except FileNotFoundError:
-        return False, None
-    try:
-        text = os.read(fd, 32).decode(errors="replace").strip()
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            held = True
-        else:
-            held = False
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
-    return held, int(text) if text.isdigit() else None
-
-
-def _last_flush_ago(state: Path) -> float | None:
-    shards = sorted((state / "shards").glob("[0-9]*.parquet"))
-    if not shards:
-        return None
-    return max(0.0, time.time() - shards[-1].stat().st_mtime)

@@ -28,21 +28,15 @@ from typing import Any
 
 import orjson
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchq import memory
+from batchq.files import write_atomic
 from batchq.io.preflight import ROW_COLUMN, InputInfo
 from batchq.io.reader import read_batches
-from batchq.io.schema import (
-    FEW_VALUES,
-    MANIFEST_KEY,
-    RAW,
-    RESULT_SCHEMA,
-    SHARD_SCHEMA,
-    input_arrays,
-)
-from batchq.state.folder import StateDir, write_atomic
+from batchq.io.schema import input_arrays
+from batchq.result import FEW_VALUES, RAW, RESULT_SCHEMA
+from batchq.state import MANIFEST_KEY, ShardIndex, StateDir
 
 __all__ = ["MergeCounts", "merge_output"]
 
@@ -58,16 +52,6 @@ READ = 2048
 class MergeCounts:
     rows: int
     statuses: dict[str, int]
-
-
-@dataclass(frozen=True)
-class _Shard:
-    seq: int
-    path: Path
-    low: int
-    high: int
-    rows: int
-    size: int  # bytes, uncompressed
 
 
 def merge_output(
@@ -86,7 +70,7 @@ def merge_output(
     is given each block's results (RESULT_SCHEMA) as they are written.
     """
     memory.give_back()  # what sending freed, before the peak of the run
-    shards = _index(state)
+    shards = state.index()
     names = [*RESULT_SCHEMA.names, *([RAW.name] if keep_raw else [])]
     schema = _output_schema(info, keep_raw=keep_raw)
     schema = schema.with_metadata({MANIFEST_KEY: orjson.dumps(manifest)})
@@ -98,7 +82,7 @@ def merge_output(
             write_statistics=_statistics_columns(schema),
         ) as writer:  # fmt: skip
             for start, inputs in _input_blocks(info, _block_rows(info, shards)):
-                results = _results_for(shards, start, inputs.num_rows).select(names)
+                results = shards.results(start, inputs.num_rows).select(names)
                 statuses.update(results.column("status").to_pylist())
                 if on_block is not None:
                     on_block(results)
@@ -111,66 +95,12 @@ def merge_output(
     return MergeCounts(sum(statuses.values()), dict(statuses))
 
 
-def _index(state: StateDir) -> list[_Shard]:
-    shards = []
-    for path in state.shard_paths():
-        with pq.ParquetFile(path) as file:
-            rows = file.read(columns=["_row"]).column("_row")
-            meta = file.metadata
-            size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
-        if len(rows):
-            low, high = pc.min_max(rows).values()
-            shards.append(_Shard(int(path.stem), path, low.as_py(), high.as_py(), len(rows), size))
-    return shards
-
-
-def _block_rows(info: InputInfo, shards: list[_Shard]) -> int:
+def _block_rows(info: InputInfo, shards: ShardIndex) -> int:
     """Rows a block: BLOCK, or as many as fit BLOCK_BYTES at the average row's size (its
     results, uncompressed, plus its share of the input file), but at least MIN_BLOCK."""
-    results = sum(s.size for s in shards) / max(1, sum(s.rows for s in shards))
+    results = shards.mean_row_bytes()
     inputs = info.path.stat().st_size / max(1, info.total_rows)
     return max(MIN_BLOCK, min(BLOCK, int(BLOCK_BYTES / max(1.0, results + inputs))))
-
-
-def _results_for(shards: list[_Shard], start: int, count: int) -> pa.Table:
-    end = start + count
-    parts = []
-    for shard in shards:
-        if shard.high >= start and shard.low < end:
-            with pq.ParquetFile(shard.path) as file:
-                table = file.read()
-            rows = table.column("_row")
-            table = table.filter(pc.and_(pc.greater_equal(rows, start), pc.less(rows, end)))
-            seq = pa.array([shard.seq] * table.num_rows, pa.int32())
-            parts.append(_conform(table).append_column("_seq", seq))
-    if not parts:
-        raise RuntimeError(f"no results for rows {start}..{end - 1}")
-    found = pa.concat_tables(parts)
-    del parts
-    keys = found.select(["_row", "_seq"])
-    order = pc.sort_indices(keys, [("_row", "ascending"), ("_seq", "ascending")])
-    rows = keys.column("_row").take(order).combine_chunks()
-    # A row answered twice (--retry-errors) keeps its latest answer: the last of its run.
-    latest = pc.not_equal(rows.slice(0, len(rows) - 1), rows.slice(1))
-    order = order.filter(pa.concat_arrays([latest, pa.array([True])]))
-    if len(order) != count:
-        raise RuntimeError(f"rows {start}..{end - 1}: {len(order)} results for {count} rows")
-    del keys
-    # A column at a time, each dropped from ``found`` once taken: the block's results are
-    # never held twice over.
-    schema, columns = found.schema, []
-    for name in schema.names:
-        columns.append(found.column(name).take(order))
-        found = found.drop_columns([name])
-    return pa.Table.from_arrays(columns, schema=schema)
-
-
-def _conform(table: pa.Table) -> pa.Table:
-    """A shard as SHARD_SCHEMA, columns an older batchq did not write filled with nulls."""
-    for field in SHARD_SCHEMA:
-        if field.name not in table.column_names:
-            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
-    return table.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
 
 
 def _dictionary_columns(schema: pa.Schema) -> list[str]:

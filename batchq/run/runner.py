@@ -38,15 +38,24 @@ from batchq.events import (
     Tick,
     discard,
 )
+from batchq.files import read_parquet
 from batchq.io.preflight import InputInfo, completion_cap, preflight, row_id
 from batchq.io.reader import read_batches
-from batchq.io.schema import output_manifest
+from batchq.money.pricing import region_of
 from batchq.output.merge import merge_output
+from batchq.result import Result
 from batchq.run.work import EndpointWatch, Item, QuotaWatch, answer
 from batchq.send.client import Client
 from batchq.send.limiter import Pacer, RatePacer
 from batchq.send.request import build_body, estimate_tokens
-from batchq.state.folder import RowMask, StateDir, check_same_job, manifest_for, read_parquet
+from batchq.state import (
+    RowMask,
+    StateDir,
+    check_output,
+    check_same_job,
+    manifest_for,
+    output_manifest,
+)
 
 if TYPE_CHECKING:  # httpx loads only when a caller brings a transport (tests)
     from collections.abc import Callable
@@ -54,7 +63,7 @@ if TYPE_CHECKING:  # httpx loads only when a caller brings a transport (tests)
     import httpx
     import pyarrow as pa
 
-__all__ = ["FLUSH_EVERY_S", "RunSummary", "run_job"]
+__all__ = ["FLUSH_EVERY_S", "RunOptions", "RunSummary", "run_job"]
 
 FLUSH_EVERY_S = 1.0
 FLUSH_MAX_ROWS = 10_000
@@ -66,39 +75,59 @@ STOP_GRACE_S = 5.0
 ROWS_PER_SLOT = 4
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """A run's switches: the CLI's flags of the same names."""
+
+    #: throw away the saved results (the state folder's, and a finished output) first
+    restart: bool = False
+    #: send again the rows whose latest result is an error
+    retry_errors: bool = False
+    #: keep the state folder after the merge
+    keep_state: bool = False
+    #: a ``raw`` column: each response as received
+    keep_raw: bool = False
+    #: the seed of the backoff jitter (None: from the system)
+    seed: int | None = None
+    #: how to resume the run, as ``status`` shows it
+    command: str | None = None
+
+
 async def run_job(
     job: Job,
     *,
     api_key: str | None,
+    options: RunOptions = RunOptions(),
     sink: Sink = discard,
     transport: httpx.AsyncBaseTransport | None = None,
     pacer: Pacer | None = None,
-    restart: bool = False,
-    retry_errors: bool = False,
-    keep_state: bool = False,
-    keep_raw: bool = False,
-    seed: int | None = None,
-    command: str | None = None,
     on_results: Callable[[pa.Table], object] | None = None,
 ) -> RunSummary:
     """Run (or resume) ``job`` to its output file. Raises a BatchqError subclass.
 
-    ``keep_raw`` keeps each response as received in a ``raw`` column; ``command`` is how
-    to resume the run, as ``status`` will show it; ``on_results`` is given each block of
-    results as the merge writes it (every row of the output, in order)."""
+    ``sink`` is given the run's events; ``transport`` and ``pacer`` replace the HTTP
+    transport and the pacer (tests); ``on_results`` is given each block of results as the
+    merge writes it (every row of the output, in order)."""
     started = time.monotonic()
     _ = job.request.url  # a UsageError for a provider without one, before anything is written
+    check_output(job)
     info = preflight(job, progress=lambda rows, exact: sink(Checking(rows, exact)))
-    finished = job.output.exists() and not restart and not StateDir(job.state_dir).shard_paths()
+    region = region_of(job.request.provider)
+    manifest = manifest_for(job, info, region=region, command=options.command)
+    state = StateDir.of(job.output)
+    finished = job.output.exists() and not options.restart and not state.has_results()
     if finished:  # checked before the state folder is made: a refused run leaves nothing
-        check_same_job(output_manifest(job.output), manifest_for(job, info), job)
-    state = StateDir.open(job, info, restart=restart, command=command)
+        check_same_job(output_manifest(job.output), job, info)
+    state = StateDir.open(job, info, manifest=manifest, restart=options.restart)
     try:
-        if finished and not (retry_errors and state.adopt_output(job.output, info.id_column)):
+        adopted = False
+        if finished and options.retry_errors:  # the output's rows back as shards
+            adopted = state.adopt_output(job.output, info.id_column)
+        if finished and not adopted:
             state.remove()
             sink(Notice(f"{job.output} is complete already: nothing to send"))
             return _finish(sink, job, info, ok_error=None, sent=0, started=started, done=True)
-        done = state.done_mask(info.total_rows, retry_errors=retry_errors)
+        done = state.done_mask(info.total_rows, retry_errors=options.retry_errors)
         todo = info.total_rows - done.count()
         sink(RunStarted(job.name, info.total_rows, todo, job.output))
         for note in (*state.notes, *info.notes):
@@ -106,18 +135,18 @@ async def run_job(
         if todo < info.total_rows:
             sink(Notice(f"resuming: {info.total_rows - todo:,} rows already done"))
         if todo:
-            prior = state.max_attempts_by_row() if retry_errors else {}
+            prior = state.max_attempts_by_row() if options.retry_errors else {}
             await _send_all(
                 job, info, state, done, prior,
                 api_key=api_key, sink=sink, transport=transport,
-                pacer=pacer or RatePacer(job.limits, emit=sink), rng=random.Random(seed),
-                keep_raw=keep_raw,
+                pacer=pacer or RatePacer(job.limits, emit=sink),
+                rng=random.Random(options.seed), keep_raw=options.keep_raw,
             )  # fmt: skip
         counts = merge_output(
-            state, info, job.output, manifest=manifest_for(job, info, command=command),
-            keep_raw=keep_raw, on_block=on_results,
+            state, info, job.output, manifest=manifest, keep_raw=options.keep_raw,
+            on_block=on_results,
         )  # fmt: skip
-        if not keep_state:
+        if not options.keep_state:
             state.remove()
         ok_error = (counts.statuses.get("ok", 0), counts.statuses.get("error", 0))
         return _finish(sink, job, info, ok_error=ok_error, sent=todo, started=started, done=False)
@@ -280,14 +309,12 @@ def _first_batchq_error(group: BaseExceptionGroup[Any]) -> BaseException:
     return first
 
 
-def _finished(row: dict[str, Any]) -> RowFinished:
-    reasoning = row.get("reasoning_tokens") or 0
+def _finished(r: Result) -> RowFinished:
+    reasoning = r.reasoning_tokens or 0
     return RowFinished(
-        row["_id"], row["status"], row["attempts"], row.get("model"),
-        row.get("prompt_tokens") or 0, row.get("completion_tokens") or 0,
-        row.get("cached_tokens") or 0, reasoning,
-        reasoning > 0 or row.get("reasoning") is not None,
-        row.get("http_status"), row.get("error_code"), row.get("error_message"),
+        r.id, r.status, r.attempts, r.model, r.prompt_tokens or 0, r.completion_tokens or 0,
+        r.cached_tokens or 0, reasoning, reasoning > 0 or r.reasoning is not None,
+        r.http_status, r.error_code, r.error_message,
     )  # fmt: skip
 
 
@@ -301,30 +328,18 @@ class Journal:
     def __init__(self, state: StateDir, sink: Sink) -> None:
         self._state = state
         self._sink = sink
-        self._rows: list[dict[str, Any]] = []
+        self._rows: list[Result] = []
         self._text = 0
 
-    def add(self, row: dict[str, Any]) -> None:
+    def add(self, row: Result) -> None:
         self._rows.append(row)
-        self._text += _text_length(row)
+        self._text += row.text_length()
         if len(self._rows) >= FLUSH_MAX_ROWS or self._text >= FLUSH_MAX_TEXT:
             self.flush()
 
     def flush(self) -> None:
         if self._rows:
-            self._state.write_shard(self._rows)  # on a disk error the rows stay here
+            self._state.write(self._rows)  # on a disk error the rows stay here
             self._sink(Flushed(len(self._rows)))
             self._rows = []
             self._text = 0
-
-
-def _text_length(row: dict[str, Any]) -> int:
-    """Characters of a result row's answer text: what makes a row large."""
-    length = 0
-    for name in ("response", "reasoning", "tool_calls", "raw"):
-        value = row.get(name)
-        if value is not None:
-            length += len(value)
-    for choice in row.get("choices") or ():
-        length += len(choice or "")
-    return length

@@ -13,6 +13,7 @@ from typing import Any
 
 from batchq.errors import RunStopped
 from batchq.events import Retrying, Sink
+from batchq.result import Result
 from batchq.send.client import Client, Outcome
 from batchq.send.limiter import Pacer, Settled
 from batchq.send.retry import backoff_delay
@@ -130,7 +131,7 @@ async def answer(
     rng: random.Random,
     quota: QuotaWatch,
     endpoint: EndpointWatch | None = None,
-) -> dict[str, Any]:
+) -> Result:
     """The result row for ``item``. Raises RunStopped on a fatal answer (401/403, billing)
     or when ``quota`` says the token quota has been exhausted for a minute.
 
@@ -174,26 +175,18 @@ def _settled(sent_at: float, outcome: Outcome | None) -> Settled:
     )  # fmt: skip
 
 
-def _row(item: Item, outcome: Outcome, attempts: int) -> dict[str, Any]:
-    row: dict[str, Any] = {
-        "_row": item.row,
-        "_id": item.id,
-        "model": item.body.get("model"),
-        "attempts": item.prior_attempts + attempts,
-        "via": "live",
-        "http_status": outcome.http_status,
-    }
+def _row(item: Item, outcome: Outcome, attempts: int) -> Result:
+    model, attempts = item.body.get("model"), item.prior_attempts + attempts
     if outcome.kind == "ok":
-        row.update(outcome.result or {}, status="ok", latency_ms=outcome.latency_ms)
-    else:
-        row.update(
-            status="error",
-            error_type=outcome.error_type,
-            error_code=outcome.error_code,
-            error_message=outcome.error_message,
-            raw=outcome.raw,
-        )
-    return row
+        return Result.answered(
+            row=item.row, id=item.id, model=model, attempts=attempts, via="live",
+            completion=outcome.result or {}, latency_ms=outcome.latency_ms,
+        )  # fmt: skip
+    return Result.failed(
+        row=item.row, id=item.id, model=model, attempts=attempts, via="live",
+        http_status=outcome.http_status, error_type=outcome.error_type,
+        error_code=outcome.error_code, error_message=outcome.error_message, raw=outcome.raw,
+    )  # fmt: skip
 
 
 def _fatal_message(outcome: Outcome) -> str:

@@ -1,151 +1,112 @@
-"""The state folder ``<output>.batchq/``: a manifest and append-only result shards.
+"""The state folder of one job (see ``layout.py``): its shards of finished rows, and which
+of them holds each row's latest result.
 
-    manifest.json          what the results belong to: the input's digest and row count,
-                           and the request settings that change answers
-    lock                   held (flock) by the running process
-    shards/000001.parquet  finished rows (SHARD_SCHEMA), each shard written atomically:
-                           temp file, fsync, rename, fsync of the folder
-
-A crash at any instant leaves only whole shards. A row may appear in several shards
-(``--retry-errors`` answers it again); the shard with the highest number wins.
+A crash at any instant leaves only whole shards (each is written atomically). A row may
+be in several shards (``--retry-errors`` answers it again, ``import-batch`` after a run):
+the shard with the highest number wins. That rule lives in ShardIndex alone; the done
+mask, the attempts so far, the merge's blocks and the reports all read through it.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batchq.config import Job, RequestSettings
+from batchq.config import Job
 from batchq.errors import RunStopped, UsageError
-from batchq.io.preflight import ROW_COLUMN, InputInfo
-from batchq.io.schema import FEW_VALUES, RAW, RESULT_SCHEMA, SHARD_SCHEMA
-from batchq.money.pricing import region_of
+from batchq.files import read_parquet, write_atomic
+from batchq.io.keys import RepeatFinder
+from batchq.io.preflight import InputInfo
+from batchq.io.rules import ROW_COLUMN
+from batchq.result import FEW_VALUES, RAW, RESULT_SCHEMA, SHARD_SCHEMA, Result, shard_table
+from batchq.state import lock
+from batchq.state.layout import LOCK, MANIFEST, SHARD_GLOB, SHARDS, shard_name, state_path
+from batchq.state.manifest import check_same_job
+from batchq.state.mask import RowMask
 
-__all__ = [
-    "RowMask",
-    "StateDir",
-    "check_same_job",
-    "manifest_for",
-    "read_parquet",
-    "write_atomic",
-]
+__all__ = ["ShardIndex", "StateDir"]
 
-VERSION = 1
-
-
-def manifest_for(job: Job, info: InputInfo, *, command: str | None = None) -> dict[str, Any]:
-    """What a state folder records about the job it belongs to: what its results answer
-    (compared on resume), and for ``status`` / ``cost`` the price region and the command
-    that resumes it."""
-    r = job.request
-    return {
-        "version": VERSION,
-        "region": region_of(r.provider),
-        "command": command,
-        "input": str(info.path),
-        "input_digest": info.digest,
-        "input_rows": info.total_rows,
-        "id_column": info.id_column,
-        "endpoint": _endpoint_of(r),
-        "request": {
-            "model": r.model,
-            "system": r.system,
-            "template": r.template,
-            "max_tokens": r.max_tokens,
-            "temperature": r.temperature,
-            "params": r.params,
-        },
-    }
-
-
-def _endpoint_of(request: RequestSettings) -> dict[str, Any]:
-    """Where a job's answers come from: part of what its results belong to. The simulator
-    is one endpoint whatever its port; a real endpoint is its provider and base URL."""
-    return {
-        "provider": request.provider,
-        "base_url": None if request.simulated else request.url,
-        "simulated": request.simulated,
-    }
+#: A shard's columns worth a dictionary (see FEW_VALUES).
+_DICTIONARY = [name for name in SHARD_SCHEMA.names if name in FEW_VALUES]
+ADOPT_BATCH = 65_536
 
 
 class StateDir:
-    """One job's checkpoint folder, locked by this process while open."""
+    """One job's state folder; locked by this process once opened."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.shards = path / "shards"
-        self._lock: int | None = None
+        self.shards = path / SHARDS
+        self._lock: lock.Lock | None = None
         self._next_seq: int | None = None
         self.notes: list[str] = []  # what opening it did that the run should say
 
     @classmethod
+    def of(cls, output: Path) -> StateDir:
+        """The state folder of the job writing ``output`` (not opened, not locked)."""
+        return cls(state_path(output))
+
+    @classmethod
     def open(
-        cls, job: Job, info: InputInfo, *, restart: bool = False, command: str | None = None
+        cls, job: Job, info: InputInfo, *, manifest: dict[str, Any], restart: bool = False
     ) -> StateDir:
-        """Open (creating, or checking against the job) and lock the job's state folder."""
-        state = cls(job.state_dir)
+        """Make (or check against ``job``: UsageError if its results are another job's) and
+        lock the job's state folder; with ``restart``, forget its results first. Damaged
+        shards are set aside (``notes`` says so). ``manifest`` is written when new."""
+        state = cls.of(job.output)
         try:
             state.shards.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UsageError(f"cannot make the state folder {state.path}: {e.strerror}; "
                              "choose another --output") from None  # fmt: skip
-        state._acquire_lock()
+        state._lock = lock.Lock(state.path / LOCK)
         try:
-            state._check_manifest(manifest_for(job, info, command=command), job, restart=restart)
+            if restart:
+                state.clear()
+            check_same_job(state.manifest(), job, info)
+            if state.manifest() is None:
+                text = orjson.dumps(manifest, option=orjson.OPT_INDENT_2)
+                write_atomic(state.path / MANIFEST, lambda f: f.write(text))
             state.notes = state.set_aside_damaged()
         except BaseException:
             state.close()
             raise
         return state
 
-    def _check_manifest(self, wanted: dict[str, Any], job: Job, *, restart: bool) -> None:
-        manifest = self.path / "manifest.json"
-        if manifest.exists() and restart:
-            self.clear()
-        elif manifest.exists():
-            check_same_job(orjson.loads(manifest.read_bytes()), wanted, job)
-        if not manifest.exists():
-            text = orjson.dumps(wanted, option=orjson.OPT_INDENT_2)
-            write_atomic(manifest, lambda f: f.write(text))
-
-    def _acquire_lock(self) -> None:
-        fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    def manifest(self) -> dict[str, Any] | None:
+        """The job the folder's results belong to; None when there is no manifest (no
+        folder, or a folder never opened by a run)."""
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip()
-            os.close(fd)
-            who = f"another batchq process (pid {holder})" if holder else "another batchq process"
-            raise UsageError(
-                f"{who} is running this job, using {self.path}: wait for it to finish "
-                "(or stop it) first; its rows are being sent, and would be paid twice"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._lock = fd
+            return orjson.loads((self.path / MANIFEST).read_bytes())  # type: ignore[no-any-return]
+        except FileNotFoundError:
+            return None
 
     def close(self) -> None:
-        """Unlock. The pid goes from the lock file: one left there names a process that
-        died holding it (``status`` says it crashed)."""
+        """Unlock (see ``lock.Lock.release``)."""
         if self._lock is not None:
-            os.ftruncate(self._lock, 0)
-            os.close(self._lock)
+            self._lock.release()
             self._lock = None
+
+    def holder(self) -> tuple[bool, int | None]:
+        """Whether a live process holds the folder's lock, and the pid written in it."""
+        return lock.holder(self.path / LOCK)
 
     def clear(self) -> None:
         """Forget every finished row (``--restart``)."""
         for shard in self.shard_paths():
             shard.unlink()
         self._next_seq = None
-        (self.path / "manifest.json").unlink(missing_ok=True)
+        (self.path / MANIFEST).unlink(missing_ok=True)
 
     def remove(self) -> None:
         """Delete the folder (after a verified merge)."""
@@ -154,7 +115,16 @@ class StateDir:
 
     def shard_paths(self) -> list[Path]:
         """Whole shards in the order they were written (temp files are ignored)."""
-        return sorted(self.shards.glob("[0-9]*.parquet"))
+        return sorted(self.shards.glob(SHARD_GLOB))
+
+    def has_results(self) -> bool:
+        """Whether any shard is there (an unfinished run's results)."""
+        return bool(self.shard_paths())
+
+    def last_flush_ago(self) -> float | None:
+        """Seconds since the newest shard was written; None when there is none."""
+        paths = self.shard_paths()
+        return None if not paths else max(0.0, time.time() - paths[-1].stat().st_mtime)
 
     def damaged(self) -> list[tuple[Path, str]]:
         """Shards that cannot be read (a disk fault, a copy cut short), with the reason.
@@ -181,37 +151,58 @@ class StateDir:
                          f"aside to {aside.name}; its rows will be sent again")  # fmt: skip
         return notes
 
+    # --- reading: every result through the index, so the latest one wins ----------------
+
+    def index(self) -> ShardIndex:
+        return ShardIndex(self.shard_paths())
+
+    def latest(self, columns: list[str]) -> Iterator[pa.Table]:
+        """The latest result of every row, ``columns`` of it (SHARD_SCHEMA names; those an
+        older shard lacks are nulls), a shard at a time: memory holds one shard, and 8
+        bytes a row answered more than once."""
+        index = self.index()
+        names = list(dict.fromkeys(["_row", *columns]))
+        for shard in index.shards:
+            table = conform(read_parquet(shard.path, _present(shard.path, names)), names)
+            keep = index.keep(shard.seq, table.column("_row"))
+            yield table if keep is None else table.filter(keep)
+
     def done_mask(self, total_rows: int, *, retry_errors: bool = False) -> RowMask:
-        """Set where a finished result is on disk (``ok`` only, with ``retry_errors``).
-        Reads just the ``_row`` and ``status`` columns."""
+        """Set where a result is on disk: any result, or (``retry_errors``) a latest
+        result that is ``ok``. Reads just the ``_row`` and ``status`` columns."""
         done = RowMask(total_rows)
-        for _, table in self.iter_shards(columns=["_row", "status"]):
-            rows = table.column("_row")
-            if retry_errors:
-                # A later shard may hold an error for a row an earlier one had ok: rows
-                # flagged error are cleared so only their latest state counts.
-                statuses = table.column("status").to_pylist()
-                for row, status in zip(rows.to_pylist(), statuses, strict=True):
-                    done[row] = status == "ok"
-            else:
-                for row in rows.to_pylist():
+        if not retry_errors:
+            for path in self.shard_paths():
+                for row in read_parquet(path, ["_row"]).column("_row").to_pylist():
                     done[row] = True
+            return done
+        for table in self.latest(["status"]):
+            ok = pc.equal(table.column("status"), "ok")
+            for row in table.column("_row").filter(ok).to_pylist():
+                done[row] = True
         return done
 
-    def iter_shards(self, *, columns: list[str] | None = None) -> Iterator[tuple[int, pa.Table]]:
-        """``(sequence number, table)`` for every shard, oldest first."""
-        for path in self.shard_paths():
-            yield int(path.stem), read_parquet(path, columns)
+    def max_attempts_by_row(self) -> dict[int, int]:
+        """Attempts made so far for rows whose latest result is an error."""
+        attempts: dict[int, int] = {}
+        for table in self.latest(["status", "attempts"]):
+            errors = table.filter(pc.equal(table.column("status"), "error"))
+            for row, n in zip(*(errors.column(c).to_pylist() for c in ("_row", "attempts")),
+                              strict=True):  # fmt: skip
+                attempts[row] = n or 0
+        return attempts
 
-    def write_shard(self, rows: list[dict[str, Any]]) -> Path:
+    # --- writing ----------------------------------------------------------------------------
+
+    def write(self, results: list[Result]) -> Path:
         """Write finished rows as the next shard, atomically. RunStopped on a disk error."""
-        return self._write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA))
+        return self._write_table(shard_table(results))
 
     def _write_table(self, table: pa.Table) -> Path:
         if self._next_seq is None:
             paths = self.shard_paths()
             self._next_seq = int(paths[-1].stem) + 1 if paths else 1
-        path = self.shards / f"{self._next_seq:06d}.parquet"
+        path = self.shards / shard_name(self._next_seq)
         try:
             write_atomic(path, lambda f: pq.write_table(table, f, use_dictionary=_DICTIONARY))
         except OSError as e:
@@ -235,124 +226,104 @@ class StateDir:
         has_raw = RAW.name in file.schema_arrow.names
         names = [id_column or ROW_COLUMN, *RESULT_SCHEMA.names, *([RAW.name] if has_raw else [])]
         start = 0
-        for batch in file.iter_batches(batch_size=65_536, columns=names):
+        for batch in file.iter_batches(batch_size=ADOPT_BATCH, columns=names):
             table = pa.Table.from_batches([batch])
             ids = table.column(0).cast(pa.string())
             rows = pa.array(range(start, start + table.num_rows), pa.int64())
             raw = [] if has_raw else [pa.nulls(table.num_rows, pa.string())]
             columns = [rows, ids, *table.columns[1:], *raw]
-            shard = pa.Table.from_arrays(columns, schema=SHARD_SCHEMA)
-            self._write_table(shard)
+            self._write_table(pa.Table.from_arrays(columns, schema=SHARD_SCHEMA))
             start += table.num_rows
         return True
 
-    def max_attempts_by_row(self) -> dict[int, int]:
-        """Attempts made so far for rows whose latest result is an error."""
-        attempts: dict[int, int] = {}
-        for _, table in self.iter_shards(columns=["_row", "status", "attempts"]):
-            columns = (table.column(c).to_pylist() for c in ("_row", "status", "attempts"))
-            for row, status, n in zip(*columns, strict=True):
-                if status == "error":
-                    attempts[row] = n or 0
-                else:
-                    attempts.pop(row, None)
-        return attempts
+
+@dataclass(frozen=True)
+class Shard:
+    seq: int
+    path: Path
+    low: int  # the lowest and highest ``_row`` it holds
+    high: int
+    rows: int
+    size: int  # bytes, uncompressed
 
 
-class RowMask:
-    """One bit a row: 1.25 MB for ten million rows, where a bytearray took 10 MB."""
+class ShardIndex:
+    """Every non-empty shard's row range and size, and which shard holds the latest result
+    of each row found in more than one: the rule "the highest shard wins", once."""
 
-    __slots__ = ("_bits", "_size")
+    def __init__(self, paths: list[Path]) -> None:
+        self.shards: list[Shard] = []
+        finder = RepeatFinder()
+        for path in paths:
+            with pq.ParquetFile(path) as file:
+                rows = file.read(columns=["_row"]).column("_row").combine_chunks()
+                meta = file.metadata
+                size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+            if len(rows):
+                finder.add_array(rows)
+                low, high = pc.min_max(rows).values()
+                self.shards.append(Shard(int(path.stem), path, low.as_py(), high.as_py(),
+                                         len(rows), size))  # fmt: skip
+        self._again = pa.array(sorted(finder.repeated(limit=None)), pa.int64())
+        self._latest = pa.array([0] * len(self._again), pa.int64())
+        if len(self._again):
+            for shard in self.shards:  # oldest first: the last shard holding a row wins
+                rows = read_parquet(shard.path, ["_row"]).column("_row").combine_chunks()
+                found = pc.is_in(self._again, value_set=rows)
+                self._latest = pc.if_else(found, shard.seq, self._latest)
 
-    def __init__(self, size: int, *, value: bool = False) -> None:
-        self._bits = bytearray(b"\xff" if value else b"\x00") * ((size + 7) // 8)
-        self._size = size
-        if value and size % 8:
-            self._bits[-1] = (1 << size % 8) - 1
+    def keep(self, seq: int, rows: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | None:
+        """Which of shard ``seq``'s ``rows`` hold their row's latest result (None: all)."""
+        if not len(self._again):
+            return None
+        where = pc.index_in(rows, value_set=self._again)
+        superseded = pc.not_equal(pc.take(self._latest, where), seq)
+        return pc.invert(pc.fill_null(superseded, False))
 
-    def __len__(self) -> int:
-        return self._size
+    def mean_row_bytes(self) -> float:
+        """A shard row's uncompressed size, on average."""
+        return sum(s.size for s in self.shards) / max(1, sum(s.rows for s in self.shards))
 
-    def __getitem__(self, i: int) -> bool:
-        return bool(self._bits[i >> 3] >> (i & 7) & 1)
-
-    def __setitem__(self, i: int, value: bool) -> None:
-        if value:
-            self._bits[i >> 3] |= 1 << (i & 7)
-        else:
-            self._bits[i >> 3] &= ~(1 << (i & 7)) & 0xFF
-
-    def __iter__(self) -> Iterator[bool]:
-        return (self[i] for i in range(self._size))
-
-    def count(self) -> int:
-        """How many rows are set."""
-        return int.from_bytes(self._bits, "little").bit_count()
-
-
-#: A shard's columns worth a dictionary (see FEW_VALUES).
-_DICTIONARY = [name for name in SHARD_SCHEMA.names if name in FEW_VALUES]
-
-
-def read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:
-    """One Parquet file (``columns`` of it). Not pq.read_table, which loads
-    pyarrow.dataset the first time (+4 MB RSS) to read what ParquetFile reads alone."""
-    with pq.ParquetFile(path) as file:
-        return file.read(columns=columns)
-
-
-def check_same_job(old: dict[str, Any] | None, new: dict[str, Any], job: Job) -> None:
-    """Refuse, naming what changed, to mix results of ``old`` into a job that is ``new``."""
-    if old is None:
-        return
-    _check_same_endpoint(old, new, job)
-    changed = []
-    if old.get("input_digest") != new["input_digest"]:
-        changed.append(f"the input file ({old.get('input')} has changed)")
-    for key, value in new["request"].items():
-        if old.get("request", {}).get(key) != value:
-            changed.append(f"{key} (was {old.get('request', {}).get(key)!r}, now {value!r})")
-    if old.get("id_column") != new["id_column"] and not changed:
-        changed.append("the id column")
-    if changed:
-        raise UsageError(
-            f"{job.output} holds results of a different job; changed: {'; '.join(changed)}. "
-            "Rerun with --restart to throw those results away and start over, "
-            "or undo the change to resume"
-        )
-
-
-def _check_same_endpoint(old: dict[str, Any], new: dict[str, Any], job: Job) -> None:
-    """Refuse to mix a rehearsal's answers with real ones, or one endpoint's with another's.
-    (A manifest from before endpoints were recorded is taken as it is.)"""
-    was, now = old.get("endpoint"), new["endpoint"]
-    if was is None or was == now:
-        return
-    if was["simulated"]:
-        problem = (f"{job.output} holds the simulator's answers (a --simulate rehearsal), "
-                   f"not {now['provider']}'s")  # fmt: skip
-    elif now["simulated"]:
-        problem = f"{job.output} holds real answers from {was['base_url']}, not the simulator's"
-    else:
-        problem = (f"{job.output} holds answers from {was['base_url']} ({was['provider']}), "
-                   f"not from {now['base_url']} ({now['provider']})")  # fmt: skip
-    raise UsageError(
-        f"{problem}; one output never mixes two endpoints' answers. Rerun with --restart "
-        "to throw those answers away and send every row again, choose another --output, "
-        "or undo the change to resume"
-    )
+    def results(self, start: int, count: int) -> pa.Table:
+        """The latest result of rows ``start`` .. ``start + count - 1``, in row order, as
+        SHARD_SCHEMA; read from the shards whose row range meets them. Every row must
+        have one (RuntimeError otherwise: the caller checked the done mask)."""
+        end = start + count
+        parts = []
+        for shard in self.shards:
+            if shard.high >= start and shard.low < end:
+                table = read_parquet(shard.path)
+                rows = table.column("_row")
+                inside = pc.and_(pc.greater_equal(rows, start), pc.less(rows, end))
+                keep = self.keep(shard.seq, rows)
+                table = table.filter(inside if keep is None else pc.and_(inside, keep))
+                parts.append(conform(table, SHARD_SCHEMA.names))
+        if not parts:
+            raise RuntimeError(f"no results for rows {start}..{end - 1}")
+        found = pa.concat_tables(parts)
+        del parts
+        if found.num_rows != count:
+            raise RuntimeError(f"rows {start}..{end - 1}: {found.num_rows} results for {count}")
+        order = pc.sort_indices(found.column("_row"))
+        # A column at a time, each dropped from ``found`` once taken: the block's results
+        # are never held twice over.
+        schema, columns = found.schema, []
+        for name in schema.names:
+            columns.append(found.column(name).take(order))
+            found = found.drop_columns([name])
+        return pa.Table.from_arrays(columns, schema=schema)
 
 
-def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write a file so that a crash leaves either the old one or the whole new one."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    with tmp.open("wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _present(path: Path, names: list[str]) -> list[str]:
+    have = set(pq.read_schema(path).names)
+    return [name for name in names if name in have]
+
+
+def conform(table: pa.Table, names: list[str]) -> pa.Table:
+    """``names`` of a shard, typed as SHARD_SCHEMA; columns an older batchq did not write
+    are nulls."""
+    for name in names:
+        if name not in table.column_names:
+            field = SHARD_SCHEMA.field(name)
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table.select(names).cast(pa.schema([SHARD_SCHEMA.field(n) for n in names]))

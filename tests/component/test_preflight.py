@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchq.config import load_job
-from batchq.errors import InputError, UsageError
+from batchq.errors import InputError
 from batchq.io.preflight import preflight
 
 
@@ -116,14 +116,3 @@ def test_parquet_rows_are_reported_by_row_number(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="duplicate id 'a'") as caught:
         preflight(job_for(path))
     assert (caught.value.row, caught.value.line) == (2, None)
-
-
-def test_output_folder_must_be_writable_or_makeable(
-    write_jsonl: Callable[..., Path], tmp_path: Path
-) -> None:
-    path = write_jsonl([{"prompt": "a"}])
-    preflight(job_for(path, output=str(tmp_path / "missing" / "deeper" / "o.parquet")))
-    assert not (tmp_path / "missing").exists()  # nothing is written by the checks
-    (tmp_path / "file").write_text("")
-    with pytest.raises(UsageError, match="is a file"):
-        preflight(job_for(path, output=str(tmp_path / "file" / "o.parquet")))

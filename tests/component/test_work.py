@@ -86,12 +86,12 @@ async def run(  # type: ignore[no-untyped-def]
 
 async def test_transient_failures_are_retried_until_ok() -> None:
     row, sleeps, events, pacer = await run([err(503), err(500), OK])
-    assert row["status"] == "ok"
-    assert row["response"] == "yo"
-    assert row["attempts"] == 3
-    assert row["_row"] == 7
-    assert row["_id"] == "r7"
-    assert row["model"] == "qwen-plus"
+    assert row.status == "ok"
+    assert row.response == "yo"
+    assert row.attempts == 3
+    assert row.row == 7
+    assert row.id == "r7"
+    assert row.model == "qwen-plus"
     assert len(sleeps) == 2
     assert pacer.acquired == 3  # every attempt waits on the pacer
     assert pacer.released == [None, None, 4]  # ... and gives back what it used
@@ -100,7 +100,7 @@ async def test_transient_failures_are_retried_until_ok() -> None:
 
 async def test_a_429_is_told_to_the_pacer_and_its_retry_after_delays_the_row() -> None:
     row, sleeps, _, pacer = await run([err(429, "limit_requests", **{"Retry-After": "3"}), OK])
-    assert row["status"] == "ok"
+    assert row.status == "ok"
     assert pacer.penalties == [3.0]
     assert [s.throttled for s in pacer.settled] == ["rate", None]
     assert sleeps == [3.0]
@@ -108,16 +108,16 @@ async def test_a_429_is_told_to_the_pacer_and_its_retry_after_delays_the_row() -
 
 async def test_a_fault_that_never_passes_ends_the_row_not_the_run() -> None:
     row, sleeps, _, _ = await run([err(503)] * 4, max_attempts=4)
-    assert row["status"] == "error"
-    assert row["attempts"] == 4
-    assert row["http_status"] == 503
-    assert row["error_code"] == "x"
+    assert row.status == "error"
+    assert row.attempts == 4
+    assert row.http_status == 503
+    assert row.error_code == "x"
     assert len(sleeps) == 3
 
 
 async def test_a_400_is_recorded_once_without_retrying() -> None:
     row, sleeps, _, _ = await run([err(400, "data_inspection_failed")])
-    assert (row["status"], row["attempts"], row["error_code"]) == (
+    assert (row.status, row.attempts, row.error_code) == (
         "error", 1, "data_inspection_failed",
     )  # fmt: skip
     assert sleeps == []
@@ -125,7 +125,7 @@ async def test_a_400_is_recorded_once_without_retrying() -> None:
 
 async def test_attempts_count_across_runs() -> None:
     row, _, _, _ = await run([err(503), OK], prior=2)
-    assert row["attempts"] == 4
+    assert row.attempts == 4
 
 
 async def test_auth_failure_stops_the_run() -> None:
@@ -136,8 +136,8 @@ async def test_auth_failure_stops_the_run() -> None:
 async def test_quota_429s_do_not_use_up_attempts_and_are_throttling_first() -> None:
     # Model Studio's TPM limit answers insufficient_quota: a momentary spike is ridden out.
     row, sleeps, _, pacer = await run([err(429, "insufficient_quota")] * 6 + [OK], max_attempts=2)
-    assert row["status"] == "ok"
-    assert row["attempts"] == 7  # every request sent is counted...
+    assert row.status == "ok"
+    assert row.attempts == 7  # every request sent is counted...
     assert [s.throttled for s in pacer.settled] == ["quota"] * 6 + [None]  # ...and slows
     assert len(sleeps) == 6
 

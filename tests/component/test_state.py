@@ -1,4 +1,5 @@
-"""The state folder: atomic shards, done rows, refusing a changed job, the lock."""
+"""The state folder: atomic shards, done rows, the latest result wins, refusing a changed
+job, the lock, the checks on the output path."""
 
 from __future__ import annotations
 
@@ -8,17 +9,24 @@ from typing import Any
 
 import pytest
 
-from batchq.config import load_job
+from batchq.config import Job, load_job
 from batchq.errors import UsageError
-from batchq.io.preflight import preflight
+from batchq.io.preflight import InputInfo, preflight
 from batchq.money.pricing import PriceTable
 from batchq.money.report import cost_report, find_results, status
+from batchq.result import Result
 from batchq.run.runner import FLUSH_MAX_ROWS, FLUSH_MAX_TEXT, Journal
-from batchq.state.folder import RowMask, StateDir
+from batchq.state import RowMask, StateDir, check_output, manifest_for
 
 
-def result(row: int, status: str = "ok", attempts: int = 1) -> dict[str, Any]:
-    return {"_row": row, "_id": str(row), "status": status, "attempts": attempts}
+def result(row: int, status: str = "ok", attempts: int = 1, **columns: Any) -> Result:
+    return Result(row=row, id=str(row), status=status, model=columns.pop("model", "m"),
+                  attempts=attempts, via="live", **columns)  # fmt: skip
+
+
+def open_state(job: Job, info: InputInfo, *, restart: bool = False) -> StateDir:
+    manifest = manifest_for(job, info, region="intl")
+    return StateDir.open(job, info, manifest=manifest, restart=restart)
 
 
 @pytest.fixture
@@ -49,9 +57,9 @@ def test_row_mask_is_a_bit_a_row(size: int) -> None:
 
 def test_shards_record_done_rows(job) -> None:  # type: ignore[no-untyped-def]
     info = preflight(job)
-    state = StateDir.open(job, info)
-    state.write_shard([result(0), result(3, "error", 2)])
-    state.write_shard([result(4)])
+    state = open_state(job, info)
+    state.write([result(0), result(3, "error", 2)])
+    state.write([result(4)])
     assert [p.name for p in state.shard_paths()] == ["000001.parquet", "000002.parquet"]
     assert list(state.done_mask(5)) == [1, 0, 0, 1, 1]
     assert list(state.done_mask(5, retry_errors=True)) == [1, 0, 0, 0, 1]
@@ -61,14 +69,14 @@ def test_shards_record_done_rows(job) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_the_journal_flushes_by_rows_and_by_answer_text(job) -> None:  # type: ignore[no-untyped-def]
-    state = StateDir.open(job, preflight(job))
+    state = open_state(job, preflight(job))
     flushed: list[int] = []
     journal = Journal(state, lambda event: flushed.append(event.rows))
     long = "x" * (FLUSH_MAX_TEXT // 3)
     for row in range(7):  # the third long answer reaches the limit: a shard of 3 rows
-        journal.add({**result(row), "response": long, "choices": ["y"] if row else None})
+        journal.add(result(row, response=long, choices=["y"] if row else None))
     for row in range(7, 7 + FLUSH_MAX_ROWS):
-        journal.add({**result(row), "response": "short"})
+        journal.add(result(row, response="short"))
     journal.flush()
     assert flushed == [3, 3, FLUSH_MAX_ROWS, 1]
     assert len(state.shard_paths()) == 4
@@ -76,9 +84,9 @@ def test_the_journal_flushes_by_rows_and_by_answer_text(job) -> None:  # type: i
 
 
 def test_a_later_ok_supersedes_an_earlier_error(job) -> None:  # type: ignore[no-untyped-def]
-    state = StateDir.open(job, preflight(job))
-    state.write_shard([result(1, "error")])
-    state.write_shard([result(1, "ok")])
+    state = open_state(job, preflight(job))
+    state.write([result(1, "error")])
+    state.write([result(1, "ok")])
     assert state.done_mask(5, retry_errors=True)[1] == 1
     assert state.max_attempts_by_row() == {}
     state.close()
@@ -86,50 +94,50 @@ def test_a_later_ok_supersedes_an_earlier_error(job) -> None:  # type: ignore[no
 
 def test_a_changed_request_is_refused_unless_restart(job) -> None:  # type: ignore[no-untyped-def]
     info = preflight(job)
-    state = StateDir.open(job, info)
-    state.write_shard([result(0)])
+    state = open_state(job, info)
+    state.write([result(0)])
     state.close()
     changed = load_job(None, overrides={"input": str(job.input), "model": "other",
                                         "output": str(job.output)})  # fmt: skip
     with pytest.raises(UsageError, match=r"model \(was 'm', now 'other'\).*--restart"):
-        StateDir.open(changed, info)
-    state = StateDir.open(changed, info, restart=True)
+        open_state(changed, info)
+    state = open_state(changed, info, restart=True)
     assert state.shard_paths() == []
     state.close()
 
 
 def test_changed_limits_are_allowed(job) -> None:  # type: ignore[no-untyped-def]
     info = preflight(job)
-    StateDir.open(job, info).close()
+    open_state(job, info).close()
     faster = load_job(None, overrides={"input": str(job.input), "model": "m", "qps": 99,
                                        "output": str(job.output)})  # fmt: skip
-    StateDir.open(faster, info).close()
+    open_state(faster, info).close()
 
 
 def test_a_changed_input_is_refused(job) -> None:  # type: ignore[no-untyped-def]
-    StateDir.open(job, preflight(job)).close()
+    open_state(job, preflight(job)).close()
     job.input.write_text('{"prompt": "different"}\n')
     with pytest.raises(UsageError, match="the input file"):
-        StateDir.open(job, preflight(job))
+        open_state(job, preflight(job))
 
 
 def test_one_run_at_a_time(job) -> None:  # type: ignore[no-untyped-def]
     info = preflight(job)
-    first = StateDir.open(job, info)
+    first = open_state(job, info)
     with pytest.raises(UsageError, match="another batchq process"):
-        StateDir.open(job, info)
+        open_state(job, info)
     first.close()
-    StateDir.open(job, info).close()
+    open_state(job, info).close()
 
 
 def test_status_and_cost_of_a_state_folder_count_each_row_once(job) -> None:  # type: ignore[no-untyped-def]
     info = preflight(job)
-    state = StateDir.open(job, info)
-    usage = {"model": "qwen-plus", "prompt_tokens": 1000, "completion_tokens": 100}
-    state.write_shard([{**result(0), **usage}, result(2, "error"), result(3, "error"),
-                       {**result(4), **usage}])  # fmt: skip
-    state.write_shard([{**result(2, attempts=2), **usage}])  # --retry-errors answered it
-    state.write_shard([result(3, "error", attempts=3)])  # and failed this one again
+    state = open_state(job, info)
+    usage: dict[str, Any] = {"model": "qwen-plus", "prompt_tokens": 1000,
+                             "completion_tokens": 100}  # fmt: skip
+    state.write([result(0, **usage), result(2, "error"), result(3, "error"), result(4, **usage)])
+    state.write([result(2, attempts=2, **usage)])  # --retry-errors answered it
+    state.write([result(3, "error", attempts=3)])  # and failed this one again
     results = find_results(job.output)
     s = status(results, PriceTable.load())
     assert (s.total_rows, s.done, s.ok, s.error, s.remaining) == (5, 4, 3, 1, 1)
@@ -141,3 +149,43 @@ def test_status_and_cost_of_a_state_folder_count_each_row_once(job) -> None:  # 
     assert sum(line.rows for line in report.lines) == 4
     state.close()
     assert status(results, PriceTable.load()).state_of_run == "stopped"
+
+
+def test_the_latest_shard_wins_everywhere_it_is_read(job) -> None:  # type: ignore[no-untyped-def]
+    """One rule, read four ways: the done mask, the attempts so far, the merge's blocks
+    and the reports' tables all see row 1's third answer and row 3's second."""
+    state = open_state(job, preflight(job))
+    state.write([result(1, "error", response=None), result(3, "ok", response="three-a")])
+    state.write([result(0, response="zero"), result(1, "error", attempts=2)])
+    state.write([result(1, response="one", attempts=3), result(3, "error", attempts=4),
+                 result(2, response="two"), result(4, response="four")])  # fmt: skip
+    assert list(state.done_mask(5, retry_errors=True)) == [1, 1, 1, 0, 1]
+    assert state.max_attempts_by_row() == {3: 4}
+    block = state.index().results(1, 3)
+    assert block.column("_row").to_pylist() == [1, 2, 3]
+    assert block.column("status").to_pylist() == ["ok", "ok", "error"]
+    assert block.column("attempts").to_pylist() == [3, 1, 4]
+    rows = [r for table in state.latest(["status"]) for r in table.to_pylist()]
+    assert len(rows) == 5  # a row once, however often it was answered
+    assert {r["_row"]: r["status"] for r in rows} == {
+        0: "ok", 1: "ok", 2: "ok", 3: "error", 4: "ok"}  # fmt: skip
+    with pytest.raises(RuntimeError, match="2 results for 3"):
+        state.index().results(3, 3)  # row 5 has none
+    state.close()
+
+
+def test_the_output_path_is_checked_before_anything_is_written(
+    write_jsonl: Callable[..., Path], tmp_path: Path
+) -> None:
+    path = write_jsonl([{"prompt": "a"}])
+
+    def job_to(output: Path) -> Job:
+        return load_job(None, overrides={"input": str(path), "model": "m", "output": str(output)})
+
+    check_output(job_to(tmp_path / "missing" / "deeper" / "o.parquet"))
+    assert not (tmp_path / "missing").exists()  # nothing is written by the checks
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UsageError, match="is a file"):
+        check_output(job_to(tmp_path / "file" / "o.parquet"))
+    with pytest.raises(UsageError, match="is the input file"):
+        check_output(job_to(path))

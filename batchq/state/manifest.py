@@ -1,0 +1,118 @@
+"""What a job's results belong to, recorded in its state folder (``manifest.json``) and
+in its output file's metadata (MANIFEST_KEY), and the check that refuses to mix them.
+
+The identity of a job's results: the input (digest, rows, id column), the endpoint (a
+rehearsal's simulator, or a provider and base URL) and the request settings that change
+answers. Beside it: the manifest's version, the price region (the caller's, so that
+``status`` and ``cost`` price it as the run did) and the command that resumes the run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batchq.config import Job, RequestSettings
+from batchq.errors import UsageError
+from batchq.io.preflight import InputInfo
+
+__all__ = ["MANIFEST_KEY", "VERSION", "check_same_job", "manifest_for", "output_manifest"]
+
+VERSION = 1
+#: The output file's metadata key for the manifest of the job that wrote it.
+MANIFEST_KEY = b"batchq.manifest"
+
+
+def manifest_for(
+    job: Job, info: InputInfo, *, region: str, command: str | None = None
+) -> dict[str, Any]:
+    """The manifest of ``job`` over the input ``info`` describes."""
+    return {"version": VERSION, "region": region, "command": command, **_identity(job, info)}
+
+
+def _identity(job: Job, info: InputInfo) -> dict[str, Any]:
+    r = job.request
+    return {
+        "input": str(info.path),
+        "input_digest": info.digest,
+        "input_rows": info.total_rows,
+        "id_column": info.id_column,
+        "endpoint": _endpoint_of(r),
+        "request": {
+            "model": r.model,
+            "system": r.system,
+            "template": r.template,
+            "max_tokens": r.max_tokens,
+            "temperature": r.temperature,
+            "params": r.params,
+        },
+    }
+
+
+def _endpoint_of(request: RequestSettings) -> dict[str, Any]:
+    """Where a job's answers come from: part of what its results belong to. The simulator
+    is one endpoint whatever its port; a real endpoint is its provider and base URL."""
+    return {
+        "provider": request.provider,
+        "base_url": None if request.simulated else request.url,
+        "simulated": request.simulated,
+    }
+
+
+def check_same_job(old: dict[str, Any] | None, job: Job, info: InputInfo) -> None:
+    """Refuse, naming what changed, to mix results of the job ``old`` describes into
+    ``job`` (None: no manifest to compare)."""
+    if old is None:
+        return
+    new = _identity(job, info)
+    _check_same_endpoint(old, new, job)
+    changed = []
+    if old.get("input_digest") != new["input_digest"]:
+        changed.append(f"the input file ({old.get('input')} has changed)")
+    for key, value in new["request"].items():
+        if old.get("request", {}).get(key) != value:
+            changed.append(f"{key} (was {old.get('request', {}).get(key)!r}, now {value!r})")
+    if old.get("id_column") != new["id_column"] and not changed:
+        changed.append("the id column")
+    if changed:
+        raise UsageError(
+            f"{job.output} holds results of a different job; changed: {'; '.join(changed)}. "
+            "Rerun with --restart to throw those results away and start over, "
+            "or undo the change to resume"
+        )
+
+
+def _check_same_endpoint(old: dict[str, Any], new: dict[str, Any], job: Job) -> None:
+    """Refuse to mix a rehearsal's answers with real ones, or one endpoint's with another's.
+    (A manifest from before endpoints were recorded is taken as it is.)"""
+    was, now = old.get("endpoint"), new["endpoint"]
+    if was is None or was == now:
+        return
+    if was["simulated"]:
+        problem = (f"{job.output} holds the simulator's answers (a --simulate rehearsal), "
+                   f"not {now['provider']}'s")  # fmt: skip
+    elif now["simulated"]:
+        problem = f"{job.output} holds real answers from {was['base_url']}, not the simulator's"
+    else:
+        problem = (f"{job.output} holds answers from {was['base_url']} ({was['provider']}), "
+                   f"not from {now['base_url']} ({now['provider']})")  # fmt: skip
+    raise UsageError(
+        f"{problem}; one output never mixes two endpoints' answers. Rerun with --restart "
+        "to throw those answers away and send every row again, choose another --output, "
+        "or undo the change to resume"
+    )
+
+
+def output_manifest(output: Path) -> dict[str, Any] | None:
+    """The manifest of the job that wrote ``output``; None for a file batchq did not write
+    (not Parquet, or Parquet without one)."""
+    try:
+        metadata = pq.read_schema(output).metadata or {}
+    except (pa.ArrowException, OSError):
+        return None
+    raw = metadata.get(MANIFEST_KEY)
+    return orjson.loads(raw) if raw else None
