@@ -54,6 +54,7 @@ __all__ = ["ExportResult", "ImportResult", "export_batch", "import_batch"]
 RETRYABLE_CODES = frozenset({"batch_expired", "batch_cancelled"})
 MAX_LINES = 50_000
 SHARD_ROWS = 10_000
+EXPORT_MANIFEST = "manifest.json"
 MAX_BYTES = 200 * 1024**2
 URL = "/v1/chat/completions"
 _NOT_IN_A_BATCH = ("stream", "stream_options")
@@ -80,6 +81,11 @@ class ExportResult:
     rows: int
     files: list[dict[str, Any]] = field(default_factory=list)
     already_done: int = 0
+
+    @property
+    def manifest(self) -> Path:
+        """The export's index of its files (and the job, for ``import-batch --job``)."""
+        return self.folder / EXPORT_MANIFEST
 
 
 def export_batch(
@@ -145,7 +151,7 @@ def _export(
                 "id_column": info.id_column, "rows": result.rows, "files": result.files,
                 "request": _manifest(job, info, None)["request"],
                 "job": job_settings(job)}  # fmt: skip
-    (folder / "manifest.json").write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+    result.manifest.write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
     return result
 
 

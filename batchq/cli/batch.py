@@ -41,7 +41,7 @@ def export_batch(job_file: str | None, out_dir: Path | None, max_lines: int, max
     click.echo(f"{e.rows:,} requests in {len(e.files)} files{done} -> {e.folder}/")
     for f in e.files:
         click.echo(f"  {f['file']}: {f['model']}, {f['lines']:,} lines, {f['bytes']:,} bytes")
-    job_ref = job_file or shlex.quote(str(e.folder / "manifest.json"))
+    job_ref = job_file or shlex.quote(str(e.manifest))
     click.echo("upload them to the provider's Batch API; then: batchq import-batch "
                f"RESULTS.jsonl… --job {job_ref}")  # fmt: skip
 
