@@ -14,6 +14,7 @@ __all__ = [
     "BatchqError",
     "InputError",
     "Job",
+    "RunOptions",
     "RunStopped",
     "RunSummary",
     "UsageError",
@@ -29,6 +30,7 @@ _HOMES = {
     "UsageError": "batchq.errors",
     "Job": "batchq.config",
     "load_job": "batchq.config",
+    "RunOptions": "batchq.run.runner",
     "RunSummary": "batchq.run.runner",
     "run_job": "batchq.run.runner",
 }

@@ -127,21 +127,10 @@ async def run_job(
             state.remove()
             sink(Notice(f"{job.output} is complete already: nothing to send"))
             return _finish(sink, job, info, ok_error=None, sent=0, started=started, done=True)
-        done = state.done_mask(info.total_rows, retry_errors=options.retry_errors)
-        todo = info.total_rows - done.count()
-        sink(RunStarted(job.name, info.total_rows, todo, job.output))
-        for note in (*state.notes, *info.notes):
-            sink(Notice(note))
-        if todo < info.total_rows:
-            sink(Notice(f"resuming: {info.total_rows - todo:,} rows already done"))
-        if todo:
-            prior = state.max_attempts_by_row() if options.retry_errors else {}
-            await _send_all(
-                job, info, state, done, prior,
-                api_key=api_key, sink=sink, transport=transport,
-                pacer=pacer or RatePacer(job.limits, emit=sink),
-                rng=random.Random(options.seed), keep_raw=options.keep_raw,
-            )  # fmt: skip
+        todo = await _send_pending(
+            job, info, state, options,
+            api_key=api_key, sink=sink, transport=transport, pacer=pacer,
+        )  # fmt: skip
         counts = merge_output(
             state, info, job.output, manifest=manifest, keep_raw=options.keep_raw,
             on_block=on_results,
@@ -152,6 +141,37 @@ async def run_job(
         return _finish(sink, job, info, ok_error=ok_error, sent=todo, started=started, done=False)
     finally:
         state.close()
+
+
+async def _send_pending(
+    job: Job,
+    info: InputInfo,
+    state: StateDir,
+    options: RunOptions,
+    *,
+    api_key: str | None,
+    sink: Sink,
+    transport: httpx.AsyncBaseTransport | None,
+    pacer: Pacer | None,
+) -> int:
+    """Send every row without a result (or, with ``retry_errors``, with an error as its
+    latest result) into ``state``; how many there were."""
+    done = state.done_mask(info.total_rows, retry_errors=options.retry_errors)
+    todo = info.total_rows - done.count()
+    sink(RunStarted(job.name, info.total_rows, todo, job.output))
+    for note in (*state.notes, *info.notes):
+        sink(Notice(note))
+    if todo < info.total_rows:
+        sink(Notice(f"resuming: {info.total_rows - todo:,} rows already done"))
+    if todo:
+        prior = state.max_attempts_by_row() if options.retry_errors else {}
+        await _send_all(
+            job, info, state, done, prior,
+            api_key=api_key, sink=sink, transport=transport,
+            pacer=pacer or RatePacer(job.limits, emit=sink),
+            rng=random.Random(options.seed), keep_raw=options.keep_raw,
+        )  # fmt: skip
+    return todo
 
 
 def _finish(
