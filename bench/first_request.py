@@ -4,6 +4,7 @@
     python bench/first_request.py --rows 10000000 --whole   # the whole run: peak RSS at 10M
     python bench/first_request.py --rows 40000 --whole --text-bytes 2000  # long rows
     python bench/first_request.py --rows 1000000 --shape messages          # a messages column
+    python bench/first_request.py --rows 1000000 --shape batch-lines       # Batch-API lines
 
 Writes an input of N review rows (id, text, stars; a template job), starts `batchq run`
 in a subprocess against the simulator (in this process's thread) and reports the seconds
@@ -13,8 +14,8 @@ and imports). Without --whole the run is stopped by SIGINT two seconds after its
 request; with --whole it runs to the end. Either way the child's peak RSS is reported.
 --text-bytes pads each review's text; the simulator echoes the prompt, so the answers
 are as long. --shape messages writes each row as a ``messages`` column (a system and a
-user message) instead, --shape prompt as a ``prompt`` column; the job then has no
-template.
+user message) instead, --shape prompt as a ``prompt`` column, --shape batch-lines as
+Batch-API lines (``custom_id``, ``body``); the job then has no template.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ def write_input(path: Path, rows: int, text_bytes: int = 0, shape: str = "templa
                 {"role": "user", "content": f"Review: {text} ({i % 5} stars)"}]}  # fmt: skip
         if shape == "prompt":
             return {"id": f"r{i}", "prompt": f"Review: {text} ({i % 5} stars)"}
+        if shape == "batch-lines":
+            message = {"role": "user", "content": f"Review: {text} ({i % 5} stars)"}
+            body = {"model": "qwen-plus", "max_tokens": 8, "messages": [message]}
+            return {"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+                    "body": body}  # fmt: skip
         return {"id": f"r{i}", "text": text, "stars": i % 5}
 
     with path.open("wb") as f:
@@ -67,7 +73,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--whole", action="store_true", help="run to the end")
     parser.add_argument("--text-bytes", type=int, default=0, help="pad each text (and answer)")
-    parser.add_argument("--shape", choices=["template", "prompt", "messages"], default="template")
+    parser.add_argument(
+        "--shape", choices=["template", "prompt", "messages", "batch-lines"], default="template"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         source, out = Path(folder) / "in.jsonl", Path(folder) / "out.parquet"

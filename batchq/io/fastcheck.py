@@ -6,7 +6,8 @@ answers, for the inputs where whole-column checks decide it: rows that take thei
 from a template over plain columns, from a string ``prompt`` column, or from a
 ``messages`` column of ``{role, content}`` text messages; with per-row request fields
 only where they are numbers (``temperature``, ``top_p``, ``max_tokens``, ``seed`` ...);
-no Batch-API lines. It never reports a problem:
+and Batch-API lines whose body holds text ``messages``, a ``model`` and such numbers
+(their body's columns are checked as a row's would be). It never reports a problem:
 whenever it sees one, or anything it cannot decide for sure (a null, a mixed column, a
 NaN, bytes that are not UTF-8, a line holding two objects, a request near the TPM
 limit, an id hash seen twice ...), it returns None and the exact pass runs, which says
@@ -33,7 +34,14 @@ from batchq.io.keys import RepeatFinder
 from batchq.io.reader import input_format
 from batchq.io.rules import check_clash, default_id_column, digest_and_lines
 from batchq.qwen import RANGES
-from batchq.send.request import REQUEST_FIELDS, ROLES, RowProblem, completion_cap, job_body
+from batchq.send.request import (
+    REQUEST_FIELDS,
+    ROLES,
+    RowProblem,
+    build_body,
+    completion_cap,
+    job_body,
+)
 
 __all__ = ["Vouched", "vouch"]
 
@@ -74,18 +82,26 @@ def _vouch(job: Job, progress: Callable[[int], None] | None) -> Vouched:
     fmt = input_format(path)
     if fmt == "jsonl" and path.name.lower().endswith(".gz"):
         raise _Unsure("gzip")
-    try:
-        base, note = job_body(job.request)
-    except RowProblem:
-        raise _Unsure("the job itself has a problem") from None
-    cap = completion_cap(base) or 0
     batches = _jsonl(path) if fmt == "jsonl" else _parquet(path)
     first = next(batches, None)
     if first is None or first.num_rows == 0:
         raise _Unsure("no rows")
     schema = first.schema
-    id_column = job.id_column or default_id_column(schema.names, batch_lines=False)
-    check = _Checks(job, schema, id_column, fixed_chars=_fixed_chars(job), cap=cap)
+    batch_lines = {"custom_id", "body"} <= set(schema.names)
+    try:
+        base, note = job_body(job.request)
+    except RowProblem as e:
+        # Batch-API bodies may each name their model (_LineChecks checks them); the cap
+        # (the job's fields with the rules applied) matters only under a TPM limit.
+        if not (batch_lines and e.column == "model" and not job.limits.tpm):
+            raise _Unsure("the job itself has a problem") from None
+        base, note = {}, None
+    cap = completion_cap(base) or 0
+    id_column = job.id_column or default_id_column(schema.names, batch_lines=batch_lines)
+    if batch_lines:
+        check: _Checks = _LineChecks(job, schema, id_column, cap=cap)
+    else:
+        check = _Checks(job, schema, id_column, fixed_chars=_fixed_chars(job), cap=cap)
     rows = 0
     for batch in _chain(first, batches):
         if batch.schema != schema:
@@ -95,6 +111,10 @@ def _vouch(job: Job, progress: Callable[[int], None] | None) -> Vouched:
         if progress is not None:
             progress(rows)
     check.ids_unique()
+    if isinstance(check, _LineChecks):
+        notes = tuple(sorted(check.notes))  # the bodies' own
+    else:
+        notes = (note,) if note else ()
     digest, lines = digest_and_lines(path)
     if fmt == "jsonl":
         if lines != rows:
@@ -106,7 +126,7 @@ def _vouch(job: Job, progress: Callable[[int], None] | None) -> Vouched:
         check_clash((name for name, _ in columns), id_column, path)
     except InputError:
         raise _Unsure("a column clash: the exact pass says where") from None
-    return Vouched(rows, columns, id_column, digest, (note,) if note else ())
+    return Vouched(rows, columns, id_column, digest, notes)
 
 
 def _chain(first: pa.RecordBatch, rest: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -209,12 +229,13 @@ class _Checks:
     """The exact pass's row checks, a column at a time."""
 
     def __init__(
-        self, job: Job, schema: pa.Schema, id_column: str | None, *, fixed_chars: int, cap: int
-    ) -> None:
+        self, job: Job, schema: pa.Schema, id_column: str | None, *, fixed_chars: int, cap: int,
+        lines: bool = False,
+    ) -> None:  # fmt: skip
         names = set(schema.names)
-        if {"custom_id", "body"} <= names:
-            raise _Unsure("Batch-API lines")
-        self._fields = sorted(names & REQUEST_FIELDS)
+        if {"custom_id", "body"} <= names and not lines:
+            raise _Unsure("Batch-API lines: _LineChecks")
+        self._fields = sorted(names & REQUEST_FIELDS - ({"model"} if lines else set()))
         for name in self._fields:
             type_ = schema.field(name).type
             if name not in ROW_NUMBERS or not (
@@ -229,8 +250,10 @@ class _Checks:
         self._cap = cap
         self._keys = RepeatFinder()  # one key a row: the int id, or its text's hash
         r = job.request
-        self._messages = r.template is None and "messages" in names
-        if r.template is not None:
+        self._messages = (r.template is None or lines) and "messages" in names
+        if lines and not self._messages:
+            raise _Unsure("a Batch-API body without messages")
+        if r.template is not None and not lines:
             self._sources = _template_fields(r.template)
         elif self._messages:
             self._sources = []
@@ -301,6 +324,69 @@ class _Checks:
         """A repeated key sends the ids to the exact pass, which says which and where."""
         if self._keys.repeated():
             raise _Unsure("an id hash seen twice: the exact pass checks the ids themselves")
+
+
+class _LineChecks(_Checks):
+    """Batch-API lines (``custom_id``, ``body``: SPEC "Input"): the exact pass sends each
+    body as it is, with the job's fields as defaults, and ignores template and system. The
+    body's columns get a row's checks (``_Checks``); a per-row ``model`` too, each model
+    once through the exact pass's own ``build_body``, which also gives the notes."""
+
+    def __init__(self, job: Job, schema: pa.Schema, id_column: str | None, *, cap: int) -> None:
+        body = schema.field("body").type
+        if not pa.types.is_struct(body):
+            raise _Unsure("a body that is not an object")
+        inner = pa.schema([body.field(i) for i in range(body.num_fields)])
+        others = set(inner.names) - {"messages", "model"} - ROW_NUMBERS
+        if others:
+            raise _Unsure(f"a Batch-API body with {sorted(others)[0]!r}: the exact pass")
+        if "model" in inner.names and not pa.types.is_string(inner.field("model").type):
+            raise _Unsure("a Batch-API body's model that is not text")
+        # fixed_chars: each message's framing only (no system, no template: 12 - 12)
+        super().__init__(job, inner, None, fixed_chars=12, cap=cap, lines=True)
+        self._lines_id = id_column
+        if id_column is None or id_column not in schema.names:
+            raise _Unsure("no id column")
+        if schema.field(id_column).type not in _ID_TYPES:
+            raise _Unsure("the id column is not int64 / text")
+        self.notes: set[str] = set()
+        self._models: set[str | None] = set()
+
+    def batch(self, batch: pa.RecordBatch) -> None:
+        body, custom = batch.column("body"), batch.column("custom_id")
+        if body.null_count or custom.null_count:
+            raise _Unsure("a line without a body or a custom_id: not a Batch-API line")
+        inner = pa.RecordBatch.from_struct_array(body)
+        for name in self._fields:  # missing and null are one in Arrow, not in the body
+            if inner.column(name).null_count:
+                raise _Unsure(f"a null or missing {name} in a body")
+        models = inner.column("model") if "model" in inner.schema.names else None
+        if models is not None and models.null_count:
+            raise _Unsure("a null or missing model in a body")
+        for model in [None] if models is None else pc.unique(models).to_pylist():
+            if model not in self._models:
+                self._models.add(model)
+                self._body_rules(model)
+        super().batch(inner)
+        ids = batch.column(self._lines_id)
+        if ids.null_count:
+            raise _Unsure("a null id")
+        if pa.types.is_integer(ids.type):
+            self._keys.add_array(ids)
+        else:
+            self._keys.add_array(pa.array(pyarray.array("q", map(hash, ids.to_pylist())),
+                                          pa.int64()))  # fmt: skip
+
+    def _body_rules(self, model: str | None) -> None:
+        """The exact pass on a body of this model (the job's fields as defaults): a
+        problem there, the exact pass decides; else the note it makes."""
+        body: dict[str, object] = {"messages": [{"role": "user", "content": ""}]}
+        if model is not None:
+            body["model"] = model
+        try:
+            build_body({"custom_id": "", "body": body}, self._job.request, self.notes)
+        except RowProblem:
+            raise _Unsure("a body the rules refuse: the exact pass says where") from None
 
 
 def _text_messages(type_: pa.DataType) -> None:

@@ -26,6 +26,25 @@ def reviews(n: int = 50, **extra: Any) -> list[dict[str, Any]]:
     return [{"id": f"r{i}", "text": f"review {i}", "stars": i % 5, **extra} for i in range(n)]
 
 
+def batch_lines(n: int, **body: Any) -> bytes:
+    """Batch-API lines; each keyword is a body field: a value, a function of the line's
+    number, or None to leave it out. ``custom_id`` gives the line's id instead."""
+
+    def value(v: Any, i: int) -> Any:
+        return v(i) if callable(v) else v
+
+    fields = {"model": "qwen-plus",
+              "messages": lambda i: [{"role": "user", "content": f"review {i} 世界"}],
+              **body}  # fmt: skip
+    custom = fields.pop("custom_id", lambda i: f"c{i}")
+    rows = []
+    for i in range(n):
+        content = {k: value(v, i) for k, v in fields.items() if v is not None}
+        rows.append({"custom_id": value(custom, i), "method": "POST",
+                     "url": "/v1/chat/completions", "body": content})  # fmt: skip
+    return lines(rows)
+
+
 TEMPLATE = {"template": "Review: {text} ({stars})"}
 # name: (file content, job overrides, the fast path must vouch)
 CASES: dict[str, tuple[bytes, dict[str, Any], bool]] = {
@@ -159,17 +178,63 @@ CASES: dict[str, tuple[bytes, dict[str, Any], bool]] = {
         {},
         False,
     ),
-    "batch lines": (
-        lines(
-            [
-                {
-                    "custom_id": "a",
-                    "method": "POST",
-                    "url": "/v1/chat/completions",
-                    "body": {"messages": [{"role": "user", "content": "x"}]},
-                }
-            ]
+    "batch lines": (batch_lines(40), {"tpm": 100_000, "system": "ignored", **TEMPLATE}, True),
+    "batch lines of two models, one a Qwen3 hybrid": (
+        batch_lines(30, model=lambda i: "qwen3-32b" if i % 3 else "qwen-max"),
+        {"model": None},
+        True,
+    ),
+    "batch lines without a model, the job's": (batch_lines(10, model=None), {}, True),
+    "batch lines with numbers": (
+        batch_lines(20, max_tokens=lambda i: 5 + i, temperature=lambda i: i % 3 * 0.5),
+        {"tpm": 10_000},
+        True,
+    ),
+    "batch lines with int ids": (batch_lines(10, custom_id=lambda i: i), {}, True),
+    # the exact pass decides: the fast path may decline
+    "batch lines with stream": (batch_lines(5, stream=True), {}, False),
+    "batch lines with a null temperature": (
+        batch_lines(5, temperature=lambda i: None if i == 2 else 0.5),
+        {},
+        False,
+    ),
+    # refused by the exact pass: the fast path must decline
+    "batch lines with no model anywhere": (batch_lines(5, model=None), {"model": None}, False),
+    "batch lines with an empty model": (
+        batch_lines(5, model=lambda i: "" if i else "m"),
+        {},
+        False,
+    ),
+    "batch lines with a temperature out of range": (
+        batch_lines(5, model="qwen-plus", temperature=lambda i: 2.5 if i == 3 else 0.5),
+        {},
+        False,
+    ),
+    "batch lines with a duplicate custom_id": (
+        batch_lines(5, custom_id=lambda i: f"c{min(i, 3)}"),
+        {},
+        False,
+    ),
+    "batch lines with an unknown role": (
+        batch_lines(
+            5, messages=lambda i: [{"role": "robot" if i == 4 else "user", "content": "x"}]
         ),
+        {},
+        False,
+    ),
+    "batch lines with an empty messages list": (
+        batch_lines(5, messages=lambda i: [] if i == 1 else [{"role": "user", "content": "x"}]),
+        {},
+        False,
+    ),
+    "batch lines over the TPM": (batch_lines(3, max_tokens=900), {"tpm": 1000}, False),
+    "batch lines with a duplicate key in a body": (
+        batch_lines(3).replace(b'"model": "qwen-plus"', b'"model": "qwen-plus", "model": "x"', 1),
+        {},
+        False,
+    ),
+    "batch lines with a line without a body": (
+        batch_lines(3) + lines([{"custom_id": "z", "method": "POST", "url": "/v1/x"}]),
         {},
         False,
     ),
