@@ -37,14 +37,7 @@ from batchq.result import Result
 from batchq.send.client import RETRY_STATUS
 from batchq.send.request import build_body
 from batchq.send.response import InvalidCompletion, completion_columns
-from batchq.state import (
-    RowMask,
-    StateDir,
-    check_output,
-    check_same_job,
-    manifest_for,
-    output_manifest,
-)
+from batchq.state import RowMask, StateDir, check_output, manifest_for
 
 __all__ = ["ExportResult", "ImportResult", "export_batch", "import_batch"]
 
@@ -99,8 +92,7 @@ def export_batch(
     the job, so that ``import_batch`` into a changed job is refused as a resumed run is."""
     check_output(job)
     info = preflight(job)
-    if job.output.exists() and not StateDir.of(job.output).has_results():
-        check_same_job(output_manifest(job.output), job, info)
+    if StateDir.finished(job, info):
         return _export(job, info, folder, RowMask(info.total_rows, value=True),
                        max_lines=max_lines, max_bytes=max_bytes)  # fmt: skip
     state = StateDir.open(job, info, manifest=_manifest(job, info, command))

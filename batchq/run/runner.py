@@ -48,14 +48,7 @@ from batchq.run.work import EndpointWatch, Item, QuotaWatch, answer
 from batchq.send.client import Client
 from batchq.send.limiter import Pacer, RatePacer
 from batchq.send.request import build_body, estimate_tokens
-from batchq.state import (
-    RowMask,
-    StateDir,
-    check_output,
-    check_same_job,
-    manifest_for,
-    output_manifest,
-)
+from batchq.state import RowMask, StateDir, check_output, manifest_for
 
 if TYPE_CHECKING:  # httpx loads only when a caller brings a transport (tests)
     from collections.abc import Callable
@@ -114,10 +107,7 @@ async def run_job(
     info = preflight(job, progress=lambda rows, exact: sink(Checking(rows, exact)))
     region = region_of(job.request.provider)
     manifest = manifest_for(job, info, region=region, command=options.command)
-    state = StateDir.of(job.output)
-    finished = job.output.exists() and not options.restart and not state.has_results()
-    if finished:  # checked before the state folder is made: a refused run leaves nothing
-        check_same_job(output_manifest(job.output), job, info)
+    finished = not options.restart and StateDir.finished(job, info)
     state = StateDir.open(job, info, manifest=manifest, restart=options.restart)
     try:
         adopted = False

@@ -31,7 +31,7 @@ from batchq.io.rules import ROW_COLUMN
 from batchq.result import FEW_VALUES, RAW, RESULT_SCHEMA, SHARD_SCHEMA, Result, shard_table
 from batchq.state import lock
 from batchq.state.layout import LOCK, MANIFEST, SHARD_GLOB, SHARDS, shard_name, state_path
-from batchq.state.manifest import check_same_job
+from batchq.state.manifest import check_same_job, output_manifest
 from batchq.state.mask import RowMask
 
 __all__ = ["ShardIndex", "StateDir"]
@@ -120,6 +120,16 @@ class StateDir:
     def has_results(self) -> bool:
         """Whether any shard is there (an unfinished run's results)."""
         return bool(self.shard_paths())
+
+    @classmethod
+    def finished(cls, job: Job, info: InputInfo) -> bool:
+        """Whether ``job``'s output is finished: it exists and no unfinished results are
+        beside it. UsageError when it holds another job's results (checked before any
+        state folder is made: a refused run leaves nothing)."""
+        if not job.output.exists() or cls.of(job.output).has_results():
+            return False
+        check_same_job(output_manifest(job.output), job, info)
+        return True
 
     def last_flush_ago(self) -> float | None:
         """Seconds since the newest shard was written; None when there is none."""
