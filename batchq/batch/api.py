@@ -46,10 +46,11 @@ __all__ = ["ExportResult", "ImportResult", "export_batch", "import_batch"]
 #: live run would retry them. Such rows stay pending.
 RETRYABLE_CODES = frozenset({"batch_expired", "batch_cancelled"})
 MAX_LINES = 50_000
-SHARD_ROWS = 10_000
-EXPORT_MANIFEST = "manifest.json"
 MAX_BYTES = 200 * 1024**2
 URL = "/v1/chat/completions"
+EXPORT_MANIFEST = "manifest.json"
+#: Imported rows a shard.
+SHARD_ROWS = 10_000
 _NOT_IN_A_BATCH = ("stream", "stream_options")
 
 

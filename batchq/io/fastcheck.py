@@ -269,10 +269,8 @@ class _Checks:
                 raise _Unsure(f"template field {name!r} is missing or not a plain column")
         if self._sources == ["prompt"] and not pa.types.is_string(schema.field("prompt").type):
             raise _Unsure("prompt is not text")
-        if id_column is not None and (
-            id_column not in names or schema.field(id_column).type not in _ID_TYPES
-        ):
-            raise _Unsure("the id column is missing or not int64 / text")
+        if id_column is not None:
+            _check_id_column(schema, id_column)
 
     def batch(self, batch: pa.RecordBatch) -> None:
         chars = pa.scalar(self._fixed_chars, pa.int64())
@@ -291,14 +289,16 @@ class _Checks:
             if most * 1.1 + 10 > self._job.limits.tpm:
                 raise _Unsure("a request near the TPM limit: the exact pass estimates it")
         if self._id_column is not None:
-            ids = batch.column(self._id_column)
-            if ids.null_count:
-                raise _Unsure("a null id")
-            if pa.types.is_integer(ids.type):
-                self._keys.add_array(ids)  # an int64 id is its own exact key
-            else:
-                hashes = pyarray.array("q", map(hash, ids.to_pylist()))
-                self._keys.add_array(pa.array(hashes, pa.int64()))
+            self._add_ids(batch.column(self._id_column))
+
+    def _add_ids(self, ids: pa.Array) -> None:
+        if ids.null_count:
+            raise _Unsure("a null id")
+        if pa.types.is_integer(ids.type):
+            self._keys.add_array(ids)  # an int64 id is its own exact key
+        else:
+            hashes = pyarray.array("q", map(hash, ids.to_pylist()))
+            self._keys.add_array(pa.array(hashes, pa.int64()))
 
     def _row_fields(self, batch: pa.RecordBatch) -> pa.Array | pa.Scalar:
         """Check the rows' own numeric request fields as Model Studio's rules would (a
@@ -344,11 +344,10 @@ class _LineChecks(_Checks):
             raise _Unsure("a Batch-API body's model that is not text")
         # fixed_chars: each message's framing only (no system, no template: 12 - 12)
         super().__init__(job, inner, None, fixed_chars=12, cap=cap, lines=True)
-        self._lines_id = id_column
-        if id_column is None or id_column not in schema.names:
+        if id_column is None:
             raise _Unsure("no id column")
-        if schema.field(id_column).type not in _ID_TYPES:
-            raise _Unsure("the id column is not int64 / text")
+        _check_id_column(schema, id_column)
+        self._lines_id = id_column
         self.notes: set[str] = set()
         self._models: set[str | None] = set()
 
@@ -368,14 +367,7 @@ class _LineChecks(_Checks):
                 self._models.add(model)
                 self._body_rules(model)
         super().batch(inner)
-        ids = batch.column(self._lines_id)
-        if ids.null_count:
-            raise _Unsure("a null id")
-        if pa.types.is_integer(ids.type):
-            self._keys.add_array(ids)
-        else:
-            self._keys.add_array(pa.array(pyarray.array("q", map(hash, ids.to_pylist())),
-                                          pa.int64()))  # fmt: skip
+        self._add_ids(batch.column(self._lines_id))
 
     def _body_rules(self, model: str | None) -> None:
         """The exact pass on a body of this model (the job's fields as defaults): a
@@ -387,6 +379,11 @@ class _LineChecks(_Checks):
             build_body({"custom_id": "", "body": body}, self._job.request, self.notes)
         except RowProblem:
             raise _Unsure("a body the rules refuse: the exact pass says where") from None
+
+
+def _check_id_column(schema: pa.Schema, id_column: str) -> None:
+    if id_column not in schema.names or schema.field(id_column).type not in _ID_TYPES:
+        raise _Unsure("the id column is missing or not int64 / text")
 
 
 def _text_messages(type_: pa.DataType) -> None:
