@@ -10,6 +10,7 @@ at a time: ten million ids take the memory of about 160,000 and a temporary file
 
 from __future__ import annotations
 
+import re
 import tempfile
 from array import array
 from typing import BinaryIO
@@ -17,7 +18,7 @@ from typing import BinaryIO
 import pyarrow as pa
 import pyarrow.compute as pc
 
-__all__ = ["RepeatFinder"]
+__all__ = ["RepeatFinder", "TextKeys"]
 
 MEMORY_KEYS = 1 << 18
 MAX_REPEATS = 1000
@@ -64,7 +65,7 @@ class RepeatFinder:
             self._spill = tempfile.TemporaryFile()  # noqa: SIM115 (closed in repeated())
         keys = pa.concat_arrays(self._held) if self._held else pa.array([], pa.int64())
         self._held, self._held_count = [], 0
-        parts = pc.bit_wise_and(keys, FANOUT - 1)
+        parts = pc.bit_wise_and(keys, pa.scalar(FANOUT - 1, pa.int64()))
         keys = keys.take(pc.array_sort_indices(parts))  # a counting sort: 64 values
         counts = {c["values"]: c["counts"] for c in pc.value_counts(parts).to_pylist()}
         offset = 0
@@ -101,8 +102,11 @@ class RepeatFinder:
         for s in range(slices):  # the partition read once a slice: still bounded memory
             keys = []
             for run in self._read(part):
-                bits = pc.bit_wise_and(pc.shift_right(run, FANOUT_BITS), slices - 1)
-                keys.append(run.filter(pc.equal(bits, s)))
+                bits = pc.bit_wise_and(
+                    pc.shift_right(run, pa.scalar(FANOUT_BITS, pa.int64())),
+                    pa.scalar(slices - 1, pa.int64()),
+                )
+                keys.append(run.filter(pc.equal(bits, pa.scalar(s, pa.int64()))))
             found |= _repeats(keys, limit)
         return found
 
@@ -131,3 +135,34 @@ def _repeats(parts: list[pa.Array], limit: int | None) -> set[int]:
     if not pc.any(same).as_py():
         return set()
     return set(ordered.slice(1).filter(same)[:limit].to_pylist())
+
+
+class TextKeys:
+    """One int64 key for each text id, the same for the same id in whichever batch it is:
+    an id that is the prefix of the first id seen followed by up to 15 digits (``r17``,
+    ``row-000017``: most ids) is keyed in Arrow by its digits' value and count; any other by
+    Python's hash of its text (a Python loop, 4x as slow). Two ids may share a key (the
+    caller then looks at the ids themselves); one id never gets two."""
+
+    _DIGITS = 15  # 10**15 < 2**50: the count of digits goes in the bits above
+
+    def __init__(self) -> None:
+        self._pattern: re.Pattern[str] | None = None
+
+    def keys(self, ids: pa.Array) -> pa.Array:
+        if self._pattern is None:
+            prefix = str(ids[0].as_py()).rstrip("0123456789") if len(ids) else ""
+            self._pattern = re.compile(f"{re.escape(prefix)}(?P<digits>[0-9]{{1,{self._DIGITS}}})")
+        digits = pc.extract_regex(ids, f"^{self._pattern.pattern}$")  # null where it differs
+        if digits.null_count == 0:
+            d = digits.field("digits")
+            count = pc.cast(pc.utf8_length(d), pa.int64())
+            return pc.add(pc.cast(d, pa.int64()), pc.shift_left(count, pa.scalar(50, pa.int64())))
+        return pa.array(array("q", map(self._key, ids.to_pylist())), pa.int64())
+
+    def _key(self, text: str) -> int:
+        assert self._pattern is not None
+        if match := self._pattern.fullmatch(text):
+            digits = match["digits"]
+            return int(digits) + (len(digits) << 50)
+        return hash(text)

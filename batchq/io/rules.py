@@ -13,7 +13,7 @@ from pathlib import Path
 from batchq.errors import InputError
 from batchq.result import RESULT_COLUMNS
 
-__all__ = ["ROW_COLUMN", "check_clash", "default_id_column", "digest_and_lines"]
+__all__ = ["ROW_COLUMN", "Digest", "check_clash", "default_id_column", "digest_and_lines"]
 
 #: The column written when the input has no id column: the row's 0-based position.
 ROW_COLUMN = "row"
@@ -48,16 +48,29 @@ def check_clash(columns: Iterable[str], id_column: str | None, path: Path) -> No
         )
 
 
+class Digest:
+    """The input's digest (SHA-256 of its bytes, 32 hex digits) and its number of lines (a
+    last line without a newline counts), fed the bytes in order by whoever reads them."""
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+        self._lines = 0
+        self._last = b"\n"
+
+    def update(self, chunk: bytes) -> None:
+        if chunk:
+            self._sha.update(chunk)
+            self._lines += chunk.count(b"\n")
+            self._last = chunk[-1:]
+
+    def result(self) -> tuple[str, int]:
+        return self._sha.hexdigest()[:32], self._lines + (self._last != b"\n")
+
+
 def digest_and_lines(path: Path) -> tuple[str, int]:
-    """The input's digest (SHA-256 of its bytes, 32 hex digits) and its number of lines
-    (a last line without a newline counts)."""
-    digest = hashlib.sha256()
-    lines, last = 0, b"\n"
+    """The file's Digest, read from disk."""
+    digest = Digest()
     with path.open("rb") as f:
         while chunk := f.read(4 * 1024**2):
             digest.update(chunk)
-            lines += chunk.count(b"\n")
-            last = chunk[-1:]
-    if last != b"\n":
-        lines += 1
-    return digest.hexdigest()[:32], lines
+    return digest.result()

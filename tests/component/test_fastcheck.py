@@ -74,6 +74,11 @@ CASES: dict[str, tuple[bytes, dict[str, Any], bool]] = {
         False,
     ),
     "row overrides": (lines(reviews(seed=3)), TEMPLATE, True),
+    "zero-padded ids, and ids of another form": (
+        lines([{"id": x, "text": "t", "stars": 1} for x in ["r-01", "r-1", "r-001", "r-٣", ""]]),
+        TEMPLATE,
+        True,
+    ),
     "per-row numbers": (
         lines(
             [
@@ -248,6 +253,11 @@ CASES: dict[str, tuple[bytes, dict[str, Any], bool]] = {
     "not UTF-8": (lines(reviews(3)).replace(b"review 1", b"review \xff"), TEMPLATE, False),
     "two objects on a line": (lines(reviews(3)).replace(b"}\n{", b"} {", 1), TEMPLATE, False),
     "duplicate ids": (lines([*reviews(5), reviews(5)[2]]), TEMPLATE, False),
+    "a duplicate id among ids of another form": (
+        lines([*reviews(5), {"id": "x-1", "text": "t", "stars": 1}, reviews(5)[2]]),
+        TEMPLATE,
+        False,
+    ),
     "missing template column": (lines([*reviews(3), {"id": "x", "stars": 1}]), TEMPLATE, False),
     "duplicate key": (b'{"id": "a", "text": "x", "text": "y", "stars": 1}\n', TEMPLATE, False),
     "big integer": (lines(reviews(3, big=2**70)), TEMPLATE, False),

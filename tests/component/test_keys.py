@@ -7,7 +7,7 @@ import random
 import pyarrow as pa
 import pytest
 
-from batchq.io.keys import RepeatFinder
+from batchq.io.keys import RepeatFinder, TextKeys
 
 
 @pytest.mark.parametrize("memory_keys", [1 << 20, 1000, 100])  # held; spilled; in slices
@@ -35,3 +35,20 @@ def test_nothing_and_one_key() -> None:
     one = RepeatFinder()
     one.add(3)
     assert one.repeated() == set()
+
+
+def test_a_text_id_has_one_key_in_whichever_batch_it_is() -> None:
+    """Ids of the first id's form are keyed in Arrow, others by their hash: the same id
+    must get the same key either way, or a repeat across batches would be missed."""
+    keys = TextKeys()
+    plain = ["row-1", "row-01", "row-2", "row-10", "row-000000000000001"]
+    mixed = ["row-2", "x", "row-01", "row-٣", "row-1", "row-", "row-1234567890123456"]
+    first = dict(zip(plain, keys.keys(pa.array(plain)).to_pylist(), strict=True))
+    again = dict(zip(mixed, keys.keys(pa.array(mixed)).to_pylist(), strict=True))
+    assert len(set(first.values())) == len(plain)  # zero padding is another id
+    for id_ in set(plain) & set(mixed):
+        assert first[id_] == again[id_]
+    finder = RepeatFinder()
+    finder.add_array(keys.keys(pa.array(plain)))
+    finder.add_array(keys.keys(pa.array(mixed)))
+    assert len(finder.repeated()) == 3  # row-1, row-01, row-2
