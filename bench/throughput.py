@@ -2,6 +2,7 @@
 
     python bench/throughput.py              # every scenario (about 4 minutes)
     python bench/throughput.py raw-256      # one of them
+    python bench/throughput.py raw-256 --rows 10000   # another number of rows
     python bench/throughput.py --cookbook-script api_request_parallel_processor.py
 
 Each client run gets a fresh simulator process pinned to core 0 (``taskset``) while the
@@ -32,6 +33,7 @@ bench/README.md says how to install the peers' packages.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -160,6 +162,7 @@ def main() -> None:
     parser.add_argument("--cookbook-script", metavar="PATH",
                         help="the openai-cookbook's api_request_parallel_processor.py, "
                         "run as the cookbook-script client (see bench/README.md)")  # fmt: skip
+    parser.add_argument("--rows", type=int, help="rows of each scenario's input")
     args = parser.parse_args()
     names = args.scenarios or list(SCENARIOS)
     print(f"{'scenario':<10} {'client':<15} {'ok rows':>8} {'s':>7} {'req/s':>8} "
@@ -168,6 +171,8 @@ def main() -> None:
         tmp = Path(folder)
         for name in names:
             s = SCENARIOS[name]
+            if args.rows:
+                s = dataclasses.replace(s, rows=args.rows)
             data = tmp / f"{name}.jsonl"
             data.write_text("".join(json.dumps({"id": i, "prompt": f"Label review {i}: fine"})
                                     + "\n" for i in range(s.rows)))  # fmt: skip

@@ -265,8 +265,10 @@ class Ceiling:
             # Beyond a limit that showed itself, 429s again: the same limit, or one between
             # it and here. Cut with no trial: were these 429s noise after all, a cut below
             # the ceiling will be tried. The rate was at or over the ceiling for the whole
-            # count: what it let through reads true.
-            self._ceiling, self._cut_at = ceiling, now
+            # count: what it let through reads true, but never below the limit that showed
+            # (the cut comes when 429s are many, which random ones make them at times: the
+            # answers let through then read low, 85 where a limit of 100 let 94 through).
+            self._ceiling, self._cut_at = max(ceiling, CUT * old), now
         else:
             self._start_trial(now, ceiling, share, answers, current)
         self._last_cut = now

@@ -438,3 +438,25 @@ def test_a_cut_after_a_step_up_reads_the_new_rate_let_through() -> None:
             t += 1 / per_second
     assert cut is not None
     assert ceiling.rate(t) == pytest.approx(100 * TRIAL_CUT, rel=0.03)
+
+
+async def test_beyond_a_limit_that_showed_a_cut_does_not_read_it_lower() -> None:
+    # The 429s that make a cut are many when random ones happen to come in a cluster, and
+    # then the answers let through read low: on the fake server, 85 in the second where a
+    # limit of 100 let 94 through. Beyond a limit that showed, a cut goes back near it.
+    p, clock = pacer(qps=300, concurrency=500)
+    await send_times(p, clock, 1)
+    clock.now += 5
+    await answered_at(p, clock, 200, 2)
+    limit = await until_cut(p, clock, 20, 10) / TRIAL_CUT
+    for _ in range(30):  # at the lower rate, none refused: a limit, kept
+        await answered_at(p, clock, 200, 0.1)
+    while (rate := p.rate(clock.now)) is not None and rate < 1.2 * limit:  # probing beyond
+        await answered_at(p, clock, limit, 0.1)
+    await answered_at(p, clock, 0.8 * limit, 1.0)  # then a second of 80 % answered...
+    for _ in range(100):  # ...and on, with many 429s
+        await answered_at(p, clock, 0.8 * limit, 0.1)
+        refuse(p, clock, 4)
+        if (cut := p.rate(clock.now)) is not None and cut < limit:
+            break
+    assert cut == pytest.approx(CUT * CUT * limit, rel=0.02)  # not CUT x 80 %
