@@ -16,11 +16,14 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from batchq.answer import KEYS as ANSWER_KEYS
+from batchq.answer import AnswerSpec, load_answer
 from batchq.errors import UsageError
 from batchq.qwen import serves_model_studio
 
 __all__ = [
     "PRESETS",
+    "AnswerSpec",
     "Job",
     "Limits",
     "Preset",
@@ -126,6 +129,8 @@ class Job:
     request: RequestSettings
     limits: Limits
     id_column: str | None = None
+    #: what a valid answer is (``[answer]``); None: every answer is taken as it is
+    answer: AnswerSpec | None = None
 
 
 _TOP_KEYS = {"name", "input", "output", "id_column"}
@@ -156,8 +161,9 @@ _TYPES: dict[str, tuple[type, ...]] = {
 def load_job(path: str | Path | None, *, overrides: dict[str, Any] | None = None) -> Job:
     """Read a job file (or none) and apply flag overrides, checking every key and type.
 
-    ``overrides`` uses the job file's key names (``timeout_s``, not ``timeout``) plus
-    ``params`` for extra request fields. Relative paths are taken from the current folder.
+    ``overrides`` uses the job file's key names (``timeout_s``, not ``timeout``; the
+    ``[answer]`` keys as they are) plus ``params`` for extra request fields. Relative
+    paths are taken from the current folder.
 
     >>> load_job(None, overrides={"input": "in.jsonl", "model": "qwen-plus"}).output
     PosixPath('in.batchq.parquet')
@@ -167,15 +173,20 @@ def load_job(path: str | Path | None, *, overrides: dict[str, Any] | None = None
         params = {**exported.pop("params", {}), **extra.pop("params", {})}
         return load_job(None, overrides={**exported, **extra, "params": params})
     raw = _read_toml(Path(path)) if path is not None else {}
-    flat, params = _flatten(raw, source=str(path) if path else "flags")
+    source = str(path) if path else "flags"
+    flat, params, answer = _flatten(raw, source=source)
     for key, value in (overrides or {}).items():
         if key == "params":
             params.update(value)
+        elif key in ANSWER_KEYS:
+            if value is not None:
+                answer[key] = value
         elif value is not None:
             flat[key] = value
     for key, value in flat.items():
-        _check_type(key, value, source=str(path) if path else "flags")
-    return _build(flat, params, default_name=Path(path).stem if path else None)
+        _check_type(key, value, source=source)
+    job = _build(flat, params, default_name=Path(path).stem if path else None)
+    return replace(job, answer=load_answer(answer, source=source))
 
 
 def job_settings(job: Job) -> dict[str, Any]:
@@ -187,6 +198,10 @@ def job_settings(job: Job) -> dict[str, Any]:
                                 "id_column": job.id_column}  # fmt: skip
     settings |= {k: getattr(r, k) for k in _REQUEST_KEYS}
     settings |= {k: getattr(limits, k) for k in _LIMIT_KEYS}
+    if (a := job.answer) is not None:
+        labels = list(a.labels) if a.labels is not None else None
+        settings |= {"labels": labels, "json_schema": a.json_schema, "pattern": a.pattern,
+                     "reasks": a.reasks}  # fmt: skip
     return {k: v for k, v in settings.items() if v is not None} | {"params": dict(r.params)}
 
 
@@ -214,9 +229,14 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise UsageError(f"job file {path} is not valid TOML: {e}") from None
 
 
-def _flatten(raw: dict[str, Any], *, source: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def _flatten(
+    raw: dict[str, Any], *, source: str
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The job file's top-level and [request] / [limits] keys in one dict, the request
+    fields passed through, and the [answer] table."""
     flat: dict[str, Any] = {}
     params: dict[str, Any] = {}
+    answer: dict[str, Any] = {}
     for key, value in raw.items():
         if key == "request" and isinstance(value, dict):
             for k, v in value.items():
@@ -227,12 +247,14 @@ def _flatten(raw: dict[str, Any], *, source: str) -> tuple[dict[str, Any], dict[
                     known = ", ".join(sorted(_LIMIT_KEYS))
                     raise UsageError(f"{source}: unknown key [limits].{k}; known: {known}")
                 flat[k] = v
+        elif key == "answer" and isinstance(value, dict):
+            answer.update(value)
         elif key in _TOP_KEYS:
             flat[key] = value
         else:
-            known = ", ".join(sorted(_TOP_KEYS | {"[request]", "[limits]"}))
+            known = ", ".join(sorted(_TOP_KEYS | {"[request]", "[limits]", "[answer]"}))
             raise UsageError(f"{source}: unknown key {key!r}; known: {known}")
-    return flat, params
+    return flat, params, answer
 
 
 def _check_type(key: str, value: Any, *, source: str) -> None:

@@ -14,6 +14,7 @@ __all__ = [
     "Event",
     "Flushed",
     "Notice",
+    "Reasking",
     "Retrying",
     "RowFinished",
     "RunFinished",
@@ -43,7 +44,8 @@ class Notice:
 
 @dataclass(frozen=True, slots=True)
 class RowFinished:
-    """A row has its result (``ok`` or ``error``), with its usage or its error."""
+    """A row has its result (``ok``, ``invalid`` or ``error``), with its usage or its
+    error."""
 
     row_id: str
     status: str
@@ -69,6 +71,16 @@ class Retrying:
     reason: str
     delay_s: float
     retry_after: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reasking:
+    """A row's answer was not valid (the job's [answer]): it is asked again, for the
+    ``reasks``-th time, saying ``reason``."""
+
+    row_id: str
+    reasks: int
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +125,8 @@ class RunSummary:
     sent: int
     elapsed_s: float
     already_complete: bool
+    #: Rows whose answer failed the job's [answer] check after their re-asks.
+    invalid: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +140,7 @@ Event = (
     | Notice
     | RowFinished
     | Retrying
+    | Reasking
     | Slowdown
     | Flushed
     | Tick

@@ -14,12 +14,15 @@ from typing import Any
 import pyarrow as pa
 
 __all__ = [
+    "ANSWER_SCHEMA",
     "FEW_VALUES",
+    "PRIOR_COLUMNS",
     "RAW",
     "RESULT_COLUMNS",
     "RESULT_SCHEMA",
     "SHARD_SCHEMA",
     "Result",
+    "output_fields",
     "shard_table",
 ]
 
@@ -49,11 +52,31 @@ RESULT_SCHEMA = pa.schema(
         ("error_message", pa.string()),
     ]
 )
+#: The checked answer (SPEC "Answers you can use"): output columns of a job with [answer].
+ANSWER_SCHEMA = pa.schema(
+    [("answer", pa.string()), ("reasks", pa.int32()), ("agreement", pa.float64())]
+)
 #: The response as received, kept with ``--keep-raw`` (an output column only then).
 RAW = pa.field("raw", pa.string())
-#: A checkpoint shard: the input position, the id as text, the result columns, ``raw``.
-SHARD_SCHEMA = pa.schema([("_row", pa.int64()), ("_id", pa.string()), *RESULT_SCHEMA, RAW])
+#: A checkpoint shard: the input position, the id as text, the result columns, the
+#: answer's, ``raw``.
+SHARD_SCHEMA = pa.schema(
+    [("_row", pa.int64()), ("_id", pa.string()), *RESULT_SCHEMA, *ANSWER_SCHEMA, RAW]
+)
+#: What a row's results add up over its requests and runs: requests sent, re-asks, the
+#: usage billed.
+PRIOR_COLUMNS = ("attempts", "reasks", "prompt_tokens", "completion_tokens", "total_tokens",
+                 "cached_tokens", "reasoning_tokens")  # fmt: skip
+#: The result columns every output has, and ``raw`` (an input column of such a name clashes).
 RESULT_COLUMNS = frozenset([*RESULT_SCHEMA.names, RAW.name])
+
+
+def output_fields(*, answers: bool, keep_raw: bool) -> list[pa.Field]:
+    """The output's result columns, in order: ``status``, then the answer's (a job with
+    [answer]), then the rest, then ``raw`` (``--keep-raw``)."""
+    first, *rest = RESULT_SCHEMA
+    return [first, *(ANSWER_SCHEMA if answers else []), *rest, *([RAW] if keep_raw else [])]
+
 
 #: Result columns with few distinct values, worth a dictionary in Parquet. Dictionary-
 #: encoding free text (response, request_id, ...) only to fall back to plain encoding cost
@@ -70,7 +93,7 @@ class Result:
     row: int
     #: the row's id as text: its id column's value, or its position (the shard's ``_id``)
     id: str
-    #: ``ok`` or ``error``
+    #: ``ok``, ``error`` or ``invalid`` (an answer that failed the job's [answer] check)
     status: str
     #: the model requested for this row (the job's, or the row's ``model`` column)
     model: str | None
@@ -108,6 +131,13 @@ class Result:
     error_type: str | None = None
     error_code: str | None = None
     error_message: str | None = None
+    #: the checked answer: the label, the JSON re-serialised, the matched text (``ok`` rows
+    #: of a job with [answer])
+    answer: str | None = None
+    #: how many times the row was asked again because an answer was not valid
+    reasks: int = 0
+    #: with ``n > 1``: the share of the choices that gave ``answer``
+    agreement: float | None = None
     #: the response (or error body) as received, with ``--keep-raw``
     raw: str | None = None
 
@@ -130,6 +160,13 @@ class Result:
         return cls(row=row, id=id, status="error", model=model, attempts=attempts, via=via,
                    http_status=http_status, error_type=error_type, error_code=error_code,
                    error_message=error_message, raw=raw)  # fmt: skip
+
+    def invalid(self, reason: str) -> Result:
+        """This answered row, marked ``invalid``: its answer failed the job's [answer]
+        check, for ``reason``, after its re-asks."""
+        self.status, self.answer, self.agreement = "invalid", None, None
+        self.error_type, self.error_message = "invalid_answer", reason
+        return self
 
     def text_length(self) -> int:
         """Characters of answer text (response, reasoning, tool calls, choices, raw):

@@ -20,13 +20,14 @@ and failed in another is ok.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
 
+from batchq.answer import Checker
 from batchq.config import Job, job_settings
 from batchq.errors import InputError, UsageError
 from batchq.io.preflight import InputInfo, preflight, row_id
@@ -181,6 +182,7 @@ class ImportResult:
     repeated: int = 0  # ids answered more than once in the files
     twice: list[Path] = field(default_factory=list)  # files given more than once
     retryable: int = 0  # rows failed as a live run would retry (left pending)
+    invalid: int = 0  # answers that failed the job's [answer] check (re-asked live if it may)
 
 
 def import_batch(
@@ -192,27 +194,33 @@ def import_batch(
     info = preflight(job)
     rows = _row_index(job, info)
     results = _read_results(files, rows)
+    if job.answer is not None:
+        _check_answers(Checker(job.answer), results.rows.values())
     manifest = _manifest(job, info, command)
     state = StateDir.open(job, info, manifest=manifest)
     try:
-        done_ok = state.done_mask(info.total_rows, retry_errors=True)
+        done_ok = state.done_mask(info.total_rows, retry=frozenset({"error"}))
         fresh = [r for r in results.rows.values() if not done_ok[r.row]]
         for start in range(0, len(fresh), SHARD_ROWS):
             state.write(fresh[start : start + SHARD_ROWS])
-        done = state.done_mask(info.total_rows)
+        reasks = job.answer.reasks if job.answer is not None else None
+        done = state.done_mask(info.total_rows, reasks=reasks)  # re-asks left: pending
         missing = [i for i, d in enumerate(done) if not d]
         merged = not missing
         if merged:
-            merge_output(state, info, job.output, manifest=manifest)
+            merge_output(state, info, job.output, manifest=manifest,
+                         answers=job.answer is not None)  # fmt: skip
             if not keep_state:
                 state.remove()
     finally:
         state.close()
     ok = sum(r.status == "ok" for r in fresh)
+    invalid = sum(r.status == "invalid" for r in fresh)
     ids = [_id_of(rows, i) for i in missing[:5]]
     retryable = len(results.retryable - results.rows.keys())
-    return ImportResult(len(fresh), ok, len(fresh) - ok, len(missing), ids, merged, job.output,
-                        results.repeated, results.twice, retryable)  # fmt: skip
+    error = len(fresh) - ok - invalid
+    return ImportResult(len(fresh), ok, error, len(missing), ids, merged, job.output,
+                        results.repeated, results.twice, retryable, invalid)  # fmt: skip
 
 
 def _manifest(job: Job, info: InputInfo, command: str | None) -> dict[str, Any]:
@@ -285,6 +293,20 @@ def _take(results: _Results, line: tuple[Result, bool], where: str) -> None:
             return
     results.rows[position] = row
     results.where[position] = where
+
+
+def _check_answers(checker: Checker, rows: Iterable[Result]) -> None:
+    """Check the answers as a live run does (SPEC "Answers you can use"). One that is not
+    valid is ``invalid`` with no re-ask yet: the next ``batchq run`` asks it again, live,
+    from that answer, as many times as the job's ``reasks`` say."""
+    for row in rows:
+        if row.status != "ok":
+            continue
+        verdict = checker.verdict({"response": row.response, "choices": row.choices})
+        if verdict.value is not None:
+            row.answer, row.agreement = verdict.value, verdict.agreement
+        else:
+            row.invalid(verdict.reason or "it is not valid")
 
 
 def _answer(row: Result) -> tuple[Any, ...]:

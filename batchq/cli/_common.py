@@ -58,6 +58,10 @@ JOB_FLAGS = [
     ("--concurrency", int, "requests in flight, at most"),
     ("--max-attempts", int, "attempts per row before it is recorded as an error"),
     ("--timeout", float, "seconds before an attempt is given up and retried"),
+    ("--labels", str, "a valid answer is one of these labels (comma-separated)"),
+    ("--json-schema", str, "a valid answer is JSON valid under this JSON Schema file"),
+    ("--pattern", str, "a valid answer matches this regular expression as a whole"),
+    ("--reasks", int, "times a row is asked again when its answer is not valid (default 1)"),
 ]
 
 

@@ -66,7 +66,8 @@ def import_batch(results: tuple[Path, ...], job_file: str, keep_state: bool) -> 
     if r.repeated:
         click.echo(f"note: {r.repeated:,} custom_ids came more than once with the same answer, "
                    "or an error and an answer: kept one each (the answer)")  # fmt: skip
-    click.echo(f"imported {r.imported:,} rows ({r.ok:,} ok, {r.error:,} error)")
+    invalid = f"{r.invalid:,} invalid, " if r.invalid else ""
+    click.echo(f"imported {r.imported:,} rows ({r.ok:,} ok, {invalid}{r.error:,} error)")
     if r.retryable:
         click.echo(f"{r.retryable:,} rows failed in the batch as a live run would retry "
                    "(expired, cancelled, 5xx or 429): not imported, they stay pending")  # fmt: skip
@@ -74,5 +75,6 @@ def import_batch(results: tuple[Path, ...], job_file: str, keep_state: bool) -> 
         click.echo(f"every row has a result -> {r.output}")
     else:
         shown = ", ".join(r.missing_ids) + (", …" if r.missing > len(r.missing_ids) else "")
-        click.echo(f"{r.missing:,} rows have no result in these files ({shown}): they stay "
-                   f"pending; `{command}` sends them live, or export-batch them again")  # fmt: skip
+        what = "have no result in these files" + (" or an answer to ask again" if r.invalid else "")
+        click.echo(f"{r.missing:,} rows {what} ({shown}): they stay pending; `{command}` "
+                   "sends them live, or export-batch them again")  # fmt: skip

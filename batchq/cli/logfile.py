@@ -24,6 +24,7 @@ from batchq.events import (
     Event,
     Flushed,
     Notice,
+    Reasking,
     Retrying,
     RowFinished,
     RunFinished,
@@ -39,6 +40,7 @@ _NAMES: dict[type, str] = {
     RunStarted: "run_started",
     Notice: "notice",
     Retrying: "retry",
+    Reasking: "reask",
     Slowdown: "slowdown",
     Flushed: "flush",
     RowFinished: "row_error",
@@ -61,12 +63,15 @@ class JsonLog:
             event, Tick | Checking
         ):
             return  # the log holds what happened, not every row or second
-        record: dict[str, Any] = {"t": _now(), "event": _NAMES[type(event)]}
+        name = _NAMES[type(event)]
+        if isinstance(event, RowFinished) and event.status == "invalid":
+            name = "row_invalid"
+        record: dict[str, Any] = {"t": _now(), "event": name}
         if isinstance(event, RowFinished):
             record |= {"row": event.row_id, "attempts": event.attempts,
                        "http_status": event.http_status, "error_code": event.error_code,
                        "error_message": event.error_message}  # fmt: skip
-        elif isinstance(event, Retrying):
+        elif isinstance(event, Retrying | Reasking):
             record |= {"row": event.row_id, **_fields(event, exclude={"row_id"})}
         elif isinstance(event, RunFinished):
             record |= _fields(event.summary)

@@ -14,6 +14,7 @@ from batchq.events import (
     Checking,
     Event,
     Notice,
+    Reasking,
     Retrying,
     RowFinished,
     RunFinished,
@@ -37,6 +38,7 @@ class Tally:
         self._prices, self._region, self._clock = prices, region, clock
         self.started = clock()
         self.todo = self.done = self.errors = self.retries = self.throttled = 0
+        self.invalid = self.reasks = 0
         self.tokens = 0
         self.waiting: set[str] = set()  # rows between a failed attempt and their result
         self.cost: dict[str, float] = {}
@@ -49,10 +51,13 @@ class Tally:
                 self.started = self._clock()
             case RowFinished():
                 self.done += 1
-                self.errors += event.status != "ok"
+                self.errors += event.status == "error"
+                self.invalid += event.status == "invalid"
                 self.tokens += event.prompt_tokens + event.completion_tokens
                 self.waiting.discard(event.row_id)
                 self._add_cost(event)
+            case Reasking():
+                self.reasks += 1
             case Retrying(http_status=status):
                 self.retries += 1
                 self.throttled += status == 429
@@ -88,9 +93,11 @@ class Tally:
         return " + ".join(parts) if parts else "-"
 
     def stats(self) -> str:
+        answers = (f"{self.reasks:,} re-asked · {self.invalid:,} invalid · "
+                   if self.reasks or self.invalid else "")  # fmt: skip
         return (
             f"{self.rate():,.0f} rows/s · {self.tokens / self.elapsed():,.0f} tok/s · "
-            f"{self.throttled:,} × 429 · {self.errors:,} errors · "
+            f"{self.throttled:,} × 429 · {self.errors:,} errors · {answers}"
             f"{len(self.waiting):,} retrying · cost {self.cost_text()}"
         )
 

@@ -36,7 +36,8 @@ def status(path: Path, prices: Path | None, as_json: bool) -> None:
         click.echo(orjson.dumps(data, default=str, option=orjson.OPT_INDENT_2).decode())
         return
     total = f"{s.total_rows:,}" if s.total_rows is not None else "?"
-    click.echo(f"{s.output}: {s.done:,} of {total} rows done ({s.ok:,} ok, {s.error:,} error), "
+    counts = f"{s.ok:,} ok, " + (f"{s.invalid:,} invalid, " if s.invalid else "")
+    click.echo(f"{s.output}: {s.done:,} of {total} rows done ({counts}{s.error:,} error), "
                f"{s.remaining if s.remaining is not None else '?':,} remaining")  # fmt: skip
     costs = " + ".join(money(v, c) for c, v in sorted(s.costs.items())) or "nothing"
     if s.unpriced:
@@ -79,8 +80,12 @@ def cost(path: Path, prices: Path | None, by: str, region: str | None, as_json: 
     if as_json:
         click.echo(orjson.dumps(dataclasses.asdict(r), option=orjson.OPT_INDENT_2).decode())
         return
-    headers = [by, "rows", "ok", "error", "prompt", "cached", "completion", "reasoning", "cost"]
-    click.echo(_table(headers, [_cost_row(key, lines) for key, lines in _by_key(r.lines)]))
+    counts = (
+        COUNTS if any(x.invalid for x in r.lines) else tuple(c for c in COUNTS if c != "invalid")
+    )
+    headers = [by, *(c.removesuffix("_tokens") for c in counts), "cost"]
+    rows = [_cost_row(key, lines, counts) for key, lines in _by_key(r.lines)]
+    click.echo(_table(headers, rows))
     click.echo(f"total: {cost_text(r)}")
     via = f", {r.batch_rows:,} rows at Batch API prices" if r.batch_rows else ""
     click.echo(f"prices ({r.region}{via}): {r.source}")
@@ -94,10 +99,10 @@ def _by_key(lines: list[CostLine]) -> list[tuple[str | None, list[CostLine]]]:
     return list(groups.items())
 
 
-def _cost_row(key: str | None, lines: list[CostLine]) -> list[str]:
+def _cost_row(key: str | None, lines: list[CostLine], names: tuple[str, ...]) -> list[str]:
     """One table row for a value: its counts summed, its cost in each currency, and how
     many of its rows are of unpriced models."""
-    counts = (sum(getattr(x, name) for x in lines) for name in COUNTS)
+    counts = (sum(getattr(x, name) for x in lines) for name in names)
     costs = [money(x.cost, x.currency) for x in lines if x.currency and x.cost is not None]
     unpriced = sum(x.rows for x in lines if x.currency is None)
     if unpriced:
@@ -105,8 +110,8 @@ def _cost_row(key: str | None, lines: list[CostLine]) -> list[str]:
     return [str(key), *(f"{n:,}" for n in counts), " + ".join(costs)]
 
 
-COUNTS = ("rows", "ok", "error", "prompt_tokens", "cached_tokens", "completion_tokens",
-          "reasoning_tokens")  # fmt: skip
+COUNTS = ("rows", "ok", "invalid", "error", "prompt_tokens", "cached_tokens",
+          "completion_tokens", "reasoning_tokens")  # fmt: skip
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:

@@ -32,6 +32,9 @@ __all__ = ["run"]
 )
 @click.option("--restart", is_flag=True, help="throw away the saved results and start over")
 @click.option("--retry-errors", is_flag=True, help="resend only the rows whose status is error")
+@click.option(
+    "--retry-invalid", is_flag=True, help="ask afresh only the rows whose status is invalid"
+)
 @click.option("--keep-state", is_flag=True, help="keep the state folder after the merge")
 @click.option("--keep-raw", is_flag=True, help="add a raw column: each response as received")
 @click.option("--quiet", "-q", is_flag=True, help="print only the final summary")
@@ -45,7 +48,8 @@ def run(job_file: str | None, simulate: bool, quiet: bool, log_file: Path | None
         prices: Path | None, seed: int | None, **flags: Any) -> None:  # fmt: skip
     """Run (or resume) a job: JOB_FILE and/or flags."""
     command = shlex.join(["batchq", *(a for a in sys.argv[1:] if a != "--restart")])
-    switches = {k: flags.pop(k) for k in ("restart", "retry_errors", "keep_state", "keep_raw")}
+    names = ("restart", "retry_errors", "retry_invalid", "keep_state", "keep_raw")
+    switches = {k: flags.pop(k) for k in names}
     options = RunOptions(**switches, seed=seed, command=command)
     sinks = _Sinks()
     try:
@@ -122,11 +126,13 @@ def _has_uvloop() -> bool:
 
 
 def _print_summary(s: RunSummary, prices: PriceTable, tally: CostTally) -> None:
+    counts = f"{s.ok:,} ok, " + (f"{s.invalid:,} invalid, " if s.invalid else "")
+    counts += f"{s.error:,} error"
     if s.already_complete:
-        click.echo(f"{s.output}: complete already ({s.ok:,} ok, {s.error:,} error); nothing sent")
+        click.echo(f"{s.output}: complete already ({counts}); nothing sent")
         return
     click.echo(
-        f"done: {s.total:,} rows ({s.ok:,} ok, {s.error:,} error), {s.sent:,} sent this run, "
+        f"done: {s.total:,} rows ({counts}), {s.sent:,} sent this run, "
         f"in {s.elapsed_s:.1f} s -> {s.output}"
     )
     # The merge fed the tally every row of the output; a run that merged nothing (an

@@ -124,7 +124,7 @@ def _vouch(job: Job, progress: Callable[[int], None] | None) -> Vouched:
     else:
         columns = tuple((f.name, f.type) for f in schema)
     try:
-        check_clash((name for name, _ in columns), id_column, path)
+        check_clash((name for name, _ in columns), id_column, path, answers=job.answer is not None)
     except InputError:
         raise _Unsure("a column clash: the exact pass says where") from None
     return Vouched(rows, columns, id_column, digest, notes)

@@ -117,7 +117,7 @@ def exact_preflight(
     else:
         columns = tuple((name, kinds.arrow_type(name, text=name == id_column))
                         for name in kinds.kinds)  # fmt: skip
-    check_clash([name for name, _ in columns], id_column, path)
+    check_clash([name for name, _ in columns], id_column, path, answers=job.answer is not None)
     digest = digest_and_lines(path)[0]
     return InputInfo(path, fmt, total, columns, id_column, digest, tuple(sorted(notes)))
 

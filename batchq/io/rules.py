@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from batchq.errors import InputError
-from batchq.result import RESULT_COLUMNS
+from batchq.result import ANSWER_SCHEMA, RESULT_COLUMNS
 
 __all__ = ["ROW_COLUMN", "Digest", "check_clash", "default_id_column", "digest_and_lines"]
 
@@ -27,12 +27,16 @@ def default_id_column(names: Iterable[str], *, batch_lines: bool) -> str | None:
     return "id" if "id" in names else None
 
 
-def check_clash(columns: Iterable[str], id_column: str | None, path: Path) -> None:
+def check_clash(
+    columns: Iterable[str], id_column: str | None, path: Path, *, answers: bool = False
+) -> None:
     """InputError for an input column the output would write again (``model`` excepted:
-    it is the requested model), or a ``row`` column where batchq writes the position."""
+    it is the requested model; the answer's columns only where the job has [answer]:
+    ``answers``), or a ``row`` column where batchq writes the position."""
     names = list(columns)
+    written = RESULT_COLUMNS | (set(ANSWER_SCHEMA.names) if answers else set())
     for name in names:
-        if name in RESULT_COLUMNS and name != "model":
+        if name in written and name != "model":
             raise InputError(
                 f"the input column {name!r} clashes with the output column of that name: "
                 "rename it in the input",

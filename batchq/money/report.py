@@ -154,6 +154,8 @@ class CostLine:
     rows: int
     ok: int
     error: int
+    #: rows whose answer failed the job's [answer] check
+    invalid: int
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
@@ -174,7 +176,7 @@ class CostReport:
     rows: int = field(default=0)
 
 
-_SUMS = ["rows", "ok", "error", *USAGE_COLUMNS, "cost", "attempts", "batch"]
+_SUMS = ["rows", "ok", "error", "invalid", *USAGE_COLUMNS, "cost", "attempts", "batch"]
 
 
 def cost_report(
@@ -206,6 +208,7 @@ class CostTally:
             "rows": pa.array([1] * table.num_rows, pa.int64()),
             "ok": pc.cast(pc.equal(status, "ok"), pa.int64()),
             "error": pc.cast(pc.equal(status, "error"), pa.int64()),
+            "invalid": pc.cast(pc.equal(status, "invalid"), pa.int64()),
             **{c: pc.fill_null(table.column(c), 0) for c in (*USAGE_COLUMNS, "attempts")},
             "cost": priced.column("cost"),
             "batch": pc.cast(pc.fill_null(pc.equal(table.column("via"), "batch"), False),
@@ -240,9 +243,10 @@ def _tally(results: Results, prices: PriceTable, region: str, by: str | None) ->
 
 
 def _line(key: str | None, currency: str | None, v: dict[str, float]) -> CostLine:
-    rows, ok, error, prompt, cached, completion, reasoning = (int(v[n]) for n in _SUMS[:7])
+    rows, ok, error, invalid, prompt, cached, completion, reasoning = (int(v[n]) for n in _SUMS[:8])
     cost = None if currency is None else v["cost"]
-    return CostLine(key, currency, rows, ok, error, prompt, cached, completion, reasoning, cost)
+    return CostLine(key, currency, rows, ok, error, invalid, prompt, cached, completion,
+                    reasoning, cost)  # fmt: skip
 
 
 def _order(item: tuple[tuple[str | None, str | None], Any]) -> tuple[bool, str, bool, str]:
@@ -285,6 +289,7 @@ class Status:
     done: int
     ok: int
     error: int
+    invalid: int
     attempts: int
     prompt_tokens: int
     completion_tokens: int
@@ -320,7 +325,7 @@ def status(results: Results, prices: PriceTable) -> Status:
     return Status(
         results.output, results.state, results.finished,
         manifest.get("input_rows", done if results.finished else None), done,
-        int(total["ok"]), int(total["error"]), int(total["attempts"]),
+        int(total["ok"]), int(total["error"]), int(total["invalid"]), int(total["attempts"]),
         int(total["prompt_tokens"]), int(total["completion_tokens"]), costs, unpriced,
         None if results.finished else state.last_flush_ago(),
         "finished" if results.finished else ("running" if running else "stopped"),

@@ -35,7 +35,7 @@ from batchq.files import write_atomic
 from batchq.io.preflight import ROW_COLUMN, InputInfo
 from batchq.io.reader import read_batches
 from batchq.io.schema import input_arrays
-from batchq.result import FEW_VALUES, RAW, RESULT_SCHEMA
+from batchq.result import FEW_VALUES, SHARD_SCHEMA, output_fields
 from batchq.state import MANIFEST_KEY, ShardIndex, StateDir
 
 __all__ = ["MergeCounts", "merge_output"]
@@ -61,18 +61,21 @@ def merge_output(
     *,
     manifest: dict[str, Any],
     keep_raw: bool = False,
+    answers: bool = False,
     on_block: Callable[[pa.Table], object] | None = None,
 ) -> MergeCounts:
     """Write ``output`` from the input and the shards. Every row must have a result.
 
     The job's manifest goes into the file's metadata, so that a rerun can tell whether
-    the output answers the same job. ``keep_raw`` adds the ``raw`` column. ``on_block``
-    is given each block's results (RESULT_SCHEMA) as they are written.
+    the output answers the same job. ``keep_raw`` adds the ``raw`` column, ``answers``
+    the checked answer's (a job with [answer]). ``on_block`` is given each block's
+    results (those columns) as they are written.
     """
     memory.give_back()  # what sending freed, before the peak of the run
     shards = state.index()
-    names = [*RESULT_SCHEMA.names, *([RAW.name] if keep_raw else [])]
-    schema = _output_schema(info, keep_raw=keep_raw)
+    results_at = output_fields(answers=answers, keep_raw=keep_raw)
+    names = [f.name for f in results_at]
+    schema = _output_schema(info, results_at)
     schema = schema.with_metadata({MANIFEST_KEY: orjson.dumps(manifest)})
     statuses: Counter[str] = Counter()
 
@@ -105,7 +108,7 @@ def _block_rows(info: InputInfo, shards: ShardIndex) -> int:
 
 def _dictionary_columns(schema: pa.Schema) -> list[str]:
     """The result columns of FEW_VALUES, and the input columns that are not text."""
-    results = set(RESULT_SCHEMA.names) | {RAW.name}
+    results = set(SHARD_SCHEMA.names)
     return [f.name for f in schema if f.name in FEW_VALUES or (
         f.name not in results and not pa.types.is_string(f.type)
     )]  # fmt: skip
@@ -120,14 +123,14 @@ def _statistics_columns(schema: pa.Schema) -> list[str]:
     return [f.name for f in schema if f.name in FEW_VALUES or not pa.types.is_string(f.type)]
 
 
-def _output_schema(info: InputInfo, *, keep_raw: bool) -> pa.Schema:
+def _output_schema(info: InputInfo, results: list[pa.Field]) -> pa.Schema:
     fields: list[pa.Field] = []
     if info.id_column is None:
         fields.append(pa.field(ROW_COLUMN, pa.int64()))
     for name, type_ in info.columns:
         if name != "model":
             fields.append(pa.field(name, type_ if type_ is not None else pa.string()))
-    return pa.schema([*fields, *RESULT_SCHEMA, *([RAW] if keep_raw else [])])
+    return pa.schema([*fields, *results])
 
 
 def _input_blocks(info: InputInfo, block: int) -> Iterator[tuple[int, pa.Table]]:

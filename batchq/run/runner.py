@@ -17,13 +17,14 @@ import random
 import signal
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
+from batchq.answer import Checker
 from batchq.config import Job
 from batchq.errors import BatchqError, Interrupted
 from batchq.events import (
@@ -44,7 +45,7 @@ from batchq.io.reader import read_batches
 from batchq.money.pricing import region_of
 from batchq.output.merge import merge_output
 from batchq.result import Result
-from batchq.run.work import EndpointWatch, Item, QuotaWatch, answer
+from batchq.run.work import Channel, EndpointWatch, Item, QuotaWatch, answer
 from batchq.send.client import Client
 from batchq.send.limiter import Pacer, RatePacer
 from batchq.send.request import build_body, estimate_tokens
@@ -76,6 +77,8 @@ class RunOptions:
     restart: bool = False
     #: send again the rows whose latest result is an error
     retry_errors: bool = False
+    #: ask afresh the rows whose latest answer was not valid (the job's [answer])
+    retry_invalid: bool = False
     #: keep the state folder after the merge
     keep_state: bool = False
     #: a ``raw`` column: each response as received
@@ -84,6 +87,13 @@ class RunOptions:
     seed: int | None = None
     #: how to resume the run, as ``status`` shows it
     command: str | None = None
+
+    @property
+    def retry(self) -> frozenset[str]:
+        """The statuses whose rows are sent again."""
+        return frozenset({"error"} if self.retry_errors else set()) | frozenset(
+            {"invalid"} if self.retry_invalid else set()
+        )
 
 
 async def run_job(
@@ -111,24 +121,24 @@ async def run_job(
     state = StateDir.open(job, info, manifest=manifest, restart=options.restart)
     try:
         adopted = False
-        if finished and options.retry_errors:  # the output's rows back as shards
-            adopted = state.adopt_output(job.output, info.id_column)
+        if finished and options.retry:  # the output's rows back as shards
+            adopted = state.adopt_output(job.output, info.id_column, options.retry)
         if finished and not adopted:
             state.remove()
             sink(Notice(f"{job.output} is complete already: nothing to send"))
-            return _finish(sink, job, info, ok_error=None, sent=0, started=started, done=True)
+            return _finish(sink, job, info, statuses=None, sent=0, started=started, done=True)
         todo = await _send_pending(
             job, info, state, options,
             api_key=api_key, sink=sink, transport=transport, pacer=pacer,
         )  # fmt: skip
         counts = merge_output(
             state, info, job.output, manifest=manifest, keep_raw=options.keep_raw,
-            on_block=on_results,
+            answers=job.answer is not None, on_block=on_results,
         )  # fmt: skip
         if not options.keep_state:
             state.remove()
-        ok_error = (counts.statuses.get("ok", 0), counts.statuses.get("error", 0))
-        return _finish(sink, job, info, ok_error=ok_error, sent=todo, started=started, done=False)
+        return _finish(sink, job, info, statuses=counts.statuses, sent=todo, started=started,
+                       done=False)  # fmt: skip
     finally:
         state.close()
 
@@ -144,9 +154,10 @@ async def _send_pending(
     transport: httpx.AsyncBaseTransport | None,
     pacer: Pacer | None,
 ) -> int:
-    """Send every row without a result (or, with ``retry_errors``, with an error as its
-    latest result) into ``state``; how many there were."""
-    done = state.done_mask(info.total_rows, retry_errors=options.retry_errors)
+    """Send every row without a result (or whose latest result's status is one of
+    ``options.retry``) into ``state``; how many there were."""
+    reasks = job.answer.reasks if job.answer is not None else None
+    done = state.done_mask(info.total_rows, retry=options.retry, reasks=reasks)
     todo = info.total_rows - done.count()
     sink(RunStarted(job.name, info.total_rows, todo, job.output))
     for note in (*state.notes, *info.notes):
@@ -154,7 +165,7 @@ async def _send_pending(
     if todo < info.total_rows:
         sink(Notice(f"resuming: {info.total_rows - todo:,} rows already done"))
     if todo:
-        prior = state.max_attempts_by_row() if options.retry_errors else {}
+        prior = state.prior_by_row(options.retry, reasks)
         await _send_all(
             job, info, state, done, prior,
             api_key=api_key, sink=sink, transport=transport,
@@ -169,23 +180,19 @@ def _finish(
     job: Job,
     info: InputInfo,
     *,
-    ok_error: tuple[int, int] | None,
+    statuses: dict[str, int] | None,
     sent: int,
     started: float,
     done: bool,
 ) -> RunSummary:
-    if ok_error is None:
-        ok_error = _count_statuses(job.output)
+    if statuses is None:
+        statuses = Counter(read_parquet(job.output, ["status"]).column("status").to_pylist())
     summary = RunSummary(
-        job.output, info.total_rows, *ok_error, sent, time.monotonic() - started, done
-    )
+        job.output, info.total_rows, statuses.get("ok", 0), statuses.get("error", 0), sent,
+        time.monotonic() - started, done, invalid=statuses.get("invalid", 0),
+    )  # fmt: skip
     sink(RunFinished(summary))
     return summary
-
-
-def _count_statuses(output: Path) -> tuple[int, int]:
-    statuses = read_parquet(output, ["status"]).column("status").to_pylist()
-    return statuses.count("ok"), statuses.count("error")
 
 
 @dataclass
@@ -195,7 +202,7 @@ class _Pipeline:
     job: Job
     info: InputInfo
     done: RowMask
-    prior: dict[int, int]
+    prior: dict[int, dict[str, Any]]
     client: Client
     pacer: Pacer
     journal: Journal
@@ -205,7 +212,11 @@ class _Pipeline:
     stopping: bool = False
 
     def __post_init__(self) -> None:
-        self.endpoint = EndpointWatch(self.client.url)
+        self.channel = Channel(
+            self.client, self.pacer, self.job.limits.max_attempts, self.sink, anyio.sleep,
+            self.rng, self.quota, EndpointWatch(self.client.url),
+        )  # fmt: skip
+        self.checker = Checker(self.job.answer) if self.job.answer is not None else None
 
     async def run(self) -> None:
         """Send every row not done. Raises Interrupted after a clean stop on a signal."""
@@ -239,19 +250,18 @@ class _Pipeline:
     def _item(self, index: int, row: dict[str, Any]) -> Item:
         body = build_body(row, self.job.request)
         ident = row_id(row, self.info.id_column, index)
-        cap, prior = completion_cap(body), self.prior.get(index, 0)
-        return Item(index, ident, body, estimate_tokens(body), cap, prior)
+        cap, prior = completion_cap(body), self.prior.get(index)
+        resume = None
+        if prior is not None and "error_message" in prior:  # asked again from its last answer
+            resume = (prior["response"], prior["error_message"] or "it is not valid")
+        return Item(index, ident, body, estimate_tokens(body), cap, prior, resume)
 
     async def _work(self, items: ObjectReceiveStream[Item]) -> None:
         async with items:
             async for item in items:
                 if self.stopping:
                     return
-                row = await answer(
-                    item, client=self.client, pacer=self.pacer,
-                    max_attempts=self.job.limits.max_attempts, emit=self.sink,
-                    sleep=anyio.sleep, rng=self.rng, quota=self.quota, endpoint=self.endpoint,
-                )  # fmt: skip
+                row = await answer(item, self.channel, checker=self.checker)
                 self.journal.add(row)  # no await since the answer: a stop cannot lose it
                 self.sink(_finished(row))
 
@@ -287,7 +297,7 @@ async def _send_all(
     info: InputInfo,
     state: StateDir,
     done: RowMask,
-    prior: dict[int, int],
+    prior: dict[int, dict[str, Any]],
     *,
     api_key: str | None,
     sink: Sink,

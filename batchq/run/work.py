@@ -11,14 +11,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from batchq.answer import Checker
 from batchq.errors import RunStopped
-from batchq.events import Retrying, Sink
-from batchq.result import Result
+from batchq.events import Reasking, Retrying, Sink
+from batchq.result import PRIOR_COLUMNS, Result
 from batchq.send.client import Client, Outcome
 from batchq.send.limiter import Pacer, Settled
+from batchq.send.request import estimate_tokens
 from batchq.send.retry import backoff_delay
 
-__all__ = ["QUOTA_STOP_S", "EndpointWatch", "Item", "QuotaWatch", "answer"]
+__all__ = ["QUOTA_STOP_S", "Channel", "EndpointWatch", "Item", "QuotaWatch", "answer"]
 
 
 @dataclass(slots=True)
@@ -31,7 +33,11 @@ class Item:
     body: dict[str, Any]
     prompt_tokens: int
     max_completion: int | None
-    prior_attempts: int = 0
+    #: what earlier runs sent and billed for the row (PRIOR_COLUMNS), when it is sent again
+    prior: dict[str, Any] | None = None
+    #: its last answer and why it was not valid, when the row is asked again from there
+    #: (a Batch-API answer checked on import)
+    resume: tuple[str | None, str] | None = None
 
 
 #: A run whose answers have been nothing but quota 429s for this long stops (exit 3).
@@ -120,49 +126,138 @@ def _endpoint_failure(outcome: Outcome) -> str | None:
     return None
 
 
-async def answer(
-    item: Item,
-    *,
-    client: Client,
-    pacer: Pacer,
-    max_attempts: int,
-    emit: Sink,
-    sleep: Callable[[float], Awaitable[None]],
-    rng: random.Random,
-    quota: QuotaWatch,
-    endpoint: EndpointWatch | None = None,
-) -> Result:
-    """The result row for ``item``. Raises RunStopped on a fatal answer (401/403, billing)
-    or when ``quota`` says the token quota has been exhausted for a minute.
+@dataclass(frozen=True, slots=True)
+class Channel:
+    """How a run's requests go out: the client, the pacer, the attempts a request may
+    take, where events go, how to wait (``sleep``) and with what jitter (``rng``), and
+    the watches every worker shares (quota 429s; endpoint-level failures)."""
 
-    Quota 429s do not use up the row's ``max_attempts`` (the run stops instead of writing
-    error rows); every request sent counts in its ``attempts`` column."""
+    client: Client
+    pacer: Pacer
+    max_attempts: int
+    emit: Sink
+    sleep: Callable[[float], Awaitable[None]]
+    rng: random.Random
+    quota: QuotaWatch
+    endpoint: EndpointWatch | None = None
+
+
+async def answer(item: Item, channel: Channel, *, checker: Checker | None = None) -> Result:
+    """The result row for ``item``. Raises RunStopped on a fatal answer (401/403, billing)
+    or when the channel's quota watch says the token quota has been exhausted for a minute.
+
+    With a ``checker`` (the job's [answer]), an answer that is not valid is asked again,
+    up to its ``reasks``: the same conversation, the answer, and a message saying why
+    (SPEC "Answers you can use"). Every request sent counts in the row's ``attempts``,
+    every answer billed (the invalid ones too) in its usage columns."""
+    bill = _Bill(item.prior)
+    body, prompt_tokens = item.body, item.prompt_tokens
+    reasks = checker.spec.reasks if checker is not None else 0
+    if checker is not None and item.resume is not None:  # the re-asks left, from its answer
+        text, reason = item.resume
+        reasks -= bill.reasks
+        bill.asked_again = 1
+        channel.emit(Reasking(item.id, bill.reasks, reason))
+        body = checker.reask_body(body, {"response": text}, reason)
+        prompt_tokens = estimate_tokens(body)
+    while True:
+        outcome = await _ask(item, body, prompt_tokens, bill, channel)
+        model = item.body.get("model")
+        if outcome.kind != "ok":
+            return bill.onto(Result.failed(
+                row=item.row, id=item.id, model=model, attempts=0, via="live",
+                http_status=outcome.http_status, error_type=outcome.error_type,
+                error_code=outcome.error_code, error_message=outcome.error_message,
+                raw=outcome.raw,
+            ))  # fmt: skip
+        completion = outcome.result or {}
+        bill.add(completion)
+        result = Result.answered(
+            row=item.row, id=item.id, model=model, attempts=0, via="live",
+            completion=completion, latency_ms=outcome.latency_ms,
+        )  # fmt: skip
+        if checker is None:
+            return bill.onto(result)
+        verdict = checker.verdict(completion)
+        if verdict.value is not None:
+            result.answer, result.agreement = verdict.value, verdict.agreement
+            return bill.onto(result)
+        reason = verdict.reason or "it is not valid"
+        if bill.asked_again >= reasks:
+            return bill.onto(result.invalid(reason))
+        bill.asked_again += 1
+        channel.emit(Reasking(item.id, bill.reasks, reason))
+        body = checker.reask_body(body, completion, reason)
+        prompt_tokens = estimate_tokens(body)
+
+
+async def _ask(
+    item: Item, body: dict[str, Any], prompt_tokens: int, bill: _Bill, channel: Channel
+) -> Outcome:
+    """One request of the row, retried as SPEC says: its ok answer, or the last failure.
+    Quota 429s do not use up ``max_attempts`` (the run stops instead of writing error
+    rows); every request sent counts in ``bill``."""
+    c = channel
     sent = counted = 0
     while True:
-        reserved = await pacer.acquire(item.prompt_tokens, item.max_completion)
-        sent_at = pacer.now()
+        reserved = await c.pacer.acquire(prompt_tokens, item.max_completion)
+        sent_at = c.pacer.now()
         outcome: Outcome | None = None
         try:
-            outcome = await client.send(item.body)
+            outcome = await c.client.send(body)
         finally:
-            pacer.release(reserved, _settled(sent_at, outcome))
+            c.pacer.release(reserved, _settled(sent_at, outcome))
+        bill.attempts += 1
         sent += 1
         counted += outcome.throttled != "quota"
-        if endpoint is not None and (stop := endpoint.saw(outcome)) is not None:
+        if c.endpoint is not None and (stop := c.endpoint.saw(outcome)) is not None:
             raise RunStopped(stop)
         if outcome.kind == "ok":
-            quota.saw(outcome, pacer.now())
-            return _row(item, outcome, sent)
+            c.quota.saw(outcome, c.pacer.now())
+            return outcome
         if outcome.kind == "fatal":
             raise RunStopped(_fatal_message(outcome))
-        if quota.saw(outcome, pacer.now()):
+        if c.quota.saw(outcome, c.pacer.now()):
             raise RunStopped(_quota_message(outcome))
-        if outcome.kind == "row_error" or counted >= max_attempts:
-            return _row(item, outcome, sent)
-        delay = backoff_delay(sent, retry_after=outcome.retry_after, rng=rng)
+        if outcome.kind == "row_error" or counted >= c.max_attempts:
+            return outcome
+        delay = backoff_delay(sent, retry_after=outcome.retry_after, rng=c.rng)
         reason = outcome.error_code or outcome.error_type or "error"
-        emit(Retrying(item.id, sent, outcome.http_status, reason, delay, outcome.retry_after))
-        await sleep(delay)
+        c.emit(Retrying(item.id, bill.attempts, outcome.http_status, reason, delay,
+                        outcome.retry_after))  # fmt: skip
+        await c.sleep(delay)
+
+
+class _Bill:
+    """What a row has cost so far, this run and (``prior``) earlier ones: requests sent,
+    re-asks, and the usage of every answer billed."""
+
+    _USAGE = PRIOR_COLUMNS[2:]
+
+    def __init__(self, prior: dict[str, Any] | None) -> None:
+        prior = prior or {}
+        self.attempts = 0
+        self.asked_again = 0  # this run's re-asks, against the job's reasks
+        self._prior_attempts = prior.get("attempts") or 0
+        self._prior_reasks = prior.get("reasks") or 0
+        self._usage: dict[str, int | None] = {k: prior.get(k) for k in self._USAGE}
+
+    @property
+    def reasks(self) -> int:
+        return self._prior_reasks + self.asked_again
+
+    def add(self, completion: dict[str, Any]) -> None:
+        for key in self._USAGE:
+            if (n := completion.get(key)) is not None:
+                self._usage[key] = (self._usage[key] or 0) + n
+
+    def onto(self, result: Result) -> Result:
+        """``result`` with the row's totals."""
+        result.attempts = self._prior_attempts + self.attempts
+        result.reasks = self.reasks
+        for key, value in self._usage.items():
+            setattr(result, key, value)
+        return result
 
 
 def _settled(sent_at: float, outcome: Outcome | None) -> Settled:
@@ -172,20 +267,6 @@ def _settled(sent_at: float, outcome: Outcome | None) -> Settled:
     return Settled(
         sent_at, usage.get("total_tokens"), usage.get("completion_tokens"),
         outcome.throttled, outcome.retry_after,
-    )  # fmt: skip
-
-
-def _row(item: Item, outcome: Outcome, attempts: int) -> Result:
-    model, attempts = item.body.get("model"), item.prior_attempts + attempts
-    if outcome.kind == "ok":
-        return Result.answered(
-            row=item.row, id=item.id, model=model, attempts=attempts, via="live",
-            completion=outcome.result or {}, latency_ms=outcome.latency_ms,
-        )  # fmt: skip
-    return Result.failed(
-        row=item.row, id=item.id, model=model, attempts=attempts, via="live",
-        http_status=outcome.http_status, error_type=outcome.error_type,
-        error_code=outcome.error_code, error_message=outcome.error_message, raw=outcome.raw,
     )  # fmt: skip
 
 

@@ -4,7 +4,8 @@ The answer is a deterministic function of the body, so tests can check every row
 *its* answer and every parameter arrived:
 
 - the reply is ``"echo: "`` + the last user message; with ``n > 1`` choice *i* adds
-  ``" (i+1)"``; ``max_tokens`` cuts it at that many words (``finish_reason: "length"``);
+  ``" (i+1)"``; asked again for a label (batchq's re-ask of an [answer] job), a label;
+  ``max_tokens`` cuts it at that many words (``finish_reason: "length"``);
 - with ``tools`` (and ``tool_choice`` not ``"none"``) the answer is a call of the first
   tool, its arguments ``{"text": <last user message>}``, ``finish_reason: "tool_calls"``;
 - thinking (``enable_thinking: true``, an open-source Qwen3 hybrid model without
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import re
 import time
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,9 +32,20 @@ _HYBRID = re.compile(r"^qwen3-\d+(\.\d+)?b(-a\d+(\.\d+)?b)?$")
 _STREAM_ONLY = re.compile(r"^(qwq|qvq)-|-thinking(-\d{4}(-\d{2}-\d{2})?)?$")
 
 
+#: How batchq asks again for a label (batchq.answer): the simulator then complies.
+_LABEL_REASK = re.compile(r"Answer with exactly one of these labels and nothing else: (.+)\.$")
+
+
 def reply_for(messages: list[dict[str, Any]]) -> str:
-    """The simulator's deterministic answer to a conversation."""
-    return f"echo: {_last_user(messages)}"
+    """The simulator's deterministic answer to a conversation: an echo; asked again for
+    one of some labels, as a model that complies would, one of them (which one is a
+    function of the conversation's first user message)."""
+    last = _last_user(messages)
+    if (m := _LABEL_REASK.search(last)) is not None:
+        labels = m.group(1).split(", ")
+        first = next((m for m in messages if m.get("role") == "user"), {})
+        return labels[zlib.crc32(str(first.get("content")).encode()) % len(labels)]
+    return f"echo: {last}"
 
 
 def _last_user(messages: list[dict[str, Any]]) -> str:

@@ -28,7 +28,7 @@ from batchq.files import read_parquet, write_atomic
 from batchq.io.keys import RepeatFinder
 from batchq.io.preflight import InputInfo
 from batchq.io.rules import ROW_COLUMN
-from batchq.result import FEW_VALUES, RAW, RESULT_SCHEMA, SHARD_SCHEMA, Result, shard_table
+from batchq.result import FEW_VALUES, PRIOR_COLUMNS, SHARD_SCHEMA, Result, shard_table
 from batchq.state import lock
 from batchq.state.layout import LOCK, MANIFEST, SHARD_GLOB, SHARDS, shard_name, state_path
 from batchq.state.manifest import check_same_job, output_manifest
@@ -177,30 +177,54 @@ class StateDir:
             keep = index.keep(shard.seq, table.column("_row"))
             yield table if keep is None else table.filter(keep)
 
-    def done_mask(self, total_rows: int, *, retry_errors: bool = False) -> RowMask:
-        """Set where a result is on disk: any result, or (``retry_errors``) a latest
-        result that is ``ok``. Reads just the ``_row`` and ``status`` columns."""
+    def done_mask(
+        self, total_rows: int, *, retry: frozenset[str] = frozenset(), reasks: int | None = None
+    ) -> RowMask:
+        """Set where a result is on disk whose latest status is not in ``retry`` (the
+        statuses ``--retry-errors`` / ``--retry-invalid`` send again) and, with
+        ``reasks`` (the job's), is not an ``invalid`` one with re-asks left (a Batch-API
+        answer, checked on import). Reads just ``_row``, ``status`` and ``reasks``."""
         done = RowMask(total_rows)
-        if not retry_errors:
+        if not retry and reasks is None:
             for path in self.shard_paths():
                 for row in read_parquet(path, ["_row"]).column("_row").to_pylist():
                     done[row] = True
             return done
-        for table in self.latest(["status"]):
-            ok = pc.equal(table.column("status"), "ok")
-            for row in table.column("_row").filter(ok).to_pylist():
+        for table in self.latest(["status", "reasks"]):
+            again = self._again(table, retry, reasks)
+            for row in table.column("_row").filter(pc.invert(again)).to_pylist():
                 done[row] = True
         return done
 
-    def max_attempts_by_row(self) -> dict[int, int]:
-        """Attempts made so far for rows whose latest result is an error."""
-        attempts: dict[int, int] = {}
-        for table in self.latest(["status", "attempts"]):
-            errors = table.filter(pc.equal(table.column("status"), "error"))
-            for row, n in zip(*(errors.column(c).to_pylist() for c in ("_row", "attempts")),
-                              strict=True):  # fmt: skip
-                attempts[row] = n or 0
-        return attempts
+    def prior_by_row(
+        self, retry: frozenset[str], reasks: int | None = None
+    ) -> dict[int, dict[str, Any]]:
+        """What the rows sent again (see ``done_mask``) were billed and sent so far
+        (PRIOR_COLUMNS), to be added to their next result's; for a row with re-asks left
+        (not one of ``retry``: those are asked afresh), also its last ``response`` and why
+        it was not valid (``error_message``), to ask again from."""
+        prior: dict[int, dict[str, Any]] = {}
+        if not retry and reasks is None:
+            return prior
+        names = ["_row", *PRIOR_COLUMNS, "response", "error_message"]
+        for table in self.latest(["status", *names[1:]]):
+            again = table.filter(self._again(table, retry, reasks))
+            afresh = pc.is_in(again.column("status"), pa.array(sorted(retry), pa.string()))
+            for values, fresh in zip(again.select(names).to_pylist(), afresh.to_pylist(),
+                                     strict=True):  # fmt: skip
+                if fresh:
+                    del values["response"], values["error_message"]
+                prior[values.pop("_row")] = values
+        return prior
+
+    @staticmethod
+    def _again(table: pa.Table, retry: frozenset[str], reasks: int | None) -> pa.ChunkedArray:
+        status = table.column("status")
+        again = pc.is_in(status, pa.array(sorted(retry), pa.string()))
+        if reasks is not None:
+            left = pc.less(pc.fill_null(table.column("reasks"), 0), pa.scalar(reasks, pa.int32()))
+            again = pc.or_(again, pc.and_(pc.equal(status, pa.scalar("invalid")), left))
+        return pc.fill_null(again, False)
 
     # --- writing ----------------------------------------------------------------------------
 
@@ -224,25 +248,25 @@ class StateDir:
         self._next_seq += 1
         return path
 
-    def adopt_output(self, output: Path, id_column: str | None) -> bool:
-        """Take a finished output's results back as shards, for ``--retry-errors``.
+    def adopt_output(self, output: Path, id_column: str | None, retry: frozenset[str]) -> bool:
+        """Take a finished output's results back as shards, for ``--retry-errors`` /
+        ``--retry-invalid`` (``retry``: the statuses to send again).
 
-        Returns False (and adopts nothing) when the output has no error rows.
+        Returns False (and adopts nothing) when the output has no row of those statuses.
         """
         statuses = read_parquet(output, ["status"]).column("status")
-        if "error" not in statuses.to_pylist():
+        if not retry & set(statuses.to_pylist()):
             return False
         file = pq.ParquetFile(output)
-        has_raw = RAW.name in file.schema_arrow.names
-        names = [id_column or ROW_COLUMN, *RESULT_SCHEMA.names, *([RAW.name] if has_raw else [])]
+        held = [n for n in SHARD_SCHEMA.names[2:] if n in file.schema_arrow.names]
+        names = [id_column or ROW_COLUMN, *held]
         start = 0
         for batch in file.iter_batches(batch_size=ADOPT_BATCH, columns=names):
             table = pa.Table.from_batches([batch])
             ids = table.column(0).cast(pa.string())
             rows = pa.array(range(start, start + table.num_rows), pa.int64())
-            raw = [] if has_raw else [pa.nulls(table.num_rows, pa.string())]
-            columns = [rows, ids, *table.columns[1:], *raw]
-            self._write_table(pa.Table.from_arrays(columns, schema=SHARD_SCHEMA))
+            shard = pa.Table.from_arrays([rows, ids, *table.columns[1:]], ["_row", "_id", *held])
+            self._write_table(conform(shard, SHARD_SCHEMA.names))
             start += table.num_rows
         return True
 

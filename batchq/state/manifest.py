@@ -49,6 +49,7 @@ def _identity(job: Job, info: InputInfo) -> dict[str, Any]:
             "max_tokens": r.max_tokens,
             "temperature": r.temperature,
             "params": r.params,
+            **({"answer": job.answer.identity()} if job.answer is not None else {}),
         },
     }
 
@@ -73,9 +74,10 @@ def check_same_job(old: dict[str, Any] | None, job: Job, info: InputInfo) -> Non
     changed = []
     if old.get("input_digest") != new["input_digest"]:
         changed.append(f"the input file ({old.get('input')} has changed)")
-    for key, value in new["request"].items():
-        if old.get("request", {}).get(key) != value:
-            changed.append(f"{key} (was {old.get('request', {}).get(key)!r}, now {value!r})")
+    was = old.get("request", {})
+    for key in dict.fromkeys([*new["request"], *was]):  # [answer] may come or go
+        if was.get(key) != (value := new["request"].get(key)):
+            changed.append(f"{key} (was {was.get(key)!r}, now {value!r})")
     if old.get("id_column") != new["id_column"] and not changed:
         changed.append("the id column")
     if changed:

@@ -18,6 +18,13 @@ from batchq.result import Result
 from batchq.run.runner import FLUSH_MAX_ROWS, FLUSH_MAX_TEXT, Journal
 from batchq.state import RowMask, StateDir, check_output, manifest_for
 
+ERRORS = frozenset({"error"})
+
+
+def attempts_of(state: StateDir) -> dict[int, int]:
+    """The attempts so far of the rows whose latest result is an error."""
+    return {row: prior["attempts"] for row, prior in state.prior_by_row(ERRORS).items()}
+
 
 def result(row: int, status: str = "ok", attempts: int = 1, **columns: Any) -> Result:
     return Result(row=row, id=str(row), status=status, model=columns.pop("model", "m"),
@@ -62,8 +69,8 @@ def test_shards_record_done_rows(job) -> None:  # type: ignore[no-untyped-def]
     state.write([result(4)])
     assert [p.name for p in state.shard_paths()] == ["000001.parquet", "000002.parquet"]
     assert list(state.done_mask(5)) == [1, 0, 0, 1, 1]
-    assert list(state.done_mask(5, retry_errors=True)) == [1, 0, 0, 0, 1]
-    assert state.max_attempts_by_row() == {3: 2}
+    assert list(state.done_mask(5, retry=ERRORS)) == [1, 0, 0, 0, 1]
+    assert attempts_of(state) == {3: 2}
     assert not list(state.shards.glob(".tmp-*"))
     state.close()
 
@@ -87,8 +94,8 @@ def test_a_later_ok_supersedes_an_earlier_error(job) -> None:  # type: ignore[no
     state = open_state(job, preflight(job))
     state.write([result(1, "error")])
     state.write([result(1, "ok")])
-    assert state.done_mask(5, retry_errors=True)[1] == 1
-    assert state.max_attempts_by_row() == {}
+    assert state.done_mask(5, retry=ERRORS)[1] == 1
+    assert attempts_of(state) == {}
     state.close()
 
 
@@ -159,8 +166,8 @@ def test_the_latest_shard_wins_everywhere_it_is_read(job) -> None:  # type: igno
     state.write([result(0, response="zero"), result(1, "error", attempts=2)])
     state.write([result(1, response="one", attempts=3), result(3, "error", attempts=4),
                  result(2, response="two"), result(4, response="four")])  # fmt: skip
-    assert list(state.done_mask(5, retry_errors=True)) == [1, 1, 1, 0, 1]
-    assert state.max_attempts_by_row() == {3: 4}
+    assert list(state.done_mask(5, retry=ERRORS)) == [1, 1, 1, 0, 1]
+    assert attempts_of(state) == {3: 4}
     block = state.index().results(1, 3)
     assert block.column("_row").to_pylist() == [1, 2, 3]
     assert block.column("status").to_pylist() == ["ok", "ok", "error"]

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
 
+from batchq.answer import Checker
 from batchq.errors import RunStopped
 from batchq.events import Event
-from batchq.run.work import QUOTA_STOP_S, Item, QuotaWatch, answer
+from batchq.run.work import QUOTA_STOP_S, Channel, Item, QuotaWatch, answer
 from batchq.send.client import Client
 from batchq.send.limiter import Settled
 
@@ -62,9 +65,14 @@ async def run(  # type: ignore[no-untyped-def]
     responses: list[httpx.Response] | Iterator[httpx.Response],
     *,
     max_attempts: int = 5,
-    prior: int = 0,
+    prior: dict[str, Any] | None = None,
     quota: QuotaWatch | None = None,
+    checker: Checker | None = None,
+    body: dict[str, Any] | None = None,
+    sent: list[dict[str, Any]] | None = None,
 ):
+    """The row ``answer`` makes of ``responses`` (one a request, in order), with the
+    sleeps, events and pacer; ``sent`` is given each request's body."""
     script: Iterator[httpx.Response] = iter(responses)
     sleeps: list[float] = []
     events: list[Event] = []
@@ -74,13 +82,19 @@ async def run(  # type: ignore[no-untyped-def]
         sleeps.append(seconds)
         pacer.clock += seconds
 
-    transport = httpx.MockTransport(lambda request: next(script))
-    item = Item(7, "r7", {"model": "qwen-plus", "messages": []}, 10, None, prior)
+    def reply(request: httpx.Request) -> httpx.Response:
+        if sent is not None:
+            sent.append(json.loads(request.content))
+        return next(script)
+
+    transport = httpx.MockTransport(reply)
+    body = body or {"model": "qwen-plus", "messages": []}
+    item = Item(7, "r7", body, 10, None, prior)
     async with Client("http://sim/v1", api_key=None, timeout_s=5, max_connections=1,
                       transport=transport) as client:  # fmt: skip
-        row = await answer(item, client=client, pacer=pacer, max_attempts=max_attempts,
-                           emit=events.append, sleep=sleep, rng=random.Random(0),
-                           quota=quota or QuotaWatch())  # fmt: skip
+        channel = Channel(client, pacer, max_attempts, events.append, sleep, random.Random(0),
+                          quota or QuotaWatch())  # fmt: skip
+        row = await answer(item, channel, checker=checker)
     return row, sleeps, events, pacer
 
 
@@ -124,7 +138,7 @@ async def test_a_400_is_recorded_once_without_retrying() -> None:
 
 
 async def test_attempts_count_across_runs() -> None:
-    row, _, _, _ = await run([err(503), OK], prior=2)
+    row, _, _, _ = await run([err(503), OK], prior={"attempts": 2})
     assert row.attempts == 4
 
 
