@@ -45,8 +45,8 @@ class AnswerSpec:
 
     def identity(self) -> dict[str, Any]:
         """What a job's answers were checked against (its state's manifest). Not
-        ``reasks``: more of them leaves every answer checked as it was (and the next run
-        asks again the invalid rows that have re-asks left)."""
+        ``reasks``: more of them leaves every answer checked as it was (a run still going
+        gives its invalid rows the re-asks left; --retry-invalid asks them afresh)."""
         return {"labels": list(self.labels) if self.labels is not None else None,
                 "json_schema": self.json_schema, "pattern": self.pattern}  # fmt: skip
 
@@ -297,8 +297,10 @@ def _best_error(validator: Any, value: Any) -> str | None:
 
 # --- labels ---------------------------------------------------------------------------
 
-#: Quotes, emphasis and list marks around an answer or a label (not inside a word).
-_WRAP = "\"'`*_~“”‘’«»「」『』()[]<>#>-•· \t\r\n"
+#: Quotes, brackets and emphasis around an answer or a label (not inside a word). Not
+#: "-": a label may be "-1"; a bullet ("- ", "• ") is taken off as such (_BULLET).
+_WRAP = "\"'`*_~“”‘’«»「」『』()[]<>#•· \t\r\n"
+_BULLET = re.compile(r"^\s*[-•·]\s+")
 _CLOSE = ".,;:!?。，；：！？…"
 
 
@@ -306,7 +308,7 @@ def _fold(text: str) -> str:
     """A label or an answer as it is compared: case folded, NFKC, markdown emphasis and
     wrapping quotes and closing punctuation left out."""
     text = unicodedata.normalize("NFKC", text).casefold()
-    text = re.sub(r"[*`~]+|(?<!\w)_+|_+(?!\w)", "", text)
+    text = _BULLET.sub("", re.sub(r"[*`~]+|(?<!\w)_+|_+(?!\w)", "", text))
     return text.strip(_WRAP + _CLOSE)
 
 
