@@ -153,6 +153,7 @@ def run_one(
         "steady_req_s": sum(steady) / max(len(steady), 1),
         "sent_req_s": sum(sending) / max(len(sending), 1),
         "limited": int(seen["limited"]),  # type: ignore[call-overload]
+        "limited_start": sum(seen.get("limited_per_second", [])[:5]),  # type: ignore[call-overload]
     }
 
 
@@ -208,7 +209,8 @@ def verdict(name: str, s: Scenario, r: dict[str, float], ref: dict[str, float] |
         ideal = 50 if name == "overload" else 50 / 0.95
         share = r["limited"] / max(r["requests"], 1)
         return (f"time {r['seconds'] / ideal:.2f}× the ideal {ideal:.1f} s, limit 429s "
-                f"{share:.1%} of requests, steady {r['steady_req_s']:.0f} ok/s")  # fmt: skip
+                f"{share:.1%} of requests ({r['limited_start']:.0f} of {r['limited']:.0f} in "
+                f"the first 5 s), steady {r['steady_req_s']:.0f} ok/s")  # fmt: skip
     if name == "noise":
         return f"sent {r['sent_req_s'] / 250:.1%} of 250 QPS from 3 s to the last first attempt"
     return ""

@@ -101,6 +101,8 @@ class SimStats:
     by_status: Counter[int] = field(default_factory=Counter)
     #: 429s for going beyond the QPS / QPM limits (the rest of the 429s are injected)
     limited: int = 0
+    #: those 429s per whole second
+    limited_by_second: Counter[int] = field(default_factory=Counter)
     #: answers ok per whole second of the server's monotonic clock
     ok_by_second: Counter[int] = field(default_factory=Counter)
     #: requests received, and first requests for a reply (a row's first attempt), per second
@@ -170,7 +172,8 @@ class Simulator:
                       "limited": stats.limited,
                       "ok_per_second": per_second(stats.ok_by_second),
                       "received_per_second": per_second(stats.received_by_second),
-                      "first_per_second": per_second(stats.first_by_second)})  # fmt: skip
+                      "first_per_second": per_second(stats.first_by_second),
+                      "limited_per_second": per_second(stats.limited_by_second)})  # fmt: skip
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.stats.requests += 1
@@ -207,6 +210,7 @@ class Simulator:
                           "invalid_request_error")  # fmt: skip
         if not all(w.admit(time.monotonic()) for w in self._windows):
             self.stats.limited += 1
+            self.stats.limited_by_second[second] += 1
             return self._too_many()
         if MODERATION_MARKER in reply:  # input moderation comes before any generation
             return _error(400, "data_inspection_failed", "Input data may contain inappropriate "
