@@ -214,7 +214,7 @@ class _Pipeline:
     def __post_init__(self) -> None:
         self.channel = Channel(
             self.client, self.pacer, self.job.limits.max_attempts, self.sink, anyio.sleep,
-            self.rng, self.quota, EndpointWatch(self.client.url),
+            self.rng, self.quota, EndpointWatch(self.client.url), keep=self.journal.add,
         )  # fmt: skip
         self.checker = Checker(self.job.answer) if self.job.answer is not None else None
 
@@ -348,18 +348,21 @@ class Journal:
     def __init__(self, state: StateDir, sink: Sink) -> None:
         self._state = state
         self._sink = sink
-        self._rows: list[Result] = []
+        self._rows: dict[int, Result] = {}  # by input row: a later result replaces one
         self._text = 0
 
     def add(self, row: Result) -> None:
-        self._rows.append(row)
+        """A row's result (or its answer while it is asked again, replaced by the next)."""
+        if (earlier := self._rows.pop(row.row, None)) is not None:
+            self._text -= earlier.text_length()
+        self._rows[row.row] = row
         self._text += row.text_length()
         if len(self._rows) >= FLUSH_MAX_ROWS or self._text >= FLUSH_MAX_TEXT:
             self.flush()
 
     def flush(self) -> None:
         if self._rows:
-            self._state.write(self._rows)  # on a disk error the rows stay here
+            self._state.write(list(self._rows.values()))  # on a disk error they stay here
             self._sink(Flushed(len(self._rows)))
-            self._rows = []
+            self._rows = {}
             self._text = 0

@@ -130,7 +130,9 @@ def _endpoint_failure(outcome: Outcome) -> str | None:
 class Channel:
     """How a run's requests go out: the client, the pacer, the attempts a request may
     take, where events go, how to wait (``sleep``) and with what jitter (``rng``), and
-    the watches every worker shares (quota 429s; endpoint-level failures)."""
+    the watches every worker shares (quota 429s; endpoint-level failures); and where a
+    row's answer goes while it is asked again (``keep``: the journal), so that a run
+    killed meanwhile has it and does not pay for it twice."""
 
     client: Client
     pacer: Pacer
@@ -140,6 +142,7 @@ class Channel:
     rng: random.Random
     quota: QuotaWatch
     endpoint: EndpointWatch | None = None
+    keep: Callable[[Result], None] | None = None
 
 
 async def answer(item: Item, channel: Channel, *, checker: Checker | None = None) -> Result:
@@ -185,6 +188,8 @@ async def answer(item: Item, channel: Channel, *, checker: Checker | None = None
         reason = verdict.reason or "it is not valid"
         if bill.asked_again >= reasks:
             return bill.onto(result.invalid(reason))
+        if channel.keep is not None:  # saved as it stands: a resumed run asks again from it
+            channel.keep(bill.onto(result.invalid(reason)))
         bill.asked_again += 1
         channel.emit(Reasking(item.id, bill.reasks, reason))
         body = checker.reask_body(body, completion, reason)

@@ -4,13 +4,19 @@ after the last re-ask, and the vote over ``n`` choices."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
+import polars as pl
 import pytest
 
 from batchq.answer import AnswerSpec, Checker
+from batchq.config import load_job
 from batchq.events import Reasking
+from batchq.run.runner import run_job
 from tests.component.test_work import err, run
 
 pytestmark = pytest.mark.anyio
@@ -156,3 +162,46 @@ async def test_json_answers_are_validated_and_reserialised() -> None:
         "That answer is not valid: it does not match the schema: at $.score: "
         "9 is greater than the maximum of 5. Answer with JSON only"
     )
+
+
+async def test_a_run_stopped_during_reasks_keeps_the_answers_it_paid_for(tmp_path: Path) -> None:
+    # The first answers are billed; while their re-asks wait out a dead connection the
+    # run is stopped. The next run asks again from those answers: none is paid twice.
+    n = 20
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"id": i, "text": f"review {i}"}) + "\n"
+                              for i in range(n)))  # fmt: skip
+    job = load_job(None, overrides={
+        "input": str(source), "output": str(tmp_path / "out.parquet"), "model": "qwen-plus",
+        "base_url": "http://sim/v1", "template": "{text}", "max_attempts": 50,
+        "labels": "positive,negative", "reasks": 2,
+    })  # fmt: skip
+    first: list[int] = []
+
+    def stuck(request: httpx.Request) -> httpx.Response:
+        messages = json.loads(request.content)["messages"]
+        if len(messages) == 1:
+            first.append(1)
+            return said("maybe", prompt=10)
+        raise httpx.ConnectError("the connection died")
+
+    with anyio.move_on_after(1.5):
+        await run_job(job, api_key=None, transport=httpx.MockTransport(stuck))
+    assert len(first) == n
+    asked: list[list[dict[str, Any]]] = []
+
+    def complies(request: httpx.Request) -> httpx.Response:
+        asked.append(json.loads(request.content)["messages"])
+        return said("Negative.", prompt=30)
+
+    summary = await run_job(job, api_key=None, transport=httpx.MockTransport(complies))
+    assert summary.ok == n
+    assert len(asked) == n  # the re-asks only
+    assert all(m[1] == {"role": "assistant", "content": "maybe"} for m in asked)
+    df = pl.read_parquet(tmp_path / "out.parquet")
+    assert set(df["answer"]) == {"negative"}
+    assert set(df["reasks"]) == {1}
+    assert set(df["prompt_tokens"]) == {40}  # both answers, each once
+    # The answers' requests; the dead connections of the stopped run are not counted, as
+    # for any request of a row in progress when a run stops.
+    assert set(df["attempts"]) == {2}
