@@ -460,3 +460,30 @@ async def test_beyond_a_limit_that_showed_a_cut_does_not_read_it_lower() -> None
         if (cut := p.rate(clock.now)) is not None and cut < limit:
             break
     assert cut == pytest.approx(CUT * CUT * limit, rel=0.02)  # not CUT x 80 %
+
+
+async def test_answers_sent_before_a_verdict_still_measure_what_is_let_through() -> None:
+    # A verdict on a cut starts the rate's curve again but is no cut: answers to what was
+    # sent before it still count. (Ignoring them left a one-second reading a quarter full
+    # with 800 ms answers: a cut to 52 of 230, and a run at 46 % of its rate.)
+    p, clock = pacer(qps=300, concurrency=500)
+    await send_times(p, clock, 1)
+    clock.now += 5
+    await answered_at(p, clock, 200, 2)
+    after_cut = await until_cut(p, clock, 20, 10)
+    while p.rate(clock.now) == after_cut:  # none refused at the lower rate: a limit, kept
+        await answered_at(p, clock, 200, 0.01)
+    kept = p.rate(clock.now)
+    assert kept == pytest.approx(after_cut / TRIAL_CUT * CUT, rel=0.05)
+    # From the verdict on, answers 0.8 s after their requests at 180 a second, then 429s
+    # beyond chance.
+    for _ in range(180):
+        clock.now += 1 / 180
+        p.release(0, Settled(clock.now - 0.8, 10, 5))
+    for _ in range(40):
+        clock.now += 1 / 180
+        p.release(0, Settled(clock.now - 0.8, 10, 5))
+        p.release(0, Settled(clock.now, throttled="rate"))
+        if (rate := p.rate(clock.now)) is not None and rate < kept * 0.9:
+            break
+    assert rate == pytest.approx(180 * CUT, rel=0.03)  # what got through (not 43 of it)
