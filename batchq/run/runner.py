@@ -91,9 +91,8 @@ class RunOptions:
     @property
     def retry(self) -> frozenset[str]:
         """The statuses whose rows are sent again."""
-        return frozenset({"error"} if self.retry_errors else set()) | frozenset(
-            {"invalid"} if self.retry_invalid else set()
-        )
+        chosen = (("error", self.retry_errors), ("invalid", self.retry_invalid))
+        return frozenset(status for status, on in chosen if on)
 
 
 async def run_job(

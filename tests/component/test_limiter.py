@@ -15,7 +15,7 @@ from anyio import wait_all_tasks_blocked
 from anyio.lowlevel import checkpoint
 
 from batchq.config import Limits
-from batchq.send.ceiling import CUT, CUT_EVERY_S, PROBE, RECOVER_S, TRIAL_CUT, Ceiling
+from batchq.send.ceiling import CUT, CUT_EVERY_S, PLATEAU, PROBE, RECOVER_S, TRIAL_CUT, Ceiling
 from batchq.send.limiter import FIRST_COMPLETION_GUESS, RAMP_S, RatePacer, Settled
 
 pytestmark = pytest.mark.anyio
@@ -487,3 +487,36 @@ async def test_answers_sent_before_a_verdict_still_measure_what_is_let_through()
         if (rate := p.rate(clock.now)) is not None and rate < kept * 0.9:
             break
     assert rate == pytest.approx(180 * CUT, rel=0.03)  # what got through (not 43 of it)
+
+
+async def test_429s_of_a_trials_first_second_are_no_wall() -> None:
+    # Just after a cut, the server's window still holds the burst that made it: what is
+    # sent in that second is refused in bulk whatever the new rate. (Read as a wall, a
+    # run's start was cut again to 70 of a limit of 100 and paused: 1.23x the ideal.)
+    p, clock = pacer(qps=300, concurrency=500)
+    await send_times(p, clock, 1)
+    clock.now += 5
+    await answered_at(p, clock, 200, 2)
+    on_trial = await until_cut(p, clock, 20, 10)
+    cut = clock.now
+    clock.now = cut + CUT_EVERY_S + 0.05
+    for i in range(100):  # sent within the second after the cut: 40 % refused
+        sent = cut + 0.5 + i * 0.004
+        p.release(0, Settled(sent, throttled="rate", retry_after=1.0) if i % 5 < 2
+                  else Settled(sent, 10, 5))  # fmt: skip
+    assert p.rate(clock.now) == on_trial
+    assert p.paused_until < clock.now
+
+
+async def test_the_rate_settles_just_under_the_ceiling() -> None:
+    # A one-second window counts arrivals, which the network bunches: right at the limit,
+    # some are refused all the same.
+    p, clock = pacer(qps=300, concurrency=500)
+    await send_times(p, clock, 1)
+    clock.now += 5
+    await answered_at(p, clock, 200, 2)
+    after_cut = await until_cut(p, clock, 20, 10)
+    while p.rate(clock.now) == after_cut:  # none refused at the lower rate: a limit, kept
+        await answered_at(p, clock, 200, 0.01)
+    ceiling = after_cut / TRIAL_CUT
+    assert p.rate(clock.now + RECOVER_S) == pytest.approx(ceiling * PLATEAU, rel=0.002)
