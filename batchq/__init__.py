@@ -1,6 +1,6 @@
 """batchq: run batches of prompts against OpenAI-compatible chat/completions endpoints.
 
-The command line (``batchq run``) is a thin shell over :func:`batchq.run.runner.run_job`.
+The command line (``batchq run``) is a thin shell over :func:`batchq.engine.runner.run_job`.
 Names are imported on first use, so that the console entry point can set process-wide
 defaults before pyarrow loads.
 """
@@ -30,9 +30,9 @@ _HOMES = {
     "UsageError": "batchq.errors",
     "Job": "batchq.config",
     "load_job": "batchq.config",
-    "RunOptions": "batchq.run.runner",
-    "RunSummary": "batchq.run.runner",
-    "run_job": "batchq.run.runner",
+    "RunOptions": "batchq.engine.runner",
+    "RunSummary": "batchq.engine.runner",
+    "run_job": "batchq.engine.runner",
 }
 
 

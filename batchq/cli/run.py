@@ -18,7 +18,7 @@ from batchq.errors import BatchqError, Interrupted
 from batchq.events import Sink, fan_out
 from batchq.money.pricing import PriceTable, region_of
 from batchq.money.report import CostLine, CostTally, cost_report, find_results
-from batchq.run.runner import RunOptions, RunSummary, run_job
+from batchq.engine.runner import RunOptions, RunSummary, run_job
 from batchq.simulator import SimConfig, serve_in_thread
 
 __all__ = ["run"]

@@ -22,7 +22,7 @@ quickly" the burst protection, which fires below RPM and TPM:
     rate   limit_requests, Throttling, Throttling.RateQuota, LimitRequests, any other code
     burst  limit_burst_rate, Throttling.BurstRate
     quota  insufficient_quota, Throttling.AllocationQuota: token-rate throttling first;
-           the run stops only after a minute of nothing else (``batchq.run.work``)
+           the run stops only after a minute of nothing else (``batchq.engine.work``)
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import pytest
 from batchq.answer import Checker
 from batchq.errors import RunStopped
 from batchq.events import Event
-from batchq.run.work import QUOTA_STOP_S, Channel, Item, QuotaWatch, answer
+from batchq.engine.work import QUOTA_STOP_S, Channel, Item, QuotaWatch, answer
 from batchq.send.client import Client
 from batchq.send.limiter import Settled
 

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchq.config import load_job, simulated
-from batchq.run.runner import run_job
+from batchq.engine.runner import run_job
 
 STATE_V1 = Path(__file__).resolve().parents[1] / "data" / "state_v1"
 

@@ -45,7 +45,7 @@ from batchq.io.reader import read_batches
 from batchq.money.pricing import region_of
 from batchq.output.merge import merge_output
 from batchq.result import Result
-from batchq.run.work import Channel, EndpointWatch, Item, QuotaWatch, answer
+from batchq.engine.work import Channel, EndpointWatch, Item, QuotaWatch, answer
 from batchq.send.client import Client
 from batchq.send.limiter import Pacer, RatePacer
 from batchq.send.request import build_body, estimate_tokens
