@@ -158,12 +158,15 @@ _TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-def load_job(path: str | Path | None, *, overrides: dict[str, Any] | None = None) -> Job:
+def load_job(
+    path: str | Path | None, *, overrides: dict[str, Any] | None = None, source: str = "flags"
+) -> Job:
     """Read a job file (or none) and apply flag overrides, checking every key and type.
 
     ``overrides`` uses the job file's key names (``timeout_s``, not ``timeout``; the
     ``[answer]`` keys as they are) plus ``params`` for extra request fields. Relative
-    paths are taken from the current folder.
+    paths are taken from the current folder. ``source`` names where the settings came from
+    when there is no file (in messages: "flags", or the Python call).
 
     >>> load_job(None, overrides={"input": "in.jsonl", "model": "qwen-plus"}).output
     PosixPath('in.batchq.parquet')
@@ -171,9 +174,9 @@ def load_job(path: str | Path | None, *, overrides: dict[str, Any] | None = None
     if path is not None and str(path).endswith(".json"):  # an export's manifest.json
         exported, extra = _exported_job(Path(path)), dict(overrides or {})
         params = {**exported.pop("params", {}), **extra.pop("params", {})}
-        return load_job(None, overrides={**exported, **extra, "params": params})
+        return load_job(None, overrides={**exported, **extra, "params": params}, source=source)
     raw = _read_toml(Path(path)) if path is not None else {}
-    source = str(path) if path else "flags"
+    source = str(path) if path else source
     flat, params, answer = _flatten(raw, source=source)
     for key, value in (overrides or {}).items():
         if key == "params":

@@ -4,7 +4,8 @@
     ├── UsageError                 2   bad flag, job file or setting; nothing sent
     │   └── InputError             2   bad input data, with file / line / column; nothing sent
     ├── RunStopped                 3   the run stopped itself (auth failure, disk error); resumable
-    └── Interrupted              130   the user stopped the run (Ctrl-C, SIGTERM); resumable
+    └── Interrupted              130   the user stopped the run (Ctrl-C, SIGTERM, a notebook's
+                                       interrupt); resumable. Also a KeyboardInterrupt
 
 Every message says what is wrong and what to do about it. None ever contains the API key.
 """
@@ -29,8 +30,9 @@ class UsageError(BatchqError):
 class InputError(UsageError):
     """The input data is wrong. Raised before anything is sent.
 
-    ``path``, ``line`` (1-based, JSONL) or ``row`` (0-based, Parquet) and ``column``
-    say where; any of them may be None.
+    ``path``, ``line`` (1-based, JSONL) or ``row`` (0-based, Parquet or a frame's) and
+    ``column`` say where; any of them may be None. ``reason`` is the message without
+    them.
     """
 
     def __init__(
@@ -43,6 +45,7 @@ class InputError(UsageError):
         column: str | None = None,
     ) -> None:
         self.path, self.line, self.row, self.column = path, line, row, column
+        self.reason = message
         where = [p for p in (path, _at("line", line), _at("row", row), _at("column", column)) if p]
         super().__init__(f"{', '.join(where)}: {message}" if where else message)
 
@@ -54,13 +57,23 @@ def _at(label: str, value: object) -> str | None:
 class RunStopped(BatchqError):
     """The run stopped on its own because going on could not help (401/403, disk full).
 
-    The state folder is kept, so rerunning the same command resumes.
+    The state folder is kept, so rerunning the same command resumes. ``http_status`` and
+    ``error_code`` are the last answer's that stopped it, when an answer did.
     """
 
     exit_code = 3
 
+    def __init__(
+        self, message: str, *, http_status: int | None = None, error_code: str | None = None
+    ) -> None:
+        self.http_status, self.error_code = http_status, error_code
+        super().__init__(message)
 
-class Interrupted(BatchqError):
-    """The user interrupted the run. The state folder is kept; rerun to resume."""
+
+class Interrupted(BatchqError, KeyboardInterrupt):
+    """The user interrupted the run. The state folder is kept; rerun to resume.
+
+    A KeyboardInterrupt too, so that ``except KeyboardInterrupt`` (and Jupyter) see what
+    it is."""
 
     exit_code = 130

@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from batchq.cli.batch import export_batch, import_batch
+from batchq.cli.cache import cache
 from batchq.cli.reports import cost, estimate, status
 from batchq.cli.run import run
 from batchq.cli.simulate import simulate
@@ -19,7 +20,7 @@ def main() -> None:
     """Run batches of prompts against OpenAI-compatible chat/completions endpoints."""
 
 
-for command in (run, status, cost, estimate, export_batch, import_batch, simulate):
+for command in (run, status, cost, estimate, export_batch, import_batch, simulate, cache):
     main.add_command(command)
 
 if __name__ == "__main__":

@@ -14,11 +14,11 @@ from batchq.cli._common import PRICE_FILE, cost_text, fail, job_from, job_option
 from batchq.cli.logfile import JsonLog
 from batchq.cli.progress import LiveProgress, PlainProgress
 from batchq.config import Job, simulated
+from batchq.engine.runner import RunOptions, RunSummary, loop_options, run_job
 from batchq.errors import BatchqError, Interrupted
 from batchq.events import Sink, fan_out
 from batchq.money.pricing import PriceTable, region_of
 from batchq.money.report import CostLine, CostTally, cost_report, find_results
-from batchq.engine.runner import RunOptions, RunSummary, run_job
 from batchq.simulator import SimConfig, serve_in_thread
 
 __all__ = ["run"]
@@ -114,15 +114,7 @@ def _run(
     async def go() -> RunSummary:  # the merge feeds the closing summary's tally
         return await run_job(job, api_key=key, options=options, sink=sink, on_results=tally.add)
 
-    return anyio.run(go, backend_options={"use_uvloop": _has_uvloop()})
-
-
-def _has_uvloop() -> bool:
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return anyio.run(go, backend_options=loop_options())
 
 
 def _print_summary(s: RunSummary, prices: PriceTable, tally: CostTally) -> None:

@@ -26,6 +26,8 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from batchq.answer import Checker
 from batchq.config import Job
+from batchq.engine.stop import StopSwitch
+from batchq.engine.work import Channel, EndpointWatch, Item, QuotaWatch, answer
 from batchq.errors import BatchqError, Interrupted
 from batchq.events import (
     Checking,
@@ -45,7 +47,6 @@ from batchq.io.reader import read_batches
 from batchq.money.pricing import region_of
 from batchq.output.merge import merge_output
 from batchq.result import Result
-from batchq.engine.work import Channel, EndpointWatch, Item, QuotaWatch, answer
 from batchq.send.client import Client
 from batchq.send.limiter import Pacer, RatePacer
 from batchq.send.request import build_body, estimate_tokens
@@ -57,7 +58,7 @@ if TYPE_CHECKING:  # httpx loads only when a caller brings a transport (tests)
     import httpx
     import pyarrow as pa
 
-__all__ = ["FLUSH_EVERY_S", "RunOptions", "RunSummary", "run_job"]
+__all__ = ["FLUSH_EVERY_S", "RunOptions", "RunSummary", "loop_options", "run_job"]
 
 FLUSH_EVERY_S = 1.0
 FLUSH_MAX_ROWS = 10_000
@@ -95,6 +96,15 @@ class RunOptions:
         return frozenset(status for status, on in chosen if on)
 
 
+def loop_options() -> dict[str, Any]:
+    """anyio.run's backend options: uvloop where it is installed (not on Windows)."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return {"use_uvloop": False}
+    return {"use_uvloop": True}
+
+
 async def run_job(
     job: Job,
     *,
@@ -104,16 +114,25 @@ async def run_job(
     transport: httpx.AsyncBaseTransport | None = None,
     pacer: Pacer | None = None,
     on_results: Callable[[pa.Table], object] | None = None,
+    stop: StopSwitch | None = None,
 ) -> RunSummary:
     """Run (or resume) ``job`` to its output file. Raises a BatchqError subclass.
 
     ``sink`` is given the run's events; ``transport`` and ``pacer`` replace the HTTP
     transport and the pacer (tests); ``on_results`` is given each block of results as the
-    merge writes it (every row of the output, in order)."""
+    merge writes it (every row of the output, in order). ``stop`` stops the run when
+    pressed (Interrupted); on the main thread, SIGINT and SIGTERM press it."""
     started = time.monotonic()
+    stop = stop or StopSwitch()
     _ = job.request.url  # a UsageError for a provider without one, before anything is written
     check_output(job)
-    info = preflight(job, progress=lambda rows, exact: sink(Checking(rows, exact)))
+
+    def checking(rows: int, exact: bool) -> None:
+        if stop.presses:
+            raise Interrupted("stopped before anything was sent: rerun to start")
+        sink(Checking(rows, exact))
+
+    info = preflight(job, progress=checking)
     region = region_of(job.request.provider)
     manifest = manifest_for(job, info, region=region, command=options.command)
     finished = not options.restart and StateDir.finished(job, info)
@@ -128,7 +147,7 @@ async def run_job(
             return _finish(sink, job, info, statuses=None, sent=0, started=started, done=True)
         todo = await _send_pending(
             job, info, state, options,
-            api_key=api_key, sink=sink, transport=transport, pacer=pacer,
+            api_key=api_key, sink=sink, transport=transport, pacer=pacer, stop=stop,
         )  # fmt: skip
         counts = merge_output(
             state, info, job.output, manifest=manifest, keep_raw=options.keep_raw,
@@ -152,6 +171,7 @@ async def _send_pending(
     sink: Sink,
     transport: httpx.AsyncBaseTransport | None,
     pacer: Pacer | None,
+    stop: StopSwitch,
 ) -> int:
     """Send every row without a result (or whose latest result's status is one of
     ``options.retry``) into ``state``; how many there were."""
@@ -169,7 +189,7 @@ async def _send_pending(
             job, info, state, done, prior,
             api_key=api_key, sink=sink, transport=transport,
             pacer=pacer or RatePacer(job.limits, emit=sink),
-            rng=random.Random(options.seed), keep_raw=options.keep_raw,
+            rng=random.Random(options.seed), keep_raw=options.keep_raw, stop=stop,
         )  # fmt: skip
     return todo
 
@@ -207,6 +227,7 @@ class _Pipeline:
     journal: Journal
     sink: Sink
     rng: random.Random
+    stop: StopSwitch
     quota: QuotaWatch = field(default_factory=QuotaWatch)
     stopping: bool = False
 
@@ -228,14 +249,18 @@ class _Pipeline:
             tg.start_soon(self._tick)
             async with anyio.create_task_group() as pool:
                 if threading.current_thread() is threading.main_thread():
-                    tg.start_soon(self._watch_signals, pool.cancel_scope, feeding)
+                    tg.start_soon(self._relay_signals)
+                tg.start_soon(self._watch_stop, pool.cancel_scope, feeding)
                 pool.start_soon(self._feed, items_send, feeding)
                 async with items_recv:
                     for _ in range(workers):
                         pool.start_soon(self._work, items_recv.clone())
             tg.cancel_scope.cancel()
         if self.stopping:
-            raise Interrupted("stopped: finished rows are saved; rerun the same command to resume")
+            raise Interrupted(
+                "stopped: finished rows are saved; rerun the same command to resume "
+                "(from Python: the same call)"
+            )
 
     async def _feed(self, items: ObjectSendStream[Item], scope: anyio.CancelScope) -> None:
         with scope:
@@ -271,24 +296,27 @@ class _Pipeline:
             self.journal.flush()
             self.sink(Tick())
 
-    async def _watch_signals(self, pool: anyio.CancelScope, feeding: anyio.CancelScope) -> None:
-        """First SIGINT / SIGTERM: start no request more (not even a retry): every row
-        waiting its turn or its backoff stops where it is, while the requests in flight
-        (shielded, see ``Client.send``) get STOP_GRACE_S. A second one: stop at once.
-        Either way the journal is flushed on the way out. (Before, a run at 40 QPS sent
-        200 requests more in its grace.)"""
+    async def _relay_signals(self) -> None:
+        """SIGINT / SIGTERM press the stop switch (the CLI's run, on the main thread)."""
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _ in signals:
-                break
-            self.stopping = True
-            feeding.cancel()
-            pool.cancel()
-            self.sink(Notice(f"stopping: waiting up to {STOP_GRACE_S:g} s for requests "
-                             "in flight (Ctrl-C again to stop now)"))  # fmt: skip
-            with anyio.move_on_after(STOP_GRACE_S):
-                async for _ in signals:
-                    break
-            self.client.abort()
+                self.stop.press()
+
+    async def _watch_stop(self, pool: anyio.CancelScope, feeding: anyio.CancelScope) -> None:
+        """First press (SIGINT, SIGTERM, or a notebook's interrupt): start no request more
+        (not even a retry): every row waiting its turn or its backoff stops where it is,
+        while the requests in flight (shielded, see ``Client.send``) get STOP_GRACE_S. A
+        second one: stop at once. Either way the journal is flushed on the way out.
+        (Before, a run at 40 QPS sent 200 requests more in its grace.)"""
+        await self.stop.pressed(1)
+        self.stopping = True
+        feeding.cancel()
+        pool.cancel()
+        self.sink(Notice(f"stopping: waiting up to {STOP_GRACE_S:g} s for requests "
+                         "in flight (Ctrl-C again to stop now)"))  # fmt: skip
+        with anyio.move_on_after(STOP_GRACE_S):
+            await self.stop.pressed(2)
+        self.client.abort()
 
 
 async def _send_all(
@@ -304,12 +332,13 @@ async def _send_all(
     pacer: Pacer,
     rng: random.Random,
     keep_raw: bool,
+    stop: StopSwitch,
 ) -> None:
     workers = max(1, min(job.limits.concurrency, info.total_rows))
     client = Client(job.request.url, api_key=api_key, timeout_s=job.limits.timeout_s,
                     max_connections=workers, transport=transport, keep_raw=keep_raw)  # fmt: skip
     journal = Journal(state, sink)
-    pipeline = _Pipeline(job, info, done, prior, client, pacer, journal, sink, rng)
+    pipeline = _Pipeline(job, info, done, prior, client, pacer, journal, sink, rng, stop)
     try:
         await pipeline.run()
     except BaseExceptionGroup as group:

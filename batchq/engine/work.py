@@ -216,14 +216,14 @@ async def _ask(
         sent += 1
         counted += outcome.throttled != "quota"
         if c.endpoint is not None and (stop := c.endpoint.saw(outcome)) is not None:
-            raise RunStopped(stop)
+            raise RunStopped(stop, **_context(outcome))
         if outcome.kind == "ok":
             c.quota.saw(outcome, c.pacer.now())
             return outcome
         if outcome.kind == "fatal":
-            raise RunStopped(_fatal_message(outcome))
+            raise RunStopped(_fatal_message(outcome), **_context(outcome))
         if c.quota.saw(outcome, c.pacer.now()):
-            raise RunStopped(_quota_message(outcome))
+            raise RunStopped(_quota_message(outcome), **_context(outcome))
         if outcome.kind == "row_error" or counted >= c.max_attempts:
             return outcome
         delay = backoff_delay(sent, retry_after=outcome.retry_after, rng=c.rng)
@@ -273,6 +273,11 @@ def _settled(sent_at: float, outcome: Outcome | None) -> Settled:
         sent_at, usage.get("total_tokens"), usage.get("completion_tokens"),
         outcome.throttled, outcome.retry_after,
     )  # fmt: skip
+
+
+def _context(outcome: Outcome) -> dict[str, Any]:
+    """What RunStopped carries of the answer that stopped the run."""
+    return {"http_status": outcome.http_status, "error_code": outcome.error_code}
 
 
 def _fatal_message(outcome: Outcome) -> str:

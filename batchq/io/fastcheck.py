@@ -47,7 +47,17 @@ __all__ = ["Vouched", "vouch"]
 CHUNK_BYTES = 4 * 1024**2  # read and parsed at a time (2.5x as fast as 1 MB chunks)
 BLOCK_BYTES = 1024**2  # Arrow's block: each is parsed by one thread
 _ID_TYPES = (pa.int64(), pa.string(), pa.large_string())
-_PLAIN = (pa.types.is_integer, pa.types.is_floating, pa.types.is_string, pa.types.is_boolean)
+
+
+def _is_text(type_: pa.DataType) -> bool:
+    """Arrow's three kinds of text: polars writes large_string, and string_view."""
+    return bool(
+        pa.types.is_string(type_) or pa.types.is_large_string(type_)
+        or pa.types.is_string_view(type_)
+    )  # fmt: skip
+
+
+_PLAIN = (pa.types.is_integer, pa.types.is_floating, _is_text, pa.types.is_boolean)
 #: Request fields a row may set that whole-column checks decide: numbers, ranged or not.
 ROW_NUMBERS = frozenset(
     {"temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "max_tokens"}
@@ -271,7 +281,7 @@ class _Checks:
         for name in self._sources:
             if name not in names or not any(ok(schema.field(name).type) for ok in _PLAIN):
                 raise _Unsure(f"template field {name!r} is missing or not a plain column")
-        if self._sources == ["prompt"] and not pa.types.is_string(schema.field("prompt").type):
+        if self._sources == ["prompt"] and not _is_text(schema.field("prompt").type):
             raise _Unsure("prompt is not text")
         if id_column is not None:
             _check_id_column(schema, id_column)
@@ -285,7 +295,7 @@ class _Checks:
             if column.null_count:
                 raise _Unsure(f"a null in {name!r}")
             if self._job.limits.tpm:
-                text = column if pa.types.is_string(column.type) else pc.cast(column, pa.string())
+                text = column if _is_text(column.type) else pc.cast(column, pa.string())
                 chars = pc.add(chars, pc.utf8_length(text))
         cap = self._row_fields(batch)
         if self._job.limits.tpm and batch.num_rows:
@@ -344,7 +354,7 @@ class _LineChecks(_Checks):
         others = set(inner.names) - {"messages", "model"} - ROW_NUMBERS
         if others:
             raise _Unsure(f"a Batch-API body with {sorted(others)[0]!r}: the exact pass")
-        if "model" in inner.names and not pa.types.is_string(inner.field("model").type):
+        if "model" in inner.names and not _is_text(inner.field("model").type):
             raise _Unsure("a Batch-API body's model that is not text")
         # fixed_chars: each message's framing only (no system, no template: 12 - 12)
         super().__init__(job, inner, None, fixed_chars=12, cap=cap, lines=True)
@@ -402,7 +412,7 @@ def _text_messages(type_: pa.DataType) -> None:
     }:
         raise _Unsure("messages are not {role, content} objects")
     for name in ("role", "content"):
-        if not pa.types.is_string(item.field(name).type):
+        if not _is_text(item.field(name).type):
             raise _Unsure(f"a message's {name} is not text")
 
 

@@ -34,6 +34,8 @@ _STREAM_ONLY = re.compile(r"^(qwq|qvq)-|-thinking(-\d{4}(-\d{2}-\d{2})?)?$")
 
 #: How batchq asks again for a label (batchq.answer): the simulator then complies.
 _LABEL_REASK = re.compile(r"Answer with exactly one of these labels and nothing else: (.+)\.$")
+#: How batchq asks again for JSON under a schema: the simulator answers with an instance.
+_SCHEMA_REASK = re.compile(r"Answer with JSON only, valid under this JSON Schema: (\{.*\})")
 
 
 def reply_for(messages: list[dict[str, Any]]) -> str:
@@ -45,7 +47,38 @@ def reply_for(messages: list[dict[str, Any]]) -> str:
         labels = m.group(1).split(", ")
         first = next((m for m in messages if m.get("role") == "user"), {})
         return labels[zlib.crc32(str(first.get("content")).encode()) % len(labels)]
+    if (m := _SCHEMA_REASK.search(last)) is not None:
+        try:
+            return orjson.dumps(_instance(orjson.loads(m.group(1)))).decode()
+        except orjson.JSONDecodeError:
+            pass
     return f"echo: {last}"
+
+
+def _instance(schema: Any, defs: dict[str, Any] | None = None) -> Any:
+    """A plain instance of a simple JSON Schema (objects, arrays, enums, scalars; local
+    ``$ref``s such as pydantic writes): what a complying model might answer."""
+    if not isinstance(schema, dict):
+        return None
+    defs = {**(defs or {}), **schema.get("$defs", {})}
+    if isinstance(ref := schema.get("$ref"), str):
+        return _instance(defs.get(ref.rsplit("/", 1)[-1]), defs)
+    if "enum" in schema:
+        return schema["enum"][0]
+    if "const" in schema:
+        return schema["const"]
+    if options := schema.get("anyOf") or schema.get("oneOf"):
+        return _instance(options[0], defs)
+    kind = schema.get("type")
+    kind = kind[0] if isinstance(kind, list) else kind
+    if kind == "object":
+        properties = schema.get("properties", {})
+        return {name: _instance(sub, defs) for name, sub in properties.items()}
+    if kind == "array":
+        return [_instance(schema.get("items", {}), defs)] * schema.get("minItems", 1)
+    scalars = {"string": "text", "integer": schema.get("minimum", 1), "boolean": True,
+               "number": schema.get("minimum", 0.5), "null": None}  # fmt: skip
+    return scalars.get(str(kind), "text")
 
 
 def _last_user(messages: list[dict[str, Any]]) -> str:

@@ -4,7 +4,13 @@ result of each row wins (``folder.py``). Everything else asks a StateDir."""
 
 from batchq.state.folder import ShardIndex, StateDir
 from batchq.state.layout import check_output, output_of, state_path
-from batchq.state.manifest import MANIFEST_KEY, check_same_job, manifest_for, output_manifest
+from batchq.state.manifest import (
+    MANIFEST_KEY,
+    check_same_job,
+    fingerprint,
+    manifest_for,
+    output_manifest,
+)
 from batchq.state.mask import RowMask
 
 __all__ = [
@@ -14,6 +20,7 @@ __all__ = [
     "StateDir",
     "check_output",
     "check_same_job",
+    "fingerprint",
     "manifest_for",
     "output_manifest",
     "output_of",

@@ -9,6 +9,7 @@ answers. Beside it: the manifest's version, the price region (the caller's, so t
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,14 @@ from batchq.config import Job, RequestSettings
 from batchq.errors import UsageError
 from batchq.io.preflight import InputInfo
 
-__all__ = ["MANIFEST_KEY", "VERSION", "check_same_job", "manifest_for", "output_manifest"]
+__all__ = [
+    "MANIFEST_KEY",
+    "VERSION",
+    "check_same_job",
+    "fingerprint",
+    "manifest_for",
+    "output_manifest",
+]
 
 VERSION = 1
 #: The output file's metadata key for the manifest of the job that wrote it.
@@ -34,23 +42,38 @@ def manifest_for(
     return {"version": VERSION, "region": region, "command": command, **_identity(job, info)}
 
 
+def fingerprint(job: Job, digest: str) -> str:
+    """What names a Python call's cache folder: the input's digest, the id column asked
+    for, the endpoint and the request settings; the same for the same call, whatever the
+    input's file is called or where the simulator listens. (Never the key: no part of
+    a job holds it.)"""
+    identity = {"input_digest": digest, "id_column": job.id_column,
+                "endpoint": _endpoint_of(job.request), "request": _request_of(job)}  # fmt: skip
+    text = orjson.dumps(identity, option=orjson.OPT_SORT_KEYS, default=str)
+    return hashlib.sha256(text).hexdigest()[:24]
+
+
 def _identity(job: Job, info: InputInfo) -> dict[str, Any]:
-    r = job.request
     return {
         "input": str(info.path),
         "input_digest": info.digest,
         "input_rows": info.total_rows,
         "id_column": info.id_column,
-        "endpoint": _endpoint_of(r),
-        "request": {
-            "model": r.model,
-            "system": r.system,
-            "template": r.template,
-            "max_tokens": r.max_tokens,
-            "temperature": r.temperature,
-            "params": r.params,
-            **({"answer": job.answer.identity()} if job.answer is not None else {}),
-        },
+        "endpoint": _endpoint_of(job.request),
+        "request": _request_of(job),
+    }
+
+
+def _request_of(job: Job) -> dict[str, Any]:
+    r = job.request
+    return {
+        "model": r.model,
+        "system": r.system,
+        "template": r.template,
+        "max_tokens": r.max_tokens,
+        "temperature": r.temperature,
+        "params": r.params,
+        **({"answer": job.answer.identity()} if job.answer is not None else {}),
     }
 
 

@@ -15,8 +15,8 @@ import pytest
 
 from batchq.answer import AnswerSpec, Checker
 from batchq.config import load_job
-from batchq.events import Reasking
 from batchq.engine.runner import run_job
+from batchq.events import Reasking
 from tests.component.test_work import err, run
 
 pytestmark = pytest.mark.anyio

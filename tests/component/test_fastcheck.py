@@ -323,3 +323,30 @@ def test_parquet_and_gzip(tmp_path: Path) -> None:
     packed.write_bytes(gzip.compress(lines(reviews())))
     assert vouch(job_for(packed, TEMPLATE)) is None  # declined: the exact pass reads it
     assert exact_preflight(job_for(packed, TEMPLATE)).total_rows == 50
+
+
+@pytest.mark.parametrize("text", [pa.large_string()])
+def test_polars_text_types_are_vouched_for(tmp_path: Path, text: pa.DataType) -> None:
+    """polars writes large_string (batchq.run stages a polars frame so): the exact pass
+    over a million such rows took 2.4 s where this takes 0.25 s."""
+    messages = pa.list_(pa.struct([("role", text), ("content", text)]))
+    table = pa.table({
+        "id": pa.array([f"r{i}" for i in range(60)], text),
+        "text": pa.array([f"t{i}" for i in range(60)], text),
+        "prompt": pa.array([f"p{i}" for i in range(60)], text),
+        "messages": pa.array([[{"role": "user", "content": f"m{i}"}] for i in range(60)],
+                             messages),
+    })  # fmt: skip
+    for columns, overrides in (
+        (["id", "text"], {"template": "Review: {text}"}),
+        (["id", "prompt"], {}),
+        (["id", "messages"], {}),
+    ):
+        parquet = tmp_path / f"{columns[1]}.parquet"
+        pq.write_table(table.select(columns), parquet)
+        job = job_for(parquet, overrides)
+        fast, exact = vouch(job), exact_preflight(job)
+        assert fast is not None
+        assert (fast.rows, fast.columns, fast.digest) == (
+            exact.total_rows, exact.columns, exact.digest
+        )  # fmt: skip

@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 
 from batchq.config import Job, load_job
+from batchq.engine.runner import FLUSH_MAX_ROWS, FLUSH_MAX_TEXT, Journal
 from batchq.errors import UsageError
 from batchq.io.preflight import InputInfo, preflight
 from batchq.money.pricing import PriceTable
 from batchq.money.report import cost_report, find_results, status
 from batchq.result import Result
-from batchq.engine.runner import FLUSH_MAX_ROWS, FLUSH_MAX_TEXT, Journal
 from batchq.state import RowMask, StateDir, check_output, manifest_for
 
 ERRORS = frozenset({"error"})

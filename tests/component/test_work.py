@@ -11,9 +11,9 @@ import httpx
 import pytest
 
 from batchq.answer import Checker
+from batchq.engine.work import QUOTA_STOP_S, Channel, Item, QuotaWatch, answer
 from batchq.errors import RunStopped
 from batchq.events import Event
-from batchq.engine.work import QUOTA_STOP_S, Channel, Item, QuotaWatch, answer
 from batchq.send.client import Client
 from batchq.send.limiter import Settled
 

@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchq.config import load_job
+from batchq.engine.runner import run_job
 from batchq.errors import RunStopped
 from batchq.events import Event, Flushed
-from batchq.engine.runner import run_job
 
 ROOT = Path(__file__).resolve().parents[2]
 FAULTS = {"fail_503": 0.04, "fail_500": 0.02, "fail_drop": 0.02, "fail_truncate": 0.02,

@@ -1,0 +1,399 @@
+"""The Python API: ``run`` a frame (or rows, or a file) and get it back with its answers;
+``arun`` in async code; ``run_job``, the CLI's ``batchq run`` as a function.
+
+``run`` runs in a worker thread with its own event loop, so it works where a loop is
+running already (Jupyter), and the calling thread stays free to catch a
+KeyboardInterrupt: it presses the run's stop switch, the run stops within its grace
+period with every finished row saved, and ``batchq.errors.Interrupted`` (a
+KeyboardInterrupt) is raised.
+
+Without ``output=`` the state lives in the cache (``batchq.cache``), so the same call
+resumes after a crash and a finished one is read back at once.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import signal
+import sys
+import tempfile
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, TypedDict, TypeVar, Unpack
+
+import anyio
+
+from batchq.cache import CallFolder, clear_staging
+from batchq.config import Job, job_settings, load_job, simulated
+from batchq.engine.runner import RunOptions, RunSummary, loop_options
+from batchq.engine.runner import run_job as run_engine
+from batchq.engine.stop import StopSwitch
+from batchq.errors import BatchqError, InputError, Interrupted, UsageError
+from batchq.events import Sink, discard, fan_out
+from batchq.frames import Source, from_frame, results_as, source_of, stage
+from batchq.money.pricing import PriceTable, region_of
+from batchq.simulator import SimConfig, serve_in_thread
+
+__all__ = ["JobKeys", "RunKeys", "arun", "run", "run_job"]
+
+T = TypeVar("T")
+#: How long a KeyboardInterrupt may wait to be seen by the thread waiting on a run.
+WAIT_SLICE_S = 0.1
+
+
+class JobKeys(TypedDict, total=False):
+    """The job file's keys, as keywords (``[request]``, ``[limits]``, ``[answer]``)."""
+
+    name: str
+    id_column: str
+    provider: str
+    base_url: str
+    api_key_env: str
+    model: str
+    system: str
+    template: str
+    max_tokens: int
+    temperature: float
+    #: any other request field (top_p, seed, stop, tools, n, stream, response_format,
+    #: enable_thinking, ...)
+    params: dict[str, Any]
+    qps: float
+    qpm: float
+    tpm: float
+    concurrency: int
+    max_attempts: int
+    timeout_s: float
+    #: re-asks of a row whose answer is not valid (default 1)
+    reasks: int
+    pattern: str
+    #: the built-in simulator on a loopback port: no key, no network
+    simulate: bool
+    #: the live display (a bar in a terminal or a notebook; plain lines elsewhere)
+    progress: bool
+    restart: bool
+    retry_errors: bool
+    retry_invalid: bool
+    keep_raw: bool
+
+
+class RunKeys(JobKeys, total=False):
+    """``run``'s keywords: the job's, and how the data becomes requests and comes back."""
+
+    #: the column holding each row's messages (list of {role, content}); default "messages"
+    messages: str
+    #: the column holding each row's prompt (the user message); default "prompt"
+    prompt: str
+    #: labels (a list), a JSON Schema (a dict), or a pydantic model class
+    answer: Any
+    #: the output Parquet file: the CLI's behaviour exactly (its state folder beside it)
+    output: str | Path
+    #: keep the state in the cache (True), or in a temporary folder removed at the end
+    cache: bool
+
+
+class OverrideKeys(JobKeys, total=False):
+    """``run_job``'s keywords: the job's keys and the CLI's switches."""
+
+    input: str
+    output: str
+    labels: list[str]
+    json_schema: dict[str, Any] | str
+    keep_state: bool
+
+
+_SWITCHES = ("restart", "retry_errors", "retry_invalid", "keep_raw", "keep_state")
+_FRONT = ("simulate", "progress", "messages", "prompt", "answer", "output", "cache")
+
+
+def run(data: Any, /, **keys: Unpack[RunKeys]) -> Any:
+    """Send one request per row of ``data`` and give the rows back with their answers.
+
+    ``data`` is a polars DataFrame or LazyFrame, a pandas DataFrame, a pyarrow Table or
+    RecordBatchReader, a list of dicts, or a path to a ``.jsonl`` / ``.jsonl.gz`` /
+    ``.parquet`` file. Every job-file key is a keyword (see ``RunKeys``). The rows come
+    back in input order with the output columns (``status``, ``response``, the usage
+    columns, ...) beside the input's own: a polars DataFrame for polars (a LazyFrame
+    collected), pandas for pandas (its index kept), a pyarrow Table for pyarrow, polars
+    for the rest.
+
+    >>> import polars as pl, batchq
+    >>> reviews = pl.DataFrame({"text": ["Great value.", "Broke in a week."]})
+    >>> labeled = batchq.run(
+    ...     reviews, model="qwen-plus", template="Review: {text}",
+    ...     answer=["positive", "negative", "neutral"], simulate=True, progress=False,
+    ... )
+    >>> labeled.columns[:3]
+    ['text', 'status', 'response']
+
+    Run again, the same call resumes where it stopped (a crash, a kernel restart), and a
+    finished one returns at once, sending nothing. Raises ``batchq.errors`` exceptions;
+    a KeyboardInterrupt stops the run with its rows saved (``Interrupted``).
+    """
+    return _in_worker(lambda stop: _Call.of(data, keys).run(stop))
+
+
+async def arun(data: Any, /, **keys: Unpack[RunKeys]) -> Any:
+    """``run`` for async code: ``labeled = await batchq.arun(df, model=..., ...)``."""
+    return await _Call.of(data, keys).run(StopSwitch())
+
+
+def run_job(job: str | Path | Job, /, **overrides: Unpack[OverrideKeys]) -> RunSummary:
+    """``batchq run JOB.toml`` as a function: run (or resume) the job to its output file.
+
+    Keywords override the job file's keys (``model="qwen-max"``, ``qps=5``) and set the
+    CLI's switches (``simulate``, ``restart``, ``retry_errors``, ``retry_invalid``,
+    ``keep_state``, ``keep_raw``, ``progress``).
+
+    >>> summary = batchq.run_job("jobs/quickstart.toml", simulate=True)  # doctest: +SKIP
+    """
+    settings: dict[str, Any] = dict(overrides)
+    _check_names(settings, OverrideKeys, "run_job")
+    front = {k: settings.pop(k) for k in ("simulate", "progress") if k in settings}
+    options = _options(settings)
+    if isinstance(job, Job):
+        base = job_settings(job)
+        settings["params"] = {**base.pop("params"), **settings.get("params", {})}
+        loaded = load_job(None, overrides={**base, **settings}, source="run_job")
+    else:
+        loaded = load_job(job, overrides=settings, source="run_job")
+
+    async def go(stop: StopSwitch) -> RunSummary:
+        with ExitStack() as stack:
+            target, key = _endpoint(loaded, stack, simulate=bool(front.get("simulate")))
+            sink = stack.enter_context(_progress(target, on=front.get("progress", True)))
+            return await run_engine(target, api_key=key, options=options, sink=sink, stop=stop)
+
+    return _in_worker(go)
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One ``run`` / ``arun`` call: its data, its job, and where it keeps its state."""
+
+    data: Any
+    source: Source
+    job: Job
+    options: RunOptions
+    rename: dict[str, str]
+    output: Path | None
+    cache: bool
+    simulate: bool
+    progress: bool
+    model_class: Any
+
+    @classmethod
+    def of(cls, data: Any, keys: RunKeys) -> _Call:
+        """Check every keyword and the data's kind before anything is written."""
+        settings: dict[str, Any] = dict(keys)
+        _check_names(settings, RunKeys, "run")
+        front = {k: settings.pop(k) for k in _FRONT if k in settings}
+        options = _options(settings)
+        answer, model_class = _answer(front.get("answer"))
+        source = source_of(data)
+        rename = {
+            column: form for form in ("messages", "prompt")
+            if (column := front.get(form)) is not None and column != form
+        }  # fmt: skip
+        if rename and source.kind == "path":
+            raise UsageError(f"{next(iter(rename.values()))}= names a column of a frame; a "
+                             "file's column must be called messages or prompt (or give a "
+                             "template)")  # fmt: skip
+        placeholder = str(source.path or "data")
+        job = load_job(None, overrides={"input": placeholder, **settings, **answer},
+                       source="batchq.run")  # fmt: skip
+        output = Path(front["output"]) if front.get("output") is not None else None
+        return cls(data, source, job, options, rename, output, cache=front.get("cache", True),
+                   simulate=bool(front.get("simulate")), progress=front.get("progress", True),
+                   model_class=model_class)  # fmt: skip
+
+    async def run(self, stop: StopSwitch) -> Any:
+        with ExitStack() as stack:
+            job, key = _endpoint(self.job, stack, simulate=self.simulate)
+            job = self._placed(job, stack)
+            sink = stack.enter_context(_progress(job, on=self.progress))
+            try:
+                await run_engine(job, api_key=key, options=self.options, sink=sink, stop=stop)
+            except InputError as e:
+                raise from_frame(e, self.source) from None
+            answers = job.answer is not None
+            frame = results_as(self.source, self.data, job.output, answers=answers,
+                               keep_raw=self.options.keep_raw, rename=self.rename)  # fmt: skip
+            return _with_models(frame, self.model_class, self.source)
+
+    def _placed(self, job: Job, stack: ExitStack) -> Job:
+        """The job reading the data's file and writing its output: the cache's folder for
+        the call, a temporary folder (``cache=False``), or ``output=`` with the data
+        staged in a temporary folder."""
+        if self.output is not None or not self.cache:
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="batchq-")))
+            data_file = self._staged(folder / f"input{self.source.suffix}")
+            return replace(job, input=data_file, output=self.output or folder / "output.parquet")
+        clear_staging()
+        data_file = self._staged(CallFolder.staging(self.source.suffix))
+        try:
+            call = CallFolder.for_call(job, data_file, staged=self.source.staged,
+                                       what=self.source.describe(self.data))  # fmt: skip
+        finally:
+            if self.source.staged:
+                data_file.unlink(missing_ok=True)
+        stack.callback(call.drop_if_unused)
+        return replace(job, input=call.input() or data_file, output=call.output)
+
+    def _staged(self, path: Path) -> Path:
+        """The data's file: the path given, or the data written to ``path``."""
+        if self.source.path is not None:
+            return self.source.path
+        try:
+            stage(self.source, self.data, path, rename=self.rename)
+        except InputError as e:
+            raise from_frame(e, self.source) from None
+        return path
+
+
+def _check_names(keys: dict[str, Any], allowed: type, where: str) -> None:
+    """A TypeError-like UsageError for a keyword that is none of ``allowed``'s."""
+    names = set(allowed.__required_keys__ | allowed.__optional_keys__)  # type: ignore[attr-defined]
+    for key in keys:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f": did you mean {close[0]}?" if close else ""
+            extra = "; other request fields go in params={...}" if not close else ""
+            raise UsageError(f"{where}() got an unknown keyword {key!r}{hint}{extra}")
+
+
+def _options(settings: dict[str, Any]) -> RunOptions:
+    """The CLI's switches out of ``settings``."""
+    switches: dict[str, Any] = {k: bool(settings.pop(k)) for k in _SWITCHES if k in settings}
+    return RunOptions(**switches)
+
+
+def _answer(answer: Any) -> tuple[dict[str, Any], Any]:
+    """``answer=`` as [answer] keys, and the pydantic model class when it is one."""
+    if answer is None:
+        return {}, None
+    if isinstance(answer, list | tuple):
+        return {"labels": list(answer)}, None
+    if isinstance(answer, dict):
+        return {"json_schema": answer}, None
+    if isinstance(answer, type) and hasattr(answer, "model_json_schema"):
+        schema = answer.model_json_schema()  # a pydantic model class
+        return {"json_schema": schema}, answer
+    if isinstance(answer, re.Pattern):
+        return {"pattern": answer.pattern}, None
+    raise UsageError(
+        f"answer={answer!r}: give labels (a list), a JSON Schema (a dict), a pydantic "
+        "model class, or a compiled regular expression (or pattern='...')"
+    )
+
+
+def _endpoint(job: Job, stack: ExitStack, *, simulate: bool) -> tuple[Job, str | None]:
+    """The job pointed at the simulator (started on ``stack``), or the key for it."""
+    if not simulate:
+        return job, job.request.api_key()
+    sim = stack.enter_context(serve_in_thread(SimConfig(latency_ms=20)))
+    return simulated(job, sim.base_url), None
+
+
+@contextmanager
+def _progress(job: Job, *, on: bool) -> Iterator[Sink]:
+    """The run's display: rich's live bar in a terminal or a notebook (with ipywidgets),
+    plain lines on stderr elsewhere; nothing with ``on=False``."""
+    if not on:
+        yield discard
+        return
+    from batchq.cli.progress import LiveProgress, PlainProgress
+
+    prices, region = PriceTable.load(None), region_of(job.request.provider)
+    console = _live_console()
+    if console is None:
+        yield fan_out(PlainProgress(sys.stderr, prices=prices, region=region))
+        return
+    live = LiveProgress(console, prices=prices, region=region)
+    try:
+        yield live
+    finally:
+        live.close()
+
+
+def _live_console() -> Any:
+    """A rich console for a live display, or None where it cannot update in place."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if console.is_jupyter:
+        try:
+            import ipywidgets  # noqa: F401  (rich's live display in a notebook needs it)
+        except ImportError:
+            return None
+        return Console()
+    return console if console.is_terminal else None
+
+
+def _with_models(frame: Any, model_class: Any, source: Source) -> Any:
+    """With a pydantic model as ``answer``, its column as a struct of the model's fields."""
+    if model_class is None:
+        return frame
+    from batchq.frames import answers_as_structs
+
+    return answers_as_structs(frame, model_class, source)
+
+
+@contextmanager
+def _signals_press(stop: StopSwitch) -> Iterator[None]:
+    """On the main thread, SIGINT and SIGTERM press ``stop`` while the run goes on (its
+    handlers put back after): whatever else handles them there (Jupyter's kernel, or
+    asyncio.run's handler, which would only cancel a task that is waiting on this
+    thread), an interrupt reaches the run."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    kinds = (signal.SIGINT, signal.SIGTERM)
+    before = {kind: signal.getsignal(kind) for kind in kinds}
+    for kind in kinds:
+        signal.signal(kind, lambda *_: stop.press())
+    try:
+        yield
+    finally:
+        for kind, handler in before.items():
+            signal.signal(kind, handler)
+
+
+def _in_worker(work: Callable[[StopSwitch], Awaitable[T]]) -> T:
+    """Run ``work`` on an event loop of its own in a worker thread, and wait. A
+    SIGINT or SIGTERM (or a KeyboardInterrupt) while waiting presses the stop switch
+    (twice: at once) and the run stops; then Interrupted is raised."""
+    stop = StopSwitch()
+    outcome: list[tuple[bool, Any]] = []
+    finished = threading.Event()
+
+    def main() -> None:
+        try:
+            outcome.append((True, anyio.run(work, stop, backend_options=loop_options())))
+        except BaseException as e:  # handed to the waiting thread, raised there
+            outcome.append((False, e))
+        finally:
+            finished.set()
+
+    threading.Thread(target=main, name="batchq-run", daemon=True).start()
+    with _signals_press(stop):
+        while not finished.is_set():
+            try:
+                # In slices: a signal's handler runs only between the main thread's
+                # bytecodes. (Not Thread.join: a Ctrl-C there was held back until the run
+                # had finished, and one that broke into it could leave the thread dead.)
+                finished.wait(WAIT_SLICE_S)
+            except KeyboardInterrupt:  # off the main thread, or a handler of the caller's
+                stop.press()
+    ok, value = outcome[0]
+    if isinstance(value, BatchqError):  # its message says it all: not the worker's frames
+        raise value.with_traceback(None) from None
+    if not ok:
+        raise value
+    if stop.presses:
+        raise Interrupted("interrupted as the run finished: its answers are saved; run the "
+                          "same call again to get them at once")  # fmt: skip
+    return value  # type: ignore[no-any-return]
