@@ -1,11 +1,11 @@
 """The Python API: ``run`` a frame (or rows, or a file) and get it back with its answers;
 ``arun`` in async code; ``run_job``, the CLI's ``batchq run`` as a function.
 
-``run`` runs in a worker thread with its own event loop, so it works where a loop is
-running already (Jupyter), and the calling thread stays free to catch a
-KeyboardInterrupt: it presses the run's stop switch, the run stops within its grace
-period with every finished row saved, and ``batchq.errors.Interrupted`` (a
-KeyboardInterrupt) is raised.
+``run`` runs in a worker thread with its own event loop (``batchq.worker``), so it works
+where a loop is running already (Jupyter), and the calling thread stays free for an
+interrupt: it presses the run's stop switch, the run stops within its grace period with
+every finished row saved, and ``batchq.errors.Interrupted`` (a KeyboardInterrupt) is
+raised.
 
 Without ``output=`` the state lives in the cache (``batchq.cache``), so the same call
 resumes after a crash and a finished one is read back at once.
@@ -15,34 +15,25 @@ from __future__ import annotations
 
 import difflib
 import re
-import signal
-import sys
 import tempfile
-import threading
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypedDict, TypeVar, Unpack
+from typing import Any, TypedDict, Unpack
 
-import anyio
-
+from batchq import memory
 from batchq.cache import CallFolder, clear_staging
 from batchq.config import Job, job_settings, load_job, simulated
-from batchq.engine.runner import RunOptions, RunSummary, loop_options
+from batchq.engine.runner import RunOptions, RunSummary
 from batchq.engine.runner import run_job as run_engine
 from batchq.engine.stop import StopSwitch
-from batchq.errors import BatchqError, InputError, Interrupted, UsageError
-from batchq.events import Sink, discard, fan_out
+from batchq.errors import InputError, UsageError
+from batchq.events import Sink
 from batchq.frames import Source, from_frame, results_as, source_of, stage
 from batchq.money.pricing import PriceTable, region_of
-from batchq.simulator import SimConfig, serve_in_thread
+from batchq.worker import in_worker
 
 __all__ = ["JobKeys", "RunKeys", "arun", "run", "run_job"]
-
-T = TypeVar("T")
-#: How long a KeyboardInterrupt may wait to be seen by the thread waiting on a run.
-WAIT_SLICE_S = 0.1
 
 
 class JobKeys(TypedDict, total=False):
@@ -133,7 +124,7 @@ def run(data: Any, /, **keys: Unpack[RunKeys]) -> Any:
     finished one returns at once, sending nothing. Raises ``batchq.errors`` exceptions;
     a KeyboardInterrupt stops the run with its rows saved (``Interrupted``).
     """
-    return _in_worker(lambda stop: _Call.of(data, keys).run(stop))
+    return in_worker(lambda stop: _Call.of(data, keys).run(stop))
 
 
 async def arun(data: Any, /, **keys: Unpack[RunKeys]) -> Any:
@@ -163,11 +154,12 @@ def run_job(job: str | Path | Job, /, **overrides: Unpack[OverrideKeys]) -> RunS
 
     async def go(stop: StopSwitch) -> RunSummary:
         with ExitStack() as stack:
+            stack.enter_context(memory.system_pool())
             target, key = _endpoint(loaded, stack, simulate=bool(front.get("simulate")))
-            sink = stack.enter_context(_progress(target, on=front.get("progress", True)))
+            sink = stack.enter_context(_display(target, on=front.get("progress", True)))
             return await run_engine(target, api_key=key, options=options, sink=sink, stop=stop)
 
-    return _in_worker(go)
+    return in_worker(go)
 
 
 @dataclass(frozen=True)
@@ -212,16 +204,18 @@ class _Call:
 
     async def run(self, stop: StopSwitch) -> Any:
         with ExitStack() as stack:
+            stack.enter_context(memory.system_pool())
             job, key = _endpoint(self.job, stack, simulate=self.simulate)
             job = self._placed(job, stack)
-            sink = stack.enter_context(_progress(job, on=self.progress))
+            sink = stack.enter_context(_display(job, on=self.progress))
             try:
                 await run_engine(job, api_key=key, options=self.options, sink=sink, stop=stop)
             except InputError as e:
                 raise from_frame(e, self.source) from None
             answers = job.answer is not None
             frame = results_as(self.source, self.data, job.output, answers=answers,
-                               keep_raw=self.options.keep_raw, rename=self.rename)  # fmt: skip
+                               keep_raw=self.options.keep_raw, rename=self.rename,
+                               mapped=self._mapped(job, stack))  # fmt: skip
             return _with_models(frame, self.model_class, self.source)
 
     def _placed(self, job: Job, stack: ExitStack) -> Job:
@@ -242,6 +236,17 @@ class _Call:
                 data_file.unlink(missing_ok=True)
         stack.callback(call.drop_if_unused)
         return replace(job, input=call.input() or data_file, output=call.output)
+
+    def _mapped(self, job: Job, stack: ExitStack) -> Path:
+        """Where the frame handed back is mapped from: beside the output in the cache;
+        else in a temporary folder (removed at the end: a mapped file stays readable
+        until the frame lets it go)."""
+        if self.cache and self.output is None:
+            return CallFolder(job.output.parent).frame
+        folder = stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="batchq-", ignore_cleanup_errors=True)
+        )
+        return Path(folder) / "output.arrow"
 
     def _staged(self, path: Path) -> Path:
         """The data's file: the path given, or the data written to ``path``."""
@@ -294,43 +299,16 @@ def _endpoint(job: Job, stack: ExitStack, *, simulate: bool) -> tuple[Job, str |
     """The job pointed at the simulator (started on ``stack``), or the key for it."""
     if not simulate:
         return job, job.request.api_key()
+    from batchq.simulator import SimConfig, serve_in_thread
+
     sim = stack.enter_context(serve_in_thread(SimConfig(latency_ms=20)))
     return simulated(job, sim.base_url), None
 
 
-@contextmanager
-def _progress(job: Job, *, on: bool) -> Iterator[Sink]:
-    """The run's display: rich's live bar in a terminal or a notebook (with ipywidgets),
-    plain lines on stderr elsewhere; nothing with ``on=False``."""
-    if not on:
-        yield discard
-        return
-    from batchq.cli.progress import LiveProgress, PlainProgress
+def _display(job: Job, *, on: bool) -> AbstractContextManager[Sink]:
+    from batchq.cli.progress import shown  # rich, only when shown
 
-    prices, region = PriceTable.load(None), region_of(job.request.provider)
-    console = _live_console()
-    if console is None:
-        yield fan_out(PlainProgress(sys.stderr, prices=prices, region=region))
-        return
-    live = LiveProgress(console, prices=prices, region=region)
-    try:
-        yield live
-    finally:
-        live.close()
-
-
-def _live_console() -> Any:
-    """A rich console for a live display, or None where it cannot update in place."""
-    from rich.console import Console
-
-    console = Console(stderr=True)
-    if console.is_jupyter:
-        try:
-            import ipywidgets  # noqa: F401  (rich's live display in a notebook needs it)
-        except ImportError:
-            return None
-        return Console()
-    return console if console.is_terminal else None
+    return shown(PriceTable.load(None), region_of(job.request.provider), on=on)
 
 
 def _with_models(frame: Any, model_class: Any, source: Source) -> Any:
@@ -340,60 +318,3 @@ def _with_models(frame: Any, model_class: Any, source: Source) -> Any:
     from batchq.frames import answers_as_structs
 
     return answers_as_structs(frame, model_class, source)
-
-
-@contextmanager
-def _signals_press(stop: StopSwitch) -> Iterator[None]:
-    """On the main thread, SIGINT and SIGTERM press ``stop`` while the run goes on (its
-    handlers put back after): whatever else handles them there (Jupyter's kernel, or
-    asyncio.run's handler, which would only cancel a task that is waiting on this
-    thread), an interrupt reaches the run."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    kinds = (signal.SIGINT, signal.SIGTERM)
-    before = {kind: signal.getsignal(kind) for kind in kinds}
-    for kind in kinds:
-        signal.signal(kind, lambda *_: stop.press())
-    try:
-        yield
-    finally:
-        for kind, handler in before.items():
-            signal.signal(kind, handler)
-
-
-def _in_worker(work: Callable[[StopSwitch], Awaitable[T]]) -> T:
-    """Run ``work`` on an event loop of its own in a worker thread, and wait. A
-    SIGINT or SIGTERM (or a KeyboardInterrupt) while waiting presses the stop switch
-    (twice: at once) and the run stops; then Interrupted is raised."""
-    stop = StopSwitch()
-    outcome: list[tuple[bool, Any]] = []
-    finished = threading.Event()
-
-    def main() -> None:
-        try:
-            outcome.append((True, anyio.run(work, stop, backend_options=loop_options())))
-        except BaseException as e:  # handed to the waiting thread, raised there
-            outcome.append((False, e))
-        finally:
-            finished.set()
-
-    threading.Thread(target=main, name="batchq-run", daemon=True).start()
-    with _signals_press(stop):
-        while not finished.is_set():
-            try:
-                # In slices: a signal's handler runs only between the main thread's
-                # bytecodes. (Not Thread.join: a Ctrl-C there was held back until the run
-                # had finished, and one that broke into it could leave the thread dead.)
-                finished.wait(WAIT_SLICE_S)
-            except KeyboardInterrupt:  # off the main thread, or a handler of the caller's
-                stop.press()
-    ok, value = outcome[0]
-    if isinstance(value, BatchqError):  # its message says it all: not the worker's frames
-        raise value.with_traceback(None) from None
-    if not ok:
-        raise value
-    if stop.presses:
-        raise Interrupted("interrupted as the run finished: its answers are saved; run the "
-                          "same call again to get them at once")  # fmt: skip
-    return value  # type: ignore[no-any-return]

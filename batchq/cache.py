@@ -6,6 +6,7 @@
         input.parquet    the data as the run reads it (input.jsonl for a list of dicts;
                          none for a path, read where it is)
         output.parquet   the run's output, with its state folder beside it while it runs
+        output.arrow     the output as Arrow IPC, which the frames handed back map
       staging/           data being written, before its digest names its folder
 
 The fingerprint is the input's content, the request settings and the endpoint (see
@@ -36,6 +37,7 @@ __all__ = ["CallFolder", "cache_root", "entries", "remove"]
 
 CALL = "call.json"
 OUTPUT = "output.parquet"
+FRAME = "output.arrow"
 STAGING = "staging"
 
 
@@ -54,6 +56,11 @@ class CallFolder:
     @property
     def output(self) -> Path:
         return self.path / OUTPUT
+
+    @property
+    def frame(self) -> Path:
+        """The output as Arrow IPC, memory-mapped by the frames a call hands back."""
+        return self.path / FRAME
 
     @classmethod
     def staging(cls, suffix: str) -> Path:

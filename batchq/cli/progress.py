@@ -1,14 +1,17 @@
 """Sinks that show a run to a person: a live bar on a terminal (rich), one plain line
 every few seconds elsewhere. ``--quiet`` uses neither. The final summary is the CLI's.
+``shown`` picks one for the Python API, which may run in a notebook.
 
 Both read the same :class:`Tally`, kept from the runner's events.
 """
 
 from __future__ import annotations
 
+import sys
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, TextIO
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, TextIO
 
 from batchq.events import (
     Checking,
@@ -19,8 +22,10 @@ from batchq.events import (
     RowFinished,
     RunFinished,
     RunStarted,
+    Sink,
     Slowdown,
     Tick,
+    discard,
 )
 from batchq.money.pricing import PriceTable
 
@@ -28,7 +33,7 @@ if TYPE_CHECKING:  # rich loads only for a terminal
     from rich.console import Console
     from rich.progress import TaskID
 
-__all__ = ["LiveProgress", "PlainProgress", "Tally", "money"]
+__all__ = ["LiveProgress", "PlainProgress", "Tally", "money", "shown"]
 
 
 class Tally:
@@ -243,3 +248,36 @@ def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+@contextmanager
+def shown(prices: PriceTable, region: str, *, on: bool) -> Iterator[Sink]:
+    """The Python API's display: rich's live bar in a terminal or in a notebook (with
+    ipywidgets, which rich's live display there needs), plain lines on stderr elsewhere;
+    nothing with ``on=False``."""
+    if not on:
+        yield discard
+        return
+    console = _live_console()
+    if console is None:
+        yield PlainProgress(sys.stderr, prices=prices, region=region)
+        return
+    live = LiveProgress(console, prices=prices, region=region)
+    try:
+        yield live
+    finally:
+        live.close()
+
+
+def _live_console() -> Any:
+    """A rich console for a live display, or None where it cannot update in place."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if console.is_jupyter:
+        try:
+            import ipywidgets  # noqa: F401
+        except ImportError:
+            return None
+        return Console()
+    return console if console.is_terminal else None

@@ -25,7 +25,7 @@ import pydantic
 import pytest
 
 import batchq
-from batchq.errors import InputError, Interrupted, UsageError
+from batchq.errors import InputError, Interrupted, RunStopped, UsageError
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -216,6 +216,14 @@ def test_errors_are_exceptions_that_say_where_in_the_frame(
         batchq.run(frame(3), model="qwen-plus", template="{text}", progress=False)
     assert sim.stats.requests == 0
     assert not any(cache_home.glob("*/call.json"))  # a refused call leaves no folder
+    guarded = simulator(latency_ms=5, api_key="sk-right")
+    monkeypatch.setenv("BQ_TEST_KEY", "sk-wrong-key-123")
+    with pytest.raises(RunStopped) as stopped:
+        batchq.run(frame(5), **on(guarded), api_key_env="BQ_TEST_KEY")
+    assert (stopped.value.http_status, stopped.value.exit_code) == (401, 3)
+    assert "sk-wrong-key-123" not in str(stopped.value)
+    assert not any("sk-wrong" in p.read_text(errors="replace")
+                   for p in cache_home.rglob("*") if p.is_file())  # fmt: skip
 
 
 def test_a_pydantic_model_as_the_answer_gives_a_struct_column(
