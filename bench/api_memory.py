@@ -7,14 +7,18 @@ the simulator in this process, and runs the same job three ways, each in a child
 of its own, one after the other: the CLI (``batchq run --input in.parquet``), the API
 over ``pl.scan_parquet(in.parquet)`` (a LazyFrame: streamed), and the API over
 ``pl.read_parquet(in.parquet)`` (a frame in memory). Each child's peak RSS is sampled from
-/proc as bench/first_request.py does (VmHWM included), and includes, for the API, the
-frame it returns: the N rows with their result columns.
+/proc as bench/first_request.py does; for the API, the peak is the child's VmHWM as the
+call returns, before the script touches the frame it returns (the N rows with their
+result columns, memory-mapped: its pages count once they are read). The phases are
+sampled VmRSS: before the first request (staging the data, the checks), while sending,
+and after the last request (the merge, the mapped frame, then the script's use of it).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -35,8 +39,10 @@ import batchq
 source = pl.scan_parquet(sys.argv[2]) if sys.argv[3] == "lazy" else pl.read_parquet(sys.argv[2])
 out = batchq.run(source, provider="custom", base_url=sys.argv[1], model="qwen-plus",
                  template="Review: {text}", progress=False)
+status = open("/proc/self/status").read().splitlines()  # before the frame is touched
+print("call_mb=" + next(x.split()[1] for x in status if x.startswith("VmHWM")))
 assert out.height == int(sys.argv[4]) and out["status"].eq("ok").all(), out["status"].value_counts()
-print(out.estimated_size() / 2**20)
+print(f"frame_mb={out.estimated_size() / 2**20}")
 """
 
 
@@ -87,8 +93,11 @@ def measure(
     watch.join()
     if process.returncode != 0:
         sys.exit(f"{command[1]} failed: {err.decode()}")
-    frame = float(out.decode().split()[-1]) if out.strip() else 0.0
-    return max(phases), phases, time.perf_counter() - started, frame
+    found = re.search(r"frame_mb=([\d.]+)", out.decode())
+    frame = float(found.group(1)) if found else 0.0
+    call = re.search(r"call_mb=(\d+)", out.decode())  # the API's peak when the call returned
+    peak = int(call.group(1)) / 1024 if call else max(phases)
+    return peak, phases, time.perf_counter() - started, frame
 
 
 class _Since:
