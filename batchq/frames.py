@@ -106,12 +106,21 @@ def stage(source: Source, data: Any, path: Path, *, rename: dict[str, str]) -> N
     """Write ``data`` to ``path`` as the file the run reads, its columns renamed by
     ``rename`` (``prompt="question"``: question -> prompt). The same data gives the same
     bytes, so that the cache knows it again."""
-    _check_rename(_columns(source, data), rename)
-    if source.kind == "polars":
-        data.rename(rename).write_parquet(path)
-    elif source.kind == "lazy":
-        data.rename(rename).sink_parquet(path)
-    elif source.kind == "arrow":
+    try:
+        _check_rename(_columns(source, data), rename)
+        if source.kind == "polars":
+            data.rename(rename).write_parquet(path)
+        elif source.kind == "lazy":
+            data.rename(rename).sink_parquet(path)
+        else:
+            _write_other(source, data, path, rename)
+    except pl.exceptions.PolarsError as e:  # an Object column, a query that fails
+        what = "LazyFrame's query" if source.kind == "lazy" else "frame"
+        raise UsageError(f"the {what} cannot be written for the run: {e}") from None
+
+
+def _write_other(source: Source, data: Any, path: Path, rename: dict[str, str]) -> None:
+    if source.kind == "arrow":
         pq.write_table(_renamed(data, rename), path)
     elif source.kind == "reader":
         _write_batches(path, data.schema, (_renamed(b, rename) for b in data), rename)

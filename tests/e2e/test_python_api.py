@@ -211,6 +211,8 @@ def test_errors_are_exceptions_that_say_where_in_the_frame(
         batchq.run(data, **on(sim), qpss=3)  # type: ignore[call-arg]
     with pytest.raises(UsageError, match=r"cannot read a builtins\.int"):
         batchq.run(5, **on(sim))
+    with pytest.raises(UsageError, match="LazyFrame's query cannot be written"):
+        batchq.run(data.lazy().select(pl.col("nope")), **on(sim))
     monkeypatch.delenv("DASHSCOPE_API_KEY", raising=False)
     with pytest.raises(UsageError, match="DASHSCOPE_API_KEY is not set"):
         batchq.run(frame(3), model="qwen-plus", template="{text}", progress=False)
