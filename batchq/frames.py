@@ -11,13 +11,16 @@ and the output's results as the kind of frame that came in.
 An in-memory frame is given back with its own columns as they are (dtypes, categoricals,
 nested columns, a pandas index), the result columns beside it; it is copied whole at
 most once (pandas, into Arrow a slice at a time to be written). A stream is never held
-whole: polars sinks a LazyFrame in its streaming engine; a reader's batches are written
-as they come. pandas is imported only when given a pandas frame.
+whole: polars sinks a LazyFrame in its streaming engine (in a child process, where it can,
+whose buffers are gone before the run starts); a reader's batches are written as they
+come. pandas is imported only when given a pandas frame.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import typing
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -111,12 +114,43 @@ def stage(source: Source, data: Any, path: Path, *, rename: dict[str, str]) -> N
         if source.kind == "polars":
             data.rename(rename).write_parquet(path)
         elif source.kind == "lazy":
-            data.rename(rename).sink_parquet(path)
+            _sink(data.rename(rename), path)
         else:
             _write_other(source, data, path, rename)
     except pl.exceptions.PolarsError as e:  # an Object column, a query that fails
         what = "LazyFrame's query" if source.kind == "lazy" else "frame"
         raise UsageError(f"the {what} cannot be written for the run: {e}") from None
+
+
+#: Sinks a serialized LazyFrame (on stdin) to the Parquet file named on the command line.
+_SINK = """
+import io, sys
+import polars as pl
+pl.LazyFrame.deserialize(io.BytesIO(sys.stdin.buffer.read())).sink_parquet(sys.argv[1])
+"""
+
+
+def _sink(lazy: pl.LazyFrame, path: Path) -> None:
+    """Stream ``lazy`` to ``path`` in a short-lived child process where its plan allows:
+    polars' streaming engine holds its buffers (about 80 MB for a million rows) after
+    the sink returns, and in a child they are gone before the run starts. A plan that
+    holds in-memory data (it would be copied to the child) or a Python function (it
+    cannot be serialized), or a child that fails (the error is polars' to tell), is
+    sunk here instead."""
+    plan = None
+    if "DF [" not in lazy.explain(optimized=False):
+        try:
+            plan = lazy.serialize()
+        except Exception:  # a Python UDF without cloudpickle, a plan polars cannot write
+            plan = None
+    if plan is not None:
+        child = subprocess.run(
+            [sys.executable, "-c", _SINK, str(path)], input=plan, capture_output=True
+        )
+        if child.returncode == 0:
+            return
+        path.unlink(missing_ok=True)
+    lazy.sink_parquet(path)
 
 
 def _write_other(source: Source, data: Any, path: Path, rename: dict[str, str]) -> None:

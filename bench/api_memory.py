@@ -33,7 +33,7 @@ from first_request import watch_rss
 from batchq.simulator import SimConfig, serve_in_thread
 
 API = """
-import sys, time
+import resource, sys, time
 import polars as pl
 import batchq
 source = pl.scan_parquet(sys.argv[2]) if sys.argv[3] == "lazy" else pl.read_parquet(sys.argv[2])
@@ -41,6 +41,7 @@ out = batchq.run(source, provider="custom", base_url=sys.argv[1], model="qwen-pl
                  template="Review: {text}", progress=False)
 status = open("/proc/self/status").read().splitlines()  # before the frame is touched
 print("call_mb=" + next(x.split()[1] for x in status if x.startswith("VmHWM")))
+print(f"child_mb={resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}")  # staging's
 assert out.height == int(sys.argv[4]) and out["status"].eq("ok").all(), out["status"].value_counts()
 print(f"frame_mb={out.estimated_size() / 2**20}")
 """
@@ -49,7 +50,10 @@ print(f"frame_mb={out.estimated_size() / 2**20}")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
-    n = parser.parse_args().rows
+    parser.add_argument("--runs", default="cli,lazy,eager",
+                        help="which runs, of cli, lazy, eager (default: all three)")  # fmt: skip
+    args = parser.parse_args()
+    n, runs = args.rows, args.runs.split(",")
     with tempfile.TemporaryDirectory() as folder:
         source = Path(folder) / "in.parquet"
         pl.DataFrame({"id": range(n), "text": [f"review number {i}: fine" for i in range(n)]}
@@ -65,23 +69,32 @@ def main() -> None:
             api = [sys.executable, str(script), sim.base_url, str(source)]
             for name, command in (("CLI", cli), ("API, LazyFrame", [*api, "lazy", str(n)]),
                                   ("API, DataFrame", [*api, "eager", str(n)])):  # fmt: skip
+                if {"CLI": "cli", "API, LazyFrame": "lazy"}.get(name, "eager") not in runs:
+                    continue
                 env = {"XDG_CACHE_HOME": str(Path(folder) / f"cache-{len(results)}")}
-                results[name] = peak, phases, seconds, frame = measure(command, sim, n, env)
+                results[name] = peak, phases, seconds, frame, child = measure(
+                    command, sim, n, env
+                )
                 returned = f"; the frame it returns holds {frame:,.0f} MB" if frame else ""
+                if child:
+                    returned += f"; its largest child process (staging) peaked at {child:,.0f} MB"
                 print(f"{name:>15}: peak RSS {peak:,.0f} MB in {seconds:.0f} s (sampled: "
                       "{:,.0f} MB before the first request, {:,.0f} MB while sending, "
                       "{:,.0f} MB after the last request){}".format(*phases[:3], returned),
                       flush=True)  # fmt: skip
+    if "CLI" not in results:
+        return
     base = results["CLI"][0]
-    for name, (peak, phases, _, _) in results.items():
+    for name, (peak, phases, _, _, _) in results.items():
         print(f"{name:>15}: {peak / base:.2f}x the CLI's peak; while sending "
               f"{phases[1] / results['CLI'][1][1]:.2f}x")  # fmt: skip
 
 
 def measure(
     command: list[str], sim: object, rows: int, env: dict[str, str]
-) -> tuple[float, list[float], float, float]:
-    """The child's peak RSS, its three phases' (MB), seconds, and the frame's MB."""
+) -> tuple[float, list[float], float, float, float]:
+    """The child's peak RSS, its three phases' (MB), seconds, the frame's MB, and the
+    peak of the largest process the API started (staging a LazyFrame), in MB."""
     started = time.perf_counter()
     before = sim.stats.requests  # type: ignore[attr-defined]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -97,7 +110,9 @@ def measure(
     frame = float(found.group(1)) if found else 0.0
     call = re.search(r"call_mb=(\d+)", out.decode())  # the API's peak when the call returned
     peak = int(call.group(1)) / 1024 if call else max(phases)
-    return peak, phases, time.perf_counter() - started, frame
+    child = re.search(r"child_mb=(\d+)", out.decode())
+    grandchild = int(child.group(1)) / 1024 if child else 0.0
+    return peak, phases, time.perf_counter() - started, frame, grandchild
 
 
 class _Since:
