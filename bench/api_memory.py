@@ -72,9 +72,7 @@ def main() -> None:
                 if {"CLI": "cli", "API, LazyFrame": "lazy"}.get(name, "eager") not in runs:
                     continue
                 env = {"XDG_CACHE_HOME": str(Path(folder) / f"cache-{len(results)}")}
-                results[name] = peak, phases, seconds, frame, child = measure(
-                    command, sim, n, env
-                )
+                results[name] = peak, phases, seconds, frame, child = measure(command, sim, n, env)
                 returned = f"; the frame it returns holds {frame:,.0f} MB" if frame else ""
                 if child:
                     returned += f"; its largest child process (staging) peaked at {child:,.0f} MB"

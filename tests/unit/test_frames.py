@@ -37,6 +37,6 @@ def test_plans_a_child_cannot_take_are_staged_here(scan: pl.LazyFrame, tmp_path:
     in_memory = pl.DataFrame({"text": ["a", "b"]}).lazy()
     stage(Source("lazy"), in_memory, tmp_path / "df.parquet", rename={})
     assert pl.read_parquet(tmp_path / "df.parquet")["text"].to_list() == ["a", "b"]
-    with pytest.raises(UsageError, match="LazyFrame's query cannot be written.*nope"):
+    with pytest.raises(UsageError, match=r"LazyFrame's query cannot be written.*nope"):
         stage(Source("lazy"), scan.select(pl.col("nope")), tmp_path / "bad.parquet", rename={})
     assert not (tmp_path / "bad.parquet").exists()
