@@ -340,6 +340,10 @@ def _default_output(input_path: Path) -> Path:
 def simulated(job: Job, base_url: str) -> Job:
     """The same job pointed at the built-in simulator at ``base_url`` (``--simulate``).
     The provider stays, so a rehearsal follows its rules and is priced as the real run
-    would be; ``simulated`` keeps its answers apart from the real ones."""
+    would be; ``simulated`` keeps its answers apart from the real ones. A job bound for
+    Model Studio is served under ``/compatible-mode/v1``, so that its rules (the Qwen
+    rules, the Batch API's limits) hold for the rehearsal too."""
+    if job.request.model_studio and base_url.endswith("/v1"):
+        base_url = base_url.removesuffix("/v1") + "/compatible-mode/v1"
     request = replace(job.request, base_url=base_url, api_key_env=None, simulated=True)
     return replace(job, request=request)

@@ -127,6 +127,10 @@ class RunSummary:
     already_complete: bool
     #: Rows whose answer failed the job's [answer] check after their re-asks.
     invalid: int = 0
+    #: ``--via batch``: rows left without a result (``--no-wait``, ``--then none``): the
+    #: output is not written yet; batches submitted and still running on the provider.
+    pending: int = 0
+    running_batches: int = 0
 
 
 @dataclass(frozen=True, slots=True)

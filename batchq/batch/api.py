@@ -40,7 +40,10 @@ from batchq.send.request import build_body
 from batchq.send.response import InvalidCompletion, completion_columns
 from batchq.state import RowMask, StateDir, check_output, manifest_for
 
-__all__ = ["ExportResult", "ImportResult", "export_batch", "import_batch"]
+__all__ = [
+    "ExportResult", "ImportResult", "export_batch", "export_rows", "import_batch", "read_into",
+    "row_index",
+]  # fmt: skip
 
 #: Error lines that are not the row's answer: the batch ran out of time (OpenAI's and
 #: Model Studio's code) or was cancelled before the row; with a 5xx or 429 status, as a
@@ -95,19 +98,20 @@ def export_batch(
     check_output(job)
     info = preflight(job)
     if StateDir.finished(job, info):
-        return _export(job, info, folder, RowMask(info.total_rows, value=True),
+        return export_rows(job, info, folder, RowMask(info.total_rows, value=True),
                        max_lines=max_lines, max_bytes=max_bytes)  # fmt: skip
     state = StateDir.open(job, info, manifest=_manifest(job, info, command))
     try:
         done = state.done_mask(info.total_rows)
-        return _export(job, info, folder, done, max_lines=max_lines, max_bytes=max_bytes)
+        return export_rows(job, info, folder, done, max_lines=max_lines, max_bytes=max_bytes)
     finally:
         state.close()
 
 
-def _export(
+def export_rows(
     job: Job, info: InputInfo, folder: Path, done: RowMask, *, max_lines: int, max_bytes: int
 ) -> ExportResult:
+    """Write the rows not ``done`` as Batch-API files (and their manifest) into ``folder``."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -192,17 +196,14 @@ def import_batch(
     row has a result. Rows the files do not answer stay pending."""
     check_output(job)
     info = preflight(job)
-    rows = _row_index(job, info)
+    rows = row_index(job, info)
     results = _read_results(files, rows)
     if job.answer is not None:
         _check_answers(Checker(job.answer), results.rows.values())
     manifest = _manifest(job, info, command)
     state = StateDir.open(job, info, manifest=manifest)
     try:
-        done_ok = state.done_mask(info.total_rows, retry=frozenset({"error"}))
-        fresh = [r for r in results.rows.values() if not done_ok[r.row]]
-        for start in range(0, len(fresh), SHARD_ROWS):
-            state.write(fresh[start : start + SHARD_ROWS])
+        fresh = _write_fresh(state, info, results)
         reasks = job.answer.reasks if job.answer is not None else None
         done = state.done_mask(info.total_rows, reasks=reasks)  # re-asks left: pending
         missing = [i for i, d in enumerate(done) if not d]
@@ -223,11 +224,33 @@ def import_batch(
                         results.repeated, results.twice, retryable, invalid)  # fmt: skip
 
 
+def read_into(
+    state: StateDir, job: Job, info: InputInfo, files: list[Path],
+    rows: dict[str, tuple[int, str]],
+) -> tuple[list[Result], set[int]]:  # fmt: skip
+    """Read result ``files`` into the open ``state`` (``--via batch``): the rows written
+    (an answer, or an error for good), and the positions failed as a live run would
+    retry (left pending). ``rows`` is ``row_index(job, info)``."""
+    results = _read_results(files, rows)
+    if job.answer is not None:
+        _check_answers(Checker(job.answer), results.rows.values())
+    return _write_fresh(state, info, results), results.retryable - results.rows.keys()
+
+
+def _write_fresh(state: StateDir, info: InputInfo, results: _Results) -> list[Result]:
+    """Write the rows not answered ok already; those rows."""
+    done_ok = state.done_mask(info.total_rows, retry=frozenset({"error"}))
+    fresh = [r for r in results.rows.values() if not done_ok[r.row]]
+    for start in range(0, len(fresh), SHARD_ROWS):
+        state.write(fresh[start : start + SHARD_ROWS])
+    return fresh
+
+
 def _manifest(job: Job, info: InputInfo, command: str | None) -> dict[str, Any]:
     return manifest_for(job, info, region=region_of(job.request.provider), command=command)
 
 
-def _row_index(job: Job, info: InputInfo) -> dict[str, tuple[int, str]]:
+def row_index(job: Job, info: InputInfo) -> dict[str, tuple[int, str]]:
     """Each row's id -> (position, requested model)."""
     index: dict[str, tuple[int, str]] = {}
     for i, row in _rows(info):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from batchq.cli.batch import export_batch, import_batch
+from batchq.cli.batch import batch, export_batch, import_batch
 from batchq.cli.cache import cache
 from batchq.cli.reports import cost, estimate, status
 from batchq.cli.run import run
@@ -20,7 +20,8 @@ def main() -> None:
     """Run batches of prompts against OpenAI-compatible chat/completions endpoints."""
 
 
-for command in (run, status, cost, estimate, export_batch, import_batch, simulate, cache):
+for command in (run, status, cost, estimate, export_batch, import_batch, batch, simulate,
+                cache):  # fmt: skip
     main.add_command(command)
 
 if __name__ == "__main__":

@@ -1,19 +1,26 @@
-"""``export-batch`` and ``import-batch``: the providers' Batch API path."""
+"""``export-batch`` and ``import-batch``: the providers' Batch API by hand; ``batch status``
+and ``batch cancel``: the batches of ``run --via batch``."""
 
 from __future__ import annotations
 
 import shlex
+import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import click
+import orjson
 
 from batchq.batch import api as batch_api
+from batchq.batch import flow
 from batchq.cli._common import fail, job_from, job_options
 from batchq.config import load_job
+from batchq.engine.runner import RunOptions, run_job
 from batchq.errors import BatchqError
+from batchq.state import StateDir
 
-__all__ = ["export_batch", "import_batch"]
+__all__ = ["batch", "export_batch", "import_batch"]
 
 
 @click.command("export-batch")
@@ -78,3 +85,71 @@ def import_batch(results: tuple[Path, ...], job_file: str, keep_state: bool) -> 
         what = "have no result in these files" + (" or an answer to ask again" if r.invalid else "")
         click.echo(f"{r.missing:,} rows {what} ({shown}): they stay pending; `{command}` "
                    "sends them live, or export-batch them again")  # fmt: skip
+
+
+@click.group("batch")
+def batch() -> None:
+    """The Batch-API runs of a job (``batchq run JOB --via batch``): status, cancel."""
+
+
+@batch.command("status")
+@click.argument("job_file", required=False, type=click.Path(dir_okay=False))
+@job_options
+@click.option("--json", "as_json", is_flag=True, help="one JSON object a batch")
+def batch_status(job_file: str | None, as_json: bool, **flags: Any) -> None:
+    """Each batch the job submitted: id, model, status, counts, created, expires."""
+    try:
+        job = job_from(job_file, flags)
+        entries = anyio.run(flow.refreshed, job, job.request.api_key())
+    except BatchqError as err:
+        fail(err)
+    if as_json:
+        for entry in entries:
+            click.echo(orjson.dumps(flow.describe(entry)).decode())
+        return
+    if not entries:
+        click.echo(f"{job.output}: no batches submitted (batchq run JOB --via batch submits)")
+        return
+    for entry in entries:
+        d = flow.describe(entry)
+        counts = entry.counts
+        total = counts.get("total") or entry.lines
+        click.echo(f"{d['batch_id'] or '-'}  {entry.model}  {d['status']}  "
+                   f"{counts.get('completed', 0):,}/{total:,} done, "
+                   f"{counts.get('failed', 0):,} failed  created {_when(entry.created_at)}  "
+                   f"expires {_when(entry.expires_at)}"
+                   + ("  (collected)" if entry.imported else ""))  # fmt: skip
+
+
+@batch.command("cancel")
+@click.argument("job_file", required=False, type=click.Path(dir_okay=False))
+@job_options
+def batch_cancel(job_file: str | None, **flags: Any) -> None:
+    """Cancel the job's batches still running, then collect what they finished."""
+    command = shlex.join(["batchq", "run", *([job_file] if job_file else []), "--via", "batch"])
+    try:
+        job = job_from(job_file, flags)
+        key = job.request.api_key()
+        cancelled = anyio.run(flow.cancel, job, key)
+        click.echo(f"cancelled {len(cancelled)} batches: {', '.join(cancelled) or 'none running'}")
+        if StateDir.of(job.output).holder()[0]:
+            click.echo("the run waiting on them collects what they finished")
+            return
+        options = RunOptions(
+            batch=flow.BatchPlan(then="none", poll_s=1.0, submit=False), command=command
+        )
+        summary = anyio.run(lambda: run_job(job, api_key=key, options=options))
+    except BatchqError as err:
+        fail(err)
+    if summary.pending:
+        click.echo(f"collected: {summary.ok:,} ok, {summary.error:,} error; "
+                   f"{summary.pending:,} rows stay pending: `{command}` submits them again, "
+                   f"or `batchq run {job_file or 'JOB'}` sends them live")  # fmt: skip
+    else:
+        click.echo(f"collected: every row has a result -> {summary.output}")
+
+
+def _when(stamp: int | None) -> str:
+    if not stamp:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp))

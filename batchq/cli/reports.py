@@ -9,6 +9,8 @@ from typing import Any
 import click
 import orjson
 
+from batchq.batch.flow import Journal as BatchJournal
+from batchq.batch.flow import describe
 from batchq.cli._common import PRICE_FILE, cost_text, fail, job_from, job_options
 from batchq.cli.progress import money
 from batchq.errors import BatchqError
@@ -17,6 +19,7 @@ from batchq.money.estimate import ModelEstimate
 from batchq.money.estimate import estimate as estimate_job
 from batchq.money.pricing import PriceTable
 from batchq.money.report import CostLine, cost_report, find_results
+from batchq.state import StateDir
 
 __all__ = ["cost", "estimate", "status"]
 
@@ -31,8 +34,11 @@ def status(path: Path, prices: Path | None, as_json: bool) -> None:
         s = report.status(find_results(path), PriceTable.load(prices))
     except BatchqError as e:
         fail(e)
+    journal = BatchJournal.load(StateDir.of(Path(s.output)))
+    batches = [b for b in journal.open_entries() if b.batch_id] if journal else []
     if as_json:
-        data = dataclasses.asdict(s) | {"remaining": s.remaining}
+        data = dataclasses.asdict(s) | {"remaining": s.remaining,
+                                        "batches": [describe(b) for b in batches]}  # fmt: skip
         click.echo(orjson.dumps(data, default=str, option=orjson.OPT_INDENT_2).decode())
         return
     total = f"{s.total_rows:,}" if s.total_rows is not None else "?"
@@ -45,6 +51,13 @@ def status(path: Path, prices: Path | None, as_json: bool) -> None:
     click.echo(f"attempts {s.attempts:,}; tokens {s.prompt_tokens:,} prompt + "
                f"{s.completion_tokens:,} completion; cost so far {costs}")  # fmt: skip
     click.echo(_run_state_text(s))
+    if batches:
+        click.echo(f"{len(batches)} batches on the provider, not collected yet (as last "
+                   "seen; `batchq batch status JOB` asks the provider):")  # fmt: skip
+        for entry in batches:
+            whole = entry.counts.get("total") or entry.lines
+            click.echo(f"  {entry.batch_id} {entry.model}: {entry.status}, "
+                       f"{entry.counts.get('completed', 0):,}/{whole:,} done")  # fmt: skip
 
 
 def _run_state_text(s: report.Status) -> str:

@@ -10,6 +10,8 @@ from typing import Any
 import anyio
 import click
 
+from batchq.batch.flow import BatchPlan, rules_of
+from batchq.batch.rules import window_hours
 from batchq.cli._common import PRICE_FILE, cost_text, fail, job_from, job_options
 from batchq.cli.logfile import JsonLog
 from batchq.cli.progress import LiveProgress, PlainProgress
@@ -22,6 +24,9 @@ from batchq.money.report import CostLine, CostTally, cost_report, find_results
 from batchq.simulator import SimConfig, serve_in_thread
 
 __all__ = ["run"]
+
+#: Flags of one run, not of the command that resumes (or collects) it.
+_ONCE = ("--restart", "--no-wait")
 
 
 @click.command()
@@ -43,17 +48,31 @@ __all__ = ["run"]
     help="append one JSON line per retry, slowdown, flush and error row to this file",
 )  # fmt: skip
 @click.option("--prices", type=PRICE_FILE, help="a price table (TOML) over the built-in one")
+@click.option("--via", type=click.Choice(["live", "batch"]), default="live", show_default=True,
+              help="batch: the provider's Batch API (half the price, within a day)")  # fmt: skip
+@click.option("--window", default="24h", show_default=True,
+              help="--via batch: the completion window (Model Studio: 24h to 336h)")  # fmt: skip
+@click.option("--no-wait", is_flag=True, help="--via batch: submit, then return; rerun to collect")
+@click.option("--then", "then", type=click.Choice(["live", "batch", "none"]), default="live",
+              show_default=True, help="--via batch: what to do with rows a batch did not "
+              "finish: send them live, submit them again, or leave them pending")  # fmt: skip
+@click.option("--keep-remote", is_flag=True,
+              help="--via batch: keep the uploaded and result files on the provider")  # fmt: skip
+@click.option("--poll-s", type=click.FloatRange(min=0.05), default=None, hidden=True)
 @click.option("--seed", type=int, default=None, hidden=True)
 def run(job_file: str | None, simulate: bool, quiet: bool, log_file: Path | None,
         prices: Path | None, seed: int | None, **flags: Any) -> None:  # fmt: skip
     """Run (or resume) a job: JOB_FILE and/or flags."""
-    command = shlex.join(["batchq", *(a for a in sys.argv[1:] if a != "--restart")])
+    command = shlex.join(["batchq", *(a for a in sys.argv[1:] if a not in _ONCE)])
     names = ("restart", "retry_errors", "retry_invalid", "keep_state", "keep_raw")
     switches = {k: flags.pop(k) for k in names}
-    options = RunOptions(**switches, seed=seed, command=command)
+    plan = _batch_plan(flags, simulate)
+    options = RunOptions(**switches, seed=seed, command=command, batch=plan)
     sinks = _Sinks()
     try:
         job = job_from(job_file, flags)
+        if plan is not None:
+            window_hours(plan.window, rules_of(job))  # exit 2 before anything is uploaded
         table = PriceTable.load(prices)
         tally = CostTally(table, region_of(job.request.provider))
         key = None if simulate else job.request.api_key()
@@ -71,7 +90,18 @@ def run(job_file: str | None, simulate: bool, quiet: bool, log_file: Path | None
         sinks.close(error)
         fail(error)
     sinks.close()
-    _print_summary(summary, table, tally)
+    _print_summary(summary, table, tally, command)
+
+
+def _batch_plan(flags: dict[str, Any], simulate: bool) -> BatchPlan | None:
+    """``--via batch``'s plan out of ``flags`` (removed from them); None for a live run."""
+    via, window, no_wait = flags.pop("via"), flags.pop("window"), flags.pop("no_wait")
+    then, keep_remote, poll_s = flags.pop("then"), flags.pop("keep_remote"), flags.pop("poll_s")
+    if via != "batch":
+        return None
+    poll = poll_s if poll_s is not None else (1.0 if simulate else 5.0)  # the simulator: local
+    return BatchPlan(window=window, wait=not no_wait, then=then, keep_remote=keep_remote,
+                     poll_s=poll)  # fmt: skip
 
 
 class _Sinks:
@@ -117,9 +147,17 @@ def _run(
     return anyio.run(go, backend_options=loop_options())
 
 
-def _print_summary(s: RunSummary, prices: PriceTable, tally: CostTally) -> None:
+def _print_summary(s: RunSummary, prices: PriceTable, tally: CostTally, command: str) -> None:
     counts = f"{s.ok:,} ok, " + (f"{s.invalid:,} invalid, " if s.invalid else "")
     counts += f"{s.error:,} error"
+    if s.running_batches:
+        click.echo(f"submitted: {s.running_batches} batches run on the provider "
+                   f"({s.pending:,} rows); collect them with: {command}")  # fmt: skip
+        return
+    if s.pending:
+        click.echo(f"{s.pending:,} rows stay pending ({counts} so far); the output is not "
+                   f"written yet: `{command}` sends them")  # fmt: skip
+        return
     if s.already_complete:
         click.echo(f"{s.output}: complete already ({counts}); nothing sent")
         return

@@ -36,6 +36,11 @@ __all__ = ["simulate"]
 @click.option("--fail-slow", default=0.0, type=float, help="share answered after --slow-s")
 @click.option("--slow-s", default=30.0, type=float, help="how slow a slow answer is")
 @click.option("--burst-s", default=0.0, type=float, help="a fault repeats for this many seconds")
+@click.option("--batch-seconds", default=2.0, type=float,
+              help="the Batch API: seconds a batch takes to finish")  # fmt: skip
+@click.option("--batch-fail-lines", default=0.0, type=float,
+              help="the Batch API: share of a batch's lines failed with a 500")  # fmt: skip
+@click.option("--batch-expire", is_flag=True, help="the Batch API: batches expire half-done")
 @click.option("--api-key-env", default=None, help="require the key held in this variable")
 @click.option("--seed", default=0, type=int, help="seed of the latency and failure draws")
 def simulate(host: str, port: int, api_key_env: str | None, **options: Any) -> None:

@@ -25,6 +25,8 @@ import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from batchq.answer import Checker
+from batchq.batch.flow import BatchPlan, collect_or_refuse, via_batch
+from batchq.batch.flow import Journal as BatchJournal
 from batchq.config import Job
 from batchq.engine.stop import StopSwitch
 from batchq.engine.work import Channel, EndpointWatch, Item, QuotaWatch, answer
@@ -88,6 +90,8 @@ class RunOptions:
     seed: int | None = None
     #: how to resume the run, as ``status`` shows it
     command: str | None = None
+    #: send the pending rows through the provider's Batch API first (``--via batch``)
+    batch: BatchPlan | None = None
 
     @property
     def retry(self) -> frozenset[str]:
@@ -135,6 +139,8 @@ async def run_job(
     info = preflight(job, progress=checking)
     region = region_of(job.request.provider)
     manifest = manifest_for(job, info, region=region, command=options.command)
+    collect_or_refuse(StateDir.of(job.output), "batch" if options.batch else "live",
+                      options.restart)  # fmt: skip
     finished = not options.restart and StateDir.finished(job, info)
     state = StateDir.open(job, info, manifest=manifest, restart=options.restart)
     try:
@@ -145,9 +151,17 @@ async def run_job(
             state.remove()
             sink(Notice(f"{job.output} is complete already: nothing to send"))
             return _finish(sink, job, info, statuses=None, sent=0, started=started, done=True)
+        batched = 0
+        if options.batch is not None:
+            before = state.done_mask(info.total_rows).count()
+            left = await _via_batch(job, info, state, options.batch, api_key=api_key,
+                                    sink=sink, stop=stop, transport=transport)  # fmt: skip
+            if left is not None:
+                return _unfinished(sink, job, info, state, left, started=started)
+            batched = state.done_mask(info.total_rows).count() - before
         todo = await _send_pending(
-            job, info, state, options,
-            api_key=api_key, sink=sink, transport=transport, pacer=pacer, stop=stop,
+            job, info, state, options, api_key=api_key, sink=sink, transport=transport,
+            pacer=pacer, stop=stop, batched=batched,
         )  # fmt: skip
         counts = merge_output(
             state, info, job.output, manifest=manifest, keep_raw=options.keep_raw,
@@ -155,7 +169,8 @@ async def run_job(
         )  # fmt: skip
         if not options.keep_state:
             state.remove()
-        return _finish(sink, job, info, statuses=counts.statuses, sent=todo, started=started,
+        return _finish(sink, job, info, statuses=counts.statuses, sent=todo + batched,
+                       started=started,
                        done=False)  # fmt: skip
     finally:
         state.close()
@@ -172,16 +187,21 @@ async def _send_pending(
     transport: httpx.AsyncBaseTransport | None,
     pacer: Pacer | None,
     stop: StopSwitch,
+    batched: int = 0,
 ) -> int:
     """Send every row without a result (or whose latest result's status is one of
-    ``options.retry``) into ``state``; how many there were."""
+    ``options.retry``) into ``state``; how many there were. ``batched``: rows the Batch
+    API answered just before (not "resumed")."""
     reasks = job.answer.reasks if job.answer is not None else None
     done = state.done_mask(info.total_rows, retry=options.retry, reasks=reasks)
     todo = info.total_rows - done.count()
     sink(RunStarted(job.name, info.total_rows, todo, job.output))
     for note in (*state.notes, *info.notes):
         sink(Notice(note))
-    if todo < info.total_rows:
+    if batched:
+        sink(Notice(f"batch: {batched:,} rows answered by the Batch API; {todo:,} left to "
+                    "send live"))  # fmt: skip
+    elif todo < info.total_rows:
         sink(Notice(f"resuming: {info.total_rows - todo:,} rows already done"))
     if todo:
         prior = state.prior_by_row(options.retry, reasks)
@@ -192,6 +212,38 @@ async def _send_pending(
             rng=random.Random(options.seed), keep_raw=options.keep_raw, stop=stop,
         )  # fmt: skip
     return todo
+
+
+async def _via_batch(
+    job: Job, info: InputInfo, state: StateDir, plan: BatchPlan, *, api_key: str | None,
+    sink: Sink, stop: StopSwitch, transport: httpx.AsyncBaseTransport | None,
+) -> int | None:  # fmt: skip
+    """The pending rows through the Batch API; the running batches' count when the run
+    ends here (submitted, not waited on; or ``then="none"``), else None: the rest is
+    sent live."""
+    collected = await via_batch(job, info, state, plan, api_key=api_key, sink=sink,
+                                stop=stop, transport=transport)  # fmt: skip
+    if not collected:
+        journal = BatchJournal.load(state)
+        return len(journal.open_entries()) if journal is not None else 0
+    if plan.then == "none" and state.done_mask(info.total_rows).count() < info.total_rows:
+        return 0
+    return None
+
+
+def _unfinished(
+    sink: Sink, job: Job, info: InputInfo, state: StateDir, running: int, *, started: float
+) -> RunSummary:
+    """A run that leaves rows pending (``--no-wait``, ``--then none``): no output yet."""
+    done = state.done_mask(info.total_rows).count()
+    answered = state.done_mask(info.total_rows, retry=frozenset({"error"})).count()
+    summary = RunSummary(
+        job.output, info.total_rows, answered, done - answered, 0,
+        time.monotonic() - started, False, pending=info.total_rows - done,
+        running_batches=running,
+    )  # fmt: skip
+    sink(RunFinished(summary))
+    return summary
 
 
 def _finish(

@@ -26,7 +26,10 @@ from typing import Any
 
 import orjson
 
-__all__ = ["chunks", "completion", "refusal", "reply_for"]
+__all__ = ["MODERATION_MARKER", "chunks", "completion", "refusal", "reply_for"]
+
+#: A user message containing this is refused like Model Studio's content moderation.
+MODERATION_MARKER = "FLAGGED-CONTENT"
 
 _HYBRID = re.compile(r"^qwen3-\d+(\.\d+)?b(-a\d+(\.\d+)?b)?$")
 _STREAM_ONLY = re.compile(r"^(qwq|qvq)-|-thinking(-\d{4}(-\d{2}-\d{2})?)?$")

@@ -9,7 +9,8 @@ serves them, including its refusal of non-streamed thinking and of ``n`` above 1
 latency, server-side QPS / QPM limits answered with 429 and Model Studio's error body
 (optionally with ``Retry-After``), injected 500 / 503 rates, 401 for a wrong key, and
 a moderation refusal (400 ``data_inspection_failed``) for a message with MODERATION_MARKER.
-It serves every path ending in ``/chat/completions`` (``/v1/…``, ``/compatible-mode/v1/…``).
+It serves every path ending in ``/chat/completions`` (``/v1/…``, ``/compatible-mode/v1/…``),
+and the Batch API's ``/files`` and ``/batches`` beside it (``batches.py``).
 """
 
 from __future__ import annotations
@@ -29,10 +30,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from batchq.simulator.content import chunks, completion, refusal, reply_for
-
-#: A user message containing this is refused like Model Studio's content moderation.
-MODERATION_MARKER = "FLAGGED-CONTENT"
+from batchq.simulator.batches import BatchService
+from batchq.simulator.content import MODERATION_MARKER, chunks, completion, refusal, reply_for
 
 __all__ = [
     "MODERATION_MARKER",
@@ -90,6 +89,13 @@ class SimConfig:
     burst_s: float = 0.0
     api_key: str | None = None
     seed: int = 0
+    #: the Batch API (``batches.py``): seconds a batch takes; the share of its lines that
+    #: fail with a 500; whether it expires half-done; a step that answers ``stall_s`` late
+    batch_seconds: float = 2.0
+    batch_fail_lines: float = 0.0
+    batch_expire: bool = False
+    stall: str | None = None
+    stall_s: float = 30.0
 
 
 @dataclass
@@ -157,6 +163,7 @@ class Simulator:
         # elsewhere a 404, as a real one answers, so that a rehearsal catches a missing /v1.
         self.app.router.add_post(r"/{prefix:(?:.*/)?}v1/chat/completions", self.handle)
         self.app.router.add_get("/_stats", self.report)
+        self.batch = BatchService(self.config, self.app)
 
     async def report(self, request: web.Request) -> web.Response:
         """``GET /_stats``: requests seen and answers by status, for benchmarks."""

@@ -30,7 +30,16 @@ from batchq.io.preflight import InputInfo
 from batchq.io.rules import ROW_COLUMN
 from batchq.result import FEW_VALUES, PRIOR_COLUMNS, SHARD_SCHEMA, Result, shard_table
 from batchq.state import lock
-from batchq.state.layout import LOCK, MANIFEST, SHARD_GLOB, SHARDS, shard_name, state_path
+from batchq.state.layout import (
+    BATCH_FILES,
+    BATCH_JOURNAL,
+    LOCK,
+    MANIFEST,
+    SHARD_GLOB,
+    SHARDS,
+    shard_name,
+    state_path,
+)
 from batchq.state.manifest import check_same_job, output_manifest
 from batchq.state.mask import RowMask
 
@@ -47,6 +56,9 @@ class StateDir:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.shards = path / SHARDS
+        #: ``--via batch``: the journal of remote steps, and the files sent and received
+        self.batch_journal = path / BATCH_JOURNAL
+        self.batch_files = path / BATCH_FILES
         self._lock: lock.Lock | None = None
         self._next_seq: int | None = None
         self.notes: list[str] = []  # what opening it did that the run should say
@@ -107,6 +119,8 @@ class StateDir:
             shard.unlink()
         self._next_seq = None
         (self.path / MANIFEST).unlink(missing_ok=True)
+        self.batch_journal.unlink(missing_ok=True)  # none running: see batch.flow
+        shutil.rmtree(self.batch_files, ignore_errors=True)
 
     def remove(self) -> None:
         """Delete the folder (after a verified merge)."""
@@ -118,8 +132,9 @@ class StateDir:
         return sorted(self.shards.glob(SHARD_GLOB))
 
     def has_results(self) -> bool:
-        """Whether any shard is there (an unfinished run's results)."""
-        return bool(self.shard_paths())
+        """Whether any shard is there (an unfinished run's results), or batches were
+        submitted (``--via batch``)."""
+        return bool(self.shard_paths()) or self.batch_journal.exists()
 
     @classmethod
     def finished(cls, job: Job, info: InputInfo) -> bool:

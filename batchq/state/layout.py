@@ -5,6 +5,8 @@
   lock                   held (flock) by the running process, with its pid (``lock.py``)
   shards/000001.parquet  finished rows, SHARD_SCHEMA, each written atomically
   shards/damaged-*       shards that could not be read, set aside (rows sent again)
+  batches.json           ``--via batch``: each remote step, recorded before the next
+  batch/                 the files uploaded (r1/…) and downloaded (…-output.jsonl)
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ SUFFIX = ".batchq"
 MANIFEST = "manifest.json"
 LOCK = "lock"
 SHARDS = "shards"
+BATCH_JOURNAL = "batches.json"
+BATCH_FILES = "batch"
 #: Whole shards: temp files (``.tmp-*``) and damaged ones set aside do not match.
 SHARD_GLOB = "[0-9]*.parquet"
 

@@ -30,7 +30,7 @@ def test_a_scan_is_staged_as_polars_sinks_it_here(scan: pl.LazyFrame, tmp_path: 
 
 def test_plans_a_child_cannot_take_are_staged_here(scan: pl.LazyFrame, tmp_path: Path) -> None:
     doubled = scan.with_columns(
-        twice=pl.col("id").map_elements(lambda i: 2 * i, return_dtype=pl.Int64)
+        twice=pl.col("id").map_batches(lambda ids: ids * 2, return_dtype=pl.Int64)
     )  # a Python function: polars serializes it only with cloudpickle
     stage(Source("lazy"), doubled, tmp_path / "udf.parquet", rename={})
     assert pl.read_parquet(tmp_path / "udf.parquet")["twice"].sum() == 2 * sum(range(5000))
