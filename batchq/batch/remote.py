@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import AsyncIterator, Callable
-from contextlib import ExitStack
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ __all__ = ["Remote"]
 
 ATTEMPTS = 6
 TIMEOUT_S = 300.0
-_Build = Callable[[ExitStack], httpx.Request]
+_Build = Callable[[AsyncExitStack], httpx.Request]
 #: Pages of ``GET /files`` and ``GET /batches`` read, at most, when looking for one.
 MAX_PAGES = 20
 
@@ -60,7 +60,7 @@ class Remote:
     async def upload(self, path: Path, name: str) -> dict[str, Any]:
         """Upload ``path`` as ``name`` with ``purpose=batch``: the file object."""
 
-        def request(stack: ExitStack) -> httpx.Request:
+        def request(stack: AsyncExitStack) -> httpx.Request:
             handle = stack.enter_context(path.open("rb"))
             files = {"file": (name, handle, "application/jsonl")}
             return self._http.build_request("POST", "files", data={"purpose": "batch"},
@@ -76,14 +76,9 @@ class Remote:
         return None
 
     async def download(self, file_id: str, path: Path) -> None:
-        """The content of ``file_id`` into ``path``, whole or not at all."""
-        partial = path.with_name(path.name + ".part")
-        with partial.open("wb") as out:
-            out.write(await self._call(self._get(f"files/{file_id}/content"),
-                                       f"downloading {file_id}"))  # fmt: skip
-            out.flush()
-            os.fsync(out.fileno())
-        partial.replace(path)
+        """The content of ``file_id`` into ``path``, streamed, whole or not at all."""
+        await self._call(self._get(f"files/{file_id}/content"), f"downloading {file_id}",
+                         into=path)  # fmt: skip
 
     async def delete(self, file_id: str) -> None:
         await self._call(lambda _: self._http.build_request("DELETE", f"files/{file_id}"),
@@ -95,7 +90,7 @@ class Remote:
         body = {"input_file_id": file_id, "endpoint": "/v1/chat/completions",
                 "completion_window": window, "metadata": metadata}  # fmt: skip
 
-        def request(_: ExitStack) -> httpx.Request:
+        def request(_: AsyncExitStack) -> httpx.Request:
             return self._http.build_request("POST", "batches", json=body)
 
         return orjson.loads(await self._call(request, f"creating a batch of {file_id}"))  # type: ignore[no-any-return]
@@ -113,7 +108,7 @@ class Remote:
                                              f"reading batch {batch_id}"))  # fmt: skip
 
     async def cancel(self, batch_id: str) -> dict[str, Any]:
-        def request(_: ExitStack) -> httpx.Request:
+        def request(_: AsyncExitStack) -> httpx.Request:
             return self._http.build_request("POST", f"batches/{batch_id}/cancel")
 
         return orjson.loads(await self._call(request, f"cancelling batch {batch_id}"))  # type: ignore[no-any-return]
@@ -137,14 +132,21 @@ class Remote:
                 return
             after = data[-1].get("id")
 
-    async def _call(self, request: _Build, what: str, *, missing_ok: bool = False) -> bytes:
+    async def _call(
+        self, request: _Build, what: str, *, missing_ok: bool = False, into: Path | None = None
+    ) -> bytes:
         """Send the request ``request`` builds (afresh for each attempt, its files open in
-        the stack it is given); the answer's body on a 2xx."""
+        the stack it is given); the answer's body on a 2xx (or, ``into`` a file, written
+        there as it comes, then renamed into place)."""
         delay = 1.0
         for attempt in range(1, ATTEMPTS + 1):
             try:
-                with ExitStack() as stack:
-                    response = await self._http.send(request(stack))
+                async with AsyncExitStack() as stack:
+                    response = await self._http.send(request(stack), stream=True)
+                    stack.push_async_callback(response.aclose)
+                    if into is not None and response.is_success:
+                        await _save(response, into)
+                        return b""
                     content = await response.aread()
             except httpx.TransportError as e:
                 problem: str = f"{type(e).__name__}: {e}"
@@ -165,6 +167,17 @@ class Remote:
             await self._sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 30.0)
         raise AssertionError("unreachable")
+
+
+async def _save(response: httpx.Response, path: Path) -> None:
+    """``response``'s body into ``path`` through a ``.part`` file: whole or not at all."""
+    partial = path.with_name(path.name + ".part")
+    with partial.open("wb") as out:
+        async for chunk in response.aiter_bytes(1 << 20):
+            out.write(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    partial.replace(path)
 
 
 def _message(content: bytes) -> str:

@@ -253,7 +253,8 @@ class BatchService:
         data = batch.data
         if batch.finished:
             return data
-        if len({str(x.get("body", {}).get("model")) for x in batch.lines}) > 1:
+        models = {str(x.get("body", {}).get("model")) for x in batch.lines}
+        if len(models) > 1 or self.config.batch_invalid:
             data["errors"] = {"object": "list", "data": [{
                 "code": "model_mismatch", "line": None, "param": "body.model",
                 "message": "All requests in a batch file must use the same model."}]}  # fmt: skip

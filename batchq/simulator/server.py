@@ -94,6 +94,8 @@ class SimConfig:
     batch_seconds: float = 2.0
     batch_fail_lines: float = 0.0
     batch_expire: bool = False
+    #: every batch fails validation (as a file of two models does)
+    batch_invalid: bool = False
     stall: str | None = None
     stall_s: float = 30.0
 

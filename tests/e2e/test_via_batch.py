@@ -145,6 +145,23 @@ def test_an_expired_batch_keeps_its_half_then_none_leaves_the_rest_pending(
     assert counts["live"] == 13
 
 
+def test_a_batch_that_fails_validation_is_said_and_its_rows_go_live(
+    simulator: Callable[..., Any], write_jsonl: Callable[..., Path], cli: Any, tmp_path: Path
+) -> None:
+    sim = simulator(batch_invalid=True)
+    source = write_jsonl(rows(30))
+    out = tmp_path / "out.parquet"
+    result = cli(*args(sim, source, out), env=ENV)
+    assert result.exit_code == 0, result.output
+    assert "failed validation: All requests in a batch file must use the same model" in (
+        result.output
+    )
+    frame = pl.read_parquet(out)
+    assert (frame["via"] == "live").all()
+    assert (frame["status"] == "ok").all()
+    assert sim.simulator.batch.files == {}  # the uploads deleted all the same
+
+
 def test_a_window_the_provider_does_not_take_is_refused_before_any_upload(
     simulator: Callable[..., Any], write_jsonl: Callable[..., Path], cli: Any, tmp_path: Path
 ) -> None:
