@@ -52,12 +52,16 @@ class JobKeys(TypedDict, total=False):
     #: any other request field (top_p, seed, stop, tools, n, stream, response_format,
     #: enable_thinking, ...)
     params: dict[str, Any]
+    #: send each distinct request body once; rows repeating one take its answer
+    dedupe: bool
     qps: float
     qpm: float
     tpm: float
     concurrency: int
     max_attempts: int
     timeout_s: float
+    #: no request starts that could take the run's spend past this (its models' currency)
+    max_cost: float
     #: re-asks of a row whose answer is not valid (default 1)
     reasks: int
     pattern: str

@@ -65,6 +65,8 @@ class RequestSettings:
     max_tokens: int | None = None
     temperature: float | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    #: Send each distinct request body once; rows repeating one take its answer (never sent)
+    dedupe: bool = False
     #: Whether the endpoint is the built-in simulator (``--simulate``), not the provider's.
     simulated: bool = False
 
@@ -119,6 +121,8 @@ class Limits:
     concurrency: int = 64
     max_attempts: int = 8
     timeout_s: float = 120.0
+    #: stop before the run's spend could pass this (``--max-cost``; money/budget.py)
+    max_cost: float | None = None
 
 
 @dataclass(frozen=True)
@@ -149,12 +153,14 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "template": (str,),
     "max_tokens": (int,),
     "temperature": (int, float),
+    "dedupe": (bool,),
     "qps": (int, float),
     "qpm": (int, float),
     "tpm": (int, float),
     "concurrency": (int,),
     "max_attempts": (int,),
     "timeout_s": (int, float),
+    "max_cost": (int, float),
 }
 
 
@@ -264,11 +270,13 @@ def _check_type(key: str, value: Any, *, source: str) -> None:
     types = _TYPES.get(key)
     if types is None:
         return
-    if isinstance(value, bool) or not isinstance(value, types):
+    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
         want = " or ".join(t.__name__ for t in types)
         raise UsageError(f"{source}: {key} must be {want}, not {value!r}")
-    if isinstance(value, int | float) and (
-        (value <= 0 and key != "temperature") or math.isnan(value)
+    if (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and ((value <= 0 and key != "temperature") or math.isnan(value))
     ):
         raise UsageError(f"{source}: {key} must be positive, not {value!r}")
 

@@ -33,6 +33,8 @@ class RunStarted:
     total: int
     todo: int
     output: Path
+    #: ``--max-cost``: the cap, what earlier runs spent, and their currency
+    budget: tuple[float, float, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ import pyarrow as pa
 
 __all__ = [
     "ANSWER_SCHEMA",
+    "COST",
     "FEW_VALUES",
     "PRIOR_COLUMNS",
     "RAW",
@@ -58,6 +59,9 @@ ANSWER_SCHEMA = pa.schema(
 )
 #: The response as received, kept with ``--keep-raw`` (an output column only then).
 RAW = pa.field("raw", pa.string())
+#: The row's cost at the run's price table (null where unpriced): an output column,
+#: computed from the row's usage as the output is written.
+COST = pa.field("cost", pa.float64())
 #: A checkpoint shard: the input position, the id as text, the result columns, the
 #: answer's, ``raw``.
 SHARD_SCHEMA = pa.schema(
@@ -68,13 +72,15 @@ SHARD_SCHEMA = pa.schema(
 PRIOR_COLUMNS = ("attempts", "reasks", "prompt_tokens", "completion_tokens", "total_tokens",
                  "cached_tokens", "reasoning_tokens")  # fmt: skip
 #: The result columns every output has, and ``raw`` (an input column of such a name clashes).
-RESULT_COLUMNS = frozenset([*RESULT_SCHEMA.names, RAW.name])
+RESULT_COLUMNS = frozenset([*RESULT_SCHEMA.names, RAW.name, COST.name])
 
 
 def output_fields(*, answers: bool, keep_raw: bool) -> list[pa.Field]:
     """The output's result columns, in order: ``status``, then the answer's (a job with
     [answer]), then the rest, then ``raw`` (``--keep-raw``)."""
     first, *rest = RESULT_SCHEMA
+    at = [f.name for f in rest].index("reasoning_tokens") + 1  # cost beside the usage
+    rest = [*rest[:at], COST, *rest[at:]]
     return [first, *(ANSWER_SCHEMA if answers else []), *rest, *([RAW] if keep_raw else [])]
 
 

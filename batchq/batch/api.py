@@ -32,7 +32,7 @@ from batchq.config import Job, job_settings
 from batchq.errors import InputError, UsageError
 from batchq.io.preflight import InputInfo, preflight, row_id
 from batchq.io.reader import read_batches
-from batchq.money.pricing import region_of
+from batchq.money.pricing import PriceTable, RowPricer, region_of
 from batchq.output.merge import merge_output
 from batchq.result import Result
 from batchq.send.client import RETRY_STATUS
@@ -190,8 +190,9 @@ class ImportResult:
 
 
 def import_batch(
-    job: Job, files: list[Path], *, keep_state: bool = False, command: str | None = None
-) -> ImportResult:
+    job: Job, files: list[Path], *, keep_state: bool = False, command: str | None = None,
+    prices: Path | None = None,
+) -> ImportResult:  # fmt: skip
     """Read Batch-API result files into ``job``'s state folder; merge the output when every
     row has a result. Rows the files do not answer stay pending."""
     check_output(job)
@@ -209,8 +210,9 @@ def import_batch(
         missing = [i for i, d in enumerate(done) if not d]
         merged = not missing
         if merged:
+            pricer = RowPricer(PriceTable.load(prices), region_of(job.request.provider))
             merge_output(state, info, job.output, manifest=manifest,
-                         answers=job.answer is not None)  # fmt: skip
+                         answers=job.answer is not None, costs=pricer)  # fmt: skip
             if not keep_state:
                 state.remove()
     finally:

@@ -58,6 +58,7 @@ JOB_FLAGS = [
     ("--concurrency", int, "requests in flight, at most"),
     ("--max-attempts", int, "attempts per row before it is recorded as an error"),
     ("--timeout", float, "seconds before an attempt is given up and retried"),
+    ("--max-cost", float, "no request starts that could take the run's spend past this"),
     ("--labels", str, "a valid answer is one of these labels (comma-separated)"),
     ("--json-schema", str, "a valid answer is JSON valid under this JSON Schema file"),
     ("--pattern", str, "a valid answer matches this regular expression as a whole"),
@@ -66,6 +67,9 @@ JOB_FLAGS = [
 
 
 def job_options(f: Any) -> Any:
+    f = click.option("--dedupe", is_flag=True, default=None,
+                     help="send each distinct request once; repeats take its answer",
+                     )(f)  # fmt: skip
     for flag, type_, help_ in reversed(JOB_FLAGS):
         f = click.option(flag, type=type_, default=None, help=help_)(f)
     return click.option(

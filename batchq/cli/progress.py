@@ -48,12 +48,14 @@ class Tally:
         self.waiting: set[str] = set()  # rows between a failed attempt and their result
         self.cost: dict[str, float] = {}
         self.unpriced: set[str] = set()
+        self.budget: tuple[float, float, str] | None = None  # cap, spent before, currency
 
     def add(self, event: Event) -> None:
         match event:
-            case RunStarted(todo=todo):
+            case RunStarted(todo=todo, budget=budget):
                 self.todo = todo
                 self.started = self._clock()
+                self.budget = budget
             case RowFinished():
                 self.done += 1
                 self.errors += event.status == "error"
@@ -92,6 +94,10 @@ class Tally:
         return _duration((self.todo - self.done) / rate) if rate else "?"
 
     def cost_text(self) -> str:
+        if self.budget is not None:  # spend, earlier runs' too, against the cap
+            cap, before, currency = self.budget
+            spent = before + self.cost.get(currency, 0.0)
+            return f"{money(spent, currency)} of --max-cost {money(cap, currency)}"
         parts = [money(amount, currency) for currency, amount in sorted(self.cost.items())]
         if self.unpriced:
             parts.append(f"unpriced: {', '.join(sorted(self.unpriced))}")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from pathlib import Path
 from typing import Any
 
+import anyio
 import click
 import orjson
 
@@ -13,12 +15,21 @@ from batchq.batch.flow import Journal as BatchJournal
 from batchq.batch.flow import describe
 from batchq.cli._common import PRICE_FILE, cost_text, fail, job_from, job_options
 from batchq.cli.progress import money
+from batchq.config import Job
+from batchq.engine.runner import RunOptions, loop_options, run_job
 from batchq.errors import BatchqError
 from batchq.money import report
-from batchq.money.estimate import ModelEstimate
+from batchq.money.estimate import (
+    Estimate,
+    ModelEstimate,
+    Projected,
+    project,
+    prompt_estimates,
+    spread,
+)
 from batchq.money.estimate import estimate as estimate_job
-from batchq.money.pricing import PriceTable
-from batchq.money.report import CostLine, cost_report, find_results
+from batchq.money.pricing import PriceTable, region_of
+from batchq.money.report import CostLine, cost_report, find_results, sampled_results
 from batchq.state import StateDir
 
 __all__ = ["cost", "estimate", "status"]
@@ -141,12 +152,21 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 @click.argument("job_file", required=False, type=click.Path(dir_okay=False))
 @job_options
 @click.option("--prices", type=PRICE_FILE, help="a price table (TOML) over the built-in one")
-def estimate(job_file: str | None, prices: Path | None, **flags: Any) -> None:
-    """Project tokens, cost and wall time of a job. Sends nothing."""
+@click.option("--sample", type=click.IntRange(1), default=None,
+              help="send N rows spread over the input; project from their real usage")  # fmt: skip
+def estimate(job_file: str | None, prices: Path | None, sample: int | None,
+             **flags: Any) -> None:  # fmt: skip
+    """Project tokens, cost and wall time of a job. Sends nothing, unless --sample."""
     try:
-        e = estimate_job(job_from(job_file, flags), PriceTable.load(prices))
+        job = job_from(job_file, flags)
+        table = PriceTable.load(prices)
+        e = estimate_job(job, table)
+        projected = _sampled(job, job_file, e, table, sample, prices) if sample else None
     except BatchqError as err:
         fail(err)
+    if projected is not None:
+        _print_projection(projected, e)
+        return
     click.echo(f"{e.rows:,} rows")
     for m in e.models:
         bound = (f"at most {m.completion_cap:,} completion tokens (max_tokens)" if not m.uncapped
@@ -158,6 +178,41 @@ def estimate(job_file: str | None, prices: Path | None, **flags: Any) -> None:
     else:
         click.echo(f"wall time: about {_duration(e.seconds)} at the configured {e.binding} limit")
     click.echo(f"prompt tokens are estimated at one per 3 characters; prices: {e.source}")
+
+
+def _sampled(job: Job, job_file: str | None, e: Estimate, table: PriceTable, n: int,
+             prices: Path | None) -> list[Projected]:  # fmt: skip
+    """Send ``n`` rows spread over the input (into the job's state folder, so that the
+    run does not pay for them again); the projection from their results."""
+    rows = spread(e.rows, n)
+    command = shlex.join(["batchq", "run", job_file]) if job_file else None
+    options = RunOptions(sample=frozenset(rows), command=command, prices=prices)
+    key = job.request.api_key()
+    click.echo(f"sending {len(rows):,} sample rows of {e.rows:,}…", err=True)
+    anyio.run(lambda: run_job(job, api_key=key, options=options), backend_options=loop_options())
+    prompts = prompt_estimates(job, job.input, rows)
+    return project(e, sampled_results(job, rows), prompts, table, region_of(job.request.provider))
+
+
+def _print_projection(projected: list[Projected], e: Estimate) -> None:
+    sampled = sum(p.sampled for p in projected)
+    spent = [money(p.sample_cost, p.currency) for p in projected
+             if p.sample_cost is not None and p.currency]  # fmt: skip
+    click.echo(f"{e.rows:,} rows; {sampled:,} sampled, sent for real (cost "
+               f"{' + '.join(spent) or 'unpriced'}), kept in the state folder: the run sends "
+               "only the others")  # fmt: skip
+    for p in projected:
+        click.echo(f"  {p.model}: {p.rows:,} rows, projected ~{p.prompt_tokens:,} prompt + "
+                   f"~{p.completion_tokens:,} completion tokens")  # fmt: skip
+        if p.cost is None or p.currency is None:
+            click.echo("    cost: unpriced (give --prices)")
+            continue
+        share = next(m.batch_share for m in e.models if m.model == p.model)
+        click.echo(f"    cost: about {money(p.cost, p.currency)} (95 %: "
+                   f"{money(p.low or 0.0, p.currency)} to {money(p.high or 0.0, p.currency)}); "
+                   f"through the Batch API about {money(p.cost * share, p.currency)}")  # fmt: skip
+    if e.seconds is not None:
+        click.echo(f"wall time: about {_duration(e.seconds)} at the configured {e.binding} limit")
 
 
 def _range(m: ModelEstimate) -> str:

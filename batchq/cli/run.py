@@ -67,7 +67,7 @@ def run(job_file: str | None, simulate: bool, quiet: bool, log_file: Path | None
     names = ("restart", "retry_errors", "retry_invalid", "keep_state", "keep_raw")
     switches = {k: flags.pop(k) for k in names}
     plan = _batch_plan(flags, simulate)
-    options = RunOptions(**switches, seed=seed, command=command, batch=plan)
+    options = RunOptions(**switches, seed=seed, command=command, batch=plan, prices=prices)
     sinks = _Sinks()
     try:
         job = job_from(job_file, flags)

@@ -19,6 +19,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -28,6 +29,7 @@ from batchq.answer import Checker
 from batchq.batch.flow import BatchPlan, collect_or_refuse, via_batch
 from batchq.batch.flow import Journal as BatchJournal
 from batchq.config import Job
+from batchq.engine.dedupe import Dedupe
 from batchq.engine.stop import StopSwitch
 from batchq.engine.work import Channel, EndpointWatch, Item, QuotaWatch, answer
 from batchq.errors import BatchqError, Interrupted
@@ -46,7 +48,9 @@ from batchq.events import (
 from batchq.files import read_parquet
 from batchq.io.preflight import InputInfo, completion_cap, preflight, row_id
 from batchq.io.reader import read_batches
-from batchq.money.pricing import region_of
+from batchq.money.budget import MAX_OUTPUT, Budget
+from batchq.money.pricing import Price, PriceTable, RowPricer, region_of
+from batchq.money.report import cost_report, find_results
 from batchq.output.merge import merge_output
 from batchq.result import Result
 from batchq.send.client import Client
@@ -90,6 +94,10 @@ class RunOptions:
     seed: int | None = None
     #: how to resume the run, as ``status`` shows it
     command: str | None = None
+    #: a price table (TOML) over the built-in one, for the output's ``cost`` column
+    prices: Path | None = None
+    #: send only these rows (``estimate --sample``), into the state folder; no merge
+    sample: frozenset[int] | None = None
     #: send the pending rows through the provider's Batch API first (``--via batch``)
     batch: BatchPlan | None = None
 
@@ -138,6 +146,7 @@ async def run_job(
 
     info = preflight(job, progress=checking)
     region = region_of(job.request.provider)
+    priced = _prices_for_budget(job, info, PriceTable.load(options.prices), region)
     manifest = manifest_for(job, info, region=region, command=options.command)
     collect_or_refuse(StateDir.of(job.output), "batch" if options.batch else "live",
                       options.restart)  # fmt: skip
@@ -161,11 +170,14 @@ async def run_job(
             batched = state.done_mask(info.total_rows).count() - before
         todo = await _send_pending(
             job, info, state, options, api_key=api_key, sink=sink, transport=transport,
-            pacer=pacer, stop=stop, batched=batched,
+            pacer=pacer, stop=stop, batched=batched, priced=priced,
         )  # fmt: skip
+        if options.sample is not None:  # a sample for ``estimate``: the rest stays pending
+            return _unfinished(sink, job, info, state, 0, started=started, sent=todo)
         counts = merge_output(
             state, info, job.output, manifest=manifest, keep_raw=options.keep_raw,
             answers=job.answer is not None, on_block=on_results,
+            costs=RowPricer(PriceTable.load(options.prices), region),
         )  # fmt: skip
         if not options.keep_state:
             state.remove()
@@ -188,14 +200,21 @@ async def _send_pending(
     pacer: Pacer | None,
     stop: StopSwitch,
     batched: int = 0,
+    priced: tuple[str, dict[str, Price]] | None = None,
 ) -> int:
     """Send every row without a result (or whose latest result's status is one of
     ``options.retry``) into ``state``; how many there were. ``batched``: rows the Batch
     API answered just before (not "resumed")."""
     reasks = job.answer.reasks if job.answer is not None else None
     done = state.done_mask(info.total_rows, retry=options.retry, reasks=reasks)
+    if options.sample is not None:  # every other row is left as if done
+        for index in range(info.total_rows):
+            if index not in options.sample:
+                done[index] = True
     todo = info.total_rows - done.count()
-    sink(RunStarted(job.name, info.total_rows, todo, job.output))
+    budget = _budget(job, state, priced, options.prices, sink) if todo else None
+    capped = (budget.cap, budget.spent, budget.currency) if budget is not None else None
+    sink(RunStarted(job.name, info.total_rows, todo, job.output, capped))
     for note in (*state.notes, *info.notes):
         sink(Notice(note))
     if batched:
@@ -210,6 +229,7 @@ async def _send_pending(
             api_key=api_key, sink=sink, transport=transport,
             pacer=pacer or RatePacer(job.limits, emit=sink),
             rng=random.Random(options.seed), keep_raw=options.keep_raw, stop=stop,
+            budget=budget, prices=priced[1] if priced else {},
         )  # fmt: skip
     return todo
 
@@ -231,14 +251,51 @@ async def _via_batch(
     return None
 
 
+def _prices_for_budget(
+    job: Job, info: InputInfo, table: PriceTable, region: str
+) -> tuple[str, dict[str, Price]] | None:
+    """With ``max_cost``: the currency and the price of every model the rows ask for
+    (UsageError, before anything is written, for one without a price)."""
+    if job.limits.max_cost is None:
+        return None
+    models = {str(job.request.model)} if job.request.model else set()
+    if any(name == "model" for name, _ in info.columns):
+        for batch in read_batches(info.path):
+            models.update(str(row.get("model") or job.request.model) for row in batch.rows)
+    return Budget.check(models, table, region)
+
+
+def _budget(
+    job: Job, state: StateDir, priced: tuple[str, dict[str, Price]] | None,
+    prices: Path | None, sink: Sink,
+) -> Budget | None:  # fmt: skip
+    """The run's budget: the cap, less what earlier runs of the job spent (as billed,
+    retries and re-asks included: the rows' usage columns sum them)."""
+    if priced is None or job.limits.max_cost is None:
+        return None
+    currency = priced[0]
+    spent = 0.0
+    if state.shard_paths():
+        region = region_of(job.request.provider)
+        report = cost_report(find_results(state.path), PriceTable.load(prices), region=region)
+        spent = report.totals.get(currency, 0.0)
+    budget = Budget(job.limits.max_cost, spent, currency)
+    capped = "" if job.request.max_tokens else (
+        f"; requests without max_tokens count at {MAX_OUTPUT:,} output tokens until they "
+        "answer (set max_tokens to spend closer to the cap)")  # fmt: skip
+    sink(Notice(f"budget: {budget.text()} spent so far{capped}"))
+    return budget
+
+
 def _unfinished(
-    sink: Sink, job: Job, info: InputInfo, state: StateDir, running: int, *, started: float
-) -> RunSummary:
+    sink: Sink, job: Job, info: InputInfo, state: StateDir, running: int, *, started: float,
+    sent: int = 0,
+) -> RunSummary:  # fmt: skip
     """A run that leaves rows pending (``--no-wait``, ``--then none``): no output yet."""
     done = state.done_mask(info.total_rows).count()
     answered = state.done_mask(info.total_rows, retry=frozenset({"error"})).count()
     summary = RunSummary(
-        job.output, info.total_rows, answered, done - answered, 0,
+        job.output, info.total_rows, answered, done - answered, sent,
         time.monotonic() - started, False, pending=info.total_rows - done,
         running_batches=running,
     )  # fmt: skip
@@ -282,11 +339,15 @@ class _Pipeline:
     stop: StopSwitch
     quota: QuotaWatch = field(default_factory=QuotaWatch)
     stopping: bool = False
+    budget: Budget | None = None
+    prices: dict[str, Price] = field(default_factory=dict)
+    dedupe: Dedupe | None = None
 
     def __post_init__(self) -> None:
         self.channel = Channel(
             self.client, self.pacer, self.job.limits.max_attempts, self.sink, anyio.sleep,
             self.rng, self.quota, EndpointWatch(self.client.url), keep=self.journal.add,
+            budget=self.budget, prices=self.prices,
         )  # fmt: skip
         self.checker = Checker(self.job.answer) if self.job.answer is not None else None
 
@@ -315,16 +376,24 @@ class _Pipeline:
             )
 
     async def _feed(self, items: ObjectSendStream[Item], scope: anyio.CancelScope) -> None:
+        dedupe = self.dedupe
         with scope:
             async with items:
                 for batch in read_batches(self.info.path):
                     for i, row in enumerate(batch.rows):
                         index = batch.start + i
-                        if not self.done[index]:
-                            await items.send(self._item(index, row))
+                        if dedupe is None:
+                            if not self.done[index]:
+                                await items.send(self._item(index, row))
+                            continue
+                        body = build_body(row, self.job.request)
+                        ident = row_id(row, self.info.id_column, index)
+                        lead = dedupe.lead(index, ident, body, done=self.done[index])
+                        if lead and not self.done[index]:
+                            await items.send(self._item(index, row, body))
 
-    def _item(self, index: int, row: dict[str, Any]) -> Item:
-        body = build_body(row, self.job.request)
+    def _item(self, index: int, row: dict[str, Any], body: dict[str, Any] | None = None) -> Item:
+        body = body if body is not None else build_body(row, self.job.request)
         ident = row_id(row, self.info.id_column, index)
         cap, prior = completion_cap(body), self.prior.get(index)
         resume = None
@@ -385,18 +454,26 @@ async def _send_all(
     rng: random.Random,
     keep_raw: bool,
     stop: StopSwitch,
+    budget: Budget | None = None,
+    prices: dict[str, Price] | None = None,
 ) -> None:
     workers = max(1, min(job.limits.concurrency, info.total_rows))
     client = Client(job.request.url, api_key=api_key, timeout_s=job.limits.timeout_s,
                     max_connections=workers, transport=transport, keep_raw=keep_raw)  # fmt: skip
     journal = Journal(state, sink)
-    pipeline = _Pipeline(job, info, done, prior, client, pacer, journal, sink, rng, stop)
+    dedupe = Dedupe.scan(job, info) if job.request.dedupe else None
+    pipeline = _Pipeline(job, info, done, prior, client, pacer, journal, sink, rng, stop,
+                         budget=budget, prices=prices or {}, dedupe=dedupe)  # fmt: skip
     try:
         await pipeline.run()
     except BaseExceptionGroup as group:
         raise _first_batchq_error(group) from None
     finally:
         journal.flush()
+    if dedupe is not None and dedupe.pending:
+        copied = dedupe.fill(state)
+        sink(Notice(f"dedupe: {copied:,} rows repeat another row's request: they took its "
+                    "answer, sent and billed once"))  # fmt: skip
 
 
 def _first_batchq_error(group: BaseExceptionGroup[Any]) -> BaseException:

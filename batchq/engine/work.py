@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from batchq.answer import Checker
 from batchq.errors import RunStopped
 from batchq.events import Reasking, Retrying, Sink
+from batchq.money.budget import Budget
+from batchq.money.pricing import Price
 from batchq.result import PRIOR_COLUMNS, Result
 from batchq.send.client import Client, Outcome
 from batchq.send.limiter import Pacer, Settled
@@ -143,6 +145,9 @@ class Channel:
     quota: QuotaWatch
     endpoint: EndpointWatch | None = None
     keep: Callable[[Result], None] | None = None
+    #: ``--max-cost``: the run's spend, and each model's price
+    budget: Budget | None = None
+    prices: dict[str, Price] = field(default_factory=dict)
 
 
 async def answer(item: Item, channel: Channel, *, checker: Checker | None = None) -> Result:
@@ -205,6 +210,10 @@ async def _ask(
     c = channel
     sent = counted = 0
     while True:
+        hold = None
+        if c.budget is not None:
+            price = c.prices[str(item.body.get("model"))]
+            hold = await c.budget.reserve(price, prompt_tokens, item.max_completion)
         reserved = await c.pacer.acquire(prompt_tokens, item.max_completion)
         sent_at = c.pacer.now()
         outcome: Outcome | None = None
@@ -212,6 +221,9 @@ async def _ask(
             outcome = await c.client.send(body)
         finally:
             c.pacer.release(reserved, _settled(sent_at, outcome))
+            if hold is not None:
+                assert c.budget is not None
+                c.budget.settle(hold, _billed(outcome))
         bill.attempts += 1
         sent += 1
         counted += outcome.throttled != "quota"
@@ -263,6 +275,17 @@ class _Bill:
         for key, value in self._usage.items():
             setattr(result, key, value)
         return result
+
+
+def _billed(outcome: Outcome | None) -> dict[str, Any] | None:
+    """What a request was billed, for the budget: its usage when answered; nothing for
+    an HTTP refusal (429, 5xx, 400); None (perhaps all of it) when no answer came, or a
+    200 without usage (cut off, not a completion)."""
+    if outcome is None:
+        return None
+    if outcome.result is None:
+        return None if outcome.http_status in (None, 200) else {}
+    return outcome.result
 
 
 def _settled(sent_at: float, outcome: Outcome | None) -> Settled:

@@ -10,7 +10,8 @@ One request costs, per 1,000,000 tokens of its tier (chosen by its prompt tokens
     (prompt − cached) × input + cached × input × cached_input
         + completion × (thinking_output if thinking else output)
 
-times ``batch`` (0.5) for requests sent through a provider's Batch API.
+times ``batch`` (0.5) for requests sent through a provider's Batch API, and nothing for a
+row that took a repeated request's answer (``via = dedupe``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import pyarrow.compute as pc
 
 from batchq.errors import UsageError
 
-__all__ = ["Price", "PriceTable", "Tier", "cost_array", "region_of"]
+__all__ = ["Price", "PriceTable", "RowPricer", "Tier", "cost_array", "region_of", "row_costs"]
 
 DEFAULT_CACHED_SHARE = 0.2
 DEFAULT_BATCH_SHARE = 0.5
@@ -95,8 +96,10 @@ def cost_array(table: pa.Table, price: Price) -> pa.Array:
                                                       "completion_tokens"))  # fmt: skip
     thinking = pc.or_(pc.greater(column("reasoning_tokens"), 0),
                       pc.is_valid(table.column("reasoning")))  # fmt: skip
-    batch = pc.fill_null(pc.equal(table.column("via"), "batch"), False)
-    share = pc.if_else(batch, price.batch_share, 1.0)
+    via = table.column("via")
+    batch = pc.fill_null(pc.equal(via, "batch"), False)
+    copied = pc.fill_null(pc.equal(via, "dedupe"), False)  # another row's answer: not billed
+    share = pc.if_else(copied, 0.0, pc.if_else(batch, price.batch_share, 1.0))
 
     def tier_cost(t: Tier) -> pa.Array:
         paid = pc.add(pc.multiply(pc.subtract(prompt, cached), t.input),
@@ -113,12 +116,53 @@ def cost_array(table: pa.Table, price: Price) -> pa.Array:
     return pc.multiply(cost, share)
 
 
+def row_costs(
+    table: pa.Table, prices: PriceTable, region: str, unpriced: set[str] | None = None
+) -> pa.Table:
+    """``cost`` and ``currency`` of each row of ``table`` (result columns) at its model's
+    price in ``region``; null where the model is unpriced (its name added to
+    ``unpriced``). A row without usage (an error) costs 0."""
+    cost = pa.nulls(table.num_rows, pa.float64())
+    currency = pa.nulls(table.num_rows, pa.string())
+    model = table.column("model")
+    for name in pc.unique(model).to_pylist():
+        price = prices.lookup(name, region)
+        if price is None:
+            if unpriced is not None:
+                unpriced.add(str(name))
+            continue
+        rows = pc.fill_null(pc.equal(model, name), False)
+        cost = pc.if_else(rows, cost_array(table, price), cost)
+        currency = pc.if_else(rows, pa.scalar(price.currency), currency)
+    return pa.table({"cost": cost, "currency": currency})
+
+
+class RowPricer:
+    """The ``cost`` column of a run's output: ``row_costs`` at ``prices`` in ``region``
+    (a ``Costs`` for ``merge_output``); ``describe`` says with what, for its metadata."""
+
+    def __init__(self, prices: PriceTable, region: str) -> None:
+        self.prices, self.region = prices, region
+
+    def __call__(self, results: pa.Table) -> pa.Array:
+        return row_costs(results, self.prices, self.region).column("cost").combine_chunks()
+
+    def describe(self) -> dict[str, Any]:
+        return {"currencies": self.prices.currencies(self.region),
+                "prices": self.prices.source, "region": self.region}  # fmt: skip
+
+
 class PriceTable:
     """Prices by model and region. ``lookup`` also finds a dated snapshot's base model
     (``qwen-plus-2025-07-28`` -> ``qwen-plus``) and ``-latest`` aliases."""
 
-    def __init__(self, prices: dict[tuple[str, str], Price], *, source: str) -> None:
-        self._prices = prices
+    def __init__(
+        self, prices: dict[tuple[str, str], Price], *, source: str,
+        overrides: dict[tuple[str, str], Price] | None = None,
+    ) -> None:  # fmt: skip
+        self._builtin = prices
+        self._overrides = overrides or {}
+        self._prices = {**prices, **self._overrides}
         self.source = source
 
     @classmethod
@@ -140,16 +184,22 @@ class PriceTable:
             raise UsageError(f"cannot read the price file {override}: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
             raise UsageError(f"the price file {override} is not valid TOML: {e}") from None
-        prices = {**table._prices, **_parse(data, str(override))}
-        return cls(prices, source=f"{override}, then {table.source}")
+        return cls(table._builtin, source=f"{override}, then {table.source}",
+                   overrides=_parse(data, str(override)))  # fmt: skip
+
+    def currencies(self, region: str) -> list[str]:
+        """The currencies of the prices that apply in ``region``."""
+        return sorted({p.currency for (_, where), p in self._prices.items()
+                       if where in (region, "any")})  # fmt: skip
 
     def lookup(self, model: str | None, region: str) -> Price | None:
         if not model:
             return None
-        for name in (model, _SNAPSHOT.sub("", model)):
-            for where in (region, "any"):
-                if (price := self._prices.get((name, where))) is not None:
-                    return price
+        for prices in (self._overrides, self._builtin):  # a price file's entry wins
+            for name in (model, _SNAPSHOT.sub("", model)):
+                for where in (region, "any"):
+                    if (price := prices.get((name, where))) is not None:
+                        return price
         return None
 
 
@@ -159,6 +209,8 @@ def _parse(data: dict[str, Any], where: str) -> dict[tuple[str, str], Price]:
     if not isinstance(models, dict):
         raise UsageError(f"{where}: [models] must be a table of models")
     for model, regions in models.items():
+        if isinstance(regions, dict) and "tiers" in regions:  # no region: every region
+            regions = {"any": regions}
         for region, entry in regions.items():
             if region not in REGIONS:
                 raise UsageError(

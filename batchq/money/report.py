@@ -17,9 +17,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batchq.config import load_job
+from batchq.config import Job, load_job
 from batchq.errors import UsageError
-from batchq.money.pricing import PriceTable, cost_array
+from batchq.money.pricing import PriceTable, row_costs
 from batchq.result import SHARD_SCHEMA
 from batchq.state import StateDir, output_manifest, output_of
 
@@ -199,7 +199,7 @@ class CostTally:
         self.unpriced: set[str] = set()
 
     def add(self, table: pa.Table) -> None:
-        priced = _priced(table, self.prices, self.region, self.unpriced)
+        priced = row_costs(table, self.prices, self.region, self.unpriced)
         by = self.by
         key = _as_text(table.column(by)) if by else pa.nulls(table.num_rows, pa.string())
         status = table.column("status")
@@ -261,20 +261,18 @@ def _as_text(column: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
         return pa.array([None if v is None else str(v) for v in column.to_pylist()], pa.string())
 
 
-def _priced(table: pa.Table, prices: PriceTable, region: str, unpriced: set[str]) -> pa.Table:
-    """``cost`` and ``currency`` for each row of ``table`` (null where unpriced)."""
-    cost = pa.nulls(table.num_rows, pa.float64())
-    currency = pa.nulls(table.num_rows, pa.string())
-    model = table.column("model")
-    for name in pc.unique(model).to_pylist():
-        price = prices.lookup(name, region)
-        if price is None:
-            unpriced.add(str(name))
-            continue
-        rows = pc.fill_null(pc.equal(model, name), False)
-        cost = pc.if_else(rows, cost_array(table, price), cost)
-        currency = pc.if_else(rows, pa.scalar(price.currency), currency)
-    return pa.table({"cost": cost, "currency": currency})
+def sampled_results(job: Job, rows: list[int]) -> pa.Table:
+    """The latest results of the input positions ``rows`` (``estimate --sample``): from
+    the state folder, or from the finished output."""
+    columns = [*_NEEDED]
+    state = StateDir.of(job.output)
+    wanted = pa.array(rows, pa.int64())
+    if state.shard_paths():
+        parts = [t.filter(pc.is_in(t.column("_row"), wanted)).select(["_row", *columns])
+                 for t in state.latest(columns)]  # fmt: skip
+        return pa.concat_tables(parts)
+    table = pq.read_table(job.output, columns=columns).take(wanted)
+    return table.add_column(0, "_row", wanted)
 
 
 # --- status ----------------------------------------------------------------------------

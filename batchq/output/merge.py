@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import pyarrow as pa
@@ -35,10 +35,26 @@ from batchq.files import write_atomic
 from batchq.io.preflight import ROW_COLUMN, InputInfo
 from batchq.io.reader import read_batches
 from batchq.io.schema import input_arrays
-from batchq.result import FEW_VALUES, SHARD_SCHEMA, output_fields
+from batchq.result import COST, FEW_VALUES, SHARD_SCHEMA, output_fields
 from batchq.state import MANIFEST_KEY, ShardIndex, StateDir
 
-__all__ = ["MergeCounts", "merge_output"]
+__all__ = ["COST_KEY", "CURRENCY_KEY", "Costs", "MergeCounts", "merge_output"]
+
+#: The output's metadata keys that say how its ``cost`` column was priced (the table's
+#: source and date, the region), and in which currency (``USD``; ``CNY``; or both, by
+#: model).
+COST_KEY = b"batchq.cost"
+CURRENCY_KEY = b"batchq.currency"
+
+
+class Costs(Protocol):
+    """What prices a block of results: the ``cost`` of each row, and a description of
+    the prices used (currency, source) for the file's metadata."""
+
+    def __call__(self, results: pa.Table) -> pa.Array: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
 
 BLOCK = 16384
 #: Input and results, uncompressed, a block holds at most (about): 16,384 short reviews and
@@ -63,20 +79,27 @@ def merge_output(
     keep_raw: bool = False,
     answers: bool = False,
     on_block: Callable[[pa.Table], object] | None = None,
+    costs: Costs | None = None,
 ) -> MergeCounts:
     """Write ``output`` from the input and the shards. Every row must have a result.
 
     The job's manifest goes into the file's metadata, so that a rerun can tell whether
     the output answers the same job. ``keep_raw`` adds the ``raw`` column, ``answers``
     the checked answer's (a job with [answer]). ``on_block`` is given each block's
-    results (those columns) as they are written.
+    results (those columns) as they are written. ``costs`` prices a block's results
+    (the ``cost`` column; null without it) and says what with (the file's metadata).
     """
     memory.give_back()  # what sending freed, before the peak of the run
     shards = state.index()
     results_at = output_fields(answers=answers, keep_raw=keep_raw)
-    names = [f.name for f in results_at]
+    names = [f.name for f in results_at if f.name != COST.name]
     schema = _output_schema(info, results_at)
-    schema = schema.with_metadata({MANIFEST_KEY: orjson.dumps(manifest)})
+    metadata = {MANIFEST_KEY: orjson.dumps(manifest)}
+    if costs is not None:
+        described = costs.describe()
+        metadata[COST_KEY] = orjson.dumps(described)
+        metadata[CURRENCY_KEY] = ",".join(described["currencies"]).encode()
+    schema = schema.with_metadata(metadata)
     statuses: Counter[str] = Counter()
 
     def write(f: object) -> None:
@@ -86,6 +109,10 @@ def merge_output(
         ) as writer:  # fmt: skip
             for start, inputs in _input_blocks(info, _block_rows(info, shards)):
                 results = shards.results(start, inputs.num_rows).select(names)
+                cost = costs(results) if costs is not None else pa.nulls(results.num_rows,
+                                                                          pa.float64())  # fmt: skip
+                at = results_at.index(COST)
+                results = results.add_column(at, COST, cost)
                 statuses.update(results.column("status").to_pylist())
                 if on_block is not None:
                     on_block(results)

@@ -38,11 +38,14 @@ def args(sim: Any, source: Path, out: Path, *more: str) -> list[str]:
 def test_a_run_via_batch_answers_through_files_and_finishes_the_rest_live(
     simulator: Callable[..., Any], write_jsonl: Callable[..., Path], cli: Any, tmp_path: Path
 ) -> None:
+    prices = tmp_path / "prices.toml"
     sim = simulator(batch_seconds=0.3, batch_fail_lines=0.05, fail_503=0.05, fail_drop=0.02,
                     fail_429=0.05, seed=4)  # fmt: skip
     source = write_jsonl(rows(600, flagged=(7, 300)))
     out = tmp_path / "out.parquet"
-    result = cli(*args(sim, source, out, "--concurrency", "8"), env=ENV)
+    prices.write_text("".join(f'[models."{m}".any]\ntiers = [{{ input = 1.0, output = 2.0 }}]\n'
+                              for m in ("qwen-plus", "qwen-turbo")))  # fmt: skip
+    result = cli(*args(sim, source, out, "--concurrency", "8", "--prices", prices), env=ENV)
     assert result.exit_code == 0, result.output
     frame = pl.read_parquet(out)
     assert frame["id"].to_list() == [f"r{i}" for i in range(600)]
@@ -62,6 +65,14 @@ def test_a_run_via_batch_answers_through_files_and_finishes_the_rest_live(
     assert (batch.stats.uploads, batch.stats.creates) == (2, 2)  # one file a model
     assert batch.files == {}  # inputs, outputs and error files deleted on the provider
     assert frame.filter(pl.col("via") == "batch")["attempts"].unique().to_list() == [1]
+    # The cost column, at the price file's prices: a batch row at half a live row's
+    # price, error rows at nothing, and its sum what `batchq cost` totals.
+    live_price = (ok["prompt_tokens"] * 1.0 + ok["completion_tokens"] * 2.0) / 1e6
+    share = pl.when(ok["via"] == "batch").then(0.5).otherwise(1.0)
+    assert ok.select(pl.col("cost") - live_price * share)["cost"].abs().max() < 1e-12
+    assert refused["cost"].to_list() == [0.0, 0.0]
+    report = json.loads(cli("cost", out, "--json", "--prices", prices).output)
+    assert frame["cost"].sum() == pytest.approx(report["totals"]["USD"])
     assert "-> " in result.output
     assert not out.with_name("out.parquet.batchq").exists()
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from batchq.errors import UsageError
-from batchq.money.pricing import PriceTable, region_of
+from batchq.money.pricing import PriceTable, RowPricer, region_of
 
 
 @pytest.fixture
@@ -80,6 +81,23 @@ def test_a_price_file_overrides_and_extends(tmp_path: Path) -> None:
     assert str(path) in table.source
 
 
+def test_a_price_files_entry_wins_with_or_without_a_region(tmp_path: Path) -> None:
+    path = tmp_path / "prices.toml"
+    path.write_text(
+        '[models."qwen-plus".any]\ntiers = [{ input = 10, output = 0 }]\n'
+        '[models."my-llama"]\ntiers = [{ input = 1, output = 1 }]\n'  # no region: all
+    )
+    table = PriceTable.load(path)
+    for region in ("intl", "cn"):
+        plus = table.lookup("qwen-plus-2025-07-28", region)
+        assert plus is not None  # the file's "any" beats the built-in intl / cn entry
+        assert plus.cost(1_000_000, 0) == pytest.approx(10.0)
+        llama = table.lookup("my-llama", region)
+        assert llama is not None
+        assert llama.cost(1_000_000, 1_000_000) == pytest.approx(2.0)
+    assert table.lookup("qwen-max", "intl") == PriceTable.builtin().lookup("qwen-max", "intl")
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -96,3 +114,32 @@ def test_a_bad_price_file_says_what_and_where(tmp_path: Path, text: str, message
     with pytest.raises(UsageError, match=message) as info:
         PriceTable.load(path)
     assert str(path) in str(info.value)
+
+
+def test_the_cost_column_prices_each_row_as_a_bill_by_hand(table: PriceTable) -> None:
+    """Tiers by each row's prompt, cache hits at 20 %, thinking output, the Batch API's
+    half, nothing for an error, null for an unpriced model."""
+    rows = [  # model, prompt, cached, completion, reasoning, via, status -> USD by hand
+        ("qwen-plus", 1000, 0, 100, None, "live", "ok", (1000 * 0.4 + 100 * 1.2) / 1e6),
+        ("qwen-plus", 300_000, 100, 50, None, "live", "ok",
+         (299_900 * 1.2 + 100 * 1.2 * 0.2 + 50 * 3.6) / 1e6),
+        ("qwen-plus", 100, 0, 1000, 800, "live", "ok", (100 * 0.4 + 1000 * 4.0) / 1e6),
+        ("qwen-plus", 1000, 0, 100, None, "batch", "ok", (1000 * 0.4 + 100 * 1.2) / 2e6),
+        ("qwen-plus", None, None, None, None, "live", "error", 0.0),
+        ("mystery-model", 10, 0, 10, None, "live", "ok", None),
+    ]  # fmt: skip
+    results = pa.table({
+        "model": [r[0] for r in rows],
+        "prompt_tokens": pa.array([r[1] for r in rows], pa.int64()),
+        "cached_tokens": pa.array([r[2] for r in rows], pa.int64()),
+        "completion_tokens": pa.array([r[3] for r in rows], pa.int64()),
+        "reasoning_tokens": pa.array([r[4] for r in rows], pa.int64()),
+        "reasoning": pa.array(["thought" if r[4] else None for r in rows], pa.string()),
+        "via": [r[5] for r in rows], "status": [r[6] for r in rows],
+    })  # fmt: skip
+    pricer = RowPricer(table, "intl")
+    costs = pricer(results).to_pylist()
+    assert costs[:-1] == pytest.approx([r[7] for r in rows[:-1]])
+    assert costs[-1] is None
+    assert pricer.describe()["currencies"] == ["USD"]
+    assert "alibabacloud.com" in pricer.describe()["prices"]
