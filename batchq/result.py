@@ -42,6 +42,7 @@ RESULT_SCHEMA = pa.schema(
         ("total_tokens", pa.int64()),
         ("cached_tokens", pa.int64()),
         ("reasoning_tokens", pa.int64()),
+        ("cache_creation_tokens", pa.int64()),
         ("request_id", pa.string()),
         ("attempts", pa.int32()),
         ("via", pa.string()),
@@ -70,7 +71,7 @@ SHARD_SCHEMA = pa.schema(
 #: What a row's results add up over its requests and runs: requests sent, re-asks, the
 #: usage billed.
 PRIOR_COLUMNS = ("attempts", "reasks", "prompt_tokens", "completion_tokens", "total_tokens",
-                 "cached_tokens", "reasoning_tokens")  # fmt: skip
+                 "cached_tokens", "reasoning_tokens", "cache_creation_tokens")  # fmt: skip
 #: The result columns every output has, and ``raw`` (an input column of such a name clashes).
 RESULT_COLUMNS = frozenset([*RESULT_SCHEMA.names, RAW.name, COST.name])
 
@@ -79,7 +80,7 @@ def output_fields(*, answers: bool, keep_raw: bool) -> list[pa.Field]:
     """The output's result columns, in order: ``status``, then the answer's (a job with
     [answer]), then the rest, then ``raw`` (``--keep-raw``)."""
     first, *rest = RESULT_SCHEMA
-    at = [f.name for f in rest].index("reasoning_tokens") + 1  # cost beside the usage
+    at = [f.name for f in rest].index("cache_creation_tokens") + 1  # cost beside the usage
     rest = [*rest[:at], COST, *rest[at:]]
     return [first, *(ANSWER_SCHEMA if answers else []), *rest, *([RAW] if keep_raw else [])]
 
@@ -127,6 +128,9 @@ class Result:
     cached_tokens: int | None = None
     #: ``usage.completion_tokens_details.reasoning_tokens``
     reasoning_tokens: int | None = None
+    #: tokens written to an explicit cache (0: the explicit cache was used, nothing
+    #: written; None: the implicit cache, or none)
+    cache_creation_tokens: int | None = None
     #: the response's ``id``
     request_id: str | None = None
     #: milliseconds of the successful attempt

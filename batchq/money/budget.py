@@ -104,7 +104,9 @@ def _cost(price: Price, usage: dict[str, Any]) -> float:
     thinking = bool(usage.get("reasoning_tokens")) or usage.get("reasoning") is not None
     prompt, completion = (int(usage.get(k) or 0) for k in ("prompt_tokens", "completion_tokens"))
     cached = int(usage.get("cached_tokens") or 0)
-    return price.cost(prompt, completion, cached=cached, thinking=thinking)
+    created = usage.get("cache_creation_tokens")
+    return price.cost(prompt, completion, cached=cached, thinking=thinking,
+                      created=None if created is None else int(created))  # fmt: skip
 
 
 def _money(amount: float, currency: str) -> str:

@@ -7,8 +7,15 @@ for OpenAI models or a self-hosted server at zero. A model the table does not kn
 
 One request costs, per 1,000,000 tokens of its tier (chosen by its prompt tokens)::
 
-    (prompt − cached) × input + cached × input × cached_input
+    (prompt − cached − created) × input + cached × input × (cached_input, or
+        cached_explicit for a request that used the explicit cache)
+        + created × input × cache_creation
         + completion × (thinking_output if thinking else output)
+
+where ``created`` is the prompt's tokens written to an explicit cache. Model Studio's
+context-cache page (alibabacloud.com/help/en/model-studio/context-cache, updated
+2026-03-31): explicit-cache creation 125 % of the input price, its hits 10 %, implicit-
+cache hits 20 %; the two caches are exclusive, one a request.
 
 times ``batch`` (0.5) for requests sent through a provider's Batch API, and nothing for a
 row that took a repeated request's answer (``via = dedupe``).
@@ -31,6 +38,8 @@ from batchq.errors import UsageError
 __all__ = ["Price", "PriceTable", "RowPricer", "Tier", "cost_array", "region_of", "row_costs"]
 
 DEFAULT_CACHED_SHARE = 0.2
+DEFAULT_EXPLICIT_SHARE = 0.1
+DEFAULT_CREATION_SHARE = 1.25
 DEFAULT_BATCH_SHARE = 0.5
 REGIONS = ("intl", "cn", "any")
 _SNAPSHOT = re.compile(r"-(latest|\d{4}-\d{2}-\d{2}|\d{4})$")
@@ -59,6 +68,8 @@ class Price:
     tiers: tuple[Tier, ...]
     cached_share: float = DEFAULT_CACHED_SHARE
     batch_share: float = DEFAULT_BATCH_SHARE
+    explicit_share: float = DEFAULT_EXPLICIT_SHARE
+    creation_share: float = DEFAULT_CREATION_SHARE
 
     def tier(self, prompt_tokens: int) -> Tier:
         """The tier a request with ``prompt_tokens`` is billed at."""
@@ -75,10 +86,15 @@ class Price:
         cached: int = 0,
         thinking: bool = False,
         batch: bool = False,
+        created: int | None = None,
     ) -> float:
-        """The cost of one request, in ``currency``."""
+        """The cost of one request, in ``currency``. ``created``: tokens written to an
+        explicit cache (None: the request did not use it; its hits are implicit)."""
         tier = self.tier(prompt)
-        paid_input = (prompt - cached) * tier.input + cached * tier.input * self.cached_share
+        hit = self.cached_share if created is None else self.explicit_share
+        written = created or 0
+        paid_input = ((prompt - cached - written) * tier.input + cached * tier.input * hit
+                      + written * tier.input * self.creation_share)  # fmt: skip
         output = completion * (tier.thinking_output if thinking else tier.output)
         total = (paid_input + output) / 1_000_000
         return total * self.batch_share if batch else total
@@ -94,6 +110,10 @@ def cost_array(table: pa.Table, price: Price) -> pa.Array:
 
     prompt, cached, completion = (column(c) for c in ("prompt_tokens", "cached_tokens",
                                                       "completion_tokens"))  # fmt: skip
+    creation = (table.column("cache_creation_tokens") if "cache_creation_tokens" in
+                table.column_names else pa.nulls(table.num_rows, pa.int64()))  # fmt: skip
+    explicit = pc.is_valid(creation)  # the explicit cache was used: its hits' share
+    created = pc.cast(pc.fill_null(creation, 0), pa.float64())
     thinking = pc.or_(pc.greater(column("reasoning_tokens"), 0),
                       pc.is_valid(table.column("reasoning")))  # fmt: skip
     via = table.column("via")
@@ -101,9 +121,13 @@ def cost_array(table: pa.Table, price: Price) -> pa.Array:
     copied = pc.fill_null(pc.equal(via, "dedupe"), False)  # another row's answer: not billed
     share = pc.if_else(copied, 0.0, pc.if_else(batch, price.batch_share, 1.0))
 
+    hit = pc.if_else(explicit, price.explicit_share, price.cached_share)
+
     def tier_cost(t: Tier) -> pa.Array:
-        paid = pc.add(pc.multiply(pc.subtract(prompt, cached), t.input),
-                      pc.multiply(cached, t.input * price.cached_share))  # fmt: skip
+        plain = pc.subtract(pc.subtract(prompt, cached), created)
+        paid = pc.add(pc.add(pc.multiply(plain, t.input),
+                             pc.multiply(pc.multiply(cached, hit), t.input)),
+                      pc.multiply(created, t.input * price.creation_share))  # fmt: skip
         out = pc.multiply(completion, pc.if_else(thinking, t.thinking_output, t.output))
         return pc.divide(pc.add(paid, out), 1_000_000.0)
 
@@ -229,6 +253,8 @@ def _price(model: str, region: str, entry: dict[str, Any], where: str) -> Price:
             model, region, str(entry.get("currency", "USD")), tiers,
             float(entry.get("cached_input", DEFAULT_CACHED_SHARE)),
             float(entry.get("batch", DEFAULT_BATCH_SHARE)),
+            float(entry.get("cached_explicit", DEFAULT_EXPLICIT_SHARE)),
+            float(entry.get("cache_creation", DEFAULT_CREATION_SHARE)),
         )  # fmt: skip
     except (KeyError, TypeError, ValueError) as e:
         raise UsageError(f"{problem} (prices per 1M tokens); problem: {e!r}") from None

@@ -35,12 +35,14 @@ __all__ = [
 ]
 
 USAGE_COLUMNS = ["prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens"]
-_NEEDED = ["status", "model", "attempts", "reasoning", "via", *USAGE_COLUMNS]
+_NEEDED = ["status", "model", "attempts", "reasoning", "via", *USAGE_COLUMNS,
+           "cache_creation_tokens"]  # fmt: skip
 
 
 _TYPES: dict[str, pa.DataType] = {
     "status": pa.string(), "model": pa.string(), "attempts": pa.int64(),
     "reasoning": pa.string(), "via": pa.string(), **dict.fromkeys(USAGE_COLUMNS, pa.int64()),
+    "cache_creation_tokens": pa.int64(),
 }  # fmt: skip
 BATCH_ROWS = 16_384  # the output's row groups: a larger batch held 13 MB more
 

@@ -63,12 +63,26 @@ def completion_columns(data: dict[str, Any]) -> dict[str, Any]:
         "completion_tokens": _int(usage.get("completion_tokens")),
         "total_tokens": _int(usage.get("total_tokens")),
         "cached_tokens": _int(_get(usage, "prompt_tokens_details", "cached_tokens")),
+        "cache_creation_tokens": _cache_creation(_dict(usage.get("prompt_tokens_details"))),
         "reasoning_tokens": _int(_get(usage, "completion_tokens_details", "reasoning_tokens")),
         "request_id": _str_or_none(data.get("id")),
     }
     if len(choices) > 1:
         result["choices"] = [_choice_text(c) for c in choices]
     return result
+
+
+def _cache_creation(details: dict[str, Any]) -> int | None:
+    """Tokens written to an explicit cache (Model Studio: ``cache_creation_input_tokens``,
+    or ``cache_creation.ephemeral_5m_input_tokens``); 0 for a request that used the
+    explicit cache without writing to it (``cache_type: "ephemeral"``); None for the
+    implicit cache, or none: its cached tokens are then implicit-cache hits."""
+    created = _int(details.get("cache_creation_input_tokens"))
+    if created is None:
+        created = _int(_get(details, "cache_creation", "ephemeral_5m_input_tokens"))
+    if created is None and details.get("cache_type") == "ephemeral":
+        return 0
+    return created
 
 
 def assemble_stream(raw: bytes) -> dict[str, Any]:

@@ -143,3 +143,29 @@ def test_the_cost_column_prices_each_row_as_a_bill_by_hand(table: PriceTable) ->
     assert costs[-1] is None
     assert pricer.describe()["currencies"] == ["USD"]
     assert "alibabacloud.com" in pricer.describe()["prices"]
+
+
+def test_an_explicit_caches_creation_and_hits_are_priced_at_their_shares(
+    table: PriceTable,
+) -> None:
+    """Model Studio's context-cache page: creation at 125 % of the input price, explicit
+    hits at 10 %, implicit hits at 20 % (qwen-plus intl: $0.4 per 1M input)."""
+    results = pa.table({
+        "model": ["qwen-plus"] * 3,
+        "prompt_tokens": pa.array([2000, 2000, 2000], pa.int64()),
+        "cached_tokens": pa.array([0, 1500, 1500], pa.int64()),
+        "cache_creation_tokens": pa.array([1500, 0, None], pa.int64()),
+        "completion_tokens": pa.array([0, 0, 0], pa.int64()),
+        "reasoning_tokens": pa.array([None] * 3, pa.int64()),
+        "reasoning": pa.array([None] * 3, pa.string()),
+        "via": ["live"] * 3, "status": ["ok"] * 3,
+    })  # fmt: skip
+    costs = RowPricer(table, "intl")(results).to_pylist()
+    assert costs == pytest.approx([
+        (500 * 0.4 + 1500 * 0.4 * 1.25) / 1e6,  # written to the explicit cache
+        (500 * 0.4 + 1500 * 0.4 * 0.1) / 1e6,  # an explicit hit
+        (500 * 0.4 + 1500 * 0.4 * 0.2) / 1e6,  # an implicit hit
+    ])  # fmt: skip
+    price = table.lookup("qwen-plus", "intl")
+    assert price is not None
+    assert price.cost(2000, 0, cached=1500, created=0) == pytest.approx(costs[1])

@@ -47,8 +47,24 @@ def test_every_column_is_read() -> None:
         "total_tokens": 23,
         "cached_tokens": 16,
         "reasoning_tokens": 2,
+        "cache_creation_tokens": None,  # the implicit cache
         "request_id": "chatcmpl-1",
     }
+
+
+def test_an_explicit_caches_creation_and_hits_are_read() -> None:
+    """Model Studio's explicit cache: the tokens written, or 0 for a hit that wrote none
+    (``cache_type: ephemeral``): its hits are then priced at the explicit share."""
+    for details, created in (
+        ({"cached_tokens": 0, "cache_creation_input_tokens": 1200, "cache_type": "ephemeral",
+          "cache_creation": {"ephemeral_5m_input_tokens": 1200}}, 1200),
+        ({"cached_tokens": 0, "cache_creation": {"ephemeral_5m_input_tokens": 900}}, 900),
+        ({"cached_tokens": 1200, "cache_type": "ephemeral"}, 0),
+        ({"cached_tokens": 1200}, None),
+    ):  # fmt: skip
+        raw = orjson.loads(completion())
+        raw["usage"]["prompt_tokens_details"] = details
+        assert parse_completion(orjson.dumps(raw))["cache_creation_tokens"] == created
 
 
 def test_tool_calls_are_kept_as_json() -> None:
