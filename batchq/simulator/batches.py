@@ -324,7 +324,8 @@ class BatchService:
         ident = f"batch_req_{next(self._ids)}"
         error = {"code": code, "message": message}
         response = None
-        if status is not None:
-            response = {"status_code": status, "request_id": ident, "body": {"error": error}}
+        if status is not None:  # the body a live request gets (type, param and all)
+            body = {"error": {"message": message, "type": code, "param": None, "code": code}}
+            response = {"status_code": status, "request_id": ident, "body": body}
         return {"id": ident, "custom_id": line.get("custom_id"), "response": response,
                 "error": error}  # fmt: skip

@@ -77,6 +77,39 @@ def test_a_run_via_batch_answers_through_files_and_finishes_the_rest_live(
     assert not out.with_name("out.parquet.batchq").exists()
 
 
+def test_a_batch_run_writes_the_live_runs_columns(
+    simulator: Callable[..., Any], write_jsonl: Callable[..., Path], cli: Any, tmp_path: Path
+) -> None:
+    """The same two-model job live and via batch: every output column the same, byte for
+    byte, but ``via``, ``latency_ms`` and ``request_id``; ``cost`` at the Batch share."""
+    sim = simulator(batch_seconds=0.2)
+    source = write_jsonl(rows(120, flagged=(9,)))
+    prices = tmp_path / "prices.toml"
+    prices.write_text("".join(f'[models."{m}"]\ntiers = [{{ input = 1.0, output = 2.0 }}]\n'
+                              for m in ("qwen-plus", "qwen-turbo")))  # fmt: skip
+    frames = {}
+    for via in ("live", "batch"):
+        out = tmp_path / f"{via}.parquet"
+        command = args(sim, source, out, "--prices", prices)
+        command = command if via == "batch" else [a for a in command if a not in ("--via", "batch")]
+        result = cli(*command, env=ENV)
+        assert result.exit_code == 0, result.output
+        frames[via] = pl.read_parquet(out)
+    live, batch = frames["live"], frames["batch"]
+    assert (live["via"] == "live").all()
+    assert (batch["via"] == "batch").all()
+    assert set(batch["model"]) == {"qwen-plus", "qwen-turbo"}
+    assert batch["latency_ms"].is_null().all()
+    assert batch.filter(pl.col("status") == "ok")["request_id"].is_not_null().all()
+    assert (batch["cost"] - live["cost"] * 0.5).abs().max() < 1e-15  # type: ignore[operator]
+    assert live.filter(pl.col("status") == "error")["id"].to_list() == ["r9"]
+    same = [c for c in live.columns if c not in ("via", "latency_ms", "request_id", "cost")]
+    assert batch.columns == live.columns
+    differ = [c for c in same if not batch[c].equals(live[c])]
+    assert differ == [], (batch.select(differ).head(3), live.select(differ).head(3))
+    assert batch.schema == live.schema
+
+
 @pytest.mark.parametrize("step", ["upload", "create", "poll", "download"])
 def test_a_kill_at_each_remote_step_resumes_without_doing_it_twice(
     simulator: Callable[..., Any], write_jsonl: Callable[..., Path], cli: Any, tmp_path: Path,
