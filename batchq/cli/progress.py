@@ -75,7 +75,7 @@ class Tally:
             return
         price = self._prices.lookup(row.model, self._region)
         if price is None:
-            self.unpriced.add(str(row.model))
+            self.unpriced.add(self._prices.unpriced_name(row.model, self._region))
             return
         cost = price.cost(
             row.prompt_tokens, row.completion_tokens,

@@ -204,10 +204,11 @@ def _print_projection(projected: list[Projected], e: Estimate) -> None:
     for p in projected:
         click.echo(f"  {p.model}: {p.rows:,} rows, projected ~{p.prompt_tokens:,} prompt + "
                    f"~{p.completion_tokens:,} completion tokens")  # fmt: skip
+        model = next(m for m in e.models if m.model == p.model)
         if p.cost is None or p.currency is None:
-            click.echo("    cost: unpriced (give --prices)")
+            click.echo(f"    cost: {model.unpriced} (give --prices)")
             continue
-        share = next(m.batch_share for m in e.models if m.model == p.model)
+        share = model.batch_share
         click.echo(f"    cost: about {money(p.cost, p.currency)} (95 %: "
                    f"{money(p.low or 0.0, p.currency)} to {money(p.high or 0.0, p.currency)}); "
                    f"through the Batch API about {money(p.cost * share, p.currency)}")  # fmt: skip
@@ -217,7 +218,7 @@ def _print_projection(projected: list[Projected], e: Estimate) -> None:
 
 def _range(m: ModelEstimate) -> str:
     if m.currency is None or m.low is None:
-        return "unpriced (give --prices)"
+        return f"{m.unpriced} (give --prices)"
     share = m.batch_share
     low = money(m.low, m.currency)
     if m.high is None:

@@ -57,7 +57,8 @@ class Budget:
             price = prices.lookup(model, region)
             if price is None:
                 raise UsageError(f"--max-cost needs a price for every model, and {model!r} "
-                                 f"has none in the price table ({region}): give its prices "
+                                 f"has none in the price table ({region}: "
+                                 f"{prices.why_unpriced(model, region)}): give its prices "
                                  "with --prices FILE")  # fmt: skip
             found[model] = price
         currencies = sorted({p.currency for p in found.values()})

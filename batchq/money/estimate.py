@@ -39,6 +39,8 @@ class ModelEstimate:
     #: price, or no cap to bound it by).
     low: float | None = None
     high: float | None = None
+    #: why it has no price (``PriceTable.why_unpriced``)
+    unpriced: str = "unpriced"
     #: The Batch API's price as a share of the live price.
     batch_share: float = DEFAULT_BATCH_SHARE
 
@@ -73,6 +75,7 @@ def estimate(job: Job, prices: PriceTable) -> Estimate:
     for m in by_model.values():
         price = prices.lookup(m.model, region)
         if price is None:
+            m.unpriced = prices.why_unpriced(m.model, region)
             continue
         m.currency, m.batch_share = price.currency, price.batch_share
         per_row = m.prompt_tokens // max(m.rows, 1)

@@ -100,6 +100,10 @@ class Price:
         return total * self.batch_share if batch else total
 
 
+#: Entries by (model, region): a price, or why there is none (see ``_entry``).
+Entries = dict[tuple[str, str], Price | str]
+
+
 def cost_array(table: pa.Table, price: Price) -> pa.Array:
     """``Price.cost`` of every row of ``table`` (result columns), in Arrow compute: the
     request's tier by its prompt tokens, its cache hits, thinking-mode output for rows with
@@ -145,7 +149,7 @@ def row_costs(
 ) -> pa.Table:
     """``cost`` and ``currency`` of each row of ``table`` (result columns) at its model's
     price in ``region``; null where the model is unpriced (its name added to
-    ``unpriced``). A row without usage (an error) costs 0."""
+    ``unpriced``, with why). A row without usage (an error) costs 0."""
     cost = pa.nulls(table.num_rows, pa.float64())
     currency = pa.nulls(table.num_rows, pa.string())
     model = table.column("model")
@@ -153,7 +157,7 @@ def row_costs(
         price = prices.lookup(name, region)
         if price is None:
             if unpriced is not None:
-                unpriced.add(str(name))
+                unpriced.add(prices.unpriced_name(name, region))
             continue
         rows = pc.fill_null(pc.equal(model, name), False)
         cost = pc.if_else(rows, cost_array(table, price), cost)
@@ -181,12 +185,12 @@ class PriceTable:
     (``qwen-plus-2025-07-28`` -> ``qwen-plus``) and ``-latest`` aliases."""
 
     def __init__(
-        self, prices: dict[tuple[str, str], Price], *, source: str,
-        overrides: dict[tuple[str, str], Price] | None = None,
+        self, prices: Entries, *, source: str, overrides: Entries | None = None,
     ) -> None:  # fmt: skip
         self._builtin = prices
         self._overrides = overrides or {}
-        self._prices = {**prices, **self._overrides}
+        self._prices = {k: v for k, v in {**prices, **self._overrides}.items()
+                        if isinstance(v, Price)}  # fmt: skip
         self.source = source
 
     @classmethod
@@ -217,23 +221,42 @@ class PriceTable:
                        if where in (region, "any")})  # fmt: skip
 
     def lookup(self, model: str | None, region: str) -> Price | None:
+        """``model``'s price in ``region``; None where it has none (``why_unpriced``)."""
+        entry = self._entry(model, region)
+        return entry if isinstance(entry, Price) else None
+
+    def why_unpriced(self, model: str | None, region: str) -> str:
+        """Why ``model`` has no price in ``region``: ``not sold in intl, checked DATE``,
+        ``no published price, checked DATE``, or ``unpriced`` (the table does not know it)."""
+        entry = self._entry(model, region)
+        return entry if isinstance(entry, str) else "unpriced"
+
+    def unpriced_name(self, model: str | None, region: str) -> str:
+        """``model`` as a report lists it among the unpriced: with why, where known."""
+        why = self.why_unpriced(model, region)
+        return str(model) if why == "unpriced" else f"{model} ({why})"
+
+    def _entry(self, model: str | None, region: str) -> Price | str | None:
+        """The first entry for ``model`` (its own name, then its base name without a date
+        or ``-latest``) in ``region`` or ``any``: a price file's before the built-in one."""
         if not model:
             return None
-        for prices in (self._overrides, self._builtin):  # a price file's entry wins
+        for entries in (self._overrides, self._builtin):  # a price file's entry wins
             for name in (model, _SNAPSHOT.sub("", model)):
                 for where in (region, "any"):
-                    if (price := prices.get((name, where))) is not None:
-                        return price
+                    if (entry := entries.get((name, where))) is not None:
+                        return entry
         return None
 
 
-def _parse(data: dict[str, Any], where: str) -> dict[tuple[str, str], Price]:
-    prices = {}
+def _parse(data: dict[str, Any], where: str) -> Entries:
+    prices: Entries = {}
     models = data.get("models", {})
     if not isinstance(models, dict):
         raise UsageError(f"{where}: [models] must be a table of models")
     for model, regions in models.items():
-        if isinstance(regions, dict) and "tiers" in regions:  # no region: every region
+        if isinstance(regions, dict) and {"tiers", "no_published_price"} & regions.keys():
+            # no region: every region
             regions = {"any": regions}
         for region, entry in regions.items():
             if region not in REGIONS:
@@ -241,8 +264,19 @@ def _parse(data: dict[str, Any], where: str) -> dict[tuple[str, str], Price]:
                     f"{where}: models.{model}.{region}: the region must be one of "
                     f"{', '.join(REGIONS)}"
                 )
-            prices[model, region] = _price(model, region, entry, f"{where}: models.{model}")
+            prices[model, region] = _entry(model, region, entry, f"{where}: models.{model}")
     return prices
+
+
+def _entry(model: str, region: str, entry: dict[str, Any], where: str) -> Price | str:
+    """A price, or why there is none: ``not_sold = DATE`` (the model is not sold in that
+    region), ``no_published_price = DATE`` (no page gives its price), each with the date
+    it was checked."""
+    for key, reason in (("not_sold", f"not sold in {region}"),
+                        ("no_published_price", "no published price")):  # fmt: skip
+        if isinstance(entry, dict) and key in entry:
+            return f"{reason}, checked {entry[key]}"
+    return _price(model, region, entry, where)
 
 
 def _price(model: str, region: str, entry: dict[str, Any], where: str) -> Price:

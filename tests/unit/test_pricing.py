@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import tomllib
+from importlib import resources
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
 from batchq.errors import UsageError
-from batchq.money.pricing import PriceTable, RowPricer, region_of
+from batchq.money.pricing import PriceTable, RowPricer, region_of, row_costs
 
 
 @pytest.fixture
@@ -169,3 +171,51 @@ def test_an_explicit_caches_creation_and_hits_are_priced_at_their_shares(
     price = table.lookup("qwen-plus", "intl")
     assert price is not None
     assert price.cost(2000, 0, cached=1500, created=0) == pytest.approx(costs[1])
+
+
+@pytest.mark.parametrize("region", ["intl", "cn"])
+def test_every_model_of_the_list_has_a_price_or_says_why_not(
+    table: PriceTable, region: str
+) -> None:
+    """The coverage of Model Studio's OpenAI-compatible list, held over the list itself:
+    no name of it is merely "unpriced" (as an unknown model is)."""
+    text = resources.files("batchq").joinpath("money/data/prices.toml").read_text("utf-8")
+    catalog = tomllib.loads(text)["catalog"]
+    names = [*catalog["commercial"], *catalog["open_source"]]
+    assert len(names) == len(set(names)) >= 70
+    unexplained = [n for n in names if table.lookup(n, region) is None
+                   and table.why_unpriced(n, region) == "unpriced"]  # fmt: skip
+    assert unexplained == []
+    assert table.why_unpriced("my-llama", region) == "unpriced"
+
+
+def test_a_model_without_a_price_says_why_and_a_price_file_gives_it_one(
+    table: PriceTable, tmp_path: Path
+) -> None:
+    assert table.lookup("qwen3-8b", "intl") is None
+    assert table.unpriced_name("qwen3-8b", "intl") == (
+        "qwen3-8b (no published price, checked 2026-12-06)"
+    )
+    # an old snapshot is not priced as its base model, whose price has been cut since
+    assert table.lookup("qwen-max-2024-09-19", "cn") is None
+    assert table.lookup("qwen-plus-2025-07-28", "cn") is table.lookup("qwen-plus", "cn")
+    prices = tmp_path / "prices.toml"
+    prices.write_text('[models."qwen3-8b"]\ntiers = [{ input = 0.1, output = 0.4 }]\n\n'
+                      '[models."my-llama".cn]\nnot_sold = "2026-12-06"\n')  # fmt: skip
+    mine = PriceTable.load(prices)
+    assert mine.lookup("qwen3-8b", "intl") is not None  # no region: every region
+    assert mine.lookup("qwen3-8b", "cn") is not None
+    assert mine.unpriced_name("my-llama", "cn") == "my-llama (not sold in cn, checked 2026-12-06)"
+    results = pa.table({
+        "model": ["qwen3-14b", "qwen3-8b"], "prompt_tokens": pa.array([10, 10], pa.int64()),
+        "cached_tokens": pa.array([None, None], pa.int64()),
+        "completion_tokens": pa.array([5, 5], pa.int64()),
+        "reasoning_tokens": pa.array([None, None], pa.int64()),
+        "reasoning": pa.array([None, None], pa.string()), "via": ["live"] * 2,
+        "status": ["ok"] * 2,
+    })  # fmt: skip
+    unpriced: set[str] = set()
+    costs = row_costs(results, mine, "intl", unpriced).column("cost").to_pylist()
+    assert costs[0] is None  # never $0
+    assert costs[1] == pytest.approx((10 * 0.1 + 5 * 0.4) / 1e6)
+    assert unpriced == {"qwen3-14b (no published price, checked 2026-12-06)"}
