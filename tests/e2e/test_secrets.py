@@ -70,3 +70,22 @@ def test_the_key_is_nowhere_whatever_goes_wrong(
     bad = run([*common, "--base-url", strict.base_url, "--restart"], KEY, tmp_path)
     assert bad.returncode == 2
     assert_nowhere(tmp_path, bad.stdout, bad.stderr)
+
+
+def test_the_key_is_not_in_batch_files_their_names_or_metadata(
+    simulator: Callable[..., Any], write_jsonl: Callable[..., Path], tmp_path: Path
+) -> None:
+    sim = simulator(api_key=KEY, batch_seconds=0.2, batch_fail_lines=0.1, fail_503=0.05)
+    path = write_jsonl([{"id": f"r{i}", "text": f"text {i}"} for i in range(40)])
+    out = tmp_path / "o.parquet"
+    done = run(["--input", str(path), "--output", str(out), "--model", "m", "--template",
+                "{text}", "--api-key-env", "MY_KEY", "--base-url", sim.base_url, "--via",
+                "batch", "--poll-s", "0.1", "--keep-remote", "--log-file",
+                str(tmp_path / "log.jsonl")], KEY, tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    store = sim.simulator.batch
+    assert store.stats.uploads == 1
+    remote = [str(store.files), *(str(c) for c in store.contents.values()),
+              *(str(b.data) for b in store.batches.values())]  # names, contents, metadata
+    assert any("metadata" in text for text in remote)
+    assert_nowhere(tmp_path, done.stdout, done.stderr, *remote)
