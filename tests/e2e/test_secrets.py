@@ -85,7 +85,10 @@ def test_the_key_is_not_in_batch_files_their_names_or_metadata(
     assert done.returncode == 0, done.stderr
     store = sim.simulator.batch
     assert store.stats.uploads == 1
-    remote = [str(store.files), *(str(c) for c in store.contents.values()),
-              *(str(b.data) for b in store.batches.values())]  # names, contents, metadata
+    remote = [
+        str(store.files),
+        *(str(c) for c in store.contents.values()),
+        *(str(b.data) for b in store.batches.values()),
+    ]  # names, contents, metadata
     assert any("metadata" in text for text in remote)
     assert_nowhere(tmp_path, done.stdout, done.stderr, *remote)
