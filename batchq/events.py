@@ -61,6 +61,8 @@ class RowFinished:
     http_status: int | None
     error_code: str | None
     error_message: str | None
+    #: tokens written to an explicit cache (None: the implicit cache, or none)
+    cache_creation_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

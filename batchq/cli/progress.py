@@ -79,7 +79,7 @@ class Tally:
             return
         cost = price.cost(
             row.prompt_tokens, row.completion_tokens,
-            cached=row.cached_tokens, thinking=row.thinking,
+            cached=row.cached_tokens, thinking=row.thinking, created=row.cache_creation_tokens,
         )  # fmt: skip
         self.cost[price.currency] = self.cost.get(price.currency, 0.0) + cost
 

@@ -491,7 +491,7 @@ def _finished(r: Result) -> RowFinished:
     return RowFinished(
         r.id, r.status, r.attempts, r.model, r.prompt_tokens or 0, r.completion_tokens or 0,
         r.cached_tokens or 0, reasoning, reasoning > 0 or r.reasoning is not None,
-        r.http_status, r.error_code, r.error_message,
+        r.http_status, r.error_code, r.error_message, r.cache_creation_tokens,
     )  # fmt: skip
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
-from batchq.cli.progress import LiveProgress, PlainProgress
+from batchq.cli.progress import LiveProgress, PlainProgress, Tally
 from batchq.events import (
     Checking,
     Notice,
@@ -112,3 +113,12 @@ def test_plain_lines_say_the_preflights_progress_every_5_s() -> None:
     lines = [x for x in out.getvalue().splitlines() if x.startswith("checking the input")]
     assert len(lines) == 2, lines  # at 5 s and 10 s
     assert all(x.endswith(" rows so far (row by row, to say where a problem is)") for x in lines)
+
+
+def test_the_running_cost_prices_an_explicit_caches_writes_as_the_cost_column_does() -> None:
+    """1,500 of 2,000 prompt tokens written to the explicit cache: at 125 % of the input
+    price (qwen-plus intl: $0.4 per 1M), not as plain input."""
+    tally = Tally(PriceTable.builtin(), "intl", clock=lambda: 0.0)
+    tally.add(RowFinished("r0", "ok", 1, "qwen-plus", 2000, 0, 0, 0, False, 200, None, None,
+                          cache_creation_tokens=1500))  # fmt: skip
+    assert tally.cost["USD"] == pytest.approx((500 * 0.4 + 1500 * 0.4 * 1.25) / 1e6)
