@@ -21,6 +21,7 @@ Batch-API lines (``custom_id``, ``body``); the job then has no template.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import subprocess
 import sys
@@ -105,6 +106,9 @@ def main() -> None:
             sys.exit(f"batchq failed: {err.decode()}")
         peak_mb = max(phases)
     print(f"first request after {first:.2f} s (python + imports alone: {floor:.2f} s)")
+    if os.environ.get("PYTHONDONTWRITEBYTECODE"):
+        print("PYTHONDONTWRITEBYTECODE is set: each run compiles batchq from source, which no "
+              "installed copy does (about 0.07 s here); unset it for a user's figure")  # fmt: skip
     what = "run done" if args.whole else "stopped 2 s after the first request"
     print(
         f"{what} after {whole:.1f} s, {sim.stats.requests:,} requests; "

@@ -17,10 +17,12 @@ what and where. When it returns an InputInfo, it is the one the exact pass would
 
 from __future__ import annotations
 
+import queue
 import string
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -93,7 +95,7 @@ def _vouch(job: Job, progress: Callable[[int], None] | None) -> Vouched:
     if fmt == "jsonl" and path.name.lower().endswith(".gz"):
         raise _Unsure("gzip")
     read = Digest()
-    batches = _jsonl(path, read) if fmt == "jsonl" else _parquet(path)
+    batches = _ahead(_jsonl(path, read) if fmt == "jsonl" else _parquet(path))
     first = next(batches, None)
     if first is None or first.num_rows == 0:
         raise _Unsure("no rows")
@@ -164,27 +166,80 @@ def _jsonl(path: Path, digest: Digest) -> Iterator[pa.RecordBatch]:
             if fields != list(table.schema):
                 table = pj.read_json(pa.BufferReader(chunk), read_options=options,
                                      parse_options=parse)  # fmt: skip
-        for batch in table.to_batches():
+        # one batch a chunk, not one an Arrow block: each batch costs the checks ~40 calls
+        for batch in table.combine_chunks().to_batches():
             batch.validate(full=True)  # strings must be UTF-8, as the exact pass demands
             _no_nan(batch)
             yield batch
 
 
-def _line_chunks(path: Path, digest: Digest) -> Iterator[bytes]:
-    """The file's bytes in chunks of about CHUNK_BYTES that end at a line's end."""
-    rest = b""
+def _line_chunks(path: Path, digest: Digest) -> Iterator[pa.Buffer]:
+    """The file's bytes in chunks of about CHUNK_BYTES that end at a line's end. The
+    part of a line a chunk cuts is read again with the next one (a seek back), not
+    copied onto it."""
     with path.open("rb") as f:
-        while data := f.read(CHUNK_BYTES):
-            digest.update(data)
-            block = rest + data
-            cut = block.rfind(b"\n") + 1
-            if cut == 0:  # a line longer than a chunk: read on
-                rest = block
+        size = CHUNK_BYTES
+        while data := f.read(size):
+            cut = data.rfind(b"\n") + 1
+            if cut == 0 and len(data) == size:  # a line longer than a chunk: read more
+                f.seek(-len(data), 1)
+                size *= 2
                 continue
-            rest = block[cut:]
-            yield block[:cut]
-    if rest.strip():
-        yield rest
+            if cut == 0 or not data[cut:].strip():  # the end, without a last newline
+                cut = len(data)
+            f.seek(cut - len(data), 1)
+            digest.update(data, cut)
+            size = CHUNK_BYTES
+            yield pa.py_buffer(data).slice(0, cut)
+
+
+_T = TypeVar("_T")
+
+
+def _ahead(items: Iterator[_T], depth: int = 2) -> Iterator[_T]:
+    """``items``, made on a worker thread up to ``depth`` ahead of the caller. Reading,
+    the digest and Arrow's parsing (which release the GIL) go on while the caller checks
+    the batches before: on two cores 1 M messages rows took 0.79 s in one thread, 0.58 s so.
+    Closing this generator (the caller returned early) stops the worker and closes
+    ``items`` within one item."""
+    stop = threading.Event()
+    made: queue.Queue[tuple[bool, object]] = queue.Queue(depth)
+
+    def put(last: bool, value: object) -> bool:
+        while not stop.is_set():
+            try:
+                made.put((last, value), timeout=0.05)
+            except queue.Full:
+                continue
+            return True
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put(False, item):
+                    return
+            put(True, None)
+        except BaseException as e:  # handed to the caller, raised there
+            put(True, e)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    worker = threading.Thread(target=work, name="batchq-read-ahead", daemon=True)
+    worker.start()
+    try:
+        while True:
+            last, value = made.get()
+            if last:
+                if isinstance(value, BaseException):
+                    raise value
+                return
+            yield value  # type: ignore[misc]
+    finally:
+        stop.set()
+        worker.join()
 
 
 def _parquet(path: Path) -> Iterator[pa.RecordBatch]:

@@ -61,11 +61,13 @@ class Digest:
         self._lines = 0
         self._last = b"\n"
 
-    def update(self, chunk: bytes) -> None:
-        if chunk:
-            self._sha.update(chunk)
-            self._lines += chunk.count(b"\n")
-            self._last = chunk[-1:]
+    def update(self, chunk: bytes, end: int | None = None) -> None:
+        """Feed ``chunk``, or its first ``end`` bytes."""
+        end = len(chunk) if end is None else end
+        if end:
+            self._sha.update(memoryview(chunk)[:end])
+            self._lines += chunk.count(b"\n", 0, end)
+            self._last = chunk[end - 1 : end]
 
     def result(self) -> tuple[str, int]:
         return self._sha.hexdigest()[:32], self._lines + (self._last != b"\n")

@@ -350,3 +350,49 @@ def test_polars_text_types_are_vouched_for(tmp_path: Path, text: pa.DataType) ->
         assert (fast.rows, fast.columns, fast.digest) == (
             exact.total_rows, exact.columns, exact.digest
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 1000])
+@pytest.mark.parametrize(
+    "ending", [b"", b"\n", b"\n\n", b"  ", b"\n  \n"], ids=["none", "nl", "two", "sp", "nl-sp"]
+)
+def test_chunks_cut_at_line_ends_whatever_their_size(
+    chunk: int, ending: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks shorter than a line, lines cut at every place, a last line with or without
+    its newline: the fast path reads every byte once, for its digest and its rows."""
+    from batchq.io import fastcheck
+
+    monkeypatch.setattr(fastcheck, "CHUNK_BYTES", chunk)
+    rows = [{"id": f"r{i}", "text": "x" * (i * 37 % 300), "stars": i % 5} for i in range(40)]
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(lines(rows).rstrip(b"\n") + ending)
+    job = job_for(path, TEMPLATE)
+    exact, fast = exact_or_error(job), vouch(job)
+    if isinstance(exact, BatchqError):
+        assert fast is None
+        return
+    assert fast is not None or ending in (b"\n\n", b"\n  \n")  # a blank line: may decline
+    if fast is not None:
+        assert (fast.rows, fast.digest) == (exact.total_rows, exact.digest) == (40, fast.digest)
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [{"id": "x", "text": 1.5, "stars": "many"}, {"id": "x", "text": None, "stars": 1}],
+    ids=["the parser fails", "the checks decline"],
+)
+def test_a_declined_input_stops_the_reading_thread(
+    odd: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fast path gives up at the first thing it cannot decide, found by the parser on
+    the thread reading ahead or by the checks on the caller's: that thread stops."""
+    import threading
+
+    from batchq.io import fastcheck
+
+    monkeypatch.setattr(fastcheck, "CHUNK_BYTES", 1024)
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(lines(reviews(200)) + lines([odd]) + lines(reviews(2000)))
+    assert vouch(job_for(path, TEMPLATE)) is None
+    assert not [t for t in threading.enumerate() if t.name == "batchq-read-ahead"]
