@@ -32,7 +32,6 @@ import anyio
 import orjson
 
 from batchq.batch.api import export_rows, read_into, row_index
-from batchq.batch.remote import Remote
 from batchq.batch.rules import MODEL_STUDIO, OPENAI, BatchRules, window_hours
 from batchq.config import Job
 from batchq.errors import BatchqError, Interrupted, UsageError
@@ -43,6 +42,8 @@ from batchq.state import StateDir
 
 if TYPE_CHECKING:
     import httpx
+
+    from batchq.batch.remote import Remote
 
 __all__ = ["BatchPlan", "Entry", "Journal", "collect_or_refuse", "rules_of", "via_batch"]
 
@@ -184,6 +185,8 @@ async def via_batch(
     window_hours(plan.window, rules)
     journal = Journal.load(state) or Journal.begin(state, plan.window)
     failed: BatchqError | None = None
+    from batchq.batch.remote import Remote  # httpx: only a batch run loads it
+
     async with Remote(job.request.url, api_key=api_key, transport=transport) as remote:
         flow = _Flow(job, info, state, plan, journal, remote, sink, stop, rules)
         async with anyio.create_task_group() as tg:
@@ -401,6 +404,8 @@ async def refreshed(job: Job, api_key: str | None) -> list[Entry]:
     journal = Journal.load(StateDir.of(job.output))
     if journal is None:
         return []
+    from batchq.batch.remote import Remote  # httpx: only a batch run loads it
+
     async with Remote(job.request.url, api_key=api_key) as remote:
         for entry in journal.entries:
             if entry.batch_id and not entry.imported:
@@ -416,6 +421,8 @@ async def cancel(job: Job, api_key: str | None) -> list[str]:
         return cancelled
     state = StateDir.of(job.output)
     held = state.holder()[0]  # a run waits on them: it alone writes the journal
+    from batchq.batch.remote import Remote  # httpx: only a batch run loads it
+
     async with Remote(job.request.url, api_key=api_key) as remote:
         for entry in journal.open_entries():
             if entry.batch_id is None and not held:

@@ -21,7 +21,6 @@ from batchq.errors import BatchqError, Interrupted
 from batchq.events import Sink, fan_out
 from batchq.money.pricing import PriceTable, region_of
 from batchq.money.report import CostLine, CostTally, cost_report, find_results
-from batchq.simulator import SimConfig, serve_in_thread
 
 __all__ = ["run"]
 
@@ -78,6 +77,8 @@ def run(job_file: str | None, simulate: bool, quiet: bool, log_file: Path | None
         key = None if simulate else job.request.api_key()
         sink = sinks.open(job, table, key, quiet=quiet, log_file=log_file)
         if simulate:
+            from batchq.simulator import SimConfig, serve_in_thread  # aiohttp.web: --simulate's
+
             with serve_in_thread(SimConfig(latency_ms=20)) as sim:
                 summary = _run(simulated(job, sim.base_url), None, sink, options, tally)
         else:

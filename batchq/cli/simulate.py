@@ -8,7 +8,6 @@ import click
 
 from batchq.cli._common import fail
 from batchq.errors import UsageError
-from batchq.simulator import SimConfig
 
 __all__ = ["simulate"]
 
@@ -48,7 +47,7 @@ def simulate(host: str, port: int, api_key_env: str | None, **options: Any) -> N
     import asyncio
     import os
 
-    from batchq.simulator.server import Simulator, start
+    from batchq.simulator.server import SimConfig, Simulator, start  # aiohttp.web: here only
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         fail(UsageError("the simulator serves on loopback only: use --host 127.0.0.1"))
