@@ -20,7 +20,9 @@ refuses that share at any rate. So:
   (an error or a dropped connection was let through all the same: only the ok answers
   would read low under faults, and every cut would go deeper; and not a decaying count,
   which after a step up still reads the rate before it), kept as such: rate() divides
-  by 1 − floor.
+  by 1 − floor. Once the answers to what was sent before a cut are in, a cut that is
+  kept is raised to the most let through in any second of the few before it, counted by
+  when the requests were sent (answers a latency late read the rate of a latency ago).
 - A cut is a trial. The requests sent from TRIAL_DELAY_S after it (a server's window
   still counts what was sent before) until enough are in to tell the two predictions
   apart are the sample, judged once answered: noise predicts the share of 429s of the
@@ -48,7 +50,7 @@ retried row by row and do not wear the rate down.
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -68,8 +70,10 @@ MIN_RATE = 0.5
 #: Where the rate settles, as a share of the ceiling: a server's one-second window counts
 #: arrivals, which the network bunches, so a rate right at its limit is refused now and
 #: then all the same (bench/throughput.py overload-noise: limit 429s 1.8-4.8 % of
-#: requests over 4 seeds at 1.0, 1.5-4.4 % at 0.99).
-PLATEAU = 0.99
+#: requests over 4 seeds at 1.0, 1.5-4.4 % at 0.99). Since a kept cut reads what was let
+#: through by send time (``_let_through_before``) the rate settles nearer the limit: at
+#: 0.99, two fake-clock seeds of 36 refused 5.1 % (python -m bench.pacer_seeds).
+PLATEAU = 0.98
 #: 429s must exceed the floor by this share of recent answers before the rate is cut...
 CUT_SHARE = 0.02
 #: ...and by this many standard errors of that share.
@@ -90,6 +94,8 @@ VERDICT_N, VERDICT_MAX_N, HELPED_Z = 120, 500, 2.0
 #: period (a decaying count remembers the rate before a step up, which a sliding window
 #: lets through for a period after it: the reading would be the old rate, not the limit).
 WINDOW_S = 1.0
+#: A cut kept reads what was let through from the requests sent this long before it.
+LOOKBACK_S = 3.0
 #: The requests that judge a cut are those sent from this long after it.
 TRIAL_DELAY_S = 1.0
 #: 429s this share beyond the floor are a wall: the whole run waits out Retry-After.
@@ -133,6 +139,7 @@ class _Trial:
     limit_share: float  # of 429s a limit predicts after the cut: as many let through
     before: float | None  # the rate the cut was made from
     since: float  # the requests sent from then until then are the sample
+    made_at: float  # when the cut was made
     until: float
     noise_share: float = 0.0  # of 429s noise predicts: as over LONG_S before the cut
     sent: int = 0
@@ -169,6 +176,8 @@ class Ceiling:
         self._long = (_Meter(LONG_S), _Meter(LONG_S))  # answers let through, 429s
         self._measure_from = -math.inf  # answers to requests sent before count for nothing
         self._latency = 0.0  # seconds from send to answer, a moving average
+        # answers that were not 429 by when their request was sent, in tenths of a second
+        self._let_through: Counter[int] = Counter()
         self.undone: str | None = None  # what the last undone cut says, once
 
     @property
@@ -213,6 +222,8 @@ class Ceiling:
             self._latency += 0.05 * (now - settled.sent_at - self._latency)
         refused = settled.throttled is not None
         self._long[refused].add(now)
+        if not refused:
+            self._count_let_through(settled.sent_at, now)
         if settled.sent_at < self._cut_at:
             return None  # sent before the last cut: what it says is already answered
         if settled.sent_at >= self._measure_from:
@@ -275,6 +286,10 @@ class Ceiling:
             # count: what it let through reads true, but never below the limit that showed
             # (the cut comes when 429s are many, which random ones make them at times: the
             # answers let through then read low, 85 where a limit of 100 let 94 through).
+            # Read by when the requests were sent, from those whose answers are in: by when
+            # they came, answers a latency apart bunch, and read over the limit.
+            if sent := self._let_through_before(now - 2 * self._latency):
+                ceiling = min(current * (1 - floor), sent)
             self._ceiling, self._cut_at = max(ceiling, CUT * old), now
             self._curve_at = now
         else:
@@ -302,7 +317,7 @@ class Ceiling:
         # The sample starts a while after the cut: a server's window still counts what was
         # sent before it (a second, for a per-second limit).
         since = now + TRIAL_DELAY_S
-        trial = _Trial(self._ceiling, share, answers, floor, before, since, math.inf)
+        trial = _Trial(self._ceiling, share, answers, floor, before, since, now, math.inf)
         self._ceiling, self._cut_at, self._trial = ceiling, now, trial
         self._curve_at = now
         # Nor do the 429s of what is sent in that while say the cut was too shallow: the
@@ -317,6 +332,26 @@ class Ceiling:
         noise = refused_long / (accepted_long + refused_long)
         trial.noise_share = min(1.0, max(noise, trial.limit_share + CUT_SHARE / 2))
         trial.until = since + max(MEASURE_S, trial.sample() / after)
+
+    def _count_let_through(self, sent_at: float, now: float) -> None:
+        bins = self._let_through
+        bins[math.floor(sent_at * 10)] += 1
+        if len(bins) > 20 * LONG_S:
+            old = math.floor((now - LONG_S) * 10)
+            for tenth in [b for b in bins if b < old]:
+                del bins[tenth]
+
+    def _let_through_before(self, at: float) -> float:
+        """The most the server let through in any WINDOW_S of the LOOKBACK_S before
+        ``at``, per second, by when the requests were sent: answers that were not 429.
+        A limit lets through at most its rate in any window, and all of it in one the
+        rate was over it; the window that ends at a cut reads low when the rate was still
+        rising into it (or the answers come a latency late).
+        """
+        bins, tenths = self._let_through, round(WINDOW_S * 10)
+        counts = [bins[b] for b in range(math.floor((at - LOOKBACK_S) * 10), math.floor(at * 10))]
+        sums = [sum(counts[i : i + tenths]) for i in range(len(counts) - tenths + 1)]
+        return max(sums, default=0) / WINDOW_S
 
     def _judge(self, now: float) -> None:
         """The verdict on the cut on trial. Noise predicts the share of 429s after the cut
@@ -335,6 +370,12 @@ class Ceiling:
         self._learn_floor(trial.refused, answers)
         if after < middle:
             # A limit: from the trial's rate to just under the ceiling, and on from there.
+            # The ceiling is at least the most let through in a second before the cut, now
+            # that those answers are in: read at the cut, with answers a latency late, it
+            # was the rate of a latency before (with 800 ms answers, the ramp's first cut
+            # read 76 of a limit of 100, and the run held 91 a second for 30 s).
+            if self._ceiling is not None:
+                self._ceiling = max(self._ceiling, self._let_through_before(trial.made_at))
             # Only the curve starts again: answers to what was sent before still count (a
             # verdict is no cut; with 800 ms answers, ignoring them left the next cut's
             # one-second reading a quarter full: 52 of 230, and a run at 46 % of its rate).
