@@ -13,6 +13,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from batchq import arrays
+
 __all__ = [
     "ANSWER_SCHEMA",
     "COST",
@@ -193,8 +195,5 @@ _SHARD_FIELDS = [("_row", "row"), ("_id", "id"),
 
 def shard_table(results: list[Result]) -> pa.Table:
     """``results`` as a shard (SHARD_SCHEMA), a column at a time."""
-    columns = [
-        pa.array([getattr(r, name) for r in results], type=SHARD_SCHEMA.field(column).type)
-        for column, name in _SHARD_FIELDS
-    ]
-    return pa.Table.from_arrays(columns, schema=SHARD_SCHEMA)
+    columns = {column: [getattr(r, name) for r in results] for column, name in _SHARD_FIELDS}
+    return arrays.table(columns, SHARD_SCHEMA)

@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pj
 import pyarrow.parquet as pq
 
+from batchq import arrays
 from batchq.config import Job
 from batchq.errors import InputError
 from batchq.io.keys import RepeatFinder, TextKeys
@@ -344,7 +345,7 @@ class _Checks:
             _check_id_column(schema, id_column)
 
     def batch(self, batch: pa.RecordBatch) -> None:
-        chars = pa.scalar(self._fixed_chars, pa.int64())
+        chars = arrays.int64(self._fixed_chars)
         if self._messages:
             chars = pc.add(chars, _message_chars(batch.column("messages")))
         for name in self._sources:
@@ -356,7 +357,8 @@ class _Checks:
                 chars = pc.add(chars, pc.utf8_length(text))
         cap = self._row_fields(batch)
         if self._job.limits.tpm and batch.num_rows:
-            most = pc.max(pc.add(pc.add(pc.divide(chars, _int(3)), _int(1)), cap)).as_py()
+            three, one = arrays.int64(3), arrays.int64(1)
+            most = pc.max(pc.add(pc.add(pc.divide(chars, three), one), cap)).as_py()
             if most * 1.1 + 10 > self._job.limits.tpm:
                 raise _Unsure("a request near the TPM limit: the exact pass estimates it")
         if self._id_column is not None:
@@ -373,18 +375,18 @@ class _Checks:
     def _row_fields(self, batch: pa.RecordBatch) -> pa.Array | pa.Scalar:
         """Check the rows' own numeric request fields as Model Studio's rules would (a
         value out of range: the exact pass says where); each row's completion cap."""
-        cap: pa.Array | pa.Scalar = pa.scalar(self._cap, pa.int64())
+        cap: pa.Array | pa.Scalar = arrays.int64(self._cap)
         for name in self._fields:
             column = batch.column(name)
             if pa.types.is_null(column.type):
                 continue
             if name == "max_tokens":
-                if pc.any(pc.less_equal(column, _int(0))).as_py():
+                if pc.any(pc.less_equal(column, arrays.int64(0))).as_py():
                     raise _Unsure("a max_tokens of 0 or less")
-                cap = pc.fill_null(pc.cast(column, pa.int64()), _int(self._cap))
+                cap = pc.fill_null(pc.cast(column, pa.int64()), arrays.int64(self._cap))
             elif self._ranges and name in RANGES and column.null_count < len(column):
                 low, high, low_in, high_in = RANGES[name]
-                low, high = pa.scalar(low, pa.float64()), pa.scalar(high, pa.float64())
+                low, high = arrays.float64(low), arrays.float64(high)
                 under = pc.less(column, low) if low_in else pc.less_equal(column, low)
                 over = pc.greater(column, high) if high_in else pc.greater_equal(column, high)
                 if pc.any(pc.or_(under, over)).as_py():
@@ -486,24 +488,19 @@ def _message_chars(column: pa.Array) -> pa.Array:
         raise _Unsure("a message without a known role")
     if (
         content.null_count
-        and pc.any(pc.and_(pc.is_null(content), pc.not_equal(role, pa.scalar("assistant")))).as_py()
+        and pc.any(pc.and_(pc.is_null(content), pc.not_equal(role, _ASSISTANT))).as_py()
     ):
         raise _Unsure("a message without content")
-    lengths = pc.add(pc.cast(pc.fill_null(pc.utf8_length(content), _int(0)), pa.int64()), _int(12))
-    totals = pa.concat_arrays([pa.array([0], pa.int64()), pc.cumulative_sum(lengths)])
+    lengths = pc.add(pc.fill_null(pc.cast(pc.utf8_length(content), pa.int64()), arrays.int64(0)),
+                     arrays.int64(12))  # fmt: skip
+    totals = pa.concat_arrays([arrays.int64s([0]), pc.cumulative_sum(lengths)])
     offsets = pc.subtract(column.offsets, column.offsets[0])
     ends = pc.take(totals, offsets.slice(1))
     return pc.subtract(ends, pc.take(totals, offsets.slice(0, len(column))))
 
 
-_ROLES = pa.array(sorted(ROLES))
-
-
-def _int(value: int) -> pa.Scalar:
-    """A typed scalar: a bare Python number given to a compute function is typed by
-    inference, which tries to import dateutil each time (0.1 ms a call where it is not
-    installed: 1,682 failed imports, 0.4 s, in one check of a million Batch-API lines)."""
-    return pa.scalar(value, pa.int64())
+_ROLES = arrays.array(sorted(ROLES), pa.string())
+_ASSISTANT = arrays.text("assistant")
 
 
 def _template_fields(template: str) -> list[str]:

@@ -18,6 +18,8 @@ from typing import BinaryIO
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from batchq import arrays
+
 __all__ = ["RepeatFinder", "TextKeys"]
 
 MEMORY_KEYS = 1 << 18
@@ -63,9 +65,9 @@ class RepeatFinder:
         """Write the held keys to the spill file, grouped by partition."""
         if self._spill is None:
             self._spill = tempfile.TemporaryFile()  # noqa: SIM115 (closed in repeated())
-        keys = pa.concat_arrays(self._held) if self._held else pa.array([], pa.int64())
+        keys = pa.concat_arrays(self._held) if self._held else arrays.int64s([])
         self._held, self._held_count = [], 0
-        parts = pc.bit_wise_and(keys, pa.scalar(FANOUT - 1, pa.int64()))
+        parts = pc.bit_wise_and(keys, arrays.int64(FANOUT - 1))
         keys = keys.take(pc.array_sort_indices(parts))  # a counting sort: 64 values
         counts = {c["values"]: c["counts"] for c in pc.value_counts(parts).to_pylist()}
         offset = 0
@@ -103,10 +105,10 @@ class RepeatFinder:
             keys = []
             for run in self._read(part):
                 bits = pc.bit_wise_and(
-                    pc.shift_right(run, pa.scalar(FANOUT_BITS, pa.int64())),
-                    pa.scalar(slices - 1, pa.int64()),
+                    pc.shift_right(run, arrays.int64(FANOUT_BITS)),
+                    arrays.int64(slices - 1),
                 )
-                keys.append(run.filter(pc.equal(bits, pa.scalar(s, pa.int64()))))
+                keys.append(run.filter(pc.equal(bits, arrays.int64(s))))
             found |= _repeats(keys, limit)
         return found
 
@@ -126,7 +128,7 @@ def _bytes(keys: pa.Array) -> bytes:
 
 
 def _repeats(parts: list[pa.Array], limit: int | None) -> set[int]:
-    keys = pa.concat_arrays(parts) if parts else pa.array([], pa.int64())
+    keys = pa.concat_arrays(parts) if parts else arrays.int64s([])
     n = len(keys)
     if n < 2:
         return set()
@@ -157,8 +159,8 @@ class TextKeys:
         if digits.null_count == 0:
             d = digits.field("digits")
             count = pc.cast(pc.utf8_length(d), pa.int64())
-            return pc.add(pc.cast(d, pa.int64()), pc.shift_left(count, pa.scalar(50, pa.int64())))
-        return pa.array(array("q", map(self._key, ids.to_pylist())), pa.int64())
+            return pc.add(pc.cast(d, pa.int64()), pc.shift_left(count, arrays.int64(50)))
+        return arrays.int64s(map(self._key, ids.to_pylist()))
 
     def _key(self, text: str) -> int:
         assert self._pattern is not None

@@ -13,6 +13,8 @@ from typing import Any
 import orjson
 import pyarrow as pa
 
+from batchq import arrays
+
 __all__ = ["ColumnKinds", "input_arrays"]
 
 
@@ -63,17 +65,19 @@ def input_arrays(
     rows: list[dict[str, Any]], columns: Iterable[tuple[str, pa.DataType | None]]
 ) -> list[pa.Array]:
     """Arrow arrays for JSONL rows, one per ``(name, type)``; type None means JSON text."""
-    arrays = []
+    built = []
     for name, type_ in columns:
         values = [row.get(name) for row in rows]
         if type_ is None:
-            arrays.append(pa.array([_json_text(v) for v in values], pa.string()))
+            built.append(arrays.array([_json_text(v) for v in values], pa.string()))
         else:
             try:
-                arrays.append(pa.array(values, type_))
-            except pa.ArrowTypeError:  # an id column of mixed kinds: each id as it reads
-                arrays.append(pa.array([None if v is None else str(v) for v in values], type_))
-    return arrays
+                built.append(arrays.array(values, type_))
+            except (pa.ArrowInvalid, TypeError):  # an id column of mixed kinds (or past
+                # 64 bits): each id as it reads
+                texts = [None if v is None else str(v) for v in values]
+                built.append(arrays.array(texts, type_))
+    return built
 
 
 def _json_text(value: Any) -> str | None:

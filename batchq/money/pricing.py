@@ -33,6 +33,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from batchq import arrays
 from batchq.errors import UsageError
 
 __all__ = ["Price", "PriceTable", "RowPricer", "Tier", "cost_array", "region_of", "row_costs"]
@@ -107,40 +108,43 @@ Entries = dict[tuple[str, str], Price | str]
 def cost_array(table: pa.Table, price: Price) -> pa.Array:
     """``Price.cost`` of every row of ``table`` (result columns), in Arrow compute: the
     request's tier by its prompt tokens, its cache hits, thinking-mode output for rows with
-    reasoning, and the Batch API's share for rows with ``via = batch``."""
+    reasoning, and the Batch API's share for rows with ``via = batch``. (Numbers go in as
+    ``arrays`` scalars: see there.)"""
+    f, false = arrays.float64, arrays.boolean(False)
 
     def column(name: str) -> pa.Array:
-        return pc.cast(pc.fill_null(table.column(name), 0), pa.float64())
+        return pc.fill_null(pc.cast(table.column(name), pa.float64()), f(0))
 
     prompt, cached, completion = (column(c) for c in ("prompt_tokens", "cached_tokens",
                                                       "completion_tokens"))  # fmt: skip
     creation = (table.column("cache_creation_tokens") if "cache_creation_tokens" in
                 table.column_names else pa.nulls(table.num_rows, pa.int64()))  # fmt: skip
     explicit = pc.is_valid(creation)  # the explicit cache was used: its hits' share
-    created = pc.cast(pc.fill_null(creation, 0), pa.float64())
-    thinking = pc.or_(pc.greater(column("reasoning_tokens"), 0),
+    created = pc.fill_null(pc.cast(creation, pa.float64()), f(0))
+    thinking = pc.or_(pc.greater(column("reasoning_tokens"), f(0)),
                       pc.is_valid(table.column("reasoning")))  # fmt: skip
     via = table.column("via")
-    batch = pc.fill_null(pc.equal(via, "batch"), False)
-    copied = pc.fill_null(pc.equal(via, "dedupe"), False)  # another row's answer: not billed
-    share = pc.if_else(copied, 0.0, pc.if_else(batch, price.batch_share, 1.0))
+    batch = pc.fill_null(pc.equal(via, arrays.text("batch")), false)
+    # another row's answer: not billed
+    copied = pc.fill_null(pc.equal(via, arrays.text("dedupe")), false)
+    share = pc.if_else(copied, f(0.0), pc.if_else(batch, f(price.batch_share), f(1.0)))
 
-    hit = pc.if_else(explicit, price.explicit_share, price.cached_share)
+    hit = pc.if_else(explicit, f(price.explicit_share), f(price.cached_share))
 
     def tier_cost(t: Tier) -> pa.Array:
         plain = pc.subtract(pc.subtract(prompt, cached), created)
-        paid = pc.add(pc.add(pc.multiply(plain, t.input),
-                             pc.multiply(pc.multiply(cached, hit), t.input)),
-                      pc.multiply(created, t.input * price.creation_share))  # fmt: skip
-        out = pc.multiply(completion, pc.if_else(thinking, t.thinking_output, t.output))
-        return pc.divide(pc.add(paid, out), 1_000_000.0)
+        paid = pc.add(pc.add(pc.multiply(plain, f(t.input)),
+                             pc.multiply(pc.multiply(cached, hit), f(t.input))),
+                      pc.multiply(created, f(t.input * price.creation_share)))  # fmt: skip
+        out = pc.multiply(completion, pc.if_else(thinking, f(t.thinking_output), f(t.output)))
+        return pc.divide(pc.add(paid, out), f(1_000_000.0))
 
     cost = tier_cost(price.tiers[-1])
     for tier in reversed(price.tiers[:-1]):
         if tier.max_input is None:
             cost = tier_cost(tier)
         else:
-            cost = pc.if_else(pc.less_equal(prompt, tier.max_input), tier_cost(tier), cost)
+            cost = pc.if_else(pc.less_equal(prompt, f(tier.max_input)), tier_cost(tier), cost)
     return pc.multiply(cost, share)
 
 
@@ -159,9 +163,9 @@ def row_costs(
             if unpriced is not None:
                 unpriced.add(prices.unpriced_name(name, region))
             continue
-        rows = pc.fill_null(pc.equal(model, name), False)
+        rows = pc.fill_null(pc.equal(model, arrays.text(name)), arrays.boolean(False))
         cost = pc.if_else(rows, cost_array(table, price), cost)
-        currency = pc.if_else(rows, pa.scalar(price.currency), currency)
+        currency = pc.if_else(rows, arrays.text(price.currency), currency)
     return pa.table({"cost": cost, "currency": currency})
 
 

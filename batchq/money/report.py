@@ -17,8 +17,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from batchq import arrays
 from batchq.config import Job, load_job
 from batchq.errors import UsageError
+from batchq.files import read_parquet
 from batchq.money.pricing import PriceTable, row_costs
 from batchq.result import SHARD_SCHEMA
 from batchq.state import StateDir, output_manifest, output_of
@@ -141,7 +143,7 @@ def _shard_tables(state: StateDir, columns: list[str]) -> Iterator[pa.Table]:
         empty = False
         yield table.drop_columns(["_row"])
     if empty:
-        yield _with_all(pa.table({"status": pa.array([], pa.string())}), columns)
+        yield _with_all(pa.table({"status": pa.nulls(0, pa.string())}), columns)
 
 
 # --- cost ------------------------------------------------------------------------------
@@ -207,22 +209,20 @@ class CostTally:
         status = table.column("status")
         parts = pa.table({
             "key": key, "currency": priced.column("currency"),
-            "rows": pa.array([1] * table.num_rows, pa.int64()),
-            "ok": pc.cast(pc.equal(status, "ok"), pa.int64()),
-            "error": pc.cast(pc.equal(status, "error"), pa.int64()),
-            "invalid": pc.cast(pc.equal(status, "invalid"), pa.int64()),
-            **{c: pc.fill_null(table.column(c), 0) for c in (*USAGE_COLUMNS, "attempts")},
+            "rows": arrays.int64s([1] * table.num_rows),
+            "ok": pc.cast(pc.equal(status, arrays.text("ok")), pa.int64()),
+            "error": pc.cast(pc.equal(status, arrays.text("error")), pa.int64()),
+            "invalid": pc.cast(pc.equal(status, arrays.text("invalid")), pa.int64()),
+            **{c: pc.fill_null(table.column(c), arrays.scalar(0, table.column(c).type))
+               for c in (*USAGE_COLUMNS, "attempts")},
             "cost": priced.column("cost"),
-            "batch": pc.cast(pc.fill_null(pc.equal(table.column("via"), "batch"), False),
-                             pa.int64()),
+            "batch": pc.cast(pc.fill_null(pc.equal(table.column("via"), arrays.text("batch")),
+                                          arrays.boolean(False)), pa.int64()),
         })  # fmt: skip
-        grouped = parts.group_by(["key", "currency"], use_threads=False).aggregate(
-            [(name, "sum") for name in _SUMS]
-        )
-        for row in grouped.to_pylist():
-            total = self.sums.setdefault((row["key"], row["currency"]), dict.fromkeys(_SUMS, 0.0))
+        for key, currency, sums in _grouped_sums(parts, ["key", "currency"], _SUMS):
+            total = self.sums.setdefault((key, currency), dict.fromkeys(_SUMS, 0.0))
             for name in _SUMS:
-                total[name] += row[f"{name}_sum"] or 0
+                total[name] += sums[name] or 0
 
     def report(self) -> CostReport:
         lines = [_line(key, currency, v)
@@ -235,6 +235,29 @@ class CostTally:
         rows = sum(line.rows for line in lines)
         return CostReport(self.by or "", lines, totals, sorted(self.unpriced),
                           self.prices.source, self.region, batch_rows, rows)  # fmt: skip
+
+
+def _grouped_sums(
+    table: pa.Table, keys: list[str], columns: list[str]
+) -> Iterator[tuple[Any, Any, dict[str, Any]]]:
+    """The sums of ``columns`` for each distinct pair of the two ``keys`` (null is a value
+    of its own). Not Table.group_by: it loads pyarrow.dataset, whose import converts a
+    Python value, and so imports pandas where it is installed (see batchq.arrays)."""
+    if not table.num_rows:
+        return
+    order = pc.sort_indices(table, sort_keys=[(k, "ascending") for k in keys])
+    table = table.take(order).combine_chunks()
+    changed = None
+    for name in keys:
+        codes = table.column(name).dictionary_encode(null_encoding="encode").chunk(0).indices
+        step = pc.not_equal(codes.slice(1), codes.slice(0, len(codes) - 1))
+        changed = step if changed is None else pc.or_(changed, step)
+    assert changed is not None
+    starts = [0, *(i + 1 for i in pc.indices_nonzero(changed).to_pylist())]
+    for start, end in zip(starts, [*starts[1:], table.num_rows], strict=True):
+        group = table.slice(start, end - start)
+        first = [group.column(k)[0].as_py() for k in keys]
+        yield first[0], first[1], {c: pc.sum(group.column(c)).as_py() for c in columns}
 
 
 def _tally(results: Results, prices: PriceTable, region: str, by: str | None) -> CostTally:
@@ -260,7 +283,8 @@ def _as_text(column: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
     try:
         return pc.cast(column, pa.string())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # nested: as Python writes them
-        return pa.array([None if v is None else str(v) for v in column.to_pylist()], pa.string())
+        return arrays.array([None if v is None else str(v) for v in column.to_pylist()],
+                            pa.string())  # fmt: skip
 
 
 def sampled_results(job: Job, rows: list[int]) -> pa.Table:
@@ -268,12 +292,12 @@ def sampled_results(job: Job, rows: list[int]) -> pa.Table:
     the state folder, or from the finished output."""
     columns = [*_NEEDED]
     state = StateDir.of(job.output)
-    wanted = pa.array(rows, pa.int64())
+    wanted = arrays.int64s(rows)
     if state.shard_paths():
         parts = [t.filter(pc.is_in(t.column("_row"), wanted)).select(["_row", *columns])
                  for t in state.latest(columns)]  # fmt: skip
         return pa.concat_tables(parts)
-    table = pq.read_table(job.output, columns=columns).take(wanted)
+    table = read_parquet(job.output, columns).take(wanted)
     return table.add_column(0, "_row", wanted)
 
 

@@ -30,7 +30,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchq import memory
+from batchq import arrays, memory
 from batchq.files import write_atomic
 from batchq.io.preflight import ROW_COLUMN, InputInfo
 from batchq.io.reader import read_batches
@@ -172,7 +172,7 @@ def _input_blocks(info: InputInfo, block: int) -> Iterator[tuple[int, pa.Table]]
     for batch in read_batches(info.path, batch_size=step):
         columns: list[pa.Array] = []
         if info.id_column is None:
-            columns.append(pa.array(range(batch.start, batch.start + len(batch.rows)), pa.int64()))
+            columns.append(arrays.int64s(range(batch.start, batch.start + len(batch.rows))))
         if batch.arrow is not None:
             columns.extend(batch.arrow.column(name) for name, _ in kept)
         else:

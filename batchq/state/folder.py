@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from batchq import arrays
 from batchq.config import Job
 from batchq.errors import RunStopped, UsageError
 from batchq.files import read_parquet, write_atomic
@@ -224,7 +225,7 @@ class StateDir:
         names = ["_row", *PRIOR_COLUMNS, "response", "error_message"]
         for table in self.latest(["status", *names[1:]]):
             again = table.filter(self._again(table, retry, reasks))
-            afresh = pc.is_in(again.column("status"), pa.array(sorted(retry), pa.string()))
+            afresh = pc.is_in(again.column("status"), arrays.array(sorted(retry), pa.string()))
             for values, fresh in zip(again.select(names).to_pylist(), afresh.to_pylist(),
                                      strict=True):  # fmt: skip
                 if fresh:
@@ -235,11 +236,13 @@ class StateDir:
     @staticmethod
     def _again(table: pa.Table, retry: frozenset[str], reasks: int | None) -> pa.ChunkedArray:
         status = table.column("status")
-        again = pc.is_in(status, pa.array(sorted(retry), pa.string()))
+        again = pc.is_in(status, arrays.array(sorted(retry), pa.string()))
         if reasks is not None:
-            left = pc.less(pc.fill_null(table.column("reasks"), 0), pa.scalar(reasks, pa.int32()))
-            again = pc.or_(again, pc.and_(pc.equal(status, pa.scalar("invalid")), left))
-        return pc.fill_null(again, False)
+            reasked = table.column("reasks")
+            left = pc.less(pc.fill_null(reasked, arrays.scalar(0, reasked.type)),
+                           arrays.scalar(reasks, reasked.type))  # fmt: skip
+            again = pc.or_(again, pc.and_(pc.equal(status, arrays.text("invalid")), left))
+        return pc.fill_null(again, arrays.boolean(False))
 
     # --- writing ----------------------------------------------------------------------------
 
@@ -279,7 +282,7 @@ class StateDir:
         for batch in file.iter_batches(batch_size=ADOPT_BATCH, columns=names):
             table = pa.Table.from_batches([batch])
             ids = table.column(0).cast(pa.string())
-            rows = pa.array(range(start, start + table.num_rows), pa.int64())
+            rows = arrays.int64s(range(start, start + table.num_rows))
             shard = pa.Table.from_arrays([rows, ids, *table.columns[1:]], ["_row", "_id", *held])
             self._write_table(conform(shard, SHARD_SCHEMA.names))
             start += table.num_rows
@@ -313,21 +316,21 @@ class ShardIndex:
                 low, high = pc.min_max(rows).values()
                 self.shards.append(Shard(int(path.stem), path, low.as_py(), high.as_py(),
                                          len(rows), size))  # fmt: skip
-        self._again = pa.array(sorted(finder.repeated(limit=None)), pa.int64())
-        self._latest = pa.array([0] * len(self._again), pa.int64())
+        self._again = arrays.int64s(sorted(finder.repeated(limit=None)))
+        self._latest = arrays.int64s([0] * len(self._again))
         if len(self._again):
             for shard in self.shards:  # oldest first: the last shard holding a row wins
                 rows = read_parquet(shard.path, ["_row"]).column("_row").combine_chunks()
                 found = pc.is_in(self._again, value_set=rows)
-                self._latest = pc.if_else(found, shard.seq, self._latest)
+                self._latest = pc.if_else(found, arrays.int64(shard.seq), self._latest)
 
     def keep(self, seq: int, rows: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | None:
         """Which of shard ``seq``'s ``rows`` hold their row's latest result (None: all)."""
         if not len(self._again):
             return None
         where = pc.index_in(rows, value_set=self._again)
-        superseded = pc.not_equal(pc.take(self._latest, where), seq)
-        return pc.invert(pc.fill_null(superseded, False))
+        superseded = pc.not_equal(pc.take(self._latest, where), arrays.int64(seq))
+        return pc.invert(pc.fill_null(superseded, arrays.boolean(False)))
 
     def mean_row_bytes(self) -> float:
         """A shard row's uncompressed size, on average."""
@@ -343,7 +346,8 @@ class ShardIndex:
             if shard.high >= start and shard.low < end:
                 table = read_parquet(shard.path)
                 rows = table.column("_row")
-                inside = pc.and_(pc.greater_equal(rows, start), pc.less(rows, end))
+                inside = pc.and_(pc.greater_equal(rows, arrays.int64(start)),
+                                 pc.less(rows, arrays.int64(end)))  # fmt: skip
                 keep = self.keep(shard.seq, rows)
                 table = table.filter(inside if keep is None else pc.and_(inside, keep))
                 parts.append(conform(table, SHARD_SCHEMA.names))

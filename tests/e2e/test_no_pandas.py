@@ -1,0 +1,137 @@
+"""pandas is imported only when batchq is given a pandas object (SPEC "Python API").
+pyarrow imports it, wherever it is installed, on its first conversion of a Python value
+(0.15-0.2 s and 42 MB), so batchq converts none itself (``batchq.arrays``). Each test runs
+its commands in a fresh process in which importing pandas fails and is counted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("pandas")  # where it is not installed, nothing can import it
+
+GUARD = textwrap.dedent(
+    """
+    import atexit, importlib.abc, importlib.machinery, os, sys, traceback
+
+    attempts = []
+
+    class Refuse(importlib.abc.Loader):
+        def create_module(self, spec):
+            attempts.append("".join(traceback.format_stack(limit=12)))
+            raise RuntimeError("pandas was imported")
+
+        def exec_module(self, module):
+            raise RuntimeError("pandas was imported")
+
+    class NoPandas:  # polars asks find_spec("pandas") without importing it: no harm
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "pandas":
+                return importlib.machinery.ModuleSpec(name, Refuse())
+            return None
+
+    sys.meta_path.insert(0, NoPandas())
+
+    def report():
+        if attempts:
+            sys.stderr.write("PANDAS IMPORTED\\n" + attempts[0])
+            sys.stderr.flush()
+            os._exit(99)
+
+    atexit.register(report)
+
+    from batchq.cli import main
+
+    def cli(*args):
+        try:
+            main([str(a) for a in args], standalone_mode=False)
+        except SystemExit as e:
+            assert not e.code, (args, e.code)
+    """
+)
+
+
+def guarded(code: str, cwd: Path) -> None:
+    done = subprocess.run([sys.executable, "-c", GUARD + textwrap.dedent(code)], cwd=cwd,
+                          capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def lines(path: Path, rows: list[dict[str, object]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_cli_runs_resumes_and_reports_import_no_pandas(tmp_path: Path) -> None:
+    lines(
+        tmp_path / "reviews.jsonl",
+        [{"id": f"r{i}", "text": f"review {i}", "stars": i % 5} for i in range(40)],
+    )
+    lines(
+        tmp_path / "messages.jsonl",
+        [{"id": i, "messages": [{"role": "user", "content": f"hi {i}"}]} for i in range(20)],
+    )
+    lines(
+        tmp_path / "lines.jsonl",
+        [
+            {
+                "custom_id": f"c{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {
+                    "model": "qwen-plus",
+                    "max_tokens": 5,
+                    "messages": [{"role": "user", "content": f"yo {i}"}],
+                },
+            }
+            for i in range(20)
+        ],
+    )
+    # ids of two kinds, a nested column, a null: the exact pass, not the fast one
+    odd = [{"id": 1, "text": "a", "meta": {"k": [1, 2]}}, {"id": "x", "text": "b", "meta": None}]
+    lines(tmp_path / "odd.jsonl", odd)
+    guarded(
+        """
+        common = ["--model", "qwen-plus", "--simulate", "--quiet"]
+        cli("run", "--input", "reviews.jsonl", "--output", "a.parquet", "--template",
+            "Review: {text} ({stars})", *common)
+        cli("run", "--input", "reviews.jsonl", "--output", "a.parquet", "--template",
+            "Review: {text} ({stars})", *common)  # complete already
+        cli("run", "--input", "messages.jsonl", "--output", "b.parquet", "--dedupe", *common)
+        cli("run", "--input", "lines.jsonl", "--output", "c.parquet", *common)
+        cli("run", "--input", "odd.jsonl", "--output", "d.parquet", "--template", "T: {text}",
+            *common)
+        cli("run", "--input", "reviews.jsonl", "--output", "e.parquet", "--template", "{text}",
+            "--via", "batch", *common)
+        cli("cost", "a.parquet", "--by", "stars")
+        cli("cost", "e.parquet")
+        cli("status", "a.parquet", "--json")
+        cli("estimate", "--input", "reviews.jsonl", "--model", "qwen-plus", "--template", "{text}")
+        """,
+        tmp_path,
+    )
+
+
+def test_the_python_api_over_polars_imports_no_pandas(tmp_path: Path) -> None:
+    guarded(
+        f"""
+        import os
+        os.environ["XDG_CACHE_HOME"] = {str(tmp_path / "cache")!r}
+        import polars as pl
+        import batchq
+        frame = pl.DataFrame({{"id": [1, 2, 3], "text": ["a", "b", "c"]}})
+        keys = dict(model="qwen-plus", template="Say {{text}}", simulate=True, progress=False)
+        out = batchq.run(frame, **keys)
+        assert out["status"].to_list() == ["ok"] * 3
+        assert batchq.run(frame, **keys)["response"].to_list() == out["response"].to_list()
+        lazy = pl.LazyFrame({{"text": ["x", "y"]}})
+        assert batchq.run(lazy, cache=False, **keys).height == 2
+        assert len(batchq.run([{{"text": "q"}}], cache=False, **keys)) == 1
+        """,
+        tmp_path,
+    )
