@@ -11,6 +11,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from batchq import arrays
 from batchq.config import Job
 from batchq.io.preflight import completion_cap, preflight
 from batchq.io.reader import read_batches
@@ -149,7 +150,7 @@ def project(
     table = sample.append_column("_cost", costs)
     projected = []
     for m in estimate.models:
-        rows = table.filter(pc.equal(table.column("model"), m.model))
+        rows = table.filter(pc.equal(table.column("model"), arrays.text(m.model)))
         n = rows.num_rows
         if n == 0:
             continue

@@ -112,6 +112,17 @@ def test_cli_runs_resumes_and_reports_import_no_pandas(tmp_path: Path) -> None:
         cli("cost", "e.parquet")
         cli("status", "a.parquet", "--json")
         cli("estimate", "--input", "reviews.jsonl", "--model", "qwen-plus", "--template", "{text}")
+        # against a server that fails a third of requests: rows end as errors, a resume
+        # sends them again, an estimate sends a sample
+        os.environ["DASHSCOPE_API_KEY"] = "sk-simulated"
+        from batchq.simulator import SimConfig, serve_in_thread
+        with serve_in_thread(SimConfig(fail_500=0.3, fail_429=0.1, seed=2)) as sim:
+            url = ["--base-url", sim.base_url, "--model", "qwen-plus"]
+            job = ["--input", "reviews.jsonl", "--output", "f.parquet", "--template", "{text}"]
+            cli("run", *job, "--max-attempts", "1", "--quiet", *url)
+            cli("run", *job, "--retry-errors", "--quiet", *url)
+            cli("estimate", "--input", "reviews.jsonl", "--output", "g.parquet", "--template",
+                "{text}", "--sample", "5", *url)
         """,
         tmp_path,
     )
