@@ -32,6 +32,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batchq import arrays
 from batchq.errors import InputError, UsageError
 from batchq.files import read_parquet, write_atomic
 from batchq.io.reader import input_format
@@ -344,7 +345,10 @@ def answers_as_structs(frame: Any, model_class: Any, source: Source) -> Any:
     texts = _column(frame, "answer", source)
     values = [None if t is None else model_class.model_validate_json(t).model_dump()
               for t in texts]  # fmt: skip
-    structs = pa.array(values, type=_struct_type(model_class))
+    if (type_ := _struct_type(model_class)) is not None:  # plain fields: JSON values
+        structs = arrays.array(values, type_)  # (no pandas: see batchq.arrays)
+    else:  # dates and the like: Arrow infers them, as pyarrow converts them
+        structs = pa.array(values)
     if source.kind == "pandas":
         import pandas as pd
 
