@@ -375,7 +375,8 @@ def _result_row(
     return Result.failed(
         row=position, id=ident, model=model, attempts=1, via="batch",
         http_status=status if isinstance(status, int) else None,
-        error_type=str(error.get("type") or "batch_error"),
+        # without a type, an answer with a status reads as a live one does (client.classify)
+        error_type=str(error.get("type") or ("http_error" if status else "batch_error")),
         error_code=str(error.get("code") or status or "batch_error"),
         error_message=str(error.get("message") or "the batch gave no answer for this row"),
     ), retryable  # fmt: skip
