@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import polars as pl
 import pytest
 
 pytest.importorskip("pandas")  # where it is not installed, nothing can import it
@@ -93,6 +94,7 @@ def test_cli_runs_resumes_and_reports_import_no_pandas(tmp_path: Path) -> None:
         ],
     )
     # ids of two kinds, a nested column, a null: the exact pass, not the fast one
+    pl.read_ndjson(tmp_path / "reviews.jsonl").write_parquet(tmp_path / "reviews.parquet")
     odd = [{"id": 1, "text": "a", "meta": {"k": [1, 2]}}, {"id": "x", "text": "b", "meta": None}]
     lines(tmp_path / "odd.jsonl", odd)
     guarded(
@@ -108,6 +110,8 @@ def test_cli_runs_resumes_and_reports_import_no_pandas(tmp_path: Path) -> None:
             *common)
         cli("run", "--input", "reviews.jsonl", "--output", "e.parquet", "--template", "{text}",
             "--via", "batch", *common)
+        cli("run", "--input", "reviews.parquet", "--output", "h.parquet", "--template", "{text}",
+            "--labels", "positive,negative", "--keep-raw", *common)
         cli("cost", "a.parquet", "--by", "stars")
         cli("cost", "e.parquet")
         cli("status", "a.parquet", "--json")
