@@ -8,6 +8,7 @@ it is finished they are the output file. Nothing here prints: the CLI formats.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,7 +220,7 @@ class CostTally:
             "batch": pc.cast(pc.fill_null(pc.equal(table.column("via"), arrays.text("batch")),
                                           arrays.boolean(False)), pa.int64()),
         })  # fmt: skip
-        for key, currency, sums in _grouped_sums(parts, ["key", "currency"], _SUMS):
+        for (key, currency), sums in _grouped_sums(parts, ["key", "currency"], _SUMS):
             total = self.sums.setdefault((key, currency), dict.fromkeys(_SUMS, 0.0))
             for name in _SUMS:
                 total[name] += sums[name] or 0
@@ -239,25 +240,24 @@ class CostTally:
 
 def _grouped_sums(
     table: pa.Table, keys: list[str], columns: list[str]
-) -> Iterator[tuple[Any, Any, dict[str, Any]]]:
-    """The sums of ``columns`` for each distinct pair of the two ``keys`` (null is a value
-    of its own). Not Table.group_by: it loads pyarrow.dataset, whose import converts a
-    Python value, and so imports pandas where it is installed (see batchq.arrays)."""
+) -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """The sums of ``columns`` for each distinct tuple of ``keys`` (null is a value of its
+    own). Not Table.group_by: it loads pyarrow.dataset, whose import converts a Python
+    value, and so imports pandas where it is installed (see batchq.arrays)."""
     if not table.num_rows:
         return
     order = pc.sort_indices(table, sort_keys=[(k, "ascending") for k in keys])
     table = table.take(order).combine_chunks()
-    changed = None
+    steps = []  # for each key: whether a row's value differs from the row before's
     for name in keys:
         codes = table.column(name).dictionary_encode(null_encoding="encode").chunk(0).indices
-        step = pc.not_equal(codes.slice(1), codes.slice(0, len(codes) - 1))
-        changed = step if changed is None else pc.or_(changed, step)
-    assert changed is not None
+        steps.append(pc.not_equal(codes.slice(1), codes.slice(0, len(codes) - 1)))
+    changed = functools.reduce(pc.or_, steps)
     starts = [0, *(i + 1 for i in pc.indices_nonzero(changed).to_pylist())]
     for start, end in zip(starts, [*starts[1:], table.num_rows], strict=True):
         group = table.slice(start, end - start)
-        first = [group.column(k)[0].as_py() for k in keys]
-        yield first[0], first[1], {c: pc.sum(group.column(c)).as_py() for c in columns}
+        key = tuple(group.column(k)[0].as_py() for k in keys)
+        yield key, {c: pc.sum(group.column(c)).as_py() for c in columns}
 
 
 def _tally(results: Results, prices: PriceTable, region: str, by: str | None) -> CostTally:

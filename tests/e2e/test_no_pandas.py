@@ -5,10 +5,10 @@ its commands in a fresh process in which importing pandas fails and is counted."
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
@@ -63,40 +63,25 @@ def guarded(code: str, cwd: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def lines(path: Path, rows: list[dict[str, object]]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def test_cli_runs_resumes_and_reports_import_no_pandas(tmp_path: Path) -> None:
-    lines(
-        tmp_path / "reviews.jsonl",
+def test_cli_runs_resumes_and_reports_import_no_pandas(
+    write_jsonl: Callable[..., Path], tmp_path: Path
+) -> None:
+    reviews = write_jsonl(
         [{"id": f"r{i}", "text": f"review {i}", "stars": i % 5} for i in range(40)],
+        "reviews.jsonl",
     )
-    lines(
-        tmp_path / "messages.jsonl",
-        [{"id": i, "messages": [{"role": "user", "content": f"hi {i}"}]} for i in range(20)],
-    )
-    lines(
-        tmp_path / "lines.jsonl",
-        [
-            {
-                "custom_id": f"c{i}",
-                "method": "POST",
-                "url": "/v1/chat/completions",
-                "body": {
-                    "model": "qwen-plus",
-                    "max_tokens": 5,
-                    "messages": [{"role": "user", "content": f"yo {i}"}],
-                },
-            }
-            for i in range(20)
-        ],
-    )
+    pl.read_ndjson(reviews).write_parquet(tmp_path / "reviews.parquet")
+    messages = [{"role": "user", "content": "hi"}]
+    write_jsonl([{"id": i, "messages": messages} for i in range(20)], "messages.jsonl")
+    body = {"model": "qwen-plus", "max_tokens": 5, "messages": messages}
+    write_jsonl(
+        [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}
+         for i in range(20)],
+        "lines.jsonl",
+    )  # fmt: skip
     # ids of two kinds, a nested column, a null: the exact pass, not the fast one
-    pl.read_ndjson(tmp_path / "reviews.jsonl").write_parquet(tmp_path / "reviews.parquet")
     odd = [{"id": 1, "text": "a", "meta": {"k": [1, 2]}}, {"id": "x", "text": "b", "meta": None}]
-    lines(tmp_path / "odd.jsonl", odd)
+    write_jsonl(odd, "odd.jsonl")
     guarded(
         """
         common = ["--model", "qwen-plus", "--simulate", "--quiet"]
