@@ -22,6 +22,7 @@ __all__ = [
     "RunSummary",
     "Sink",
     "Slowdown",
+    "Speedup",
     "Tick",
     "fan_out",
 ]
@@ -96,6 +97,19 @@ class Slowdown:
     rate: float
     pause_s: float
     share: float = 0.0
+    #: nothing was let through: the rate keeps halving down to ``rate`` until answers
+    #: come back
+    blocked: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Speedup:
+    """The whole run may send faster: at ``rate`` requests/s (None: its own limits), for
+    ``reason`` (answers are back after a block, a cut that was not needed, a limit read
+    higher than at the cut)."""
+
+    rate: float | None
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +164,7 @@ Event = (
     | Retrying
     | Reasking
     | Slowdown
+    | Speedup
     | Flushed
     | Tick
     | RunFinished

@@ -17,6 +17,15 @@ and 429s it saw. Scenarios:
                 5,000 rows (ideal: 50 s)
     overload-noise  the same with 5 % of requests refused with 429 at random on top
                 (ideal: 52.6 s)
+    overload-800  a 100 QPS limit, answers after 800 ms (constant), clients told 300,
+                3,000 rows (ideal: 30 s)
+    bucket      a token bucket of 100 a second (burst 100) and 5 % random 429s, clients
+                told 300, 3,000 rows (ideal: 31.6 s)
+    minute-bucket  a bucket of 240 refilling 4 a second (a per-minute quota, as a third
+                party's OpenAI mock enforces it), clients told 10, 600 rows
+    minute-window  a fixed budget of 6,000 a minute, clients told 300, 12,000 rows
+    heal        100 QPS configured, every request refused with insufficient_quota from
+                5 s to 13 s: seconds from the throttle's end back to 95 % of the rate
     noise       clients set to 250 QPS against a server with no limit that refuses 5 %
                 with 429 at random (Retry-After 1) and answers 3 % with 503, drops 2 %
                 and answers 3 % after 3 s: the rate sent (retries included) from 3 s
@@ -74,7 +83,32 @@ SCENARIOS = {
                                   "0.03", "--fail-drop", "0.02", "--fail-slow", "0.03",
                                   "--slow-s", "3", "--seed", "3"), qps=250,
                       clients=("batchq", *PEERS)),
+    "overload-800": Scenario(3_000, 300, ("--qps", "100", "--retry-after", "1", "--latency-ms",
+                                          "800", "--latency-sigma", "0"), qps=300,
+                             clients=("batchq", *PEERS)),
+    "bucket": Scenario(3_000, 300, ("--qps", "100", "--limit-shape", "bucket", "--retry-after",
+                                    "1", "--fail-429", "0.05"), qps=300,
+                       clients=("batchq", *PEERS)),
+    "minute-bucket": Scenario(600, 20, ("--qpm", "240", "--limit-shape", "minute-bucket",
+                                        "--retry-after", "1"), qps=10,
+                              clients=("batchq", *PEERS)),
+    "minute-window": Scenario(12_000, 300, ("--qps", "100", "--limit-shape", "minute-window",
+                                            "--retry-after", "1"), qps=300,
+                              clients=("batchq", *PEERS)),
+    "heal": Scenario(3_000, 64, ("--quota-for", "8", "--quota-after", "5"), qps=100,
+                     clients=("batchq", *PEERS)),
 }  # fmt: skip
+#: The limit each scenario's server enforces (requests/s), and the share of its answers
+#: that end ok; the heal scenario's throttle (from, to, in whole seconds of the run).
+LIMITED = {
+    "overload": (100, 1.0),
+    "overload-noise": (100, 0.95),
+    "overload-800": (100, 1.0),
+    "bucket": (100, 0.95),
+    "minute-bucket": (4, 1.0),
+    "minute-window": (100, 1.0),
+}
+HEAL = (5, 13)
 
 
 def pin(core: int) -> list[str]:
@@ -154,7 +188,9 @@ def run_one(
         "sent_req_s": sum(sending) / max(len(sending), 1),
         "limited": int(seen["limited"]),  # type: ignore[call-overload]
         "limited_start": sum(seen.get("limited_per_second", [])[:5]),  # type: ignore[call-overload]
-    }
+        "back_s": next((i - HEAL[1] for i in range(HEAL[1], len(received))
+                        if received[i] >= 95), -1),
+    }  # fmt: skip
 
 
 def main() -> None:
@@ -205,12 +241,17 @@ def verdict(name: str, s: Scenario, r: dict[str, float], ref: dict[str, float] |
     if name == "limit-200":
         return (f"steady {r['steady_req_s'] / 200:.1%} of 200 QPS "
                 f"(whole run {r['req_s'] / 200:.1%})")  # fmt: skip
-    if name.startswith("overload"):
-        ideal = 50 if name == "overload" else 50 / 0.95
+    if name in LIMITED:
+        limit, ends = LIMITED[name]
+        ideal = s.rows / limit / ends
         share = r["limited"] / max(r["requests"], 1)
         return (f"time {r['seconds'] / ideal:.2f}× the ideal {ideal:.1f} s, limit 429s "
                 f"{share:.1%} of requests ({r['limited_start']:.0f} of {r['limited']:.0f} in "
-                f"the first 5 s), steady {r['steady_req_s']:.0f} ok/s")  # fmt: skip
+                f"the first 5 s), steady {r['steady_req_s']:.1f} ok/s")  # fmt: skip
+    if name == "heal":
+        back = r["back_s"]
+        when = f"{back:.0f} s" if back >= 0 else "never"
+        return f"back to 95 % of 100 QPS {when} after the throttle's end"
     if name == "noise":
         return f"sent {r['sent_req_s'] / 250:.1%} of 250 QPS from 3 s to the last first attempt"
     return ""

@@ -30,6 +30,7 @@ from batchq.events import (
     RunFinished,
     RunStarted,
     Slowdown,
+    Speedup,
     Tick,
 )
 from batchq.send.client import redact
@@ -42,6 +43,7 @@ _NAMES: dict[type, str] = {
     Retrying: "retry",
     Reasking: "reask",
     Slowdown: "slowdown",
+    Speedup: "speedup",
     Flushed: "flush",
     RowFinished: "row_error",
     RunFinished: "run_finished",

@@ -24,6 +24,7 @@ from batchq.events import (
     RunStarted,
     Sink,
     Slowdown,
+    Speedup,
     Tick,
     discard,
 )
@@ -139,8 +140,8 @@ class PlainProgress:
                 self._print(f"{event.job}: {total:,} rows, {todo:,} to send")
             case Notice(message=message):
                 self._print(message)
-            case Slowdown():
-                self._print(_slowdown_text(event))
+            case Slowdown() | Speedup():
+                self._print(rate_text(event))
             case RowFinished() | Tick() if self._clock() - self._last >= self._every:
                 self._print(self.line())  # on schedule, even while nothing finishes
 
@@ -208,8 +209,8 @@ class LiveProgress:
                     self._started = True
             case Notice(message=message):
                 self._live.console.print(message)
-            case Slowdown():
-                self._live.console.print(_slowdown_text(event))
+            case Slowdown() | Speedup():
+                self._live.console.print(rate_text(event))
             case RunFinished():
                 self._show()
                 self._live.stop()
@@ -236,10 +237,16 @@ def _checking_text(event: Checking) -> str:
     return f"checking the input before sending: {event.rows:,} rows so far{how}"
 
 
-def _slowdown_text(event: Slowdown) -> str:
+def rate_text(event: Slowdown | Speedup) -> str:
+    """What a change of the whole run's rate says: "slowing to" only when it slows."""
+    if isinstance(event, Speedup):
+        to = f"{event.rate:,.1f} req/s" if event.rate is not None else "full speed"
+        return f"{event.reason}: raising the rate to {to}"
     pause = f" after a {event.pause_s:.1f} s pause (Retry-After)" if event.pause_s else ""
-    return (f"429s on {event.share:.0%} of answers: slowing the whole run to "
-            f"{event.rate:,.1f} req/s{pause}")  # fmt: skip
+    if event.blocked:
+        return (f"429s on every answer: slowing to {event.rate:,.1f} req/s{pause} until "
+                "answers come back")  # fmt: skip
+    return f"429s on {event.share:.0%} of answers: slowing to {event.rate:,.1f} req/s{pause}"
 
 
 def money(amount: float, currency: str) -> str:

@@ -8,6 +8,7 @@ import click
 
 from batchq.cli._common import fail
 from batchq.errors import UsageError
+from batchq.simulator.limits import SHAPES
 
 __all__ = ["simulate"]
 
@@ -19,7 +20,34 @@ __all__ = ["simulate"]
 @click.option("--latency-sigma", default=0.5, type=float, help="lognormal sigma of the latency")
 @click.option("--qps", type=float, default=None, help="answer 429 above this many requests/s")
 @click.option("--qpm", type=float, default=None, help="answer 429 above this many requests/min")
+@click.option(
+    "--limit-shape",
+    type=click.Choice(SHAPES),
+    default="window",
+    show_default=True,
+    help="how --qps/--qpm are enforced: a sliding window, a token bucket of a second's or a "
+    "minute's worth, a fixed window per minute",
+)
 @click.option("--retry-after", type=float, default=None, help="Retry-After seconds on a 429")
+@click.option(
+    "--quota-for",
+    default=0.0,
+    type=float,
+    help="refuse every request for this many seconds (a shared account's spike)",
+)
+@click.option(
+    "--quota-after",
+    default=5.0,
+    type=float,
+    show_default=True,
+    help="...starting this many seconds after the first request",
+)
+@click.option(
+    "--quota-code",
+    default="insufficient_quota",
+    show_default=True,
+    help="...with a 429 of this error.code (429: none; 503: a gateway's 503)",
+)
 @click.option("--fail-500", default=0.0, type=float, help="share of requests answered 500")
 @click.option("--fail-503", default=0.0, type=float, help="share of requests answered 503")
 @click.option("--fail-429", default=0.0, type=float, help="share answered 429 whatever the rate")

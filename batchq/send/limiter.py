@@ -9,9 +9,10 @@ Requests are spaced by the generic cell rate algorithm: each acquire books the n
 send time on a timeline (``1 / rate`` seconds a request, ``tokens / token_rate`` seconds
 of the token timeline) and sleeps until it. Sending is therefore smooth — a per-minute
 budget is spent evenly, never in a burst (Model Studio enforces RPM/60 and TPM/60 per
-second and rejects sudden surges) — and waiting is one sleep, except on a token timeline
-booked more than TOKEN_RECHECK_S ahead, which answers using less than their reservation
-pull back in: that is looked at again each TOKEN_RECHECK_S rather than booked.
+second and rejects sudden surges) — and waiting is one sleep, except for a turn more than
+RECHECK_S ahead (a slow rate, a block, a pause; a token timeline that answers using less
+than their reservation pull back in): that is looked at again each RECHECK_S rather than
+booked, so that a rate that rises is taken up at once.
 
     rate(t) = min(limit × ramp(t), ceiling(t))
     ramp(t) = min(1, from + (1 − from) × (t − start) / ramp_s)   from 0.25 over 2 s
@@ -32,16 +33,25 @@ from typing import Protocol
 import anyio
 
 from batchq.config import Limits
-from batchq.events import Notice, Sink, Slowdown, discard
-from batchq.send.ceiling import CUT_EVERY_S, MIN_RATE, Ceiling, Settled, Throttle
+from batchq.events import Sink, Slowdown, Speedup, discard
+from batchq.send.ceiling import (
+    BLOCKED_RATE,
+    CUT_EVERY_S,
+    MIN_RATE,
+    Ceiling,
+    Raise,
+    Settled,
+    Throttle,
+)
 
 __all__ = ["Pacer", "RatePacer", "Settled", "Throttle"]
 
 RAMP_FROM, RAMP_S, RAMP_MAX_S = 0.25, 2.0, 32.0
 #: When max_tokens is absent, reserve this many completion tokens until answers teach more.
 FIRST_COMPLETION_GUESS = 256
-#: A request whose tokens would wait longer than this looks again after it.
-TOKEN_RECHECK_S = 1.0
+#: A request whose turn (or tokens) would come later than this looks again after it: the
+#: rate may rise meanwhile (answers back after a block, usage below a reservation).
+RECHECK_S = 1.0
 
 
 class Pacer(Protocol):
@@ -116,18 +126,24 @@ class RatePacer:
 
     async def _wait_turn(self, tokens: int) -> None:
         while True:
-            now, cuts = self._clock(), self._ceiling.cuts
+            now, changes = self._clock(), self._ceiling.changes
             if self._started is None:
                 self._started = now
-            if self._token_rate is not None and self._next_tokens - now > TOKEN_RECHECK_S:
+            if self._token_rate is not None and self._next_tokens - now > RECHECK_S:
                 # Far off on a token timeline that answers may still pull in (their usage
                 # below what was reserved): look again soon rather than book it. Booked,
                 # --tpm 60 did 1 of 5 short rows in 120 s.
-                await self._sleep(TOKEN_RECHECK_S)
+                await self._sleep(RECHECK_S)
                 continue
             at = max(now, self._paused_until)
             if (rate := self.rate(at)) is not None:
                 at = max(at, self._next_send)
+                if at - now > RECHECK_S:
+                    # Far off (a slow rate, a block, a pause): look again soon rather than
+                    # book it. Booked, senders that queued during a block at one request a
+                    # second slept up to 30 s into the recovered run.
+                    await self._sleep(RECHECK_S)
+                    continue
                 # Spaced at the rate of the booked time, not of now: a queue of bookings
                 # made while ramping up (or slowed down) does not lock that rate in.
                 self._next_send = at + 1 / max(MIN_RATE, self.rate(at) or rate)
@@ -138,7 +154,7 @@ class RatePacer:
                 await self._sleep(at - now)
             # A limit found meanwhile voids this booking, made at the old rate: book again,
             # after the pause, at the new rate.
-            if cuts == self._ceiling.cuts:
+            if changes == self._ceiling.changes:
                 self._ceiling.sent(max(at, now))
                 return
 
@@ -156,20 +172,22 @@ class RatePacer:
         now = self._clock()
         if settled.throttled == "burst":
             self._gentler_ramp(now)
-        cut = self._ceiling.observe(settled, now, rate=self.rate, ramping=self._ramping)
-        if self._ceiling.undone:
-            rate = self.rate(now)
-            to = f"{rate:,.1f} req/s" if rate is not None else "full speed"
-            self._emit(Notice(f"{self._ceiling.undone}: back to {to}; their rows are retried "
-                              "one by one"))  # fmt: skip
-        if cut is None:
+        change = self._ceiling.observe(settled, now, rate=self.rate, ramping=self._ramping)
+        if change is None:
             return
-        self._next_send = -math.inf  # bookings start over from the cut (or the pause)
-        if cut.pause_until is not None and cut.pause_until > self._paused_until:
-            self._paused_until = cut.pause_until
-            self._ceiling.paused(cut.pause_until)
+        self._next_send = -math.inf  # bookings start over from the change (or the pause)
+        if isinstance(change, Raise):
+            to = change.to
+            if to is None or (self._limit is not None and self._limit < to):
+                to = self._limit  # no faster than the job's own limits
+            self._emit(Speedup(to, change.why))
+            return
+        if change.pause_until is not None and change.pause_until > self._paused_until:
+            self._paused_until = change.pause_until
+            self._ceiling.paused(change.pause_until)
         pause = max(0.0, self._paused_until - now)
-        self._emit(Slowdown(self.rate(now) or MIN_RATE, pause, cut.share))
+        rate = BLOCKED_RATE if change.blocked else self.rate(now) or MIN_RATE
+        self._emit(Slowdown(rate, pause, change.share, blocked=change.blocked))
 
     def _ramp(self, at: float) -> float:
         """The share of the limit the ramp allows at ``at`` (1 before the first send)."""

@@ -22,7 +22,7 @@ import math
 import random
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +32,7 @@ from aiohttp import web
 
 from batchq.simulator.batches import BatchService
 from batchq.simulator.content import MODERATION_MARKER, chunks, completion, refusal, reply_for
+from batchq.simulator.limits import Limit, Shape, SlidingWindow, limit
 
 __all__ = [
     "MODERATION_MARKER",
@@ -75,7 +76,16 @@ class SimConfig:
     latency_sigma: float = 0.5
     qps: float | None = None
     qpm: float | None = None
+    #: how the QPS / QPM limits are enforced (``limits.py``): a sliding window, a token
+    #: bucket of a second's or a minute's worth, or a fixed window per minute
+    limit_shape: Shape = "window"
     retry_after: float | None = None
+    #: every request is refused for ``quota_for`` seconds, from ``quota_after`` seconds
+    #: after the first request: a 429 with ``quota_code`` (``429``: no code; ``503``: an
+    #: overloaded gateway's 503 instead), as a shared account's spike refuses them
+    quota_for: float = 0.0
+    quota_after: float = 5.0
+    quota_code: str = "insufficient_quota"
     fail_500: float = 0.0
     fail_503: float = 0.0
     fail_429: float = 0.0
@@ -130,20 +140,16 @@ def _error(status: int, code: str, message: str, type_: str) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
 
 
-class _Window:
-    """Requests admitted within the last ``period`` seconds, up to ``limit``."""
-
-    def __init__(self, limit: float, period: float) -> None:
-        self.limit, self.period = limit, period
-        self.times: deque[float] = deque()
-
-    def admit(self, now: float) -> bool:
-        while self.times and self.times[0] <= now - self.period:
-            self.times.popleft()
-        if len(self.times) >= self.limit:
-            return False
-        self.times.append(now)
-        return True
+def _limits(config: SimConfig) -> list[Limit]:
+    """The server's QPS and QPM limits, of the configured shape (a QPM limit's window is a
+    minute long; its other shapes let QPM/60 a second through)."""
+    shape, limits = config.limit_shape, []
+    if config.qps:
+        limits.append(limit(config.qps, shape))
+    if config.qpm:
+        qpm = config.qpm
+        limits.append(SlidingWindow(qpm, 60.0) if shape == "window" else limit(qpm / 60, shape))
+    return limits
 
 
 class Simulator:
@@ -154,11 +160,8 @@ class Simulator:
         self.stats = SimStats()
         self._rng = random.Random(self.config.seed)
         self._ids = itertools.count(1)
-        self._windows = [
-            _Window(limit, period)
-            for limit, period in ((self.config.qps, 1.0), (self.config.qpm, 60.0))
-            if limit
-        ]
+        self._limits = _limits(self.config)
+        self._first: float | None = None  # when the first request came
         self._burst: tuple[str, float] | None = None
         self.app = web.Application(client_max_size=64 * 1024**2)
         # Only where an OpenAI-compatible server serves it (/v1, .../compatible-mode/v1):
@@ -217,7 +220,9 @@ class Simulator:
             # Echo what was sent, as some servers do: clients must not repeat it anywhere.
             return _error(401, "invalid_api_key", f"Incorrect API key provided: {sent[7:]}.",
                           "invalid_request_error")  # fmt: skip
-        if not all(w.admit(time.monotonic()) for w in self._windows):
+        if (throttled := self._throttled()) is not None:
+            return throttled
+        if not all(w.admit(time.monotonic()) for w in self._limits):
             self.stats.limited += 1
             self.stats.limited_by_second[second] += 1
             return self._too_many()
@@ -291,6 +296,22 @@ class Simulator:
         if body.get("stream"):
             return await self._stream(request, whole, body)
         return web.Response(body=full, content_type="application/json")
+
+    def _throttled(self) -> web.Response | None:
+        """Within the configured quota window: its refusal."""
+        now, config = time.monotonic(), self.config
+        if self._first is None:
+            self._first = now
+        if not config.quota_for or not (
+            0 <= now - self._first - config.quota_after < config.quota_for
+        ):
+            return None
+        if config.quota_code == "503":
+            return _error(503, "ServiceUnavailable", "The service is overloaded.",
+                          "service_unavailable")  # fmt: skip
+        if config.quota_code == "429":
+            return web.Response(status=429, text="Too Many Requests")
+        return self._too_many(config.quota_code)
 
     def _too_many(self, code: str = "limit_requests") -> web.Response:
         message = MESSAGES_429.get(code, "Too many requests.")

@@ -18,6 +18,7 @@ from batchq.events import (
     RunStarted,
     RunSummary,
     Slowdown,
+    Speedup,
 )
 from batchq.money.pricing import PriceTable
 
@@ -41,7 +42,8 @@ def feed(sink: PlainProgress | LiveProgress, clock: Clock) -> None:
     sink(Notice("resuming: 200 rows already done"))
     sink(Retrying("x7", 1, 429, "limit_requests", 1.0, 1.0))
     sink(Retrying("r8", 1, 503, "503", 0.5))
-    sink(Slowdown(42.0, 1.0))
+    sink(Slowdown(42.0, 1.0, 0.3))
+    sink(Speedup(92.2, "a limit of about 95.0 req/s: holding just under it"))
     for i in range(400):
         clock.now += 0.025  # 40 rows/s
         sink(finished(i, "error" if i == 8 else "ok"))
@@ -54,7 +56,10 @@ def test_plain_lines_give_rows_rates_429s_errors_retrying_cost_and_eta() -> None
     text = out.getvalue()
     assert "job: 1,000 rows, 800 to send" in text
     assert "resuming: 200 rows already done" in text
-    assert "slowing the whole run to 42.0 req/s after a 1.0 s pause" in text
+    assert "429s on 30% of answers: slowing to 42.0 req/s after a 1.0 s pause" in text
+    # A rise says so: "slowing" only when it slows.
+    assert "holding just under it: raising the rate to 92.2 req/s" in text
+    assert text.count("slowing") == 1
     line = sink.line()
     assert line.startswith("400/800 rows (50%) · 40 rows/s · 43,890 tok/s · 1 × 429 · 1 errors")
     assert "1 retrying" in line  # x7 is still waiting; r8 finished
