@@ -332,6 +332,14 @@ class _LabelReader:
         folded = _fold(text)
         if (label := self._by_fold.get(folded)) is not None:
             return Verdict(label)
+        # An opening that is one label alone, closed by a line break, a sentence's end or a
+        # dash, is the answer, whatever the explanation after it names ("Neutral\nThe
+        # review is neither positive nor negative."): that is how a person reads it.
+        lead = _lead(folded)
+        if (end := _OPENING_END.search(folded, lead)) is not None:
+            opening = self._by_fold.get(_fold(folded[lead : end.start()]))
+            if opening is not None:
+                return Verdict(opening)
         found = [(m.start(), self._by_fold[m.group()]) for m in self._words(folded)]
         named = list(dict.fromkeys(label for _, label in found))
         if not named:
@@ -363,6 +371,8 @@ class _LabelReader:
 
 
 _LEAD = re.compile(r"(?:[^\W\d_][\w-]*[ \t]*){1,3}:[ \t]*")
+#: Where an answer's opening ends: a line break, a sentence's end, a dash.
+_OPENING_END = re.compile(r"\n|[.!?](?=\s)|[。！？]|\s[—–-]\s|—")
 
 
 def _lead(folded: str) -> int:

@@ -53,8 +53,11 @@ def completion_columns(data: dict[str, Any]) -> dict[str, Any]:
         raise InvalidCompletion("choices[0] has no message")
     usage = _dict(data.get("usage"))
     tool_calls = message.get("tool_calls")
+    content = _str_or_none(message.get("content"))
     result: dict[str, Any] = {
-        "response": _str_or_none(message.get("content")),
+        # A call with no text beside it (llama.cpp sends "", others null): null, as the
+        # same answer streamed assembles.
+        "response": None if tool_calls and not content else content,
         "reasoning": _str_or_none(message.get("reasoning_content")),
         "tool_calls": orjson.dumps(tool_calls).decode() if tool_calls else None,
         "finish_reason": _str_or_none(first.get("finish_reason")),

@@ -35,6 +35,23 @@ READS = {
     "positively great": None,  # a label is a word of its own
     "The review is positive": None,  # it does not open with the label
     "non-positive": None,
+    # Real models' label-then-explanation answers (Qwen2.5-1.5B on llama.cpp): an opening
+    # that is one label alone is the answer, whatever its explanation names.
+    "Neutral\nThe review is neutral because it does not express strong positive or "
+    "negative sentiment.": "neutral",
+    "Label: neutral.\nIt is neither positive nor negative.": "neutral",
+    "**Neutral** — neither praise nor a complaint, so not positive or negative": "neutral",
+    "Neutral.\n\nThe review is not negative.": "neutral",
+    "NEUTRAL.\nnot positive": "neutral",
+    "neutral.\n": "neutral",
+    "Negative. It is not positive at all.": "negative",
+    "Positive - though not without a negative or two": "positive",
+    # ...and what stays not valid: two labels in the opening, a hedge, a long lead-in.
+    "Negative, or maybe positive.\nHard to say.": None,
+    "Positive or neutral": None,
+    "Positive or neutral.\nIt is mostly good.": None,
+    "The review, all things considered, reads as: neutral": None,
+    "Overall the tone here is neutral.\nNot positive.": None,
 }
 
 
@@ -96,6 +113,9 @@ def test_the_vote_over_choices() -> None:
     vote = SENTIMENT.vote
     assert vote(["positive", "Negative.", "positive!", "hmm"]) == ("positive", None, 0.5)
     assert vote(["neutral", "negative"]).value == "negative"  # a tie: the label listed first
+    # each choice read the same way: an opening label line is that label
+    explained = vote(["Neutral\nNot positive, not negative.", "neutral", "Positive or neutral"])
+    assert (explained.value, explained.agreement) == ("neutral", pytest.approx(2 / 3))
     assert vote(["hmm", "maybe"]) == (None, "it is none of the labels", None)
 
 

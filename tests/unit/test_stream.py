@@ -93,3 +93,22 @@ def test_the_first_token_is_the_first_line_that_carries_one() -> None:
     assert not stream.feed(b"data: " + orjson.dumps(delta(role="assistant", content="")))
     assert stream.feed(b"data: " + orjson.dumps(delta(reasoning_content="hm")))
     assert not stream.feed(b"data: " + orjson.dumps(delta(content="x")))
+
+
+@pytest.mark.parametrize("content", ["", None], ids=["llama.cpp's empty text", "null"])
+def test_a_tool_call_records_the_same_response_streamed_or_not(content: str | None) -> None:
+    # llama.cpp answers a tool call with content "" whole and no content deltas streamed:
+    # the row read "" one way and null the other, for the same answer.
+    call = {"id": "call_a", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    message = {"role": "assistant", "content": content, "tool_calls": [call]}
+    choice = {"index": 0, "finish_reason": "tool_calls", "message": message}
+    whole = {"id": "c9", "model": "m", "choices": [choice]}
+    streamed = sse(
+        delta(role="assistant", content=content),
+        delta(tool_calls=[{"index": 0, **call}]),
+        delta(finish="tool_calls"),
+    )  # fmt: skip
+    plain, assembled = completion_columns(whole), completion_columns(assemble_stream(streamed))
+    assert plain["response"] is None
+    assert assembled["response"] is None
+    assert plain["tool_calls"] == assembled["tool_calls"]
