@@ -149,6 +149,13 @@ class RunSummary:
     #: output is not written yet; batches submitted and still running on the provider.
     pending: int = 0
     running_batches: int = 0
+    #: What this run sent: requests live (every attempt and re-ask), lines submitted to a
+    #: Batch API; rows a Batch API answered (collected this run), rows that took another
+    #: row's answer (dedupe: not sent, not billed).
+    requests: int = 0
+    batch_lines: int = 0
+    collected: int = 0
+    copied: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ from batchq import arrays
 
 __all__ = [
     "ANSWER_SCHEMA",
+    "BATCH_PART",
     "COST",
     "FEW_VALUES",
     "PRIOR_COLUMNS",
@@ -48,6 +49,8 @@ RESULT_SCHEMA = pa.schema(
         ("request_id", pa.string()),
         ("attempts", pa.int32()),
         ("via", pa.string()),
+        ("batch_prompt_tokens", pa.int64()),
+        ("batch_completion_tokens", pa.int64()),
         ("latency_ms", pa.float64()),
         ("ttft_ms", pa.float64()),
         ("http_status", pa.int32()),
@@ -74,6 +77,9 @@ SHARD_SCHEMA = pa.schema(
 #: usage billed.
 PRIOR_COLUMNS = ("attempts", "reasks", "prompt_tokens", "completion_tokens", "total_tokens",
                  "cached_tokens", "reasoning_tokens", "cache_creation_tokens")  # fmt: skip
+#: What a row carries, not adds up, when it is asked again live: the part of its usage
+#: the Batch API answered.
+BATCH_PART = ("batch_prompt_tokens", "batch_completion_tokens")
 #: The result columns every output has, and ``raw`` (an input column of such a name clashes).
 RESULT_COLUMNS = frozenset([*RESULT_SCHEMA.names, RAW.name, COST.name])
 
@@ -108,7 +114,8 @@ class Result:
     model: str | None
     #: requests sent for this row, this run and earlier ones
     attempts: int
-    #: how it was answered: ``live`` (a run) or ``batch`` (a provider's Batch API)
+    #: how it was answered: ``live`` (a run), ``batch`` (a provider's Batch API; its live
+    #: re-asks, if any, after), or ``dedupe`` (another row's answer)
     via: str
     #: HTTP status of the last attempt (None: no HTTP answer)
     http_status: int | None = None
@@ -133,6 +140,10 @@ class Result:
     #: tokens written to an explicit cache (0: the explicit cache was used, nothing
     #: written; None: the implicit cache, or none)
     cache_creation_tokens: int | None = None
+    #: of the usage, what the Batch API answered (priced at its share; the rest, live
+    #: re-asks, at the live price); None: nothing came through the Batch API
+    batch_prompt_tokens: int | None = None
+    batch_completion_tokens: int | None = None
     #: the response's ``id``
     request_id: str | None = None
     #: milliseconds of the successful attempt

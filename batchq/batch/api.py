@@ -20,7 +20,7 @@ and failed in another is ok.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -108,10 +108,16 @@ def export_batch(
         state.close()
 
 
+#: Which rows go into an export: (input position, id, request body, done already) -> take.
+Take = Callable[[int, str, dict[str, Any], bool], bool]
+
+
 def export_rows(
-    job: Job, info: InputInfo, folder: Path, done: RowMask, *, max_lines: int, max_bytes: int
-) -> ExportResult:
-    """Write the rows not ``done`` as Batch-API files (and their manifest) into ``folder``."""
+    job: Job, info: InputInfo, folder: Path, done: RowMask, *, max_lines: int, max_bytes: int,
+    take: Take | None = None,
+) -> ExportResult:  # fmt: skip
+    """Write the rows not ``done`` (those ``take`` takes, when given: it is shown every
+    row) as Batch-API files (and their manifest) into ``folder``."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -122,13 +128,15 @@ def export_rows(
     counts: dict[str, int] = {}
     try:
         for index, row in _rows(info):
-            if done[index]:
+            if take is None and done[index]:
                 continue
-            body = build_body(row, job.request)
+            body, ident = build_body(row, job.request), row_id(row, info.id_column, index)
+            if take is not None and not take(index, ident, body, done[index]):
+                continue
             for key in _NOT_IN_A_BATCH:
                 body.pop(key, None)
-            line = orjson.dumps({"custom_id": row_id(row, info.id_column, index),
-                                 "method": "POST", "url": URL, "body": body}) + b"\n"  # fmt: skip
+            line = orjson.dumps({"custom_id": ident, "method": "POST", "url": URL,
+                                 "body": body}) + b"\n"  # fmt: skip
             model = str(body["model"])
             file = open_files.get(model)
             if file is None or file.lines >= max_lines or file.bytes + len(line) > max_bytes:
@@ -367,8 +375,11 @@ def _result_row(
         except InvalidCompletion as e:
             error = {"type": "invalid_response", "code": "invalid_response", "message": str(e)}
         else:
-            return Result.answered(row=position, id=ident, model=model, attempts=1,
-                                   via="batch", completion=completion), False  # fmt: skip
+            result = Result.answered(row=position, id=ident, model=model, attempts=1,
+                                     via="batch", completion=completion)  # fmt: skip
+            result.batch_prompt_tokens = result.prompt_tokens
+            result.batch_completion_tokens = result.completion_tokens
+            return result, False
     else:
         error = _dict(body.get("error")) or _dict(data.get("error"))
     retryable = status in RETRY_STATUS or error.get("code") in RETRYABLE_CODES

@@ -48,6 +48,17 @@ if TYPE_CHECKING:
 __all__ = ["BatchPlan", "Entry", "Journal", "collect_or_refuse", "rules_of", "via_batch"]
 
 
+class Selection(Protocol):
+    """Which pending rows a round takes (the caller's budget, its dedupe), told when the
+    round is exported and when it is collected."""
+
+    def take(self, index: int, ident: str, body: dict[str, Any], done: bool) -> bool: ...
+
+    def exported(self) -> None: ...
+
+    def collected(self, state: StateDir) -> None: ...
+
+
 class StopSwitch(Protocol):
     """The run's stop switch (``engine.stop``): pressed by a signal or an interrupt."""
 
@@ -178,9 +189,11 @@ def collect_or_refuse(state: StateDir, via: str, restart: bool) -> None:
 async def via_batch(
     job: Job, info: InputInfo, state: StateDir, plan: BatchPlan, *, api_key: str | None,
     sink: Sink, stop: StopSwitch, transport: httpx.AsyncBaseTransport | None = None,
+    select: Selection | None = None,
 ) -> bool:  # fmt: skip
-    """Send ``job``'s pending rows through the Batch API into ``state``; False when the
-    batches were submitted and left running (``plan.wait`` false)."""
+    """Send ``job``'s pending rows (those ``select`` takes) through the Batch API into
+    ``state``; False when the batches were submitted and left running (``plan.wait``
+    false)."""
     rules = rules_of(job)
     window_hours(plan.window, rules)
     journal = Journal.load(state) or Journal.begin(state, plan.window)
@@ -188,7 +201,7 @@ async def via_batch(
     from batchq.batch.remote import Remote  # httpx: only a batch run loads it
 
     async with Remote(job.request.url, api_key=api_key, transport=transport) as remote:
-        flow = _Flow(job, info, state, plan, journal, remote, sink, stop, rules)
+        flow = _Flow(job, info, state, plan, journal, remote, sink, stop, rules, select)
         async with anyio.create_task_group() as tg:
             if threading.current_thread() is threading.main_thread():
                 tg.start_soon(_relay_signals, stop)
@@ -220,6 +233,7 @@ class _Flow:
     sink: Sink
     stop: StopSwitch
     rules: BatchRules
+    select: Selection | None = None
 
     async def rounds(self) -> bool:
         """Submit, wait and collect round after round (see ``via_batch``)."""
@@ -243,9 +257,14 @@ class _Flow:
             return False
         number = self.journal.rounds + 1
         folder = self.state.batch_files / f"r{number}"
+        take = self.select.take if self.select is not None else None
         exported = export_rows(self.job, self.info, folder, done,
                                max_lines=self.rules.max_lines,
-                               max_bytes=self.rules.max_bytes)  # fmt: skip
+                               max_bytes=self.rules.max_bytes, take=take)  # fmt: skip
+        if self.select is not None:
+            self.select.exported()
+        if not exported.rows:
+            return False
         for i, file in enumerate(exported.files, start=1):
             key, path = f"r{number}-{i:03d}", f"r{number}/{file['file']}"
             self.journal.entries.append(Entry(key, file["model"], file["lines"], path))
@@ -335,6 +354,8 @@ class _Flow:
                 self.sink(Notice(f"batch {entry.batch_id}: {len(retryable):,} rows failed {what}"))
             entry.imported = True
             self.journal.save()
+            if self.select is not None:
+                self.select.collected(self.state)
             if not self.plan.keep_remote:
                 await self.clean(entry)
 

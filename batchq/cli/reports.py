@@ -42,7 +42,8 @@ __all__ = ["cost", "estimate", "status"]
 def status(path: Path, prices: Path | None, as_json: bool) -> None:
     """How far a job got: PATH is its output file, state folder or job file."""
     try:
-        s = report.status(find_results(path), PriceTable.load(prices))
+        results = find_results(path)
+        s = report.status(results, PriceTable.for_results(prices, results.manifest))
     except BatchqError as e:
         fail(e)
     journal = BatchJournal.load(StateDir.of(Path(s.output)))
@@ -98,7 +99,9 @@ def cost(path: Path, prices: Path | None, by: str, region: str | None, as_json: 
     """What a job's rows cost, from their usage columns: PATH is its output file, state
     folder or job file."""
     try:
-        r = cost_report(find_results(path), PriceTable.load(prices), by=by, region=region)
+        results = find_results(path)
+        table = PriceTable.for_results(prices, results.manifest)
+        r = cost_report(results, table, by=by, region=region)
     except BatchqError as e:
         fail(e)
     if as_json:

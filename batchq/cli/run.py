@@ -162,14 +162,25 @@ def _print_summary(s: RunSummary, prices: PriceTable, tally: CostTally, command:
     if s.already_complete:
         click.echo(f"{s.output}: complete already ({counts}); nothing sent")
         return
-    click.echo(
-        f"done: {s.total:,} rows ({counts}), {s.sent:,} sent this run, "
-        f"in {s.elapsed_s:.1f} s -> {s.output}"
-    )
+    click.echo(f"done: {s.total:,} rows ({counts}), {_sent_text(s)}, in {s.elapsed_s:.1f} s "
+               f"-> {s.output}")  # fmt: skip
     # The merge fed the tally every row of the output; a run that merged nothing (an
     # empty input) reads what is there.
     report = tally.report() if tally.sums else cost_report(find_results(s.output), prices)
-    click.echo(f"tokens: {_tokens_text(report.lines)}; cost: {cost_text(report)}")
+    click.echo(f"tokens billed: {_tokens_text(report.lines)}; cost: {cost_text(report)}")
+
+
+def _sent_text(s: RunSummary) -> str:
+    """What this run sent: requests live, lines to a Batch API; rows it collected, rows
+    that took a repeated request's answer."""
+    parts = [f"{s.requests:,} requests sent this run"]
+    if s.batch_lines:
+        parts.append(f"{s.batch_lines:,} lines submitted to the Batch API")
+    if s.collected:
+        parts.append(f"{s.collected:,} rows answered by the Batch API")
+    if s.copied:
+        parts.append(f"{s.copied:,} rows copied from a repeated request (not sent)")
+    return ", ".join(parts)
 
 
 def _tokens_text(lines: list[CostLine]) -> str:
@@ -177,7 +188,9 @@ def _tokens_text(lines: list[CostLine]) -> str:
     cached = sum(x.cached_tokens for x in lines)
     completion = sum(x.completion_tokens for x in lines)
     reasoning = sum(x.reasoning_tokens for x in lines)
+    copies, copied = sum(x.copies for x in lines), sum(x.copied_tokens for x in lines)
+    apart = f" (and {copied:,} in {copies:,} copied rows, not billed)" if copies else ""
     return (
         f"{prompt:,} prompt ({cached:,} cached) + {completion:,} completion "
-        f"({reasoning:,} reasoning)"
+        f"({reasoning:,} reasoning){apart}"
     )

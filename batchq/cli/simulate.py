@@ -68,6 +68,8 @@ __all__ = ["simulate"]
 @click.option("--batch-fail-lines", default=0.0, type=float,
               help="the Batch API: share of a batch's lines failed with a 500")  # fmt: skip
 @click.option("--batch-expire", is_flag=True, help="the Batch API: batches expire half-done")
+@click.option("--tokens-per-char", type=float, default=None,
+              help="bill this many tokens a character (1.0: a CJK tokenizer's way)")  # fmt: skip
 @click.option("--api-key-env", default=None, help="require the key held in this variable")
 @click.option("--seed", default=0, type=int, help="seed of the latency and failure draws")
 def simulate(host: str, port: int, api_key_env: str | None, **options: Any) -> None:

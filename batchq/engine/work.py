@@ -12,14 +12,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batchq.answer import Checker
+from batchq.engine.context import Counts
 from batchq.errors import RunStopped
 from batchq.events import Reasking, Retrying, Sink
 from batchq.money.budget import Budget
 from batchq.money.pricing import Price
-from batchq.result import PRIOR_COLUMNS, Result
+from batchq.result import BATCH_PART, PRIOR_COLUMNS, Result
 from batchq.send.client import Client, Outcome
 from batchq.send.limiter import Pacer, Settled
-from batchq.send.request import estimate_tokens
+from batchq.send.request import choices, estimate_tokens, prompt_bytes
 from batchq.send.retry import backoff_delay
 
 __all__ = ["QUOTA_STOP_S", "Channel", "EndpointWatch", "Item", "QuotaWatch", "answer"]
@@ -148,6 +149,8 @@ class Channel:
     #: ``--max-cost``: the run's spend, and each model's price
     budget: Budget | None = None
     prices: dict[str, Price] = field(default_factory=dict)
+    #: what the run sent (every request counted as it goes out)
+    counts: Counts = field(default_factory=Counts)
 
 
 async def answer(item: Item, channel: Channel, *, checker: Checker | None = None) -> Result:
@@ -213,10 +216,14 @@ async def _ask(
         hold = None
         if c.budget is not None:
             price = c.prices[str(item.body.get("model"))]
-            hold = await c.budget.reserve(price, prompt_tokens, item.max_completion)
+            hold = await c.budget.reserve(
+                price, prompt_tokens, item.max_completion,
+                choices=choices(body), prompt_bytes=prompt_bytes(body),
+            )  # fmt: skip
         reserved = await c.pacer.acquire(prompt_tokens, item.max_completion)
         sent_at = c.pacer.now()
         outcome: Outcome | None = None
+        c.counts.requests += 1
         try:
             outcome = await c.client.send(body)
         finally:
@@ -247,7 +254,7 @@ async def _ask(
 
 class _Bill:
     """What a row has cost so far, this run and (``prior``) earlier ones: requests sent,
-    re-asks, and the usage of every answer billed."""
+    re-asks, and the usage of every answer billed (of it, what a Batch API answered)."""
 
     _USAGE = PRIOR_COLUMNS[2:]
 
@@ -258,6 +265,8 @@ class _Bill:
         self._prior_attempts = prior.get("attempts") or 0
         self._prior_reasks = prior.get("reasks") or 0
         self._usage: dict[str, int | None] = {k: prior.get(k) for k in self._USAGE}
+        # a Batch-API answer asked again live: priced apart (SPEC "Answers you can use")
+        self._batch = {k: prior.get(k) for k in BATCH_PART}
 
     @property
     def reasks(self) -> int:
@@ -272,8 +281,10 @@ class _Bill:
         """``result`` with the row's totals."""
         result.attempts = self._prior_attempts + self.attempts
         result.reasks = self.reasks
-        for key, value in self._usage.items():
+        for key, value in (*self._usage.items(), *self._batch.items()):
             setattr(result, key, value)
+        if self._batch["batch_prompt_tokens"] is not None:
+            result.via = "batch"
         return result
 
 

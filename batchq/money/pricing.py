@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -127,11 +128,21 @@ def cost_array(table: pa.Table, price: Price) -> pa.Array:
     batch = pc.fill_null(pc.equal(via, arrays.text("batch")), false)
     # another row's answer: not billed
     copied = pc.fill_null(pc.equal(via, arrays.text("dedupe")), false)
-    share = pc.if_else(copied, f(0.0), pc.if_else(batch, f(price.batch_share), f(1.0)))
-
     hit = pc.if_else(explicit, f(price.explicit_share), f(price.cached_share))
+    # The part the Batch API answered (its live re-asks are the rest); an output from
+    # before the part was recorded: the whole row, for a row via the Batch API.
+    parted = (pc.is_valid(table.column("batch_prompt_tokens"))
+              if "batch_prompt_tokens" in table.column_names
+              else pa.nulls(table.num_rows, pa.bool_()).fill_null(False))  # fmt: skip
+    zero = pc.multiply(prompt, f(0.0))
+    part_prompt = (
+        column("batch_prompt_tokens") if "batch_prompt_tokens" in table.column_names else zero
+    )
+    part_completion = (column("batch_completion_tokens")
+                       if "batch_completion_tokens" in table.column_names else zero)  # fmt: skip
 
-    def tier_cost(t: Tier) -> pa.Array:
+    def priced(prompt: pa.Array, cached: pa.Array, created: pa.Array, completion: pa.Array,
+               t: Tier) -> pa.Array:  # fmt: skip
         plain = pc.subtract(pc.subtract(prompt, cached), created)
         paid = pc.add(pc.add(pc.multiply(plain, f(t.input)),
                              pc.multiply(pc.multiply(cached, hit), f(t.input))),
@@ -139,13 +150,21 @@ def cost_array(table: pa.Table, price: Price) -> pa.Array:
         out = pc.multiply(completion, pc.if_else(thinking, f(t.thinking_output), f(t.output)))
         return pc.divide(pc.add(paid, out), f(1_000_000.0))
 
-    cost = tier_cost(price.tiers[-1])
-    for tier in reversed(price.tiers[:-1]):
-        if tier.max_input is None:
-            cost = tier_cost(tier)
-        else:
-            cost = pc.if_else(pc.less_equal(prompt, f(tier.max_input)), tier_cost(tier), cost)
-    return pc.multiply(cost, share)
+    def by_tier(cost_at: Callable[[Tier], pa.Array]) -> pa.Array:
+        cost = cost_at(price.tiers[-1])
+        for tier in reversed(price.tiers[:-1]):
+            if tier.max_input is None:
+                cost = cost_at(tier)
+            else:
+                cost = pc.if_else(pc.less_equal(prompt, f(tier.max_input)), cost_at(tier), cost)
+        return cost
+
+    whole = by_tier(lambda t: priced(prompt, cached, created, completion, t))
+    # the Batch API has no context cache: its part's prompt is all at the input price
+    part = by_tier(lambda t: priced(part_prompt, zero, zero, part_completion, t))
+    through_batch = pc.if_else(parted, part, pc.if_else(batch, whole, zero))
+    cost = pc.subtract(whole, pc.multiply(through_batch, f(1 - price.batch_share)))
+    return pc.if_else(copied, zero, cost)
 
 
 def row_costs(
@@ -190,9 +209,12 @@ class PriceTable:
 
     def __init__(
         self, prices: Entries, *, source: str, overrides: Entries | None = None,
+        text: str | None = None,
     ) -> None:  # fmt: skip
         self._builtin = prices
         self._overrides = overrides or {}
+        #: the price file's text over the built-in table (None: none)
+        self.text = text
         self._prices = {k: v for k, v in {**prices, **self._overrides}.items()
                         if isinstance(v, Price)}  # fmt: skip
         self.source = source
@@ -207,17 +229,34 @@ class PriceTable:
     @classmethod
     def load(cls, override: Path | None = None) -> PriceTable:
         """The built-in table, overridden and extended by ``override`` when given."""
-        table = cls.builtin()
         if override is None:
-            return table
+            return cls.builtin()
         try:
-            data = tomllib.loads(override.read_text("utf-8"))
+            text = override.read_text("utf-8")
         except OSError as e:
             raise UsageError(f"cannot read the price file {override}: {e.strerror}") from None
+        return cls.with_text(text, str(override))
+
+    @classmethod
+    def with_text(cls, text: str, where: str) -> PriceTable:
+        """The built-in table, overridden and extended by a price file's ``text`` (from
+        ``where``: a path, or a run's record of it)."""
+        table = cls.builtin()
+        try:
+            data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
-            raise UsageError(f"the price file {override} is not valid TOML: {e}") from None
-        return cls(table._builtin, source=f"{override}, then {table.source}",
-                   overrides=_parse(data, str(override)))  # fmt: skip
+            raise UsageError(f"the price file {where} is not valid TOML: {e}") from None
+        return cls(table._builtin, source=f"{where}, then {table.source}",
+                   overrides=_parse(data, where), text=text)  # fmt: skip
+
+    @classmethod
+    def for_results(cls, override: Path | None, manifest: dict[str, Any] | None) -> PriceTable:
+        """``override`` when given; else the price file a job's run was priced with (its
+        ``manifest`` records its text), over the built-in table."""
+        recorded = (manifest or {}).get("prices")
+        if override is not None or not isinstance(recorded, str):
+            return cls.load(override)
+        return cls.with_text(recorded, "the price file of the run")
 
     def currencies(self, region: str) -> list[str]:
         """The currencies of the prices that apply in ``region``."""

@@ -23,7 +23,7 @@ from batchq.config import Job, load_job
 from batchq.errors import UsageError
 from batchq.files import read_parquet
 from batchq.money.pricing import PriceTable, row_costs
-from batchq.result import SHARD_SCHEMA
+from batchq.result import BATCH_PART, SHARD_SCHEMA
 from batchq.state import StateDir, output_manifest, output_of
 
 __all__ = [
@@ -39,13 +39,13 @@ __all__ = [
 
 USAGE_COLUMNS = ["prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens"]
 _NEEDED = ["status", "model", "attempts", "reasoning", "via", *USAGE_COLUMNS,
-           "cache_creation_tokens"]  # fmt: skip
+           "cache_creation_tokens", *BATCH_PART]  # fmt: skip
 
 
 _TYPES: dict[str, pa.DataType] = {
     "status": pa.string(), "model": pa.string(), "attempts": pa.int64(),
     "reasoning": pa.string(), "via": pa.string(), **dict.fromkeys(USAGE_COLUMNS, pa.int64()),
-    "cache_creation_tokens": pa.int64(),
+    "cache_creation_tokens": pa.int64(), **dict.fromkeys(BATCH_PART, pa.int64()),
 }  # fmt: skip
 BATCH_ROWS = 16_384  # the output's row groups: a larger batch held 13 MB more
 
@@ -166,6 +166,10 @@ class CostLine:
     completion_tokens: int
     reasoning_tokens: int
     cost: float | None
+    #: rows that took another row's answer (dedupe), and their tokens: not billed, and
+    #: not in the token sums above
+    copies: int = 0
+    copied_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -181,7 +185,8 @@ class CostReport:
     rows: int = field(default=0)
 
 
-_SUMS = ["rows", "ok", "error", "invalid", *USAGE_COLUMNS, "cost", "attempts", "batch"]
+_SUMS = ["rows", "ok", "error", "invalid", *USAGE_COLUMNS, "cost", "attempts", "batch",
+         "copies", "copied_tokens"]  # fmt: skip
 
 
 def cost_report(
@@ -207,18 +212,29 @@ class CostTally:
         priced = row_costs(table, self.prices, self.region, self.unpriced)
         by = self.by
         key = _as_text(table.column(by)) if by else pa.nulls(table.num_rows, pa.string())
-        status = table.column("status")
+        status, via, no = table.column("status"), table.column("via"), arrays.boolean(False)
+        copied = pc.fill_null(pc.equal(via, arrays.text("dedupe")), no)
+
+        def used(name: str) -> pa.ChunkedArray:  # billed: a copy's usage is its leader's
+            zero = arrays.scalar(0, table.column(name).type)
+            return pc.if_else(copied, zero, pc.fill_null(table.column(name), zero))
+
+        copied_tokens = pc.add(*(pc.fill_null(table.column(c), arrays.scalar(0, pa.int64()))
+                                 for c in ("prompt_tokens", "completion_tokens")))  # fmt: skip
         parts = pa.table({
             "key": key, "currency": priced.column("currency"),
             "rows": arrays.int64s([1] * table.num_rows),
             "ok": pc.cast(pc.equal(status, arrays.text("ok")), pa.int64()),
             "error": pc.cast(pc.equal(status, arrays.text("error")), pa.int64()),
             "invalid": pc.cast(pc.equal(status, arrays.text("invalid")), pa.int64()),
-            **{c: pc.fill_null(table.column(c), arrays.scalar(0, table.column(c).type))
-               for c in (*USAGE_COLUMNS, "attempts")},
+            **{c: used(c) for c in USAGE_COLUMNS},
+            "attempts": pc.fill_null(table.column("attempts"),
+                                     arrays.scalar(0, table.column("attempts").type)),
             "cost": priced.column("cost"),
-            "batch": pc.cast(pc.fill_null(pc.equal(table.column("via"), arrays.text("batch")),
-                                          arrays.boolean(False)), pa.int64()),
+            "batch": pc.cast(pc.fill_null(pc.equal(via, arrays.text("batch")), no), pa.int64()),
+            "copies": pc.cast(copied, pa.int64()),
+            "copied_tokens": pc.if_else(copied, pc.cast(copied_tokens, pa.int64()),
+                                        arrays.scalar(0, pa.int64())),
         })  # fmt: skip
         for (key, currency), sums in _grouped_sums(parts, ["key", "currency"], _SUMS):
             total = self.sums.setdefault((key, currency), dict.fromkeys(_SUMS, 0.0))
@@ -271,7 +287,7 @@ def _line(key: str | None, currency: str | None, v: dict[str, float]) -> CostLin
     rows, ok, error, invalid, prompt, cached, completion, reasoning = (int(v[n]) for n in _SUMS[:8])
     cost = None if currency is None else v["cost"]
     return CostLine(key, currency, rows, ok, error, invalid, prompt, cached, completion,
-                    reasoning, cost)  # fmt: skip
+                    reasoning, cost, int(v["copies"]), int(v["copied_tokens"]))  # fmt: skip
 
 
 def _order(item: tuple[tuple[str | None, str | None], Any]) -> tuple[bool, str, bool, str]:

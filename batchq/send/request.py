@@ -22,9 +22,11 @@ __all__ = [
     "REQUEST_FIELDS",
     "RowProblem",
     "build_body",
+    "choices",
     "completion_cap",
     "estimate_tokens",
     "job_body",
+    "prompt_bytes",
 ]
 
 #: Body fields a row's column of the same name overrides, and that ``--param`` may set.
@@ -209,6 +211,27 @@ def completion_cap(body: dict[str, Any]) -> int | None:
     """The body's cap on completion tokens, or None."""
     cap = body.get("max_tokens") or body.get("max_completion_tokens")
     return cap if isinstance(cap, int) and not isinstance(cap, bool) else None
+
+
+def prompt_bytes(body: dict[str, Any]) -> int:
+    """The prompt's text in UTF-8 bytes, and 12 a message: no tokenizer that works on
+    bytes (every one in use) makes more tokens of it, whatever the script."""
+    total = 0
+    for message in body.get("messages", ()):
+        content = message.get("content")
+        if isinstance(content, str):
+            total += len(content.encode())
+        elif isinstance(content, list):
+            total += sum(len(str(part.get("text", "")).encode())
+                         for part in content if isinstance(part, dict))  # fmt: skip
+        total += 12
+    return total
+
+
+def choices(body: dict[str, Any]) -> int:
+    """How many answers the request asks for (``n``), each one billed."""
+    n = body.get("n")
+    return n if isinstance(n, int) and n > 1 else 1
 
 
 def estimate_tokens(body: dict[str, Any]) -> int:

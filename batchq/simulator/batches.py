@@ -33,6 +33,7 @@ from aiohttp import web
 from batchq.batch.rules import MODEL_STUDIO, OPENAI, BatchRules, window_hours
 from batchq.errors import UsageError
 from batchq.simulator.content import MODERATION_MARKER, completion, refusal, reply_for
+from batchq.simulator.ledger import Ledger
 
 if TYPE_CHECKING:
     from batchq.simulator.server import SimConfig
@@ -88,8 +89,9 @@ def _rules(request: web.Request) -> BatchRules:
 class BatchService:
     """The files and batches, their routes on ``app``, and what they saw."""
 
-    def __init__(self, config: SimConfig, app: web.Application) -> None:
+    def __init__(self, config: SimConfig, app: web.Application, ledger: Ledger) -> None:
         self.config = config
+        self.ledger = ledger
         self.stats = BatchStats()
         self.files: dict[str, dict[str, Any]] = {}
         self.contents: dict[str, bytes] = {}
@@ -314,14 +316,16 @@ class BatchService:
             return self._error_line(line, 400, "invalid_parameter_error", refused)
         if self._rng.random() < self.config.batch_fail_lines:
             return self._error_line(line, 500, "internal_error", "An internal error occurred.")
+        whole = completion(body, f"chatcmpl-batch-{ident}", per_char=self.config.tokens_per_char)
+        self.ledger.add("batch", body, 200, reply, whole["usage"])
         return {"id": ident, "custom_id": line.get("custom_id"), "error": None,
-                "response": {"status_code": 200, "request_id": ident,
-                             "body": completion(body, f"chatcmpl-batch-{ident}")}}  # fmt: skip
+                "response": {"status_code": 200, "request_id": ident, "body": whole}}  # fmt: skip
 
     def _error_line(
         self, line: dict[str, Any], status: int | None, code: str, message: str
     ) -> dict[str, Any]:
         ident = f"batch_req_{next(self._ids)}"
+        self.ledger.add("batch", dict(line.get("body") or {}), status or 0, "")  # unbilled
         error = {"code": code, "message": message}
         response = None
         if status is not None:  # the body a live request gets (type, param and all)

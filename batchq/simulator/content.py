@@ -13,11 +13,13 @@ The answer is a deterministic function of the body, so tests can check every row
   ``"thinking about: …"``, counted in ``completion_tokens_details.reasoning_tokens``;
 - Model Studio's rules: thinking is served only streamed, so a non-streamed request
   that would think is refused with 400, as the service does;
-- usage counts words: a token a word, three more a message.
+- usage counts words: a token a word, three more a message (or, with ``per_char``, a
+  number of tokens a character, as a CJK tokenizer counts; ``max_tokens`` cuts by those).
 """
 
 from __future__ import annotations
 
+import math
 import re
 import time
 import zlib
@@ -114,8 +116,17 @@ def refusal(body: dict[str, Any]) -> str | None:
     return "parameter.enable_thinking must be set to false for non-streaming calls"
 
 
-def completion(body: dict[str, Any], request_id: str) -> dict[str, Any]:
-    """The whole completion object for ``body``."""
+def tokens(text: str, per_char: float | None = None) -> int:
+    """A text's tokens: a word each, or ``per_char`` a character (a CJK-like tokenizer)."""
+    if per_char is None:
+        return len(text.split(" "))
+    return math.ceil(len(text) * per_char)
+
+
+def completion(
+    body: dict[str, Any], request_id: str, *, per_char: float | None = None
+) -> dict[str, Any]:
+    """The whole completion object for ``body`` (its tokens counted as ``tokens`` says)."""
     messages = body["messages"]
     model = str(body["model"])
     n: int = body["n"] if isinstance(body.get("n"), int) and body["n"] > 1 else 1
@@ -143,10 +154,16 @@ def completion(body: dict[str, Any], request_id: str) -> dict[str, Any]:
         finish = "stop"
         if isinstance(cap, int) and len(words) > cap:
             words, finish = words[:cap], "length"
-        message["content"] = " ".join(words)
-        words_out += len(words)
+        text = " ".join(words)
+        if per_char is not None and isinstance(cap, int) and tokens(text, per_char) > cap:
+            text, finish = text[: int(cap / per_char)], "length"
+        message["content"] = text
+        words_out += tokens(text, per_char)
         choices.append({"index": i, "message": message, "finish_reason": finish})
-    prompt_tokens = sum(3 + len(str(m.get("content", "")).split()) for m in messages)
+    if per_char is None:
+        prompt_tokens = sum(3 + len(str(m.get("content", "")).split()) for m in messages)
+    else:
+        prompt_tokens = sum(3 + tokens(str(m.get("content", "")), per_char) for m in messages)
     completion_tokens = words_out + reasoning_words
     usage: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,

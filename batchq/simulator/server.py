@@ -32,6 +32,7 @@ from aiohttp import web
 
 from batchq.simulator.batches import BatchService
 from batchq.simulator.content import MODERATION_MARKER, chunks, completion, refusal, reply_for
+from batchq.simulator.ledger import Ledger
 from batchq.simulator.limits import Limit, Shape, SlidingWindow, limit
 
 __all__ = [
@@ -99,6 +100,9 @@ class SimConfig:
     burst_s: float = 0.0
     api_key: str | None = None
     seed: int = 0
+    #: tokens a character of the messages and answers (a CJK-like tokenizer); None: a
+    #: token a word
+    tokens_per_char: float | None = None
     #: the Batch API (``batches.py``): seconds a batch takes; the share of its lines that
     #: fail with a 500; whether it expires half-done; a step that answers ``stall_s`` late
     batch_seconds: float = 2.0
@@ -129,6 +133,16 @@ class SimStats:
     by_prompt: Counter[str] = field(default_factory=Counter)
     #: the first 10,000 request bodies received, as sent
     bodies: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class _Seen:
+    """What the handler saw of one request, for the ledger: its body and reply, and the
+    usage of the completion it generated (billed when it answers 200)."""
+
+    body: dict[str, Any] = field(default_factory=dict)
+    reply: str = ""
+    billed: dict[str, Any] | None = None
 
 
 def _json(data: dict[str, Any]) -> web.Response:
@@ -168,7 +182,9 @@ class Simulator:
         # elsewhere a 404, as a real one answers, so that a rehearsal catches a missing /v1.
         self.app.router.add_post(r"/{prefix:(?:.*/)?}v1/chat/completions", self.handle)
         self.app.router.add_get("/_stats", self.report)
-        self.batch = BatchService(self.config, self.app)
+        self.app.router.add_get("/_ledger", self.report_ledger)
+        self.ledger = Ledger()
+        self.batch = BatchService(self.config, self.app, self.ledger)
 
     async def report(self, request: web.Request) -> web.Response:
         """``GET /_stats``: requests seen and answers by status, for benchmarks."""
@@ -187,9 +203,17 @@ class Simulator:
                       "first_per_second": per_second(stats.first_by_second),
                       "limited_per_second": per_second(stats.limited_by_second)})  # fmt: skip
 
+    async def report_ledger(self, request: web.Request) -> web.Response:
+        """``GET /_ledger``: every request answered or refused, with what it was billed."""
+        return _json(self.ledger.report())
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.stats.requests += 1
-        response = await self._answer(request)
+        seen = _Seen()
+        response = await self._answer(request, seen)
+        status = response.status if response is not None else 0
+        usage = seen.billed if status == 200 else None
+        self.ledger.add("live", seen.body, status, seen.reply, usage)
         self.stats.by_status[response.status if response is not None else 0] += 1
         if response is not None and response.status == 200:
             self.stats.ok_by_second[int(time.monotonic())] += 1
@@ -199,7 +223,7 @@ class Simulator:
             raise asyncio.CancelledError
         return response
 
-    async def _answer(self, request: web.Request) -> web.StreamResponse | None:
+    async def _answer(self, request: web.Request, seen: _Seen) -> web.StreamResponse | None:
         config = self.config
         try:
             body = orjson.loads(await request.read())
@@ -208,6 +232,7 @@ class Simulator:
         except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
             return _error(400, "invalid_parameter_error", "The request body is not valid: "
                           "it needs model and messages.", "invalid_request_error")  # fmt: skip
+        seen.body, seen.reply = body, reply
         self.stats.by_prompt[reply] += 1
         second = int(time.monotonic())
         self.stats.received_by_second[second] += 1
@@ -235,8 +260,8 @@ class Simulator:
             await asyncio.sleep(self._latency_s())
         fault = self._fault()
         if fault is not None:
-            return await self._inject(fault, body, request)
-        whole = completion(body, f"chatcmpl-sim-{next(self._ids)}")
+            return await self._inject(fault, body, request, seen)
+        whole = self._completion(body, seen)
         if body.get("stream"):
             return await self._stream(request, whole, body)
         return _json(whole)
@@ -272,7 +297,7 @@ class Simulator:
         return None
 
     async def _inject(
-        self, fault: str, body: dict[str, Any], request: web.Request
+        self, fault: str, body: dict[str, Any], request: web.Request, seen: _Seen
     ) -> web.StreamResponse | None:
         if fault == "500":
             return _error(500, "internal_error", "An internal error has occurred.",
@@ -286,7 +311,7 @@ class Simulator:
             return None
         if fault == "malformed":
             return _json({"object": "error", "detail": "upstream returned no choices"})
-        whole = completion(body, f"chatcmpl-sim-{next(self._ids)}")
+        whole = self._completion(body, seen)  # generated (and billed), then cut or slow
         if fault == "truncate" and body.get("stream"):
             return await self._stream(request, whole, body, cut=True)
         full = orjson.dumps(whole)
@@ -296,6 +321,12 @@ class Simulator:
         if body.get("stream"):
             return await self._stream(request, whole, body)
         return web.Response(body=full, content_type="application/json")
+
+    def _completion(self, body: dict[str, Any], seen: _Seen) -> dict[str, Any]:
+        whole = completion(body, f"chatcmpl-sim-{next(self._ids)}",
+                           per_char=self.config.tokens_per_char)  # fmt: skip
+        seen.billed = whole["usage"]
+        return whole
 
     def _throttled(self) -> web.Response | None:
         """Within the configured quota window: its refusal."""

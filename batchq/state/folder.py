@@ -29,7 +29,7 @@ from batchq.files import read_parquet, write_atomic
 from batchq.io.keys import RepeatFinder
 from batchq.io.preflight import InputInfo
 from batchq.io.rules import ROW_COLUMN
-from batchq.result import FEW_VALUES, PRIOR_COLUMNS, SHARD_SCHEMA, Result, shard_table
+from batchq.result import BATCH_PART, FEW_VALUES, PRIOR_COLUMNS, SHARD_SCHEMA, Result, shard_table
 from batchq.state import lock
 from batchq.state.layout import (
     BATCH_FILES,
@@ -222,7 +222,7 @@ class StateDir:
         prior: dict[int, dict[str, Any]] = {}
         if not retry and reasks is None:
             return prior
-        names = ["_row", *PRIOR_COLUMNS, "response", "error_message"]
+        names = ["_row", *PRIOR_COLUMNS, *BATCH_PART, "response", "error_message"]
         for table in self.latest(["status", *names[1:]]):
             again = table.filter(self._again(table, retry, reasks))
             afresh = pc.is_in(again.column("status"), arrays.array(sorted(retry), pa.string()))

@@ -3,8 +3,9 @@ in its output file's metadata (MANIFEST_KEY), and the check that refuses to mix 
 
 The identity of a job's results: the input (digest, rows, id column), the endpoint (a
 rehearsal's simulator, or a provider and base URL) and the request settings that change
-answers. Beside it: the manifest's version, the price region (the caller's, so that
-``status`` and ``cost`` price it as the run did) and the command that resumes the run.
+answers. Beside it: the manifest's version, the price region and the price file's text
+(the caller's, so that ``status`` and ``cost`` price it as the run did, with no flag
+repeated) and the command that resumes the run.
 """
 
 from __future__ import annotations
@@ -36,10 +37,14 @@ MANIFEST_KEY = b"batchq.manifest"
 
 
 def manifest_for(
-    job: Job, info: InputInfo, *, region: str, command: str | None = None
-) -> dict[str, Any]:
-    """The manifest of ``job`` over the input ``info`` describes."""
-    return {"version": VERSION, "region": region, "command": command, **_identity(job, info)}
+    job: Job, info: InputInfo, *, region: str, command: str | None = None,
+    prices: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """The manifest of ``job`` over the input ``info`` describes; ``prices``: the text of
+    the price file the run was priced with (``status`` and ``cost`` price it so too)."""
+    recorded = {"prices": prices} if prices is not None else {}
+    return {"version": VERSION, "region": region, "command": command, **recorded,
+            **_identity(job, info)}  # fmt: skip
 
 
 def fingerprint(job: Job, digest: str) -> str:

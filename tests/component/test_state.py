@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from batchq.config import Job, load_job
-from batchq.engine.runner import FLUSH_MAX_ROWS, FLUSH_MAX_TEXT, Journal
+from batchq.engine.live import FLUSH_MAX_ROWS, FLUSH_MAX_TEXT, Journal
 from batchq.errors import UsageError
 from batchq.io.preflight import InputInfo, preflight
 from batchq.money.pricing import PriceTable

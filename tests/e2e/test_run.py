@@ -285,7 +285,7 @@ def test_quickstart_through_the_installed_command(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "DASHSCOPE_API_KEY"}
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert "done: 300 rows (300 ok, 0 error), 300 sent this run" in done.stdout
+    assert "done: 300 rows (300 ok, 0 error), 300 requests sent this run" in done.stdout
     df = pl.read_parquet(out)
     assert df.height == 300
     assert df["response"][0].startswith("echo: Review of ")

@@ -39,7 +39,7 @@ def test_a_budget_counts_each_request_in_flight_at_its_worst_case(
              "--max-tokens", "50", "--concurrency", "64", "--prices", prices]  # fmt: skip
     stopped = cli(*flags, "--max-cost", "1.02", env=ENV)
     assert stopped.exit_code == 3, stopped.output
-    assert "$1.0000 spent of --max-cost $1.0200" in stopped.output
+    assert "$1.0000 billed so far, of --max-cost $1.0200" in stopped.output
     assert "rerun with a higher --max-cost to go on" in stopped.output
     answered = sim.stats.by_status[200]
     assert answered == 20  # the server's own count: 20 x $0.05 <= $1.02, never 21

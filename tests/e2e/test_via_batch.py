@@ -81,7 +81,8 @@ def test_a_batch_run_writes_the_live_runs_columns(
     simulator: Callable[..., Any], write_jsonl: Callable[..., Path], cli: Any, tmp_path: Path
 ) -> None:
     """The same two-model job live and via batch: every output column the same, byte for
-    byte, but ``via``, ``latency_ms`` and ``request_id``; ``cost`` at the Batch share."""
+    byte, but ``via``, ``latency_ms``, ``request_id`` and the Batch API's part of the usage
+    (all of it); ``cost`` at the Batch share."""
     sim = simulator(batch_seconds=0.2)
     source = write_jsonl(rows(120, flagged=(9,)))
     prices = tmp_path / "prices.toml"
@@ -103,7 +104,13 @@ def test_a_batch_run_writes_the_live_runs_columns(
     assert batch.filter(pl.col("status") == "ok")["request_id"].is_not_null().all()
     assert (batch["cost"] - live["cost"] * 0.5).abs().max() < 1e-15  # type: ignore[operator]
     assert live.filter(pl.col("status") == "error")["id"].to_list() == ["r9"]
-    same = [c for c in live.columns if c not in ("via", "latency_ms", "request_id", "cost")]
+    ok = batch.filter(pl.col("status") == "ok")
+    assert ok["batch_prompt_tokens"].equals(ok["prompt_tokens"])
+    assert ok["batch_completion_tokens"].equals(ok["completion_tokens"])
+    assert live["batch_prompt_tokens"].is_null().all()
+    apart = ("via", "latency_ms", "request_id", "cost", "batch_prompt_tokens",
+             "batch_completion_tokens")  # fmt: skip
+    same = [c for c in live.columns if c not in apart]
     assert batch.columns == live.columns
     differ = [c for c in same if not batch[c].equals(live[c])]
     assert differ == [], (batch.select(differ).head(3), live.select(differ).head(3))

@@ -195,7 +195,7 @@ def test_status_of_a_running_a_killed_and_a_finished_run(
     (line,) = report["lines"]
     assert line["rows"] == n
     assert (
-        f"tokens: {line['prompt_tokens']:,} prompt (0 cached) + "
+        f"tokens billed: {line['prompt_tokens']:,} prompt (0 cached) + "
         f"{line['completion_tokens']:,} completion (0 reasoning); "
         f"cost: {money(report['totals']['USD'], 'USD')}"
     ) in summary
