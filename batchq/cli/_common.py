@@ -11,6 +11,7 @@ import click
 import orjson
 
 from batchq.cli.progress import money
+from batchq.cli.streams import write_or_silence
 from batchq.config import Job, load_job
 from batchq.errors import BatchqError
 from batchq.money.report import CostReport
@@ -93,5 +94,11 @@ def cost_text(report: CostReport) -> str:
 
 
 def fail(error: BatchqError) -> NoReturn:
-    click.echo(f"error: {error}", err=True)
+    say(f"error: {error}", err=True)
     sys.exit(error.exit_code)
+
+
+def say(text: str, *, err: bool = False) -> None:
+    """``click.echo``, but a reader that went away (``| head``) silences the stream instead
+    of turning the command's exit code into 1."""
+    write_or_silence(sys.stderr if err else sys.stdout, text + "\n")

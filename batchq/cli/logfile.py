@@ -11,13 +11,16 @@ anything shaped like one before it is written.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import sys
 import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import orjson
 
+from batchq.cli.streams import write_or_silence
 from batchq.errors import UsageError
 from batchq.events import (
     Checking,
@@ -58,7 +61,7 @@ class JsonLog:
             self._file: BinaryIO = path.open("ab")
         except OSError as e:
             raise UsageError(f"cannot write the log file {path}: {e.strerror}") from None
-        self._key = api_key
+        self._key, self._path, self._failed = api_key, path, False
 
     def __call__(self, event: Event) -> None:
         if (isinstance(event, RowFinished) and event.status == "ok") or isinstance(
@@ -87,12 +90,21 @@ class JsonLog:
                      "message": str(error)})  # fmt: skip
 
     def _write(self, record: dict[str, Any]) -> None:
+        if self._failed:
+            return
         line = orjson.dumps(record, default=str).decode()
-        self._file.write(redact(line, self._key).encode() + b"\n")
-        self._file.flush()
+        try:
+            self._file.write(redact(line, self._key).encode() + b"\n")
+            self._file.flush()
+        except OSError as e:  # a full disk: the log stops, the run goes on
+            self._failed = True
+            write_or_silence(sys.stderr, f"the log file {self._path} could not be written "
+                             f"({e.strerror}): logging stops here, the run goes on\n")  # fmt: skip
 
     def close(self) -> None:
-        self._file.close()
+        # What was left to flush may not fit: that was said at the first failure.
+        with contextlib.suppress(OSError):
+            self._file.close()
 
 
 def _fields(obj: Any, *, exclude: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TextIO
 
+from batchq.cli.streams import gone, silence, write_or_silence
 from batchq.events import (
     Checking,
     Event,
@@ -129,6 +130,7 @@ class PlainProgress:
         self._out, self._every, self._clock = out, every_s, clock
         self.tally = Tally(prices, region, clock=clock)
         self._last = clock()
+        self._shown = True  # False once the reader went away: the run goes on unshown
 
     def __call__(self, event: Event) -> None:
         self.tally.add(event)
@@ -152,7 +154,8 @@ class PlainProgress:
         return f"{t.done:,}/{t.todo:,} rows ({share:.0%}) · {t.stats()} · ETA {t.eta()}"
 
     def _print(self, text: str) -> None:
-        print(text, file=self._out, flush=True)
+        if self._shown:
+            self._shown = write_or_silence(self._out, text + "\n")
 
 
 class LiveProgress:
@@ -184,9 +187,21 @@ class LiveProgress:
         self._shown = 0.0
         self._checking_since: float | None = None
         self._started = False
+        self._gone = False
 
     def __call__(self, event: Event) -> None:
         self.tally.add(event)
+        if self._gone:
+            return
+        try:
+            self._display(event)
+        except OSError as e:  # the terminal went away: the run goes on unshown
+            if not gone(e):
+                raise
+            self._gone = True
+            silence(self._live.console.file)
+
+    def _display(self, event: Event) -> None:
         match event:
             case Checking():
                 now = self._clock()
@@ -229,7 +244,11 @@ class LiveProgress:
 
     def close(self) -> None:
         """Stop the display (a run that ended by an error has no RunFinished)."""
-        self._live.stop()
+        try:
+            self._live.stop()
+        except OSError as e:
+            if not gone(e):
+                raise
 
 
 def _checking_text(event: Checking) -> str:

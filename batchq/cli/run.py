@@ -12,7 +12,7 @@ import click
 
 from batchq.batch.flow import BatchPlan, rules_of
 from batchq.batch.rules import window_hours
-from batchq.cli._common import PRICE_FILE, cost_text, fail, job_from, job_options
+from batchq.cli._common import PRICE_FILE, cost_text, fail, job_from, job_options, say
 from batchq.cli.logfile import JsonLog
 from batchq.cli.progress import LiveProgress, PlainProgress
 from batchq.config import Job, simulated
@@ -152,22 +152,22 @@ def _print_summary(s: RunSummary, prices: PriceTable, tally: CostTally, command:
     counts = f"{s.ok:,} ok, " + (f"{s.invalid:,} invalid, " if s.invalid else "")
     counts += f"{s.error:,} error"
     if s.running_batches:
-        click.echo(f"submitted: {s.running_batches} batches run on the provider "
+        say(f"submitted: {s.running_batches} batches run on the provider "
                    f"({s.pending:,} rows); collect them with: {command}")  # fmt: skip
         return
     if s.pending:
-        click.echo(f"{s.pending:,} rows stay pending ({counts} so far); the output is not "
+        say(f"{s.pending:,} rows stay pending ({counts} so far); the output is not "
                    f"written yet: `{command}` sends them")  # fmt: skip
         return
     if s.already_complete:
-        click.echo(f"{s.output}: complete already ({counts}); nothing sent")
+        say(f"{s.output}: complete already ({counts}); nothing sent")
         return
-    click.echo(f"done: {s.total:,} rows ({counts}), {_sent_text(s)}, in {s.elapsed_s:.1f} s "
+    say(f"done: {s.total:,} rows ({counts}), {_sent_text(s)}, in {s.elapsed_s:.1f} s "
                f"-> {s.output}")  # fmt: skip
     # The merge fed the tally every row of the output; a run that merged nothing (an
     # empty input) reads what is there.
     report = tally.report() if tally.sums else cost_report(find_results(s.output), prices)
-    click.echo(f"tokens billed: {_tokens_text(report.lines)}; cost: {cost_text(report)}")
+    say(f"tokens billed: {_tokens_text(report.lines)}; cost: {cost_text(report)}")
 
 
 def _sent_text(s: RunSummary) -> str:
