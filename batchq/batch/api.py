@@ -19,6 +19,7 @@ and failed in another is ok.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -29,7 +30,8 @@ import orjson
 
 from batchq.answer import Checker
 from batchq.config import Job, job_settings
-from batchq.errors import InputError, UsageError
+from batchq.errors import InputError, RunStopped, UsageError
+from batchq.files import disk_of, no_space, write_atomic
 from batchq.io.preflight import InputInfo, preflight, row_id
 from batchq.io.reader import read_batches
 from batchq.money.pricing import PriceTable, RowPricer, region_of
@@ -124,6 +126,34 @@ def export_rows(
         raise UsageError(f"cannot make the export folder {folder}: {e.strerror}; choose "
                          "another --out-dir") from None  # fmt: skip
     result = ExportResult(folder, 0, already_done=done.count())
+    try:
+        _write_lines(job, info, folder, done, result, max_lines=max_lines,
+                     max_bytes=max_bytes, take=take)  # fmt: skip
+        manifest = {"name": job.name, "input": str(info.path), "input_digest": info.digest,
+                    "id_column": info.id_column, "rows": result.rows, "files": result.files,
+                    "request": _manifest(job, info, None)["request"],
+                    "job": job_settings(job)}  # fmt: skip
+        text = orjson.dumps(manifest, option=orjson.OPT_INDENT_2)
+        write_atomic(result.manifest, lambda f: f.write(text))
+    except OSError as e:  # a full disk: no half-written file is left to be uploaded
+        for entry in result.files:
+            with contextlib.suppress(OSError):
+                (folder / entry["file"]).unlink(missing_ok=True)
+        where = (f"no space left on {disk_of(folder)}" if no_space(e) else
+                 f"cannot write to {folder}: {e.strerror}")  # fmt: skip
+        raise RunStopped(
+            f"{where}: the Batch-API files were not written; free some space "
+            "(or fix the folder) and rerun the same command"
+        ) from None
+    return result
+
+
+def _write_lines(
+    job: Job, info: InputInfo, folder: Path, done: RowMask, result: ExportResult, *,
+    max_lines: int, max_bytes: int, take: Take | None,
+) -> None:  # fmt: skip
+    """The rows' lines into files of at most ``max_lines`` lines and ``max_bytes`` bytes,
+    one model's a file; each file, once closed (or failed), is in ``result.files``."""
     open_files: dict[str, _File] = {}
     counts: dict[str, int] = {}
     try:
@@ -150,15 +180,13 @@ def export_rows(
             file.first_row = index if file.first_row < 0 else file.first_row
             file.last_row = index
             result.rows += 1
-    finally:
+    except BaseException:
         for file in open_files.values():
-            _close(file, result)
-    manifest = {"name": job.name, "input": str(info.path), "input_digest": info.digest,
-                "id_column": info.id_column, "rows": result.rows, "files": result.files,
-                "request": _manifest(job, info, None)["request"],
-                "job": job_settings(job)}  # fmt: skip
-    result.manifest.write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
-    return result
+            with contextlib.suppress(OSError):  # what was buffered did not fit: said above
+                _close(file, result)
+        raise
+    for file in open_files.values():
+        _close(file, result)
 
 
 def _open(folder: Path, name: str, model: str, number: int) -> _File:
@@ -169,8 +197,10 @@ def _open(folder: Path, name: str, model: str, number: int) -> _File:
 
 def _close(file: _File, result: ExportResult) -> None:
     if not file.handle.closed:
-        file.handle.close()
-        result.files.append(file.entry())
+        try:
+            file.handle.close()  # closed, even when its last flush fails
+        finally:
+            result.files.append(file.entry())
 
 
 def _rows(info: InputInfo) -> Iterator[tuple[int, dict[str, Any]]]:

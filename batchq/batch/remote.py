@@ -10,6 +10,7 @@ never holding the key.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from collections.abc import AsyncIterator, Callable
@@ -22,6 +23,7 @@ import httpx
 import orjson
 
 from batchq.errors import RunStopped
+from batchq.files import disk_of, no_space
 from batchq.send.client import redact
 
 __all__ = ["Remote"]
@@ -145,7 +147,10 @@ class Remote:
                     response = await self._http.send(request(stack), stream=True)
                     stack.push_async_callback(response.aclose)
                     if into is not None and response.is_success:
-                        await _save(response, into)
+                        try:
+                            await _save(response, into)
+                        except OSError as e:
+                            raise RunStopped(_unsaved(e, into)) from None
                         return b""
                     content = await response.aread()
             except httpx.TransportError as e:
@@ -172,12 +177,26 @@ class Remote:
 async def _save(response: httpx.Response, path: Path) -> None:
     """``response``'s body into ``path`` through a ``.part`` file: whole or not at all."""
     partial = path.with_name(path.name + ".part")
-    with partial.open("wb") as out:
-        async for chunk in response.aiter_bytes(1 << 20):
-            out.write(chunk)
-        out.flush()
-        os.fsync(out.fileno())
-    partial.replace(path)
+    try:
+        with partial.open("wb") as out:
+            async for chunk in response.aiter_bytes(1 << 20):
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        partial.replace(path)
+    except BaseException:  # a full disk, a lost connection: no part left filling the disk
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        raise
+
+
+def _unsaved(error: OSError, path: Path) -> str:
+    where = (f"no space left on {disk_of(path)}" if no_space(error) else
+             f"cannot write {path}: {error.strerror}")  # fmt: skip
+    return (
+        f"{where}: the batch's results stay on the provider until it expires; free "
+        "some space (or fix the folder) and rerun the same command to collect them"
+    )
 
 
 def _message(content: bytes) -> str:

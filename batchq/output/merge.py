@@ -20,18 +20,20 @@ pyarrow has no way to write fewer, larger row groups without holding them whole.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchq import arrays, memory
-from batchq.files import write_atomic
+from batchq.errors import RunStopped
+from batchq.files import disk_of, free_bytes, no_space, write_atomic
 from batchq.io.preflight import ROW_COLUMN, InputInfo
 from batchq.io.reader import read_batches
 from batchq.io.schema import input_arrays
@@ -101,8 +103,9 @@ def merge_output(
         metadata[CURRENCY_KEY] = ",".join(described["currencies"]).encode()
     schema = schema.with_metadata(metadata)
     statuses: Counter[str] = Counter()
+    written = _Written()
 
-    def write(f: object) -> None:
+    def write(f: BinaryIO) -> None:
         with pq.ParquetWriter(
             f, schema, use_dictionary=_dictionary_columns(schema),
             write_statistics=_statistics_columns(schema),
@@ -119,10 +122,42 @@ def merge_output(
                 writer.write_table(
                     pa.Table.from_arrays([*inputs.columns, *results.columns], schema=schema)
                 )
+                written.rows, written.bytes = written.rows + inputs.num_rows, f.tell()
                 del inputs, results  # not held while the next block is gathered (4.6 MB)
 
-    write_atomic(output, write)
+    try:
+        write_atomic(output, write)
+    except OSError as e:
+        raise _not_written(e, output, state, info, written) from None
     return MergeCounts(sum(statuses.values()), dict(statuses))
+
+
+@dataclass
+class _Written:
+    """How far the merge's write got: rows, and the bytes they took."""
+
+    rows: int = 0
+    bytes: int = 0
+
+
+def _not_written(error: OSError, output: Path, state: StateDir, info: InputInfo,
+                 written: _Written) -> RunStopped:  # fmt: skip
+    """What to tell when the output could not be written (its temp file is gone by now).
+    A full disk says how much room the whole file needs beyond what is free: the bytes a
+    row took so far times the rows, or, before the first block, the shards' and the
+    input's size (the output holds both, compressed)."""
+    kept = f"the results are kept in {state.path}, so nothing is sent again"
+    if not no_space(error):
+        return RunStopped(f"cannot write the output {output}: {error.strerror}; fix that "
+                          f"and rerun the same command to merge ({kept})")  # fmt: skip
+    if written.rows:
+        need = written.bytes * info.total_rows / written.rows
+    else:
+        shards = sum(p.stat().st_size for p in state.shard_paths())
+        need = shards + info.path.stat().st_size
+    more = max(1, math.ceil((need * 1.1 - free_bytes(output.parent)) / 1e6))
+    return RunStopped(f"no space left on {disk_of(output.parent)}: free {more:,} MB and "
+                      f"rerun the same command to merge ({kept})")  # fmt: skip
 
 
 def _block_rows(info: InputInfo, shards: ShardIndex) -> int:

@@ -3,6 +3,7 @@ job, the lock, the checks on the output path."""
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 from batchq.config import Job, load_job
 from batchq.engine.live import FLUSH_MAX_ROWS, FLUSH_MAX_TEXT, Journal
 from batchq.errors import UsageError
+from batchq.files import write_atomic
 from batchq.io.preflight import InputInfo, preflight
 from batchq.money.pricing import PriceTable
 from batchq.money.report import cost_report, find_results, status
@@ -196,3 +198,21 @@ def test_the_output_path_is_checked_before_anything_is_written(
         check_output(job_to(tmp_path / "file" / "o.parquet"))
     with pytest.raises(UsageError, match="is the input file"):
         check_output(job_to(path))
+
+
+@pytest.mark.parametrize("fault", [OSError(errno.ENOSPC, "No space left on device"),
+                                   KeyboardInterrupt()])  # fmt: skip
+def test_a_write_that_fails_leaves_neither_a_temp_file_nor_a_half_file(
+    tmp_path: Path, fault: BaseException
+) -> None:
+    path = tmp_path / "kept.bin"
+    path.write_bytes(b"the old whole file")
+
+    def half_then_fail(f: Any) -> None:
+        f.write(b"half of the new")
+        raise fault
+
+    with pytest.raises(type(fault)):
+        write_atomic(path, half_then_fail)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.bin"]
+    assert path.read_bytes() == b"the old whole file"

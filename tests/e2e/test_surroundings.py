@@ -4,8 +4,16 @@ twice, no temporary file left, a clear message and the documented exit code."""
 
 from __future__ import annotations
 
+import os
+import random
+import re
+import resource
+import shlex
+import shutil
+import string
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,3 +57,142 @@ def test_a_pipe_closed_after_the_first_line_does_not_stop_the_run(
     assert set(df["status"]) == {"ok"}
     assert sim.stats.requests >= 300
     assert '"event":"run_finished"' in (tmp_path / "run.log").read_text()
+
+
+# --- a full disk ---------------------------------------------------------------------------
+
+
+def long_rows(n: int) -> list[dict[str, Any]]:
+    """Rows of 3,000 random letters: Parquet's compression cannot shrink them much, so
+    the output's size (input plus answers) is known to about a tenth."""
+    rng = random.Random(7)
+    return [{"id": f"r{i}", "text": "".join(rng.choices(string.ascii_letters, k=3000))}
+            for i in range(n)]  # fmt: skip
+
+
+def on_a_small_disk(tmp_path: Path, steps: str, mb: int) -> dict[str, str]:
+    """Run the shell ``steps`` with ``$DISK`` a tmpfs of ``mb`` MB, mounted in a mount
+    namespace of their own (no root needed where user namespaces are allowed); skip the
+    test where it cannot be mounted. Returns what the steps wrote into ``$KEEP``, which
+    outlives the disk: file name -> text."""
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1) to mount a small disk")
+    disk, keep = tmp_path / "disk", tmp_path / "keep"
+    disk.mkdir()
+    keep.mkdir()
+    script = f'mount -t tmpfs -o size={mb}m tmpfs "$DISK" || exit 97\n{steps}'
+    env = {**os.environ, "DISK": str(disk), "KEEP": str(keep), "PY": sys.executable}
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=200)  # fmt: skip
+    if done.returncode == 97 or "unshare failed" in done.stderr:
+        pytest.skip(f"cannot mount a small disk here: {done.stderr.strip()[:200]}")
+    assert done.returncode == 0, done.stderr
+    return {p.name: p.read_text() for p in keep.iterdir() if p.suffix != ".parquet"}
+
+
+def run_line(sim: Any, path: Path, out: str, *extra: str) -> str:
+    return " ".join(shlex.quote(a) for a in command(sim, path, Path(out), *extra)).replace(
+        shlex.quote(out), f'"{out}"'
+    )
+
+
+@pytest.mark.timeout(240)
+def test_a_disk_too_full_for_the_merge_stops_with_exit_3_and_no_temp_file(
+    simulator: Callable[..., Any], write_jsonl: Callable[..., Path], tmp_path: Path
+) -> None:
+    """The shards fit, the merged output does not: exit 3 with how much room to make,
+    no temp file left filling the disk, the state kept; with room, a rerun merges and
+    sends nothing."""
+    sim = simulator(latency_ms=5)
+    path = write_jsonl(long_rows(1500))  # 4.5 MB of input, 4.5 MB of answers
+    run = run_line(sim, path, "$DISK/out.parquet")
+    kept = on_a_small_disk(tmp_path, mb=8, steps=f"""
+{run} > "$KEEP/first" 2>&1; echo $? > "$KEEP/first.rc"
+find "$DISK" -type f > "$KEEP/files"
+mount -o remount,size=40m tmpfs "$DISK"
+{run} > "$KEEP/second" 2>&1; echo $? > "$KEEP/second.rc"
+find "$DISK" -type f > "$KEEP/files.after"
+cp "$DISK/out.parquet" "$KEEP/out.parquet"
+""")  # fmt: skip
+    assert kept["first.rc"].strip() == "3", kept["first"]
+    said = re.search(r"no space left on (\S+): free ([\d,]+) MB and rerun the same command "
+                     r"to merge", kept["first"])  # fmt: skip
+    assert said, kept["first"]
+    assert said[1] == str(tmp_path / "disk")
+    assert 1 <= int(said[2].replace(",", "")) <= 12  # about 9 MB, less what was free
+    assert "Traceback" not in kept["first"]
+    files = kept["files"].split()
+    assert not [f for f in files if "/.tmp-" in f], files
+    assert [f for f in files if "/shards/" in f]  # the state is kept
+    assert kept["second.rc"].strip() == "0", kept["second"]
+    assert "0 requests sent" in kept["second"], kept["second"]
+    assert not [f for f in kept["files.after"].split() if ".tmp-" in f or ".batchq" in f]
+    df = pl.read_parquet(tmp_path / "keep" / "out.parquet")
+    assert df["id"].to_list() == [f"r{i}" for i in range(1500)]
+    assert set(df["status"]) == {"ok"}
+    assert sim.stats.requests == 1500  # nothing paid twice
+
+
+@pytest.mark.timeout(240)
+def test_a_disk_that_fills_while_sending_leaves_no_temp_shard(
+    simulator: Callable[..., Any], write_jsonl: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Shards fill the disk: exit 3, the temp shard removed, what was flushed kept; with
+    room, a rerun sends only what was not flushed."""
+    sim = simulator(latency_ms=5, fail_503=0.05, fail_429=0.05, fail_drop=0.02)
+    path = write_jsonl(long_rows(1500))
+    # A shard a second of 300 rows is about 1 MB: two or three fit.
+    run = run_line(sim, path, "$DISK/out.parquet", "--max-attempts", "20", "--qps", "300")
+    kept = on_a_small_disk(tmp_path, mb=3, steps=f"""
+{run} > "$KEEP/first" 2>&1; echo $? > "$KEEP/first.rc"
+find "$DISK" -type f > "$KEEP/files"
+"$PY" -c "import sys, pyarrow.parquet as pq; print(' '.join(str(r) for p in sys.argv[1:] \
+  for r in pq.read_table(p, columns=['_row'])['_row'].to_pylist()))" \
+  "$DISK"/out.parquet.batchq/shards/0*.parquet > "$KEEP/flushed"
+mount -o remount,size=40m tmpfs "$DISK"
+{run} > "$KEEP/second" 2>&1; echo $? > "$KEEP/second.rc"
+cp "$DISK/out.parquet" "$KEEP/out.parquet"
+""")  # fmt: skip
+    assert kept["first.rc"].strip() == "3", kept["first"]
+    assert f"no space left on {tmp_path / 'disk'}" in kept["first"], kept["first"]
+    assert "Traceback" not in kept["first"]
+    assert not [f for f in kept["files"].split() if "/.tmp-" in f], kept["files"]
+    flushed = {int(r) for r in kept["flushed"].split()}
+    assert flushed
+    assert kept["second.rc"].strip() == "0", kept["second"]
+    df = pl.read_parquet(tmp_path / "keep" / "out.parquet")
+    assert df["id"].to_list() == [f"r{i}" for i in range(1500)]
+    assert set(df["status"]) == {"ok"}
+    billed = Counter(line.reply for line in sim.simulator.ledger.lines if line.prompt_tokens)
+    texts = long_rows(1500)
+    assert all(billed[f"echo: Review: {texts[i]['text']}"] == 1 for i in flushed)
+
+
+@pytest.mark.timeout(120)
+def test_an_output_that_cannot_be_written_stops_with_exit_3_and_no_temp_file(
+    simulator: Callable[..., Any], write_jsonl: Callable[..., Path], tmp_path: Path
+) -> None:
+    """The same clean-up where no disk can be mounted: a file-size limit (RLIMIT_FSIZE)
+    that the shards fit under and the merged output does not fails the merge's write."""
+    sim = simulator(latency_ms=5)
+    path = write_jsonl(long_rows(1500))
+    out = tmp_path / "out" / "out.parquet"
+    args = command(sim, path, out, "--qps", "300")
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (3 << 20, 3 << 20))
+
+    first = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=100,
+                           preexec_fn=limit_file_size)  # fmt: skip
+    assert first.returncode == 3, first.stderr
+    assert f"cannot write the output {out}: File too large" in first.stderr, first.stderr
+    assert "rerun the same command to merge" in first.stderr
+    assert "Traceback" not in first.stderr
+    left = [p.name for p in out.parent.rglob("*") if p.name.startswith(".tmp-")]
+    assert not left
+    assert not out.exists()
+    second = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=100)
+    assert second.returncode == 0, second.stderr
+    assert "0 requests sent" in second.stdout
+    assert pl.read_parquet(out)["id"].to_list() == [f"r{i}" for i in range(1500)]
+    assert sim.stats.requests == 1500
