@@ -24,6 +24,7 @@ import secrets
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -34,7 +35,7 @@ import orjson
 from batchq.batch.api import export_rows, read_into, row_index
 from batchq.batch.rules import MODEL_STUDIO, OPENAI, BatchRules, window_hours
 from batchq.config import Job
-from batchq.errors import BatchqError, Interrupted, UsageError
+from batchq.errors import BatchqError, Interrupted, RunStopped, UsageError
 from batchq.events import Notice, Sink
 from batchq.files import write_atomic
 from batchq.io.preflight import InputInfo
@@ -45,7 +46,16 @@ if TYPE_CHECKING:
 
     from batchq.batch.remote import Remote
 
-__all__ = ["BatchPlan", "Entry", "Journal", "collect_or_refuse", "rules_of", "via_batch"]
+__all__ = [
+    "SIMULATOR",
+    "BatchPlan",
+    "Entry",
+    "Journal",
+    "collect_or_refuse",
+    "endpoint_of",
+    "rules_of",
+    "via_batch",
+]
 
 
 class Selection(Protocol):
@@ -76,6 +86,17 @@ TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 MAX_ROUNDS = 3
 POLL_MAX_S = 60.0
 Then = Literal["live", "batch", "none"]
+#: The journal's endpoint when its batches went to the built-in simulator (``--simulate``).
+#: That simulator lives as long as its command: its batches are never looked up again,
+#: here or on a real endpoint, and a later command forgets those it left open.
+SIMULATOR = "the built-in simulator"
+#: An entry's status once forgotten: its rows are pending again.
+FORGOTTEN = "forgotten"
+
+
+def endpoint_of(job: Job) -> str:
+    """Where ``job``'s batches go: its endpoint, or SIMULATOR for a rehearsal."""
+    return SIMULATOR if job.request.simulated else job.request.url
 
 
 @dataclass(frozen=True)
@@ -117,8 +138,13 @@ class Entry:
 
     @property
     def done(self) -> bool:
-        """Nothing is left to do for it here (collected, or never to be created)."""
+        """Nothing is left to do for it here (collected, forgotten, or never created)."""
         return self.imported
+
+    @property
+    def collected(self) -> bool:
+        """Its batch finished and its results were read in."""
+        return self.imported and self.status in TERMINAL
 
 
 @dataclass
@@ -128,6 +154,8 @@ class Journal:
     token: str
     window: str
     rounds: int = 0
+    #: where the batches are (``endpoint_of``); None in a journal from before it was kept
+    endpoint: str | None = None
     entries: list[Entry] = field(default_factory=list)
     path: Path = Path()
 
@@ -141,19 +169,42 @@ class Journal:
         return cls(**data, entries=entries, path=state.batch_journal)
 
     @classmethod
-    def begin(cls, state: StateDir, window: str) -> Journal:
-        journal = cls(secrets.token_hex(8), window, path=state.batch_journal)
+    def begin(cls, state: StateDir, window: str, endpoint: str) -> Journal:
+        journal = cls(secrets.token_hex(8), window, endpoint=endpoint, path=state.batch_journal)
         journal.save()
         return journal
 
     def save(self) -> None:
         data = {"token": self.token, "window": self.window, "rounds": self.rounds,
+                "endpoint": self.endpoint,
                 "entries": [asdict(e) for e in self.entries]}  # fmt: skip
         text = orjson.dumps(data, option=orjson.OPT_INDENT_2)
         write_atomic(self.path, lambda f: f.write(text))
 
     def open_entries(self) -> list[Entry]:
         return [e for e in self.entries if not e.done]
+
+    @property
+    def simulated(self) -> bool:
+        """Whether the batches went to a built-in simulator, gone with its command."""
+        return self.endpoint == SIMULATOR
+
+    def url(self, job: Job) -> str:
+        """Where the batches are looked up: where they went (the job's endpoint for a
+        journal that did not keep it). A rehearsal's are this command's simulator's: an
+        earlier command's were forgotten before this one began (``collect_or_refuse``)."""
+        if self.simulated:
+            assert job.request.simulated, "a rehearsal's batches asked of a real endpoint"
+            return job.request.url
+        return self.endpoint or job.request.url
+
+    def forget(self, entries: list[Entry]) -> int:
+        """Give ``entries`` up (their batches are gone): their rows are pending again,
+        for the next run to send. The rows they held."""
+        for entry in entries:
+            entry.status, entry.imported, entry.cleaned = FORGOTTEN, True, True
+        self.save()
+        return sum(e.lines for e in entries)
 
     def name(self, entry: Entry) -> str:
         """The file's name on the provider: found again by it after a lost answer."""
@@ -167,11 +218,20 @@ def rules_of(job: Job) -> BatchRules:
     return MODEL_STUDIO if job.request.model_studio else OPENAI
 
 
-def collect_or_refuse(state: StateDir, via: str, restart: bool) -> None:
+def collect_or_refuse(state: StateDir, via: str, restart: bool, sink: Sink) -> None:
     """A live run, or ``--restart``, while batches of this job are on the provider would
-    pay for their rows twice (or lose them): refused, saying how to collect them."""
+    pay for their rows twice (or lose them): refused, saying how to collect them. The
+    batches an earlier rehearsal left open went with its simulator: forgotten, said."""
     journal = Journal.load(state)
     if journal is None or not journal.open_entries():
+        return
+    if journal.simulated:
+        if state.holder()[0]:  # the rehearsal is still on: opening the state refuses
+            return
+        gone = journal.open_entries()
+        rows = journal.forget(gone)
+        sink(Notice(f"{len(gone)} batches of an earlier rehearsal (--simulate) went with its "
+                    f"simulator: forgotten, their {rows:,} rows are pending again"))  # fmt: skip
         return
     running = [e for e in journal.open_entries() if e.batch_id or e.uploading or e.creating]
     if via == "batch" and not restart:
@@ -181,8 +241,8 @@ def collect_or_refuse(state: StateDir, via: str, restart: bool) -> None:
     raise UsageError(
         f"{len(running)} batches of this job are on the provider, not collected yet: "
         "collect them with the same command and --via batch (or cancel them with "
-        "`batchq batch cancel JOB`) first; a live run or --restart now would pay for "
-        "their rows twice"
+        "`batchq batch cancel JOB`; if the provider no longer knows them, `batchq batch "
+        "forget JOB`) first; a live run or --restart now would pay for their rows twice"
     )
 
 
@@ -196,11 +256,14 @@ async def via_batch(
     false)."""
     rules = rules_of(job)
     window_hours(plan.window, rules)
-    journal = Journal.load(state) or Journal.begin(state, plan.window)
+    journal = Journal.load(state) or Journal.begin(state, plan.window, endpoint_of(job))
+    if journal.endpoint is None:  # a journal from before endpoints were kept
+        journal.endpoint = endpoint_of(job)
+        journal.save()
     failed: BatchqError | None = None
     from batchq.batch.remote import Remote  # httpx: only a batch run loads it
 
-    async with Remote(job.request.url, api_key=api_key, transport=transport) as remote:
+    async with Remote(journal.url(job), api_key=api_key, transport=transport) as remote:
         flow = _Flow(job, info, state, plan, journal, remote, sink, stop, rules, select)
         async with anyio.create_task_group() as tg:
             if threading.current_thread() is threading.main_thread():
@@ -319,7 +382,10 @@ class _Flow:
         while waiting := [e for e in self.journal.open_entries() if e.status not in TERMINAL]:
             for entry in waiting:
                 assert entry.batch_id is not None
-                if self._seen(entry, await self.remote.batch(entry.batch_id)):
+                batch = await self.remote.batch(entry.batch_id)
+                if batch is None:
+                    raise RunStopped(_unknown(entry))
+                if self._seen(entry, batch):
                     self.sink(Notice(_progress(entry)))
             if all(e.status in TERMINAL for e in waiting):
                 return
@@ -403,6 +469,14 @@ def _take(entry: Entry, batch: dict[str, Any]) -> bool:
     return before != (entry.status, entry.counts)
 
 
+def _unknown(entry: Entry) -> str:
+    return (
+        f"the provider no longer knows batch {entry.batch_id} ({entry.model}, "
+        f"{entry.lines:,} rows): `batchq batch forget JOB` forgets it, and the next run "
+        "sends its rows again"
+    )
+
+
 def _progress(entry: Entry) -> str:
     counts = entry.counts
     total = counts.get("total") or entry.lines
@@ -416,45 +490,121 @@ def describe(entry: Entry) -> dict[str, Any]:
     return {"batch_id": entry.batch_id, "model": entry.model, "key": entry.key,
             "status": entry.status or ("uploading" if entry.file_id is None else "creating"),
             "counts": entry.counts, "created_at": entry.created_at,
-            "expires_at": entry.expires_at, "collected": entry.imported,
+            "expires_at": entry.expires_at, "collected": entry.collected,
             "age_s": int(time.time() - entry.created_at) if entry.created_at else None}  # fmt: skip
 
 
-async def refreshed(job: Job, api_key: str | None) -> list[Entry]:
-    """The job's batches, each as the provider says it is now (the journal unchanged)."""
+async def refreshed(job: Job, api_key: Callable[[], str | None], *,
+                    ask: bool = True) -> list[Entry]:  # fmt: skip
+    """The job's batches, each as the provider says it is now (the journal unchanged);
+    as last recorded when not ``ask`` (``--simulate``: no key, no network), and for a
+    rehearsal's batches, which went with its simulator. ``api_key`` is called only when
+    the provider is asked."""
     journal = Journal.load(StateDir.of(job.output))
     if journal is None:
         return []
+    open_ = [e for e in journal.open_entries() if e.batch_id]
+    if journal.simulated:
+        for entry in journal.open_entries():
+            entry.status = "gone with the rehearsal's simulator"
+        return journal.entries
+    if not ask or not open_:
+        return journal.entries
     from batchq.batch.remote import Remote  # httpx: only a batch run loads it
 
-    async with Remote(job.request.url, api_key=api_key) as remote:
-        for entry in journal.entries:
-            if entry.batch_id and not entry.imported:
-                _take(entry, await remote.batch(entry.batch_id))
+    async with Remote(journal.url(job), api_key=api_key()) as remote:
+        for entry in open_:
+            assert entry.batch_id is not None
+            batch = await remote.batch(entry.batch_id)
+            if batch is None:
+                entry.status = "unknown to the provider (`batchq batch forget JOB`)"
+            else:
+                _take(entry, batch)
     return journal.entries
 
 
-async def cancel(job: Job, api_key: str | None) -> list[str]:
-    """Cancel the job's batches still running on the provider; their ids."""
-    journal = Journal.load(StateDir.of(job.output))
-    cancelled: list[str] = []
-    if journal is None:
-        return cancelled
+@dataclass
+class Outcome:
+    """What ``cancel`` or ``forget`` did: the batches it cancelled or forgot, and a word
+    on each it left as it was."""
+
+    done: list[str] = field(default_factory=list)
+    rows: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+async def cancel(job: Job, api_key: Callable[[], str | None]) -> Outcome:
+    """Cancel the job's batches still running on the provider. A rehearsal's are gone
+    with its simulator: forgotten instead."""
     state = StateDir.of(job.output)
+    journal = Journal.load(state)
+    outcome = Outcome()
+    if journal is None or not journal.open_entries():
+        return outcome
+    if journal.simulated:
+        return _forget_rehearsal(journal)
     held = state.holder()[0]  # a run waits on them: it alone writes the journal
     from batchq.batch.remote import Remote  # httpx: only a batch run loads it
 
-    async with Remote(job.request.url, api_key=api_key) as remote:
+    async with Remote(journal.url(job), api_key=api_key()) as remote:
         for entry in journal.open_entries():
             if entry.batch_id is None and not held:
                 await _never_submit(journal, entry, remote)
             if entry.batch_id is None:
                 continue
             batch = await remote.batch(entry.batch_id)
-            if batch.get("status") not in TERMINAL:
+            if batch is None:
+                outcome.notes.append(_unknown(entry))
+            elif batch.get("status") not in TERMINAL:
                 await remote.cancel(entry.batch_id)
-                cancelled.append(entry.batch_id)
-    return cancelled
+                outcome.done.append(entry.batch_id)
+    return outcome
+
+
+async def forget(job: Job, api_key: Callable[[], str | None]) -> Outcome:
+    """Forget the job's batches the provider no longer knows (or that went with a
+    rehearsal's simulator): their rows are pending again. A batch the provider still
+    knows is kept: forgetting it could pay for its rows twice."""
+    state = StateDir.of(job.output)
+    if state.holder()[0]:
+        raise UsageError(f"a run is using {state.path}: stop it (or let it end) first; "
+                         "it collects its batches itself")  # fmt: skip
+    journal = Journal.load(state)
+    outcome = Outcome()
+    if journal is None or not journal.open_entries():
+        return outcome
+    if journal.simulated:
+        return _forget_rehearsal(journal)
+    from batchq.batch.remote import Remote  # httpx: only a batch run loads it
+
+    gone: list[Entry] = []
+    async with Remote(journal.url(job), api_key=api_key()) as remote:
+        for entry in journal.open_entries():
+            if entry.batch_id is None:
+                await _never_submit(journal, entry, remote)
+                if entry.batch_id is None:  # it never became a batch: dropped already
+                    outcome.done.append(entry.key)
+                    outcome.rows += entry.lines
+                    continue
+            batch = await remote.batch(entry.batch_id)
+            if batch is None:
+                gone.append(entry)
+                continue
+            status = batch.get("status")
+            then = ("`batchq batch cancel JOB` cancels it" if status not in TERMINAL
+                    else "`batchq run JOB --via batch` collects it")  # fmt: skip
+            outcome.notes.append(f"batch {entry.batch_id} is {status} on the provider: "
+                                 f"kept ({then})")  # fmt: skip
+    outcome.rows += journal.forget(gone)
+    outcome.done += [str(e.batch_id) for e in gone]
+    return outcome
+
+
+def _forget_rehearsal(journal: Journal) -> Outcome:
+    gone = journal.open_entries()
+    rows = journal.forget(gone)
+    return Outcome([e.batch_id or e.key for e in gone], rows,
+                   ["the rehearsal's batches went with its simulator"])  # fmt: skip
 
 
 async def _never_submit(journal: Journal, entry: Entry, remote: Remote) -> None:

@@ -105,9 +105,11 @@ class Remote:
                 return batch
         return None
 
-    async def batch(self, batch_id: str) -> dict[str, Any]:
-        return orjson.loads(await self._call(self._get(f"batches/{batch_id}"),  # type: ignore[no-any-return]
-                                             f"reading batch {batch_id}"))  # fmt: skip
+    async def batch(self, batch_id: str) -> dict[str, Any] | None:
+        """The batch ``batch_id``; None when the provider does not know it (404)."""
+        content = await self._call(self._get(f"batches/{batch_id}"),
+                                   f"reading batch {batch_id}", missing_ok=True)  # fmt: skip
+        return orjson.loads(content) if content else None
 
     async def cancel(self, batch_id: str) -> dict[str, Any]:
         def request(_: AsyncExitStack) -> httpx.Request:
@@ -139,7 +141,7 @@ class Remote:
     ) -> bytes:
         """Send the request ``request`` builds (afresh for each attempt, its files open in
         the stack it is given); the answer's body on a 2xx (or, ``into`` a file, written
-        there as it comes, then renamed into place)."""
+        there as it comes, then renamed into place); nothing on a 404 when ``missing_ok``."""
         delay = 1.0
         for attempt in range(1, ATTEMPTS + 1):
             try:
@@ -157,8 +159,10 @@ class Remote:
                 problem: str = f"{type(e).__name__}: {e}"
                 status = None
             else:
-                if response.is_success or (missing_ok and response.status_code == 404):
+                if response.is_success:
                     return content
+                if missing_ok and response.status_code == 404:
+                    return b""  # no 2xx answer here is empty
                 status = response.status_code
                 problem = f"HTTP {status}: {_message(content)}"
                 if status not in (408, 409, 429) and status < 500:

@@ -1,5 +1,5 @@
-"""``export-batch`` and ``import-batch``: the providers' Batch API by hand; ``batch status``
-and ``batch cancel``: the batches of ``run --via batch``."""
+"""``export-batch`` and ``import-batch``: the providers' Batch API by hand; ``batch status``,
+``batch cancel`` and ``batch forget``: the batches of ``run --via batch``."""
 
 from __future__ import annotations
 
@@ -14,10 +14,14 @@ import orjson
 
 from batchq.batch import api as batch_api
 from batchq.batch import flow
-from batchq.cli._common import fail, job_from, job_options
-from batchq.config import load_job
-from batchq.engine.runner import RunOptions, run_job
-from batchq.errors import BatchqError
+from batchq.cli._common import PRICE_FILE, fail, job_from, job_options, say
+from batchq.cli.progress import money
+from batchq.config import Job, load_job, simulated
+from batchq.engine.runner import RunOptions, RunSummary, run_job
+from batchq.errors import BatchqError, UsageError
+from batchq.money import report
+from batchq.money.pricing import PriceTable
+from batchq.money.report import find_results
 from batchq.state import StateDir
 
 __all__ = ["batch", "export_batch", "import_batch"]
@@ -89,64 +93,148 @@ def import_batch(results: tuple[Path, ...], job_file: str, keep_state: bool) -> 
 
 @click.group("batch")
 def batch() -> None:
-    """The Batch-API runs of a job (``batchq run JOB --via batch``): status, cancel."""
+    """The Batch-API runs of a job (``batchq run JOB --via batch``): status, cancel,
+    forget. Each takes the run's job file and flags, ``--simulate`` too."""
+
+
+def _run_flags(f: Any) -> Any:
+    """The run's job flags and ``--simulate``, so that its command line can be reused."""
+    f = click.option("--simulate", is_flag=True,
+                     help="the run was a rehearsal: ask no provider, need no key")(f)  # fmt: skip
+    return job_options(f)
+
+
+def _rehearsal(job: Job, simulate: bool) -> bool:
+    """Whether the job's batches are a rehearsal's (the built-in simulator's): said by the
+    journal, whatever the flag; ``--simulate`` for batches on a real endpoint is refused,
+    as it could not reach them."""
+    journal = flow.Journal.load(StateDir.of(job.output))
+    if journal is None or journal.simulated:
+        return simulate or journal is not None
+    if simulate and journal.open_entries():
+        where = journal.endpoint or "the provider"
+        raise UsageError(f"the batches of {job.output} are on {where}, not the simulator's: "
+                         "drop --simulate to reach them")  # fmt: skip
+    return simulate
 
 
 @batch.command("status")
 @click.argument("job_file", required=False, type=click.Path(dir_okay=False))
-@job_options
+@_run_flags
+@click.option("--prices", type=PRICE_FILE, help="the run's price table (TOML), to price "
+              "what was collected")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="one JSON object a batch")
-def batch_status(job_file: str | None, as_json: bool, **flags: Any) -> None:
-    """Each batch the job submitted: id, model, status, counts, created, expires."""
+def batch_status(job_file: str | None, simulate: bool, prices: Path | None, as_json: bool,
+                 **flags: Any) -> None:  # fmt: skip
+    """Each batch the job submitted: id, model, status, counts, created, expires; then
+    what was collected and its cost."""
     try:
         job = job_from(job_file, flags)
-        entries = anyio.run(flow.refreshed, job, job.request.api_key())
+        ask = not _rehearsal(job, simulate)
+        entries = anyio.run(lambda: flow.refreshed(job, job.request.api_key, ask=ask))
+        collected = _collected(job, prices)
     except BatchqError as err:
         fail(err)
     if as_json:
         for entry in entries:
-            click.echo(orjson.dumps(flow.describe(entry)).decode())
+            say(orjson.dumps(flow.describe(entry)).decode())
         return
     if not entries:
-        click.echo(f"{job.output}: no batches submitted (batchq run JOB --via batch submits)")
+        say(f"{job.output}: no batches submitted (batchq run JOB --via batch submits)")
         return
     for entry in entries:
         d = flow.describe(entry)
         counts = entry.counts
         total = counts.get("total") or entry.lines
-        click.echo(f"{d['batch_id'] or '-'}  {entry.model}  {d['status']}  "
-                   f"{counts.get('completed', 0):,}/{total:,} done, "
-                   f"{counts.get('failed', 0):,} failed  created {_when(entry.created_at)}  "
-                   f"expires {_when(entry.expires_at)}"
-                   + ("  (collected)" if entry.imported else ""))  # fmt: skip
+        say(f"{d['batch_id'] or '-'}  {entry.model}  {d['status']}  "
+            f"{counts.get('completed', 0):,}/{total:,} done, "
+            f"{counts.get('failed', 0):,} failed  created {_when(entry.created_at)}  "
+            f"expires {_when(entry.expires_at)}"
+            + ("  (collected)" if entry.collected else ""))  # fmt: skip
+    if collected:
+        say(collected)
+
+
+def _collected(job: Job, prices: Path | None) -> str | None:
+    """What the job's state folder holds so far and its cost, priced as the run was."""
+    if not StateDir.of(job.output).path.is_dir():
+        return None
+    results = find_results(StateDir.of(job.output).path)
+    s = report.status(results, PriceTable.for_results(prices, results.manifest))
+    costs = " + ".join(money(v, c) for c, v in sorted(s.costs.items())) or "nothing"
+    return f"collected so far: {s.done:,} rows ({s.ok:,} ok, {s.error:,} error); cost {costs}"
 
 
 @batch.command("cancel")
 @click.argument("job_file", required=False, type=click.Path(dir_okay=False))
-@job_options
-def batch_cancel(job_file: str | None, **flags: Any) -> None:
+@_run_flags
+@click.option("--prices", type=PRICE_FILE, help="the run's price table (TOML)")
+def batch_cancel(job_file: str | None, simulate: bool, prices: Path | None,
+                 **flags: Any) -> None:  # fmt: skip
     """Cancel the job's batches still running, then collect what they finished."""
     command = shlex.join(["batchq", "run", *([job_file] if job_file else []), "--via", "batch"])
     try:
         job = job_from(job_file, flags)
-        key = job.request.api_key()
-        cancelled = anyio.run(flow.cancel, job, key)
-        click.echo(f"cancelled {len(cancelled)} batches: {', '.join(cancelled) or 'none running'}")
+        rehearsal = _rehearsal(job, simulate)
+        outcome = anyio.run(flow.cancel, job, job.request.api_key)
+        if rehearsal:
+            say(f"forgot {len(outcome.done)} batches: the rehearsal's went with its "
+                "simulator; their rows are pending")  # fmt: skip
+        else:
+            say(f"cancelled {len(outcome.done)} batches: "
+                f"{', '.join(outcome.done) or 'none running'}")  # fmt: skip
+        for note in outcome.notes[0 if not rehearsal else 1 :]:
+            say(f"note: {note}")
         if StateDir.of(job.output).holder()[0]:
-            click.echo("the run waiting on them collects what they finished")
+            say("the run waiting on them collects what they finished")
             return
-        options = RunOptions(
-            batch=flow.BatchPlan(then="none", poll_s=1.0, submit=False), command=command
-        )
-        summary = anyio.run(lambda: run_job(job, api_key=key, options=options))
+        options = RunOptions(batch=flow.BatchPlan(then="none", poll_s=1.0, submit=False),
+                             command=command, prices=prices)  # fmt: skip
+        summary = _collect(job, options, rehearsal)
     except BatchqError as err:
         fail(err)
     if summary.pending:
-        click.echo(f"collected: {summary.ok:,} ok, {summary.error:,} error; "
-                   f"{summary.pending:,} rows stay pending: `{command}` submits them again, "
-                   f"or `batchq run {job_file or 'JOB'}` sends them live")  # fmt: skip
+        say(f"collected: {summary.ok:,} ok, {summary.error:,} error; "
+            f"{summary.pending:,} rows stay pending: `{command}` submits them again, "
+            f"or `batchq run {job_file or 'JOB'}` sends them live")  # fmt: skip
     else:
-        click.echo(f"collected: every row has a result -> {summary.output}")
+        say(f"collected: every row has a result -> {summary.output}")
+
+
+def _collect(job: Job, options: RunOptions, rehearsal: bool) -> RunSummary:
+    """Collect what the job's batches finished (nothing is submitted); a rehearsal's
+    state is its simulator's, so it is read as one."""
+    if not rehearsal:
+        key = job.request.api_key()
+        return anyio.run(lambda: run_job(job, api_key=key, options=options))
+    from batchq.simulator import SimConfig, serve_in_thread  # aiohttp.web: --simulate's
+
+    with serve_in_thread(SimConfig()) as sim:
+        rehearsed = simulated(job, sim.base_url)
+        return anyio.run(lambda: run_job(rehearsed, api_key=None, options=options))
+
+
+@batch.command("forget")
+@click.argument("job_file", required=False, type=click.Path(dir_okay=False))
+@_run_flags
+def batch_forget(job_file: str | None, simulate: bool, **flags: Any) -> None:
+    """Forget the job's batches the provider no longer knows (or a rehearsal's, gone with
+    its simulator): their rows are pending again, and the next run sends them. A batch
+    the provider still knows is kept."""
+    try:
+        job = job_from(job_file, flags)
+        _rehearsal(job, simulate)
+        outcome = anyio.run(flow.forget, job, job.request.api_key)
+    except BatchqError as err:
+        fail(err)
+    for note in outcome.notes:
+        say(f"note: {note}")
+    run = shlex.join(["batchq", "run", *([job_file] if job_file else [])])
+    if outcome.done:
+        say(f"forgot {len(outcome.done)} batches ({', '.join(outcome.done)}): their "
+            f"{outcome.rows:,} rows are pending; `{run}` sends them")  # fmt: skip
+    else:
+        say("forgot no batch")
 
 
 def _when(stamp: int | None) -> str:

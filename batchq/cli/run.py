@@ -17,7 +17,7 @@ from batchq.cli.logfile import JsonLog
 from batchq.cli.progress import LiveProgress, PlainProgress
 from batchq.config import Job, simulated
 from batchq.engine.runner import RunOptions, RunSummary, loop_options, run_job
-from batchq.errors import BatchqError, Interrupted
+from batchq.errors import BatchqError, Interrupted, UsageError
 from batchq.events import Sink, fan_out
 from batchq.money.pricing import PriceTable, region_of
 from batchq.money.report import CostLine, CostTally, cost_report, find_results
@@ -72,6 +72,13 @@ def run(job_file: str | None, simulate: bool, quiet: bool, log_file: Path | None
         job = job_from(job_file, flags)
         if plan is not None:
             window_hours(plan.window, rules_of(job))  # exit 2 before anything is uploaded
+            if simulate and not plan.wait:
+                raise UsageError(
+                    "--no-wait leaves the batches running for a later command to collect, "
+                    "but the built-in simulator ends with this command: drop --no-wait (a "
+                    "rehearsal's batches take seconds), or serve `batchq simulate` and "
+                    "point --base-url at it"
+                )
         table = PriceTable.load(prices)
         tally = CostTally(table, region_of(job.request.provider))
         key = None if simulate else job.request.api_key()

@@ -88,7 +88,7 @@ async def run_job(
     manifest = manifest_for(job, info, region=region, command=options.command,
                             prices=prices.text)  # fmt: skip
     collect_or_refuse(StateDir.of(job.output), "batch" if options.batch else "live",
-                      options.restart)  # fmt: skip
+                      options.restart, sink)  # fmt: skip
     finished = not options.restart and StateDir.finished(job, info)
     state = StateDir.open(job, info, manifest=manifest, restart=options.restart)
     ctx = RunContext(job, info, state, options, sink, stop, api_key, prices, region, priced,

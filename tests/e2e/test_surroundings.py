@@ -18,8 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import polars as pl
 import pytest
+
+from batchq.batch.flow import BatchPlan
+from batchq.config import Job, load_job, simulated
+from batchq.engine.runner import RunOptions, RunSummary, run_job
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -196,3 +201,124 @@ def test_an_output_that_cannot_be_written_stops_with_exit_3_and_no_temp_file(
     assert "0 requests sent" in second.stdout
     assert pl.read_parquet(out)["id"].to_list() == [f"r{i}" for i in range(1500)]
     assert sim.stats.requests == 1500
+
+
+# --- a rehearsal's batches, and batches the provider forgot ---------------------------------
+
+NO_KEY = {"DASHSCOPE_API_KEY": None}
+
+
+def job_flags(path: Path, out: Path) -> list[str]:
+    return ["--input", str(path), "--output", str(out), "--model", "qwen-plus",
+            "--template", "Review: {text}"]  # fmt: skip
+
+
+def leave_batches_running(job: Job, sim: Any) -> RunSummary:
+    """A rehearsal stopped while its batches run: its journal is left as a rehearsal's,
+    with the batches open (the engine's --no-wait, which the CLI refuses)."""
+    options = RunOptions(batch=BatchPlan(wait=False, poll_s=0.1))
+    return anyio.run(lambda: run_job(simulated(job, sim.base_url), api_key=None,
+                                     options=options))  # fmt: skip
+
+
+def test_a_rehearsal_never_leaves_batches_it_cannot_collect(
+    write_jsonl: Callable[..., Path], cli: Callable[..., Any], tmp_path: Path
+) -> None:
+    path = write_jsonl(rows(50))
+    out = tmp_path / "out.parquet"
+    refused = cli("run", *job_flags(path, out), "--simulate", "--via", "batch", "--no-wait",
+                  env=NO_KEY)  # fmt: skip
+    assert refused.exit_code == 2, refused.output
+    assert "drop --no-wait" in refused.output
+    assert not (tmp_path / "out.parquet.batchq").exists()  # nothing uploaded, nothing kept
+
+
+def test_a_rehearsals_batches_left_open_are_forgotten_never_looked_up(
+    simulator: Callable[..., Any],
+    write_jsonl: Callable[..., Path],
+    cli: Callable[..., Any],
+    tmp_path: Path,
+) -> None:
+    """A rehearsal stopped while its batches ran (its simulator gone with it): `batch
+    status` and `cancel` take --simulate and the run's flags, never ask a real host, and
+    the next rehearsal forgets them and sends their rows."""
+    sim = simulator(batch_seconds=30.0)
+    path = write_jsonl(rows(60))
+    out = tmp_path / "out.parquet"
+    job = load_job(None, overrides={"input": str(path), "output": str(out), "model": "qwen-plus",
+                                    "template": "Review: {text}"})  # fmt: skip
+    left = leave_batches_running(job, sim)
+    assert left.running_batches == 1
+    prices = tmp_path / "prices.toml"
+    prices.write_text('[models."qwen-plus".any]\ntiers = [{ input = 1.0, output = 2.0 }]\n')
+    flags = [*job_flags(path, out), "--prices", str(prices)]
+    for simulate in (["--simulate"], []):  # with a key set, still no real host is asked
+        status = cli("batch", "status", *flags, *simulate, env={"DASHSCOPE_API_KEY": "sk-x"})
+        assert status.exit_code == 0, status.output
+        assert "gone with the rehearsal's simulator" in status.output
+        assert "collected so far: 0 rows" in status.output
+    cancelled = cli("batch", "cancel", *flags, "--simulate", env=NO_KEY)
+    assert cancelled.exit_code == 0, cancelled.output
+    assert "forgot 1 batches" in cancelled.output
+    assert "60 rows stay pending" in cancelled.output
+    again = cli("run", *flags, "--simulate", "--via", "batch", "--poll-s", "0.1", env=NO_KEY)
+    assert again.exit_code == 0, again.output
+    df = pl.read_parquet(out)
+    assert df["id"].to_list() == [f"r{i}" for i in range(60)]
+    assert set(df["status"]) == {"ok"}
+
+
+def test_a_restarted_rehearsal_over_gone_batches_is_not_refused(
+    simulator: Callable[..., Any],
+    write_jsonl: Callable[..., Path],
+    cli: Callable[..., Any],
+    tmp_path: Path,
+) -> None:
+    """The same without `batch cancel`: a live rehearsal, or --restart, is not refused
+    for batches that went with an earlier rehearsal's simulator; it says it forgot them."""
+    sim = simulator(batch_seconds=30.0)
+    path = write_jsonl(rows(40))
+    out = tmp_path / "out.parquet"
+    job = load_job(None, overrides={"input": str(path), "output": str(out), "model": "qwen-plus",
+                                    "template": "Review: {text}"})  # fmt: skip
+    leave_batches_running(job, sim)
+    live = cli("run", *job_flags(path, out), "--simulate", env=NO_KEY)
+    assert live.exit_code == 0, live.output
+    assert "1 batches of an earlier rehearsal (--simulate) went with its simulator" in live.output
+    assert pl.read_parquet(out).height == 40
+
+
+def test_batches_the_provider_no_longer_knows_are_forgotten_with_one_command(
+    simulator: Callable[..., Any],
+    write_jsonl: Callable[..., Path],
+    cli: Callable[..., Any],
+    tmp_path: Path,
+) -> None:
+    sim = simulator(batch_seconds=30.0)
+    path = write_jsonl(rows(80))
+    out = tmp_path / "out.parquet"
+    env = {"DASHSCOPE_API_KEY": "sk-simulated"}
+    flags = [*job_flags(path, out), "--base-url", sim.base_url, "--provider", "custom",
+             "--api-key-env", "DASHSCOPE_API_KEY"]  # fmt: skip
+    run = ["run", *flags, "--via", "batch", "--poll-s", "0.1"]
+    assert cli(*run, "--no-wait", env=env).exit_code == 0
+    kept = cli("batch", "forget", *flags, env=env)  # the provider still runs it: kept
+    assert kept.exit_code == 0, kept.output
+    assert "is in_progress on the provider: kept" in kept.output or "is validating" in kept.output
+    assert "forgot no batch" in kept.output
+    sim.simulator.batch.batches.clear()  # the provider forgot it (a purge, an expiry)
+    stuck = cli(*run, env=env)
+    assert stuck.exit_code == 3, stuck.output
+    assert "no longer knows batch" in stuck.output
+    assert "batchq batch forget" in stuck.output
+    status = cli("batch", "status", *flags, env=env)
+    assert "unknown to the provider" in status.output, status.output
+    forgot = cli("batch", "forget", *flags, env=env)
+    assert forgot.exit_code == 0, forgot.output
+    assert "forgot 1 batches" in forgot.output
+    assert "80 rows are pending" in forgot.output
+    done = cli("run", *flags, env=env)  # live now: a batch would take its 30 s
+    assert done.exit_code == 0, done.output
+    df = pl.read_parquet(out)
+    assert df["id"].to_list() == [f"r{i}" for i in range(80)]
+    assert set(df["status"]) == {"ok"}
