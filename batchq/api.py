@@ -27,9 +27,9 @@ from batchq.config import Job, job_settings, load_job, simulated
 from batchq.engine.runner import RunOptions, RunSummary
 from batchq.engine.runner import run_job as run_engine
 from batchq.engine.stop import StopSwitch
-from batchq.errors import InputError, UsageError
+from batchq.errors import EmptyInput, InputError, UsageError
 from batchq.events import Sink
-from batchq.frames import Source, from_frame, results_as, source_of, stage
+from batchq.frames import Source, empty_results, from_frame, results_as, source_of, stage
 from batchq.money.pricing import PriceTable, region_of
 from batchq.worker import in_worker
 
@@ -212,11 +212,15 @@ class _Call:
             job, key = _endpoint(self.job, stack, simulate=self.simulate)
             job = self._placed(job, stack)
             sink = stack.enter_context(_display(job, on=self.progress))
+            answers = job.answer is not None
             try:
                 await run_engine(job, api_key=key, options=self.options, sink=sink, stop=stop)
+            except EmptyInput:  # a library hands back an empty result, not an error
+                frame = empty_results(self.source, self.data, answers=answers,
+                                      keep_raw=self.options.keep_raw)  # fmt: skip
+                return _with_models(frame, self.model_class, self.source)
             except InputError as e:
                 raise from_frame(e, self.source) from None
-            answers = job.answer is not None
             frame = results_as(self.source, self.data, job.output, answers=answers,
                                keep_raw=self.options.keep_raw, rename=self.rename,
                                mapped=self._mapped(job, stack))  # fmt: skip

@@ -3,6 +3,7 @@
     BatchqError                    exit_code
     ├── UsageError                 2   bad flag, job file or setting; nothing sent
     │   └── InputError             2   bad input data, with file / line / column; nothing sent
+    │       └── EmptyInput         2   the input has no row (``batchq.run``: an empty result)
     ├── RunStopped                 3   the run stopped itself (auth failure, disk error); resumable
     └── Interrupted              130   the user stopped the run (Ctrl-C, SIGTERM, a notebook's
                                        interrupt); resumable. Also a KeyboardInterrupt
@@ -12,7 +13,7 @@ Every message says what is wrong and what to do about it. None ever contains the
 
 from __future__ import annotations
 
-__all__ = ["BatchqError", "InputError", "Interrupted", "RunStopped", "UsageError"]
+__all__ = ["BatchqError", "EmptyInput", "InputError", "Interrupted", "RunStopped", "UsageError"]
 
 
 class BatchqError(Exception):
@@ -30,9 +31,14 @@ class UsageError(BatchqError):
 class InputError(UsageError):
     """The input data is wrong. Raised before anything is sent.
 
-    ``path``, ``line`` (1-based, JSONL) or ``row`` (0-based, Parquet or a frame's) and
-    ``column`` say where; any of them may be None. ``reason`` is the message without
-    them.
+    ``path``, ``line`` (1-based, JSONL) or ``row`` (0-based: a Parquet file's row, or a
+    frame's when ``frame``) and ``column`` say where; any of them may be None. ``reason``
+    is the message without them; ``also`` is where the row it clashes with is (a
+    duplicate id's first row), as ``{"line": n}`` or ``{"row": i}``.
+
+    The message counts as a person does: a file's row 0 is "row 1", as its line 1 is
+    "line 1"; a frame's row is named by its index ("row index 0"), as pandas and polars
+    name it.
     """
 
     def __init__(
@@ -43,15 +49,31 @@ class InputError(UsageError):
         line: int | None = None,
         row: int | None = None,
         column: str | None = None,
+        also: dict[str, int] | None = None,
+        frame: bool = False,
     ) -> None:
         self.path, self.line, self.row, self.column = path, line, row, column
-        self.reason = message
-        where = [p for p in (path, _at("line", line), _at("row", row), _at("column", column)) if p]
+        self.reason, self.also, self.frame = message, also, frame
+        where = [p for p in (path, place(line=line, row=row, frame=frame),
+                             None if column is None else f"column {column}") if p]  # fmt: skip
+        if also is not None:
+            message += f" (the first is at {place(**also, frame=frame)})"
         super().__init__(f"{', '.join(where)}: {message}" if where else message)
 
 
-def _at(label: str, value: object) -> str | None:
-    return None if value is None else f"{label} {value}"
+def place(*, line: int | None = None, row: int | None = None, frame: bool = False) -> str | None:
+    """Where a row is, as a person reads it: ``line 3``, ``row 3`` (a file's row 2), or
+    ``row index 2`` (a frame's)."""
+    if line is not None:
+        return f"line {line}"
+    if row is not None:
+        return f"row index {row}" if frame else f"row {row + 1}"
+    return None
+
+
+class EmptyInput(InputError):
+    """The input has no row. The command line refuses it (exit 2); ``batchq.run`` hands
+    back an empty frame with the output's columns, as a library does."""
 
 
 class RunStopped(BatchqError):

@@ -224,11 +224,12 @@ def _write_rows(path: Path, rows: list[Any], rename: dict[str, str]) -> None:
         for i, row in enumerate(rows):
             if not isinstance(row, dict):
                 raise InputError(f"a {type(row).__name__} where a dict was expected: give a "
-                                 "list of dicts, one a row", row=i)  # fmt: skip
+                                 "list of dicts, one a row", row=i, frame=True)  # fmt: skip
             if rename:
                 if clash := next((new for new in rename.values() if new in row), None):
                     raise InputError(f"this row has a {clash!r} key and the column named as "
-                                     f"{clash}= too: drop one", row=i, column=clash)  # fmt: skip
+                                     f"{clash}= too: drop one", row=i, column=clash,
+                                     frame=True)  # fmt: skip
                 row = {rename.get(k, k): v for k, v in row.items()}
             try:
                 f.write(
@@ -241,7 +242,8 @@ def _write_rows(path: Path, rows: list[Any], rename: dict[str, str]) -> None:
                 )
             except TypeError as e:  # fmt: skip
                 raise InputError(f"a value JSON cannot hold ({e}): give text, numbers, lists "
-                                 "or dicts", row=i, column=_bad_key(row)) from None  # fmt: skip
+                                 "or dicts", row=i, column=_bad_key(row),
+                                 frame=True) from None  # fmt: skip
 
 
 def _bad_key(row: dict[str, Any]) -> str | None:
@@ -254,12 +256,16 @@ def _bad_key(row: dict[str, Any]) -> str | None:
 
 
 def from_frame(error: InputError, source: Source) -> InputError:
-    """An input error about a staged file, said of the frame: its row (0-based) and
-    column, not a file of batchq's and its line."""
+    """An input error about a staged file, said of the frame: its row index and column,
+    not a file of batchq's and its line."""
     if not source.staged:
         return error
-    row = error.row if error.line is None else error.line - 1  # rows: one JSON line each
-    return InputError(error.reason, row=row, column=error.column)
+
+    row = error.line - 1 if error.line is not None else error.row  # one JSON line a row
+    also = error.also
+    if also is not None and "line" in also:
+        also = {"row": also["line"] - 1}
+    return InputError(error.reason, row=row, column=error.column, also=also, frame=True)
 
 
 def results_as(
@@ -294,6 +300,26 @@ def results_as(
     frame = pl.from_arrow(map_output(output, mapped))
     assert isinstance(frame, pl.DataFrame)
     return frame.drop(drop).rename(back)
+
+
+def empty_results(source: Source, data: Any, *, answers: bool, keep_raw: bool) -> Any:
+    """What ``results_as`` hands back for data without a row: no rows, and the columns
+    of the data (where it has any) and of the output's results, typed."""
+    results = pa.schema(output_fields(answers=answers, keep_raw=keep_raw)).empty_table()
+    if source.kind in ("polars", "lazy"):
+        inputs = data if source.kind == "polars" else data.head(0).collect()
+        frame = pl.from_arrow(results)
+        assert isinstance(frame, pl.DataFrame)
+        return pl.concat([inputs.drop("model", strict=False), frame], how="horizontal")
+    if source.kind == "pandas":
+        return _pandas_results(data, results)
+    if source.kind == "arrow":
+        table = data.drop_columns(["model"]) if "model" in data.schema.names else data
+        return pa.Table.from_arrays([*table.columns, *results.columns],
+                                    names=[*table.schema.names, *results.schema.names])  # fmt: skip
+    if source.kind == "reader":
+        return results
+    return pl.from_arrow(results)
 
 
 def map_output(output: Path, copy: Path) -> pa.Table:

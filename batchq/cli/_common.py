@@ -66,6 +66,11 @@ JOB_FLAGS = [
     ("--reasks", int, "times a row is asked again when its answer is not valid (default 1)"),
 ]
 
+#: The parameter names of the job's flags (``job_options``), as click passes them.
+JOB_KEYS = frozenset(
+    [flag.removeprefix("--").replace("-", "_") for flag, _, _ in JOB_FLAGS] + ["dedupe", "params"]
+)
+
 
 def job_options(f: Any) -> Any:
     f = click.option("--dedupe", is_flag=True, default=None,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import shlex
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +15,12 @@ import orjson
 
 from batchq.batch.flow import Journal as BatchJournal
 from batchq.batch.flow import describe
-from batchq.cli._common import PRICE_FILE, cost_text, fail, job_from, job_options
+from batchq.cli._common import JOB_KEYS, PRICE_FILE, cost_text, fail, job_from, job_options, say
 from batchq.cli.progress import money
-from batchq.config import Job
+from batchq.cli.run import run
+from batchq.config import Job, simulated
 from batchq.engine.runner import RunOptions, loop_options, run_job
-from batchq.errors import BatchqError
+from batchq.errors import BatchqError, UsageError
 from batchq.money import report
 from batchq.money.estimate import (
     Estimate,
@@ -43,13 +46,16 @@ def status(path: Path, prices: Path | None, as_json: bool) -> None:
     """How far a job got: PATH is its output file, state folder or job file."""
     try:
         results = find_results(path)
-        s = report.status(results, PriceTable.for_results(prices, results.manifest))
+        table = PriceTable.for_results(prices, results.manifest)
+        s = report.status(results, table)
+        resume = None if s.finished else resume_command(s, table)
     except BatchqError as e:
         fail(e)
     journal = BatchJournal.load(StateDir.of(Path(s.output)))
     batches = [b for b in journal.open_entries() if b.batch_id] if journal else []
     if as_json:
         data = dataclasses.asdict(s) | {"remaining": s.remaining,
+                                        "resume": resume and resume[0],
                                         "batches": [describe(b) for b in batches]}  # fmt: skip
         click.echo(orjson.dumps(data, default=str, option=orjson.OPT_INDENT_2).decode())
         return
@@ -62,7 +68,7 @@ def status(path: Path, prices: Path | None, as_json: bool) -> None:
         costs += f" (unpriced: {', '.join(s.unpriced)})"
     click.echo(f"attempts {s.attempts:,}; tokens {s.prompt_tokens:,} prompt + "
                f"{s.completion_tokens:,} completion; cost so far {costs}")  # fmt: skip
-    click.echo(_run_state_text(s))
+    click.echo(_run_state_text(s, resume))
     if batches:
         click.echo(f"{len(batches)} batches on the provider, not collected yet (as last "
                    "seen; `batchq batch status JOB` asks the provider):")  # fmt: skip
@@ -72,20 +78,86 @@ def status(path: Path, prices: Path | None, as_json: bool) -> None:
                        f"{entry.counts.get('completed', 0):,}/{whole:,} done")  # fmt: skip
 
 
-def _run_state_text(s: report.Status) -> str:
+def _run_state_text(s: report.Status, resume_with: tuple[str, str | None] | None) -> str:
     if s.finished:
         return "finished: the output is complete"
     flushed = (
         "nothing flushed yet" if s.last_flush_ago is None
         else f"last flush {s.last_flush_ago:,.0f} s ago"
     )  # fmt: skip
-    resume = s.command or f"batchq run <the job> (output {s.output})"
     if s.state_of_run == "running":
         return f"running (pid {s.pid}); {flushed}"
+    resume, why = resume_with or (s.command or "", None)
+    resume += f"\n  ({why})" if why else ""
     if s.pid:
         crashed = f": it crashed or was killed (pid {s.pid} died holding the lock)"
         return f"not running{crashed}; {flushed}. Resume with: {resume}"
     return f"not running; {flushed}. Resume with: {resume}"
+
+
+#: What the rest of a job is taken to cost beyond its rows' mean so far, when ``status``
+#: suggests a --max-cost that lets it finish (longer answers later, retries, re-asks).
+RESUME_MARGIN = 1.25
+
+
+def resume_command(s: report.Status, prices: PriceTable) -> tuple[str, str | None]:
+    """The command that resumes the job ``s`` describes, and why it differs from the one
+    recorded (None when it does not).
+
+    A run stopped by its --max-cost (which counts what earlier runs spent) would stop
+    again at once under the same cap. The cap suggested covers what was spent, the
+    remaining rows at the mean cost of a row so far (RESUME_MARGIN over), and the last
+    requests in flight at their worst case (as the budget reserves them: a request's
+    cost at its max_tokens), rounded up to two significant digits."""
+    command = s.command or f"batchq run <the job> (output {s.output})"
+    job = _job_of(s.command)
+    if job is None or job.limits.max_cost is None or not s.done or not s.remaining:
+        return command, None
+    if len(s.costs) != 1:
+        return command, None
+    cap = job.limits.max_cost
+    ((currency, spent),) = s.costs.items()
+    rest = spent / s.done * s.remaining
+    try:  # the budget's reserve for a request in flight: its cost at max_tokens
+        models = estimate_job(job, prices).models
+    except BatchqError:  # the input moved since: the mean alone
+        models = []
+    worst = max((m.high / m.rows for m in models if m.high is not None and m.rows), default=0.0)
+    need = spent + rest * RESUME_MARGIN + min(s.remaining, job.limits.concurrency) * worst
+    if need <= cap:
+        return command, None
+    suggested = _round_up(need)
+    words = shlex.split(command)
+    if "--max-cost" in words:
+        words[words.index("--max-cost") + 1] = f"{suggested:g}"
+    else:
+        words += ["--max-cost", f"{suggested:g}"]
+    why = (f"--max-cost {cap:g} counts the {money(spent, currency)} spent; the "
+           f"{s.remaining:,} rows left cost about {money(rest, currency)} more at the mean "
+           "so far: the same cap would stop again at once")  # fmt: skip
+    return shlex.join(words), why
+
+
+def _job_of(command: str | None) -> Job | None:
+    """The job a recorded ``batchq run …`` command runs, read as ``run`` reads it."""
+    if not command:
+        return None
+    try:
+        words = shlex.split(command)
+        with run.make_context("run", words[2:]) as ctx:  # run's own parser
+            params = dict(ctx.params)
+        flags = {k: v for k, v in params.items() if k in JOB_KEYS}
+        return job_from(params.get("job_file"), flags)
+    except (ValueError, click.ClickException, BatchqError):
+        return None
+
+
+def _round_up(amount: float) -> float:
+    """Up to two significant digits: 0.0123 -> 0.013, 7.31 -> 7.4."""
+    if amount <= 0:
+        return amount
+    step = 10.0 ** (math.floor(math.log10(amount)) - 1)
+    return round(math.ceil(amount / step - 1e-9) * step, 12)
 
 
 @click.command()
@@ -157,18 +229,35 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 @click.option("--prices", type=PRICE_FILE, help="a price table (TOML) over the built-in one")
 @click.option("--sample", type=click.IntRange(1), default=None,
               help="send N rows spread over the input; project from their real usage")  # fmt: skip
-def estimate(job_file: str | None, prices: Path | None, sample: int | None,
-             **flags: Any) -> None:  # fmt: skip
+@click.option("--yes", is_flag=True, help="--sample: send it even when it is the whole input")
+@click.option("--simulate", is_flag=True, help="--sample: rehearse it on the built-in "
+              "simulator (no key, no network, nothing kept)")  # fmt: skip
+def estimate(job_file: str | None, prices: Path | None, sample: int | None, yes: bool,
+             simulate: bool, **flags: Any) -> None:  # fmt: skip
     """Project tokens, cost and wall time of a job. Sends nothing, unless --sample."""
     try:
         job = job_from(job_file, flags)
+        if (yes or simulate) and sample is None:
+            raise UsageError("--yes and --simulate go with --sample N (without it, estimate "
+                             "sends nothing)")  # fmt: skip
         table = PriceTable.load(prices)
         e = estimate_job(job, table)
-        projected = _sampled(job, job_file, e, table, sample, prices) if sample else None
+        if sample is not None and sample >= e.rows and not (yes or simulate):
+            raise UsageError(
+                f"--sample {sample:,} is the whole input ({e.rows:,} rows): it would send every "
+                "row for real, as `batchq run` does (the answers are kept, so the run would "
+                f"send nothing more); give --yes to do that, or a --sample below {e.rows:,}"
+            )
+        projected = None
+        if sample is not None and simulate:
+            projected = _rehearsed(job, job_file, e, table, sample, prices)
+        elif sample is not None:
+            key = job.request.api_key()
+            projected = _sampled(job, job_file, e, table, sample, prices, key)
     except BatchqError as err:
         fail(err)
     if projected is not None:
-        _print_projection(projected, e)
+        _print_projection(projected, e, rehearsed=simulate)
         return
     click.echo(f"{e.rows:,} rows")
     for m in e.models:
@@ -184,26 +273,44 @@ def estimate(job_file: str | None, prices: Path | None, sample: int | None,
 
 
 def _sampled(job: Job, job_file: str | None, e: Estimate, table: PriceTable, n: int,
-             prices: Path | None) -> list[Projected]:  # fmt: skip
+             prices: Path | None, key: str | None) -> list[Projected]:  # fmt: skip
     """Send ``n`` rows spread over the input (into the job's state folder, so that the
     run does not pay for them again); the projection from their results."""
     rows = spread(e.rows, n)
     command = shlex.join(["batchq", "run", job_file]) if job_file else None
     options = RunOptions(sample=frozenset(rows), command=command, prices=prices)
-    key = job.request.api_key()
-    click.echo(f"sending {len(rows):,} sample rows of {e.rows:,}…", err=True)
+    whole = " (the whole input)" if len(rows) == e.rows else ""
+    say(f"sending {len(rows):,} sample rows of {e.rows:,}{whole}…", err=True)
     anyio.run(lambda: run_job(job, api_key=key, options=options), backend_options=loop_options())
     prompts = prompt_estimates(job, job.input, rows)
     return project(e, sampled_results(job, rows), prompts, table, region_of(job.request.provider))
 
 
-def _print_projection(projected: list[Projected], e: Estimate) -> None:
+def _rehearsed(job: Job, job_file: str | None, e: Estimate, table: PriceTable, n: int,
+               prices: Path | None) -> list[Projected]:  # fmt: skip
+    """``_sampled`` on the built-in simulator, into a folder of its own that is removed
+    after: the job's state never holds a rehearsal's answers."""
+    from batchq.simulator import SimConfig, serve_in_thread  # aiohttp.web: --simulate's
+
+    with tempfile.TemporaryDirectory(prefix="batchq-estimate-") as folder, \
+            serve_in_thread(SimConfig(latency_ms=20)) as sim:  # fmt: skip
+        apart = dataclasses.replace(simulated(job, sim.base_url),
+                                    output=Path(folder) / job.output.name)  # fmt: skip
+        return _sampled(apart, job_file, e, table, n, prices, None)
+
+
+def _print_projection(projected: list[Projected], e: Estimate, *, rehearsed: bool) -> None:
     sampled = sum(p.sampled for p in projected)
     spent = [money(p.sample_cost, p.currency) for p in projected
              if p.sample_cost is not None and p.currency]  # fmt: skip
-    click.echo(f"{e.rows:,} rows; {sampled:,} sampled, sent for real (cost "
-               f"{' + '.join(spent) or 'unpriced'}), kept in the state folder: the run sends "
-               "only the others")  # fmt: skip
+    if rehearsed:
+        click.echo(f"{e.rows:,} rows; {sampled:,} sampled on the built-in simulator (nothing "
+                   "sent, nothing kept): its answers are echoes of the prompts, so the "
+                   "completion side below is the simulator's, not the model's")  # fmt: skip
+    else:
+        click.echo(f"{e.rows:,} rows; {sampled:,} sampled, sent for real (cost "
+                   f"{' + '.join(spent) or 'unpriced'}), kept in the state folder: the run "
+                   "sends only the others")  # fmt: skip
     for p in projected:
         click.echo(f"  {p.model}: {p.rows:,} rows, projected ~{p.prompt_tokens:,} prompt + "
                    f"~{p.completion_tokens:,} completion tokens")  # fmt: skip

@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 
 from batchq.config import Job
-from batchq.errors import InputError, UsageError
+from batchq.errors import EmptyInput, InputError, UsageError
 from batchq.io.fastcheck import vouch
 from batchq.io.keys import RepeatFinder
 from batchq.io.reader import InputBatch, input_format, read_batches
@@ -110,7 +110,7 @@ def exact_preflight(
         if progress is not None:
             progress(total)
     if total == 0:
-        raise InputError("the input has no rows: it is empty", path=str(path))
+        raise EmptyInput("the input has no rows: it is empty", path=str(path))
     ids.verify(id_column)
     if parquet_schema is not None:
         columns = tuple((f.name, f.type) for f in parquet_schema)
@@ -177,23 +177,23 @@ class _IdChecker:
         repeated = self._hashes.repeated()
         if not repeated:
             return
-        seen: dict[str, int] = {}
+        seen: dict[str, dict[str, int]] = {}
         for batch in read_batches(self._path):
             for i, row in enumerate(batch.rows):
                 value = str(row[id_column])
                 if hash(value) not in repeated:
                     continue
                 where = batch.where(i)
-                label = next(iter(where))
                 if value in seen:
                     raise InputError(
-                        f"duplicate id {value!r} (also at {label} {seen[value]}): "
-                        "ids must be unique so each row's answer can be found again",
+                        f"duplicate id {value!r}: ids must be unique so each row's answer "
+                        "can be found again",
                         path=str(self._path),
                         column=id_column,
+                        also=seen[value],
                         **where,
                     )
-                seen[value] = where[label]
+                seen[value] = where
 
 
 def _check_settings(job: Job) -> None:

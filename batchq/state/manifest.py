@@ -102,10 +102,7 @@ def check_same_job(old: dict[str, Any] | None, job: Job, info: InputInfo) -> Non
     changed = []
     if old.get("input_digest") != new["input_digest"]:
         changed.append(f"the input file ({old.get('input')} has changed)")
-    was = old.get("request", {})
-    for key in dict.fromkeys([*new["request"], *was]):  # [answer] may come or go
-        if was.get(key) != (value := new["request"].get(key)):
-            changed.append(f"{key} (was {was.get(key)!r}, now {value!r})")
+    changed += _changed_request(old.get("request", {}), new["request"])
     if old.get("id_column") != new["id_column"] and not changed:
         changed.append("the id column")
     if changed:
@@ -114,6 +111,47 @@ def check_same_job(old: dict[str, Any] | None, job: Job, info: InputInfo) -> Non
             "Rerun with --restart to throw those results away and start over, "
             "or undo the change to resume"
         )
+
+
+def _changed_request(was: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What changed between two manifests' requests, in the job file's words:
+    ``[request].temperature (was 0.0, now 0.7)``, ``[answer].labels (was [...], now
+    [...])``; other request fields (``params``) are keys of ``[request]`` too."""
+    changed = []
+    for key in dict.fromkeys([*now, *was]):
+        if key not in ("params", "answer") and was.get(key) != now.get(key):
+            changed.append(_change(f"[request].{key}", was.get(key), now.get(key)))
+    params_was, params_now = was.get("params") or {}, now.get("params") or {}
+    for key in dict.fromkeys([*params_now, *params_was]):
+        if params_was.get(key) != params_now.get(key):
+            changed.append(_change(f"[request].{key}", params_was.get(key), params_now.get(key)))
+    answer_was, answer_now = was.get("answer"), now.get("answer")  # [answer] may come or go
+    if answer_was is None or answer_now is None:
+        if answer_was != answer_now:
+            changed.append(f"[answer] ({'none' if answer_was is None else 'set'} before, "
+                           f"{'none' if answer_now is None else 'set'} now)")  # fmt: skip
+        return changed
+    for key in dict.fromkeys([*answer_now, *answer_was]):
+        if answer_was.get(key) != answer_now.get(key):
+            changed.append(_change(f"[answer].{key}", answer_was.get(key), answer_now.get(key)))
+    return changed
+
+
+def _change(name: str, was: Any, now: Any) -> str:
+    if isinstance(was, dict) and isinstance(now, dict):  # two JSON Schemas: too long to show
+        return f"{name} (a different JSON Schema)"
+    return f"{name} (was {_shown(was)}, now {_shown(now)})"
+
+
+def _shown(value: Any) -> str:
+    """A value as a job file (TOML) writes it; ``not set`` for none."""
+    if value is None:
+        return "not set"
+    if isinstance(value, dict):
+        return "a JSON Schema"
+    if isinstance(value, list):
+        return "[" + ", ".join(_shown(v) for v in value) + "]"
+    return orjson.dumps(value).decode()
 
 
 def _check_same_endpoint(old: dict[str, Any], new: dict[str, Any], job: Job) -> None:

@@ -108,7 +108,7 @@ def test_a_changed_request_is_refused_unless_restart(job) -> None:  # type: igno
     state.close()
     changed = load_job(None, overrides={"input": str(job.input), "model": "other",
                                         "output": str(job.output)})  # fmt: skip
-    with pytest.raises(UsageError, match=r"model \(was 'm', now 'other'\).*--restart"):
+    with pytest.raises(UsageError, match=r'\[request\].model \(was "m", now "other"\).*--restart'):
         open_state(changed, info)
     state = open_state(changed, info, restart=True)
     assert state.shard_paths() == []

@@ -168,7 +168,11 @@ def test_the_answer_table_in_a_job_file(
     job.write_text(job.read_text().replace('"正面"]', '"正面", "负面"]'))
     result = cli("run", str(job), "--quiet")
     assert result.exit_code == 2
-    assert "changed: answer" in result.output
+    assert (
+        'changed: [answer].labels (was ["very positive", "positive", "正面"], now '
+        '["very positive", "positive", "正面", "负面"])'
+    ) in result.output
+    assert "{'labels'" not in result.output  # the job file's words, never a Python repr
 
 
 BAD = {

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 OK = '{"id": 1, "text": "fine"}\n'
@@ -35,7 +37,7 @@ CASES: list[tuple[str, bytes, list[str], list[str]]] = [
     ("unknown role", b'{"id": 1, "messages": [{"role": "human", "content": "x"}]}\n',
      [], ["line 1, column messages", "unknown role 'human'"]),
     ("duplicate ids", (OK + OK).encode(), T, ["line 2, column id", "duplicate id '1'",
-                                               "also at line 1"]),
+                                               "the first is at line 1"]),
     ("null id", (OK + '{"id": null, "text": "x"}\n').encode(), T,
      ["line 2, column id", "missing or null"]),
     ("an input column clashing with the output", b'{"id": 1, "text": "a", "response": "x"}\n',
@@ -108,6 +110,26 @@ def test_parquet_that_is_not_parquet(
     result = cli("run", "--input", path, "--model", "m", "--base-url", sim.base_url)
     assert result.exit_code == 2
     assert f"error: {path}: not a readable Parquet file" in result.output
+    assert sim.stats.requests == 0
+
+
+def test_a_parquet_files_rows_are_counted_from_1_as_its_lines_would_be(
+    simulator: Callable[..., Any], cli: Any, tmp_path: Path
+) -> None:
+    """The second row of a Parquet file is "row 2", as the second line of a JSONL file
+    is "line 2"."""
+    sim = simulator()
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": ["a", "b", "c", "b"], "text": ["x", None, "z", "w"]}), path)
+    null = cli("run", "--input", path, "--model", "m", "--template", "{text}",
+               "--base-url", sim.base_url)  # fmt: skip
+    assert null.exit_code == 2
+    assert f"error: {path}, row 2, column text: column 'text' is null" in null.output
+    twice = cli("run", "--input", path, "--model", "m", "--template", "{id}",
+                "--id-column", "id", "--base-url", sim.base_url)  # fmt: skip
+    assert twice.exit_code == 2
+    assert f"{path}, row 4, column id: duplicate id 'b'" in twice.output
+    assert "(the first is at row 2)" in twice.output
     assert sim.stats.requests == 0
 
 

@@ -195,7 +195,7 @@ def test_import_into_a_changed_job_is_refused(
     job.write_text(job.read_text().replace(f'{key} = "{old}"', f'{key} = "{new}"'))
     result = cli("import-batch", results, "--job", job)
     assert result.exit_code == 2, result.output
-    assert f"changed: {key}" in result.output
+    assert f'changed: [request].{key} (was "{old}", now "{new}")' in result.output
     assert not (tmp_path / "out.parquet").exists()
 
 

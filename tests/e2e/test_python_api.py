@@ -203,7 +203,7 @@ def test_errors_are_exceptions_that_say_where_in_the_frame(
     with pytest.raises(InputError) as bad:
         batchq.run(data, **on(sim))
     assert (bad.value.row, bad.value.column, bad.value.path) == (7, "text", None)
-    assert str(bad.value).startswith("row 7, column text: column 'text' is null")
+    assert str(bad.value).startswith("row index 7, column text: column 'text' is null")
     with pytest.raises(InputError) as bad_rows:
         batchq.run([{"text": "a"}, {"text": "b"}, "c"], **on(sim))
     assert bad_rows.value.row == 2

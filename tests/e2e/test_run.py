@@ -270,7 +270,7 @@ def test_a_completed_output_is_not_silently_reused_for_a_changed_job(
     assert cli(*run_args(sim, path, out)).exit_code == 0
     changed = cli(*run_args(sim, path, out, "--model", "qwen-max"))
     assert changed.exit_code == 2
-    assert "model (was 'qwen-plus', now 'qwen-max')" in changed.output
+    assert '[request].model (was "qwen-plus", now "qwen-max")' in changed.output
     assert "--restart" in changed.output
     restarted = cli(*run_args(sim, path, out, "--model", "qwen-max", "--restart"))
     assert restarted.exit_code == 0

@@ -322,3 +322,99 @@ def test_batches_the_provider_no_longer_knows_are_forgotten_with_one_command(
     df = pl.read_parquet(out)
     assert df["id"].to_list() == [f"r{i}" for i in range(80)]
     assert set(df["status"]) == {"ok"}
+
+
+# --- messages a person reads ---------------------------------------------------------------
+
+
+def test_after_a_budget_stop_status_suggests_a_cap_that_lets_the_rest_finish(
+    simulator: Callable[..., Any], write_jsonl: Callable[..., Path], tmp_path: Path
+) -> None:
+    """--max-cost counts what earlier runs spent, so resuming with the same cap stops at
+    once: `status` suggests one that covers the rest, and that command finishes."""
+    sim = simulator(latency_ms=20, fail_503=0.05, fail_429=0.05, seed=3)
+    # Short answers (about 8 tokens) under max_tokens 50: the budget reserves each request
+    # in flight at 50, so a cap of spent + the mean alone would stop near the end.
+    path = write_jsonl([{"id": f"r{i}", "text": f"review {i} of a good pan"} for i in range(300)])
+    prices = tmp_path / "prices.toml"
+    prices.write_text('[models."qwen-plus"]\ntiers = [{ input = 0.0, output = 1000.0 }]\n')
+    out = tmp_path / "out.parquet"
+    run = command(sim, path, out, "--max-tokens", "50", "--concurrency", "16", "--prices",
+                  str(prices), "--max-attempts", "20", "--max-cost", "0.5")  # fmt: skip
+    env = {**os.environ, "DASHSCOPE_API_KEY": "sk-simulated"}
+    stopped = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=100, env=env)
+    assert stopped.returncode == 3, stopped.stderr
+    status = subprocess.run([sys.executable, "-m", "batchq", "status", str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert status.returncode == 0, status.stderr
+    said = re.search(r"Resume with: (.+)\n  \((.+)\)", status.stdout)
+    assert said, status.stdout
+    suggested = shlex.split(said[1])
+    cap = float(suggested[suggested.index("--max-cost") + 1])
+    assert cap > 0.5
+    assert "the same cap would stop again at once" in said[2]
+    resumed = subprocess.run([sys.executable, "-m", "batchq", *suggested[1:]], cwd=ROOT,
+                             capture_output=True, text=True, timeout=100, env=env)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    df = pl.read_parquet(out)
+    assert df["id"].to_list() == [f"r{i}" for i in range(300)]
+    assert set(df["status"]) == {"ok"}
+    assert df["cost"].sum() <= cap
+    assert cap <= 2.5 * df["cost"].sum()  # enough, not a blank cheque
+
+
+# --- empty and edge inputs -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["polars", "pandas", "arrow", "lazy", "rows"])
+def test_an_empty_frame_gives_back_an_empty_frame_with_the_output_columns(kind: str) -> None:
+    import batchq
+
+    def data(n: int) -> Any:
+        frame = pl.DataFrame({"id": [f"r{i}" for i in range(n)],
+                              "text": [f"t{i}" for i in range(n)]},
+                             schema={"id": pl.String, "text": pl.String})  # fmt: skip
+        return {"polars": frame, "pandas": frame.to_pandas(), "arrow": frame.to_arrow(),
+                "lazy": frame.lazy(), "rows": frame.to_dicts()}[kind]  # fmt: skip
+
+    kw = {"model": "qwen-plus", "template": "{text}", "simulate": True, "progress": False,
+          "answer": ["positive", "negative"]}  # fmt: skip
+    one, none = batchq.run(data(1), **kw), batchq.run(data(0), **kw)
+    assert len(none) == 0
+    if kind == "pandas":
+        assert list(none.columns) == list(one.columns)
+        assert list(none.dtypes) == list(one.dtypes)
+    elif kind == "arrow":
+        assert none.schema == one.schema
+    elif kind == "rows":  # no input columns to keep: the results'
+        assert set(none.columns) <= set(one.columns)
+        assert "status" in none.columns
+    else:
+        assert none.schema == one.schema
+
+
+def test_a_sample_as_large_as_the_input_asks_first_and_a_rehearsed_one_sends_nothing(
+    simulator: Callable[..., Any],
+    write_jsonl: Callable[..., Path],
+    cli: Callable[..., Any],
+    tmp_path: Path,
+) -> None:
+    sim = simulator()
+    path = write_jsonl(rows(100))
+    out = tmp_path / "out.parquet"
+    flags = [*job_flags(path, out), "--base-url", sim.base_url, "--provider", "custom"]
+    env = {"DASHSCOPE_API_KEY": "sk-simulated", "OPENAI_API_KEY": "sk-simulated"}
+    asked = cli("estimate", *flags, "--sample", "500", env=env)
+    assert asked.exit_code == 2, asked.output
+    assert "--sample 500 is the whole input (100 rows)" in asked.output
+    assert "give --yes" in asked.output
+    assert sim.stats.requests == 0
+    rehearsed = cli("estimate", *job_flags(path, out), "--sample", "500", "--simulate",
+                    env=NO_KEY)  # fmt: skip
+    assert rehearsed.exit_code == 0, rehearsed.output
+    assert "100 sampled on the built-in simulator (nothing sent, nothing kept)" in rehearsed.output
+    assert not (tmp_path / "out.parquet.batchq").exists()
+    assert not out.exists()
+    sent = cli("estimate", *flags, "--sample", "500", "--yes", env=env)
+    assert sent.exit_code == 0, sent.output
+    assert sim.stats.requests == 100
