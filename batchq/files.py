@@ -14,7 +14,7 @@ from typing import BinaryIO
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = ["disk_of", "free_bytes", "no_space", "read_parquet", "write_atomic"]
+__all__ = ["cannot_write", "disk_of", "free_bytes", "no_space", "read_parquet", "write_atomic"]
 
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
@@ -54,6 +54,14 @@ _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 def no_space(error: OSError) -> bool:
     """Whether ``error`` says the disk (or the quota) is full."""
     return error.errno in _NO_SPACE
+
+
+def cannot_write(error: OSError, path: Path, what: str) -> str:
+    """What a failed write of ``what`` at ``path`` says: which disk is full, or what could
+    not be written and why."""
+    if no_space(error):
+        return f"no space left on {disk_of(path)}"
+    return f"cannot write {what}: {error.strerror}"
 
 
 def disk_of(path: Path) -> Path:

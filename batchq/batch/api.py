@@ -31,7 +31,7 @@ import orjson
 from batchq.answer import Checker
 from batchq.config import Job, job_settings
 from batchq.errors import InputError, RunStopped, UsageError
-from batchq.files import disk_of, no_space, write_atomic
+from batchq.files import cannot_write, write_atomic
 from batchq.io.preflight import InputInfo, preflight, row_id
 from batchq.io.reader import read_batches
 from batchq.money.pricing import PriceTable, RowPricer, region_of
@@ -139,11 +139,9 @@ def export_rows(
         for entry in result.files:
             with contextlib.suppress(OSError):
                 (folder / entry["file"]).unlink(missing_ok=True)
-        where = (f"no space left on {disk_of(folder)}" if no_space(e) else
-                 f"cannot write to {folder}: {e.strerror}")  # fmt: skip
         raise RunStopped(
-            f"{where}: the Batch-API files were not written; free some space "
-            "(or fix the folder) and rerun the same command"
+            f"{cannot_write(e, folder, str(folder))}: the Batch-API files were not written; "
+            "free some space (or fix the folder) and rerun the same command"
         ) from None
     return result
 

@@ -23,7 +23,7 @@ import httpx
 import orjson
 
 from batchq.errors import RunStopped
-from batchq.files import disk_of, no_space
+from batchq.files import cannot_write
 from batchq.send.client import redact
 
 __all__ = ["Remote"]
@@ -195,11 +195,10 @@ async def _save(response: httpx.Response, path: Path) -> None:
 
 
 def _unsaved(error: OSError, path: Path) -> str:
-    where = (f"no space left on {disk_of(path)}" if no_space(error) else
-             f"cannot write {path}: {error.strerror}")  # fmt: skip
     return (
-        f"{where}: the batch's results stay on the provider until it expires; free "
-        "some space (or fix the folder) and rerun the same command to collect them"
+        f"{cannot_write(error, path, str(path))}: the batch's results stay on the provider "
+        "until it expires; free some space (or fix the folder) and rerun the same command "
+        "to collect them"
     )
 
 

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from batchq import arrays
 from batchq.config import Job
 from batchq.errors import RunStopped, UsageError
-from batchq.files import disk_of, no_space, read_parquet, write_atomic
+from batchq.files import cannot_write, read_parquet, write_atomic
 from batchq.io.keys import RepeatFinder
 from batchq.io.preflight import InputInfo
 from batchq.io.rules import ROW_COLUMN
@@ -258,11 +258,10 @@ class StateDir:
         try:
             write_atomic(path, lambda f: pq.write_table(table, f, use_dictionary=_DICTIONARY))
         except OSError as e:
-            what = (f"no space left on {disk_of(self.path)}" if no_space(e) else
-                    f"cannot write to the state folder {self.path}: {e.strerror}")  # fmt: skip
             raise RunStopped(
-                f"{what}. What was flushed before is safe: free some space or fix "
-                "permissions, then rerun the same command to resume"
+                f"{cannot_write(e, self.path, f'to the state folder {self.path}')}. What "
+                "was flushed before is safe: free some space or fix permissions, then rerun "
+                "the same command to resume"
             ) from None
         self._next_seq += 1
         return path
