@@ -11,7 +11,20 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what a type checker sees; at run time each is imported on first use
+    from batchq.api import arun, run, run_job
+    from batchq.config import Job, load_job
+    from batchq.engine.runner import RunOptions, RunSummary
+    from batchq.errors import (
+        BatchqError,
+        EmptyInput,
+        InputError,
+        Interrupted,
+        RunStopped,
+        UsageError,
+    )
 
 if "pyarrow" not in sys.modules:
     # Arrow's system allocator, as the console entry picks it (``_entry.py``), unless the
@@ -22,6 +35,7 @@ if "pyarrow" not in sys.modules:
 
 __all__ = [
     "BatchqError",
+    "EmptyInput",
     "InputError",
     "Interrupted",
     "Job",
@@ -38,6 +52,7 @@ __version__ = "0.1.0"
 
 _HOMES = {
     "BatchqError": "batchq.errors",
+    "EmptyInput": "batchq.errors",
     "InputError": "batchq.errors",
     "Interrupted": "batchq.errors",
     "RunStopped": "batchq.errors",
