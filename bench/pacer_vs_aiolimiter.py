@@ -70,7 +70,7 @@ def pacer(limits: Limits) -> Callable[[], Callable[[], Awaitable[None]]]:
 
         async def acquire() -> None:
             reserved = await p.acquire(10, 10)
-            p.release(reserved, Settled(p.now(), 20, 10))
+            p.settle(reserved, Settled(p.now(), 20, 10))
 
         return acquire
 

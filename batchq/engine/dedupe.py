@@ -60,9 +60,10 @@ class Dedupe:
             finder.add(body_keys(body)[0])
         return cls(finder.repeated(limit=None))
 
-    def lead(self, index: int, ident: str, body: dict[str, Any], *, done: bool) -> bool:
-        """Whether row ``index`` (``done`` or not) leads its body: False for a copy, which
-        (unless done already) is recorded to be filled from its leader, never sent."""
+    def sends(self, index: int, ident: str, body: dict[str, Any], *, done: bool) -> bool:
+        """Whether row ``index`` (``done`` or not) is sent: True for the first row of its
+        body (its leader), False for a copy, which (unless done already) is recorded to be
+        filled from its leader's answer."""
         first, second = body_keys(body)
         if first not in self.repeated:
             return True

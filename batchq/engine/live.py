@@ -137,8 +137,8 @@ class _Pipeline:
                             continue
                         body = build_body(row, job.request)
                         ident = row_id(row, info.id_column, index)
-                        lead = dedupe.lead(index, ident, body, done=self.done[index])
-                        if lead and not self.done[index]:
+                        sent = dedupe.sends(index, ident, body, done=self.done[index])
+                        if sent and not self.done[index]:
                             await items.send(self._item(index, row, body))
 
     def _item(self, index: int, row: dict[str, Any], body: dict[str, Any] | None = None) -> Item:

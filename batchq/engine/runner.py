@@ -183,7 +183,7 @@ class _BatchSelection:
     worst: float = 0.0  # the worst case of the first of them
 
     def take(self, index: int, ident: str, body: dict[str, Any], done: bool) -> bool:
-        if self.dedupe is not None and not self.dedupe.lead(index, ident, body, done=done):
+        if self.dedupe is not None and not self.dedupe.sends(index, ident, body, done=done):
             return False
         if done:
             return False

@@ -57,7 +57,7 @@ class QuotaWatch:
         self._stop_s = stop_s
         self._since: float | None = None
 
-    def saw(self, outcome: Outcome, now: float) -> bool:
+    def record(self, outcome: Outcome, now: float) -> bool:
         """Note an answer; True when quota 429s alone have come back for ``stop_s``."""
         if outcome.throttled != "quota":
             self._since = None
@@ -97,7 +97,7 @@ class EndpointWatch:
         self._what: str | None = None
         self._same = 0
 
-    def saw(self, outcome: Outcome) -> str | None:
+    def record(self, outcome: Outcome) -> str | None:
         """Note an answer; the stop message when the run must stop."""
         if outcome.kind == "ok":
             self._ok, self._what, self._same = True, None, 0
@@ -175,7 +175,7 @@ async def answer(item: Item, channel: Channel, *, checker: Checker | None = None
         outcome = await _ask(item, body, prompt_tokens, bill, channel)
         model = item.body.get("model")
         if outcome.kind != "ok":
-            return bill.onto(Result.failed(
+            return bill.fill(Result.failed(
                 row=item.row, id=item.id, model=model, attempts=0, via="live",
                 http_status=outcome.http_status, error_type=outcome.error_type,
                 error_code=outcome.error_code, error_message=outcome.error_message,
@@ -188,16 +188,16 @@ async def answer(item: Item, channel: Channel, *, checker: Checker | None = None
             completion=completion, latency_ms=outcome.latency_ms,
         )  # fmt: skip
         if checker is None:
-            return bill.onto(result)
+            return bill.fill(result)
         verdict = checker.verdict(completion)
         if verdict.value is not None:
             result.answer, result.agreement = verdict.value, verdict.agreement
-            return bill.onto(result)
+            return bill.fill(result)
         reason = verdict.reason or "it is not valid"
         if bill.asked_again >= reasks:
-            return bill.onto(result.invalid(reason))
+            return bill.fill(result.invalid(reason))
         if channel.keep is not None:  # saved as it stands: a resumed run asks again from it
-            channel.keep(bill.onto(result.invalid(reason)))
+            channel.keep(bill.fill(result.invalid(reason)))
         bill.asked_again += 1
         channel.emit(Reasking(item.id, bill.reasks, reason))
         body = checker.reask_body(body, completion, reason)
@@ -227,21 +227,21 @@ async def _ask(
         try:
             outcome = await c.client.send(body)
         finally:
-            c.pacer.release(reserved, _settled(sent_at, outcome))
+            c.pacer.settle(reserved, _settled(sent_at, outcome))
             if hold is not None:
                 assert c.budget is not None
                 c.budget.settle(hold, _billed(outcome))
         bill.attempts += 1
         sent += 1
         counted += outcome.throttled != "quota"
-        if c.endpoint is not None and (stop := c.endpoint.saw(outcome)) is not None:
+        if c.endpoint is not None and (stop := c.endpoint.record(outcome)) is not None:
             raise RunStopped(stop, **_context(outcome))
         if outcome.kind == "ok":
-            c.quota.saw(outcome, c.pacer.now())
+            c.quota.record(outcome, c.pacer.now())
             return outcome
         if outcome.kind == "fatal":
             raise RunStopped(_fatal_message(outcome), **_context(outcome))
-        if c.quota.saw(outcome, c.pacer.now()):
+        if c.quota.record(outcome, c.pacer.now()):
             raise RunStopped(_quota_message(outcome), **_context(outcome))
         if outcome.kind == "row_error" or counted >= c.max_attempts:
             return outcome
@@ -277,7 +277,7 @@ class _Bill:
             if (n := completion.get(key)) is not None:
                 self._usage[key] = (self._usage[key] or 0) + n
 
-    def onto(self, result: Result) -> Result:
+    def fill(self, result: Result) -> Result:
         """``result`` with the row's totals."""
         result.attempts = self._prior_attempts + self.attempts
         result.reasks = self.reasks

@@ -1,4 +1,4 @@
-"""The preflight's fast path: vouch for an ordinary input in Arrow's C++, whole columns at
+"""The preflight's fast path: check an ordinary input in Arrow's C++, whole columns at
 a time, so a million-row job starts sending in well under a second.
 
 It answers the question the exact pass (``preflight.py``, a Python loop over every row)
@@ -46,7 +46,7 @@ from batchq.send.request import (
     job_body,
 )
 
-__all__ = ["Vouched", "vouch"]
+__all__ = ["ColumnsChecked", "check_columns"]
 
 CHUNK_BYTES = 4 * 1024**2  # read and parsed at a time (2.5x as fast as 1 MB chunks)
 BLOCK_BYTES = 1024**2  # Arrow's block: each is parsed by one thread
@@ -69,10 +69,10 @@ ROW_NUMBERS = frozenset(
 
 
 class _Unsure(Exception):
-    """The fast path cannot vouch for the input: the exact pass decides."""
+    """The fast path cannot pass the input: the exact pass decides."""
 
 
-class Vouched(NamedTuple):
+class ColumnsChecked(NamedTuple):
     """What the exact pass would have found."""
 
     rows: int
@@ -82,16 +82,18 @@ class Vouched(NamedTuple):
     notes: tuple[str, ...]
 
 
-def vouch(job: Job, *, progress: Callable[[int], None] | None = None) -> Vouched | None:
+def check_columns(
+    job: Job, *, progress: Callable[[int], None] | None = None
+) -> ColumnsChecked | None:
     """What the exact pass would find for ``job``'s input, or None when it must decide.
     ``progress`` is called with the rows read so far, after each batch."""
     try:
-        return _vouch(job, progress)
+        return _check_columns(job, progress)
     except (_Unsure, pa.ArrowException, OSError, ValueError):
         return None
 
 
-def _vouch(job: Job, progress: Callable[[int], None] | None) -> Vouched:
+def _check_columns(job: Job, progress: Callable[[int], None] | None) -> ColumnsChecked:
     path = job.input
     fmt = input_format(path)
     if fmt == "jsonl" and path.name.lower().endswith(".gz"):
@@ -142,7 +144,7 @@ def _vouch(job: Job, progress: Callable[[int], None] | None) -> Vouched:
         check_clash((name for name, _ in columns), id_column, path, answers=job.answer is not None)
     except InputError:
         raise _Unsure("a column clash: the exact pass says where") from None
-    return Vouched(rows, columns, id_column, digest, notes)
+    return ColumnsChecked(rows, columns, id_column, digest, notes)
 
 
 def _chain(first: pa.RecordBatch, rest: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:

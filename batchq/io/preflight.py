@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from batchq.config import Job
 from batchq.errors import EmptyInput, InputError, UsageError
-from batchq.io.fastcheck import vouch
+from batchq.io.fastcheck import check_columns
 from batchq.io.keys import RepeatFinder
 from batchq.io.reader import InputBatch, input_format, read_batches
 from batchq.io.rules import ROW_COLUMN, check_clash, default_id_column, digest_and_lines
@@ -68,14 +68,14 @@ def preflight(
     """Check the whole input and the job's settings. Raises InputError / UsageError.
     (The output path is the state folder's to check: ``state.check_output``.)
 
-    An ordinary input is vouched for by the fast path (``fastcheck.py``, whole columns in
+    An ordinary input is passed by the fast path (``fastcheck.py``, whole columns in
     Arrow); anything else, or anything it is unsure of, gets the exact pass, a loop over
     every row that says what is wrong and where. ``observe`` is called with each row's
     request body (``estimate`` counts them), which takes the exact pass; ``progress``
     with the rows checked so far, and whether by the exact pass, after each batch."""
     _check_settings(job)
     fast = None if progress is None else (lambda rows: progress(rows, False))
-    if observe is None and (v := vouch(job, progress=fast)) is not None:
+    if observe is None and (v := check_columns(job, progress=fast)) is not None:
         fmt = input_format(job.input)
         return InputInfo(job.input, fmt, v.rows, v.columns, v.id_column, v.digest, v.notes)
     exact = None if progress is None else (lambda rows: progress(rows, True))

@@ -1,6 +1,6 @@
 """The pacer: the one place that holds rate state (concurrency, QPS, QPM, TPM, slowdown).
 
-Workers ``await pacer.acquire(...)`` before each attempt and ``pacer.release(...)`` after
+Workers ``await pacer.acquire(...)`` before each attempt and ``pacer.settle(...)`` after
 it, saying what the attempt came to (a :class:`Settled`: its usage, or the 429 it got).
 The interface is small on purpose, so that a shared actor can implement it for many
 worker processes later.
@@ -57,9 +57,9 @@ RECHECK_S = 1.0
 class Pacer(Protocol):
     async def acquire(self, prompt_tokens: int, max_completion: int | None) -> int:
         """Wait until one more request may be sent now; return the tokens it reserved.
-        Every acquire is followed by exactly one ``release``."""
+        Every acquire is followed by exactly one ``settle``."""
 
-    def release(self, reserved: int, settled: Settled) -> None:
+    def settle(self, reserved: int, settled: Settled) -> None:
         """The request is over: free its slot, correct its reservation by the tokens the
         answer reports, and learn from what it came to (a 429, or an answer let through)."""
 
@@ -158,7 +158,7 @@ class RatePacer:
                 self._ceiling.sent(max(at, now))
                 return
 
-    def release(self, reserved: int, settled: Settled) -> None:
+    def settle(self, reserved: int, settled: Settled) -> None:
         self._slots.release()
         if settled.used is not None:
             if self._token_rate is not None:

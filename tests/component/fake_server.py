@@ -125,7 +125,7 @@ async def closed_loop(
         reserved = await p.acquire(5, 5)
         while answers and answers[0][0] <= clock.now:
             _, _, held, settled = heapq.heappop(answers)
-            p.release(held, settled)
+            p.settle(held, settled)
             if watch is not None:
                 watch(clock.now, p)
         after, settled = server.answer(clock.now)

@@ -1,5 +1,5 @@
 """The preflight's fast path against the exact pass: it may decline any input, but when it
-vouches for one, the exact pass must accept it and find exactly the same."""
+passes one, the exact pass must accept it and find exactly the same."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 from batchq.config import load_job
 from batchq.errors import BatchqError
-from batchq.io.fastcheck import vouch
+from batchq.io.fastcheck import check_columns
 from batchq.io.preflight import exact_preflight
 
 
@@ -46,7 +46,7 @@ def batch_lines(n: int, **body: Any) -> bytes:
 
 
 TEMPLATE = {"template": "Review: {text} ({stars})"}
-# name: (file content, job overrides, the fast path must vouch)
+# name: (file content, job overrides, the fast path must pass it)
 CASES: dict[str, tuple[bytes, dict[str, Any], bool]] = {
     "template": (lines(reviews()), TEMPLATE, True),
     "prompt column": (lines([{"prompt": f"p{i}", "n_words": i} for i in range(30)]), {}, True),
@@ -289,18 +289,18 @@ def exact_or_error(job: Any) -> Any:
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_the_fast_path_vouches_only_for_what_the_exact_pass_accepts_alike(
+def test_the_fast_path_passes_only_what_the_exact_pass_accepts_alike(
     name: str, tmp_path: Path
 ) -> None:
-    content, overrides, must_vouch = CASES[name]
+    content, overrides, must_pass = CASES[name]
     path = tmp_path / "in.jsonl"
     path.write_bytes(content)
     job = job_for(path, overrides)
-    exact, fast = exact_or_error(job), vouch(job)
-    if must_vouch:
+    exact, fast = exact_or_error(job), check_columns(job)
+    if must_pass:
         assert fast is not None
     if isinstance(exact, BatchqError):
-        assert fast is None, f"the fast path vouched for input the exact pass refuses: {exact}"
+        assert fast is None, f"the fast path passed input the exact pass refuses: {exact}"
         return
     if fast is not None:
         assert (fast.rows, fast.columns, fast.id_column, fast.digest, fast.notes) == (
@@ -314,19 +314,19 @@ def test_parquet_and_gzip(tmp_path: Path) -> None:
     parquet = tmp_path / "in.parquet"
     pq.write_table(table, parquet, row_group_size=30)
     job = job_for(parquet, TEMPLATE)
-    fast, exact = vouch(job), exact_preflight(job)
+    fast, exact = check_columns(job), exact_preflight(job)
     assert fast is not None
     assert (fast.rows, fast.columns, fast.id_column, fast.digest) == (
         exact.total_rows, exact.columns, exact.id_column, exact.digest
     )  # fmt: skip
     packed = tmp_path / "in.jsonl.gz"
     packed.write_bytes(gzip.compress(lines(reviews())))
-    assert vouch(job_for(packed, TEMPLATE)) is None  # declined: the exact pass reads it
+    assert check_columns(job_for(packed, TEMPLATE)) is None  # declined: the exact pass reads it
     assert exact_preflight(job_for(packed, TEMPLATE)).total_rows == 50
 
 
 @pytest.mark.parametrize("text", [pa.large_string()])
-def test_polars_text_types_are_vouched_for(tmp_path: Path, text: pa.DataType) -> None:
+def test_polars_text_types_are_passed(tmp_path: Path, text: pa.DataType) -> None:
     """polars writes large_string (batchq.run stages a polars frame so): the exact pass
     over a million such rows took 2.4 s where this takes 0.25 s."""
     messages = pa.list_(pa.struct([("role", text), ("content", text)]))
@@ -345,7 +345,7 @@ def test_polars_text_types_are_vouched_for(tmp_path: Path, text: pa.DataType) ->
         parquet = tmp_path / f"{columns[1]}.parquet"
         pq.write_table(table.select(columns), parquet)
         job = job_for(parquet, overrides)
-        fast, exact = vouch(job), exact_preflight(job)
+        fast, exact = check_columns(job), exact_preflight(job)
         assert fast is not None
         assert (fast.rows, fast.columns, fast.digest) == (
             exact.total_rows, exact.columns, exact.digest
@@ -368,7 +368,7 @@ def test_chunks_cut_at_line_ends_whatever_their_size(
     path = tmp_path / "in.jsonl"
     path.write_bytes(lines(rows).rstrip(b"\n") + ending)
     job = job_for(path, TEMPLATE)
-    exact, fast = exact_or_error(job), vouch(job)
+    exact, fast = exact_or_error(job), check_columns(job)
     if isinstance(exact, BatchqError):
         assert fast is None
         return
@@ -395,5 +395,5 @@ def test_a_declined_input_stops_the_reading_thread(
     monkeypatch.setattr(fastcheck, "CHUNK_BYTES", 1024)
     path = tmp_path / "in.jsonl"
     path.write_bytes(lines(reviews(200)) + lines([odd]) + lines(reviews(2000)))
-    assert vouch(job_for(path, TEMPLATE)) is None
+    assert check_columns(job_for(path, TEMPLATE)) is None
     assert not [t for t in threading.enumerate() if t.name == "batchq-read-ahead"]

@@ -27,7 +27,7 @@ async def send_times(p: RatePacer, clock: FakeClock, n: int, *, tokens: int = 0)
     for _ in range(n):
         reserved = await p.acquire(tokens, 0)
         times.append(clock.now)
-        p.release(reserved, Settled(clock.now))
+        p.settle(reserved, Settled(clock.now))
     return times
 
 
@@ -69,7 +69,7 @@ async def test_tokens_are_reserved_and_corrected_by_usage() -> None:
     await p.acquire(40, 10)
     assert clock.now == pytest.approx(start + 1.0)
     # The first answer used 10 tokens, not 50: 0.4 s of budget comes back.
-    p.release(a, Settled(clock.now, 10, 2))
+    p.settle(a, Settled(clock.now, 10, 2))
     await p.acquire(40, 10)
     assert clock.now == pytest.approx(start + 1.1)
 
@@ -78,7 +78,7 @@ async def test_without_max_tokens_the_completion_guess_learns_from_answers() -> 
     p, _ = pacer(tpm=60_000, concurrency=100)
     assert await p.acquire(10, None) == 10 + FIRST_COMPLETION_GUESS
     for _ in range(200):
-        p.release(await p.acquire(10, None), Settled(0.0, 30, 20))
+        p.settle(await p.acquire(10, None), Settled(0.0, 30, 20))
     assert await p.acquire(10, None) == pytest.approx(30, abs=2)
 
 
@@ -141,7 +141,7 @@ async def test_the_concurrency_cap_holds_requests_until_a_release() -> None:
         tg.start_soon(third)
         await wait_all_tasks_blocked()
         assert not went.is_set()
-        p.release(first, Settled(p.now()))
+        p.settle(first, Settled(p.now()))
         await wait_all_tasks_blocked()
         assert went.is_set()
 
@@ -154,8 +154,8 @@ async def test_a_burst_429_makes_the_ramp_gentler() -> None:
     clock.now += RAMP_S
     assert p.rate(clock.now) == 100
     burst = clock.now
-    p.release(0, Settled(clock.now, throttled="burst"))
-    p.release(0, Settled(clock.now, throttled="burst"))
+    p.settle(0, Settled(clock.now, throttled="burst"))
+    p.settle(0, Settled(clock.now, throttled="burst"))
     assert p.rate(burst) == pytest.approx(50)
     assert p.rate(burst + RAMP_S) == pytest.approx(75)
     assert p.rate(burst + 2 * RAMP_S) == 100

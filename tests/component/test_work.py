@@ -39,23 +39,23 @@ class Pacer:
 
     def __init__(self) -> None:
         self.acquired = 0
-        self.settled: list[Settled] = []
+        self.outcomes: list[Settled] = []
         self.clock = 0.0
 
     async def acquire(self, prompt_tokens: int, max_completion: int | None) -> int:
         self.acquired += 1
         return prompt_tokens + (max_completion or 0)
 
-    def release(self, reserved: int, settled: Settled) -> None:
-        self.settled.append(settled)
+    def settle(self, reserved: int, settled: Settled) -> None:
+        self.outcomes.append(settled)
 
     @property
-    def released(self) -> list[int | None]:
-        return [s.used for s in self.settled]
+    def settled(self) -> list[int | None]:
+        return [s.used for s in self.outcomes]
 
     @property
     def penalties(self) -> list[float | None]:
-        return [s.retry_after for s in self.settled if s.throttled]
+        return [s.retry_after for s in self.outcomes if s.throttled]
 
     def now(self) -> float:
         return self.clock
@@ -108,7 +108,7 @@ async def test_transient_failures_are_retried_until_ok() -> None:
     assert row.model == "qwen-plus"
     assert len(sleeps) == 2
     assert pacer.acquired == 3  # every attempt waits on the pacer
-    assert pacer.released == [None, None, 4]  # ... and gives back what it used
+    assert pacer.settled == [None, None, 4]  # ... and gives back what it used
     assert [e.attempt for e in events] == [1, 2]  # type: ignore[union-attr]
 
 
@@ -116,7 +116,7 @@ async def test_a_429_is_told_to_the_pacer_and_its_retry_after_delays_the_row() -
     row, sleeps, _, pacer = await run([err(429, "limit_requests", **{"Retry-After": "3"}), OK])
     assert row.status == "ok"
     assert pacer.penalties == [3.0]
-    assert [s.throttled for s in pacer.settled] == ["rate", None]
+    assert [s.throttled for s in pacer.outcomes] == ["rate", None]
     assert sleeps == [3.0]
 
 
@@ -152,7 +152,7 @@ async def test_quota_429s_do_not_use_up_attempts_and_are_throttling_first() -> N
     row, sleeps, _, pacer = await run([err(429, "insufficient_quota")] * 6 + [OK], max_attempts=2)
     assert row.status == "ok"
     assert row.attempts == 7  # every request sent is counted...
-    assert [s.throttled for s in pacer.settled] == ["quota"] * 6 + [None]  # ...and slows
+    assert [s.throttled for s in pacer.outcomes] == ["quota"] * 6 + [None]  # ...and slows
     assert len(sleeps) == 6
 
 
@@ -171,11 +171,11 @@ def test_any_other_answer_restarts_the_quota_minute() -> None:
 
     as_outcome = classify(quota.status_code, quota.content, quota.headers, 1.0)
     other = classify(503, b"{}", {}, 1.0)
-    assert not watch.saw(as_outcome, 0.0)
-    assert not watch.saw(as_outcome, QUOTA_STOP_S - 1)
-    assert not watch.saw(other, QUOTA_STOP_S - 0.5)  # a 503: not "nothing but quota"
-    assert not watch.saw(as_outcome, QUOTA_STOP_S)
-    assert watch.saw(as_outcome, 2 * QUOTA_STOP_S)
+    assert not watch.record(as_outcome, 0.0)
+    assert not watch.record(as_outcome, QUOTA_STOP_S - 1)
+    assert not watch.record(other, QUOTA_STOP_S - 0.5)  # a 503: not "nothing but quota"
+    assert not watch.record(as_outcome, QUOTA_STOP_S)
+    assert watch.record(as_outcome, 2 * QUOTA_STOP_S)
 
 
 @pytest.mark.parametrize("status", [400, 429])
