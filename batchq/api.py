@@ -65,6 +65,13 @@ class JobKeys(TypedDict, total=False):
     #: re-asks of a row whose answer is not valid (default 1)
     reasks: int
     pattern: str
+    #: who sends: "local" (this process), or "ray" (workers on Ray: ``pip install
+    #: 'batchq[ray]'``)
+    engine: str
+    #: ``engine="ray"``: the cluster's address (default: a local Ray for the call)
+    ray_address: str
+    #: ``engine="ray"``: sending workers
+    workers: int
     #: the built-in simulator on a loopback port: no key, no network
     simulate: bool
     #: the live display (a bar in a terminal or a notebook; plain lines elsewhere)

@@ -135,9 +135,16 @@ class Job:
     id_column: str | None = None
     #: what a valid answer is (``[answer]``); None: every answer is taken as it is
     answer: AnswerSpec | None = None
+    #: who sends: this process ("local"), or workers on Ray ("ray", SPEC "Scale-out on Ray")
+    engine: str = "local"
+    #: ``engine = "ray"``: the cluster (None: a local Ray, started and stopped by the run)
+    ray_address: str | None = None
+    #: ``engine = "ray"``: sending workers (None: one per CPU Ray offers, at most 8)
+    workers: int | None = None
 
 
-_TOP_KEYS = {"name", "input", "output", "id_column"}
+_TOP_KEYS = {"name", "input", "output", "id_column", "engine", "ray_address", "workers"}
+ENGINES = ("local", "ray")
 _REQUEST_KEYS = {f.name for f in fields(RequestSettings)} - {"params", "simulated"}
 _LIMIT_KEYS = {f.name for f in fields(Limits)}
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -145,6 +152,9 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "input": (str,),
     "output": (str,),
     "id_column": (str,),
+    "engine": (str,),
+    "ray_address": (str,),
+    "workers": (int,),
     "provider": (str,),
     "base_url": (str,),
     "api_key_env": (str,),
@@ -302,7 +312,12 @@ def _build(flat: dict[str, Any], params: dict[str, Any], *, default_name: str | 
     input_path = Path(flat["input"])
     output = Path(flat.get("output") or _default_output(input_path))
     name = flat.get("name") or default_name or input_path.stem
-    return Job(name, input_path, output, request, limits, flat.get("id_column"))
+    engine = flat.get("engine", "local")
+    if engine not in ENGINES:
+        raise UsageError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    return Job(name, input_path, output, request, limits, flat.get("id_column"),
+               engine=engine, ray_address=flat.get("ray_address"),
+               workers=flat.get("workers"))  # fmt: skip
 
 
 def _check_template(template: str) -> None:

@@ -57,13 +57,26 @@ _ONCE = ("--restart", "--no-wait")
               "finish: send them live, submit them again, or leave them pending")  # fmt: skip
 @click.option("--keep-remote", is_flag=True,
               help="--via batch: keep the uploaded and result files on the provider")  # fmt: skip
+@click.option("--engine", type=click.Choice(["local", "ray"]), default=None,
+              help="who sends: this process (local, the default), or workers on Ray "
+              "(pip install 'batchq[ray]')")  # fmt: skip
+@click.option("--ray-address", default=None,
+              help="--engine ray: the cluster (auto, HOST:PORT, ray://HOST:PORT); "
+              "default: a local Ray for this run")  # fmt: skip
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="--engine ray: sending workers (default: one per CPU, at most 8)",
+)
+@click.option("--verbose", is_flag=True, help="show the engine's own logs (Ray's)")
 @click.option("--poll-s", type=click.FloatRange(min=0.05), default=None, hidden=True)
 @click.option("--seed", type=int, default=None, hidden=True)
 def run(job_file: str | None, simulate: bool, quiet: bool, log_file: Path | None,
         prices: Path | None, seed: int | None, **flags: Any) -> None:  # fmt: skip
     """Run (or resume) a job: JOB_FILE and/or flags."""
     command = shlex.join(["batchq", *(a for a in sys.argv[1:] if a not in _ONCE)])
-    names = ("restart", "retry_errors", "retry_invalid", "keep_state", "keep_raw")
+    names = ("restart", "retry_errors", "retry_invalid", "keep_state", "keep_raw", "verbose")
     switches = {k: flags.pop(k) for k in names}
     plan = _batch_plan(flags, simulate)
     options = RunOptions(**switches, seed=seed, command=command, batch=plan, prices=prices)

@@ -51,6 +51,8 @@ class RunOptions:
     sample: frozenset[int] | None = None
     #: send the pending rows through the provider's Batch API first (``--via batch``)
     batch: BatchPlan | None = None
+    #: show the engine's own logs (Ray's) in the terminal
+    verbose: bool = False
 
     @property
     def retry(self) -> frozenset[str]:

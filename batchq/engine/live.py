@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 import signal
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +36,17 @@ from batchq.send.limiter import Pacer, RatePacer
 from batchq.send.request import build_body, estimate_tokens
 from batchq.state import RowMask, StateDir
 
-__all__ = ["FLUSH_EVERY_S", "FLUSH_MAX_ROWS", "FLUSH_MAX_TEXT", "Journal", "send_live"]
+__all__ = [
+    "FLUSH_EVERY_S",
+    "FLUSH_MAX_ROWS",
+    "FLUSH_MAX_TEXT",
+    "Journal",
+    "fill_copies",
+    "finished_event",
+    "make_item",
+    "pending_items",
+    "send_live",
+]
 
 FLUSH_EVERY_S = 1.0
 FLUSH_MAX_ROWS = 10_000
@@ -68,6 +79,11 @@ async def send_live(
         raise _first_batchq_error(group) from None
     finally:
         journal.flush()
+    fill_copies(ctx, dedupe)
+
+
+def fill_copies(ctx: RunContext, dedupe: Dedupe | None) -> None:
+    """After sending: a ``dedupe``'s repeated rows take their first row's answer."""
     if dedupe is not None and dedupe.pending:
         copied = dedupe.fill(ctx.state)
         ctx.counts.copied += copied
@@ -125,30 +141,10 @@ class _Pipeline:
             )
 
     async def _feed(self, items: ObjectSendStream[Item], scope: anyio.CancelScope) -> None:
-        dedupe, job, info = self.dedupe, self.ctx.job, self.ctx.info
         with scope:
             async with items:
-                for batch in read_batches(info.path):
-                    for i, row in enumerate(batch.rows):
-                        index = batch.start + i
-                        if dedupe is None:
-                            if not self.done[index]:
-                                await items.send(self._item(index, row))
-                            continue
-                        body = build_body(row, job.request)
-                        ident = row_id(row, info.id_column, index)
-                        sent = dedupe.sends(index, ident, body, done=self.done[index])
-                        if sent and not self.done[index]:
-                            await items.send(self._item(index, row, body))
-
-    def _item(self, index: int, row: dict[str, Any], body: dict[str, Any] | None = None) -> Item:
-        body = body if body is not None else build_body(row, self.ctx.job.request)
-        ident = row_id(row, self.ctx.info.id_column, index)
-        cap, prior = completion_cap(body), self.prior.get(index)
-        resume = None
-        if prior is not None and "error_message" in prior:  # asked again from its last answer
-            resume = (prior["response"], prior["error_message"] or "it is not valid")
-        return Item(index, ident, body, estimate_tokens(body), cap, prior, resume)
+                for item in pending_items(self.ctx, self.done, self.prior, self.dedupe):
+                    await items.send(item)
 
     async def _work(self, items: ObjectReceiveStream[Item]) -> None:
         async with items:
@@ -157,7 +153,7 @@ class _Pipeline:
                     return
                 row = await answer(item, self.channel, checker=self.checker)
                 self.journal.add(row)  # no await since the answer: a stop cannot lose it
-                self.ctx.sink(_finished(row))
+                self.ctx.sink(finished_event(row))
 
     async def _tick(self) -> None:
         """Flush at least every FLUSH_EVERY_S while the run goes on."""
@@ -189,6 +185,44 @@ class _Pipeline:
         self.client.abort()
 
 
+def pending_items(
+    ctx: RunContext, done: RowMask, prior: dict[int, dict[str, Any]], dedupe: Dedupe | None
+) -> Iterator[Item]:
+    """The rows to send, in input order: those not ``done``, and of a ``dedupe``'s
+    repeated requests only the first (the others take its answer after sending)."""
+    job, info = ctx.job, ctx.info
+    for batch in read_batches(info.path):
+        for i, row in enumerate(batch.rows):
+            index = batch.start + i
+            if dedupe is None:
+                if not done[index]:
+                    yield make_item(ctx, index, row, prior.get(index))
+                continue
+            body = build_body(row, job.request)
+            ident = row_id(row, info.id_column, index)
+            if dedupe.sends(index, ident, body, done=done[index]) and not done[index]:
+                yield make_item(ctx, index, row, prior.get(index), body)
+
+
+def make_item(
+    ctx: RunContext, index: int, row: dict[str, Any], prior: dict[str, Any] | None,
+    body: dict[str, Any] | None = None,
+) -> Item:  # fmt: skip
+    """Input row ``index`` as a request to send (``prior``: what earlier runs sent and
+    billed for it)."""
+    body = body if body is not None else build_body(row, ctx.job.request)
+    ident = row_id(row, ctx.info.id_column, index)
+    return Item(index, ident, body, estimate_tokens(body), completion_cap(body), prior,
+                resume_from(prior))  # fmt: skip
+
+
+def resume_from(prior: dict[str, Any] | None) -> tuple[str | None, str] | None:
+    """A row asked again from its last answer (``prior`` holds why it was not valid)."""
+    if prior is not None and "error_message" in prior:
+        return prior["response"], prior["error_message"] or "it is not valid"
+    return None
+
+
 def _first_batchq_error(group: BaseExceptionGroup[Any]) -> BaseException:
     matched, _ = group.split(BatchqError)
     if matched is None:
@@ -199,7 +233,7 @@ def _first_batchq_error(group: BaseExceptionGroup[Any]) -> BaseException:
     return first
 
 
-def _finished(r: Result) -> RowFinished:
+def finished_event(r: Result) -> RowFinished:
     reasoning = r.reasoning_tokens or 0
     return RowFinished(
         r.id, r.status, r.attempts, r.model, r.prompt_tokens or 0, r.completion_tokens or 0,

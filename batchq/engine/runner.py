@@ -73,6 +73,10 @@ async def run_job(
     stop, options = stop or StopSwitch(), options or RunOptions()
     _ = job.request.url  # a UsageError for a provider without one, before anything is written
     check_output(job)
+    if job.engine == "ray":  # exit 2 with the install line before anything is written
+        from batchq.engine.ray_cluster import import_ray
+
+        import_ray()
 
     def checking(rows: int, exact: bool) -> None:
         if stop.presses:
@@ -144,7 +148,12 @@ async def _live_stage(ctx: RunContext, dedupe: Dedupe | None) -> int:
         sink(Notice(f"resuming: {info.total_rows - todo:,} rows already done"))
     if todo:
         prior = state.prior_by_row(options.retry, reasks)
-        await send_live(ctx, done, prior, budget=budget, dedupe=dedupe)
+        if job.engine == "ray":
+            from batchq.engine.ray_engine import send_ray  # Ray loads only when asked for
+
+            await send_ray(ctx, done, prior, budget=budget, dedupe=dedupe)
+        else:
+            await send_live(ctx, done, prior, budget=budget, dedupe=dedupe)
     return todo
 
 

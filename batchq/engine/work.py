@@ -15,7 +15,7 @@ from batchq.answer import Checker
 from batchq.engine.context import Counts
 from batchq.errors import RunStopped
 from batchq.events import Reasking, Retrying, Sink
-from batchq.money.budget import Budget
+from batchq.money.budget import Spend
 from batchq.money.pricing import Price
 from batchq.result import BATCH_PART, PRIOR_COLUMNS, Result
 from batchq.send.client import Client, Outcome
@@ -147,7 +147,7 @@ class Channel:
     endpoint: EndpointWatch | None = None
     keep: Callable[[Result], None] | None = None
     #: ``--max-cost``: the run's spend, and each model's price
-    budget: Budget | None = None
+    budget: Spend | None = None
     prices: dict[str, Price] = field(default_factory=dict)
     #: what the run sent (every request counted as it goes out)
     counts: Counts = field(default_factory=Counts)

@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 
 from batchq.errors import RunStopped, UsageError
 from batchq.money.pricing import Price, PriceTable
 
-__all__ = ["MAX_OUTPUT", "Budget", "Hold"]
+__all__ = ["MAX_OUTPUT", "Budget", "Hold", "Spend"]
 
 #: Output tokens a request without ``max_tokens`` is counted at: the largest maximum
 #: output of the Qwen models on Model Studio's model list (qwen3-max, qwen-plus in
@@ -51,6 +51,20 @@ class Hold:
     worst: float
     price: Price
     prompt_bytes: int = 0
+
+
+class Spend(Protocol):
+    """What a sender asks of the run's budget: a :class:`Budget`, or one held elsewhere
+    for many processes (the Ray engine's pacing actor)."""
+
+    async def reserve(
+        self, price: Price, prompt_tokens: int, max_completion: int | None, *,
+        choices: int = 1, prompt_bytes: int = 0,
+    ) -> Hold:  # fmt: skip
+        """Wait until a request of this worst case fits; its hold (RunStopped: never)."""
+
+    def settle(self, hold: Hold, usage: dict[str, Any] | None) -> None:
+        """``hold``'s request is over (``usage``: what it was billed; None: not known)."""
 
 
 class Budget:

@@ -158,8 +158,48 @@ class RatePacer:
                 self._ceiling.sent(max(at, now))
                 return
 
+    def book(self, count: int, tokens: int, *, span_s: float) -> list[float]:
+        """Book up to ``count`` send times of ``tokens`` each, on the pacer's clock, for
+        senders that pace themselves (the Ray engine's workers): the next free times on
+        the timelines, as many as fall within ``span_s`` of the first (at least one). An
+        empty list: the first is more than RECHECK_S off; ask again after it. A cut or a
+        raise voids the times booked before it (``changes`` tells). The sender says when
+        each went out (``sent``)."""
+        now = self._clock()
+        if self._started is None:
+            self._started = now
+        times: list[float] = []
+        while len(times) < count:
+            at = max(now, self._paused_until)
+            if (rate := self.rate(at)) is not None:
+                at = max(at, self._next_send)
+            if self._token_rate is not None:
+                at = max(at, self._next_tokens)
+            if at - now > (span_s + (times[0] - now) if times else RECHECK_S):
+                break
+            if rate is not None:
+                self._next_send = at + 1 / max(MIN_RATE, self.rate(at) or rate)
+            if self._token_rate is not None:
+                self._next_tokens = at + tokens / self._token_rate
+            times.append(at)
+        return times
+
+    def sent(self, at: float) -> None:
+        """A request booked by ``book`` went out at ``at`` (the sender says so)."""
+        self._ceiling.sent(at)
+
+    @property
+    def changes(self) -> int:
+        """Cuts and raises so far: a time booked before the last one is void."""
+        return self._ceiling.changes
+
     def settle(self, reserved: int, settled: Settled) -> None:
         self._slots.release()
+        self.learn(reserved, settled)
+
+    def learn(self, reserved: int, settled: Settled) -> None:
+        """Learn from what one attempt came to (``settle`` without its slot: a sender
+        that holds its own, elsewhere)."""
         if settled.used is not None:
             if self._token_rate is not None:
                 self._next_tokens += (settled.used - reserved) / self._token_rate

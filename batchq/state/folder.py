@@ -39,6 +39,7 @@ from batchq.state.layout import (
     SHARD_GLOB,
     SHARDS,
     shard_name,
+    shard_seq,
     state_path,
 )
 from batchq.state.manifest import check_same_job, output_manifest
@@ -61,13 +62,21 @@ class StateDir:
         self.batch_journal = path / BATCH_JOURNAL
         self.batch_files = path / BATCH_FILES
         self._lock: lock.Lock | None = None
-        self._next_seq: int | None = None
+        self._writer: str | None = None  # the tag of one of several writers
         self.notes: list[str] = []  # what opening it did that the run should say
 
     @classmethod
     def of(cls, output: Path) -> StateDir:
         """The state folder of the job writing ``output`` (not opened, not locked)."""
         return cls(state_path(output))
+
+    @classmethod
+    def writer(cls, path: Path, tag: str) -> StateDir:
+        """One of several writers into an opened folder at ``path`` (a Ray engine's worker):
+        its shards are named with ``tag``; it takes no lock (the run's owner holds it)."""
+        state = cls(path)
+        state._writer = tag
+        return state
 
     @classmethod
     def open(
@@ -118,7 +127,6 @@ class StateDir:
         """Forget every finished row (``--restart``)."""
         for shard in self.shard_paths():
             shard.unlink()
-        self._next_seq = None
         (self.path / MANIFEST).unlink(missing_ok=True)
         self.batch_journal.unlink(missing_ok=True)  # none running: see batch.flow
         shutil.rmtree(self.batch_files, ignore_errors=True)
@@ -130,7 +138,7 @@ class StateDir:
 
     def shard_paths(self) -> list[Path]:
         """Whole shards in the order they were written (temp files are ignored)."""
-        return sorted(self.shards.glob(SHARD_GLOB))
+        return sorted(self.shards.glob(SHARD_GLOB), key=lambda p: (shard_seq(p), p.name))
 
     def has_results(self) -> bool:
         """Whether any shard is there (an unfinished run's results), or batches were
@@ -193,6 +201,13 @@ class StateDir:
             keep = index.keep(shard.seq, table.column("_row"))
             yield table if keep is None else table.filter(keep)
 
+    def by_id(self, columns: list[str]) -> Iterator[pa.Table]:
+        """Each shard's ``_id`` and ``columns``, oldest first (``batchq.ray.map``'s folders,
+        whose rows are found by id: a later one replaces an earlier)."""
+        for path in self.shard_paths():
+            yield conform(read_parquet(path, _present(path, ["_id", *columns])),
+                          ["_id", *columns])  # fmt: skip
+
     def done_mask(
         self, total_rows: int, *, retry: frozenset[str] = frozenset(), reasks: int | None = None
     ) -> RowMask:
@@ -251,10 +266,9 @@ class StateDir:
         return self._write_table(shard_table(results))
 
     def _write_table(self, table: pa.Table) -> Path:
-        if self._next_seq is None:
-            paths = self.shard_paths()
-            self._next_seq = int(paths[-1].stem) + 1 if paths else 1
-        path = self.shards / shard_name(self._next_seq)
+        # The next number after every shard there, whoever wrote it: a later result wins.
+        paths = self.shard_paths()
+        path = self.shards / shard_name(shard_seq(paths[-1]) + 1 if paths else 1, self._writer)
         try:
             write_atomic(path, lambda f: pq.write_table(table, f, use_dictionary=_DICTIONARY))
         except OSError as e:
@@ -263,7 +277,6 @@ class StateDir:
                 "was flushed before is safe: free some space or fix permissions, then rerun "
                 "the same command to resume"
             ) from None
-        self._next_seq += 1
         return path
 
     def adopt_output(self, output: Path, id_column: str | None, retry: frozenset[str]) -> bool:
@@ -306,7 +319,7 @@ class ShardIndex:
     def __init__(self, paths: list[Path]) -> None:
         self.shards: list[Shard] = []
         finder = RepeatFinder()
-        for path in paths:
+        for seq, path in enumerate(paths, start=1):  # in the order written: seq orders them
             with pq.ParquetFile(path) as file:
                 rows = file.read(columns=["_row"]).column("_row").combine_chunks()
                 meta = file.metadata
@@ -314,7 +327,7 @@ class ShardIndex:
             if len(rows):
                 finder.add_array(rows)
                 low, high = pc.min_max(rows).values()
-                self.shards.append(Shard(int(path.stem), path, low.as_py(), high.as_py(),
+                self.shards.append(Shard(seq, path, low.as_py(), high.as_py(),
                                          len(rows), size))  # fmt: skip
         self._again = arrays.int64s(sorted(finder.repeated(limit=None)))
         self._latest = arrays.int64s([0] * len(self._again))

@@ -4,6 +4,7 @@
   manifest.json          what the results belong to (``manifest.py``)
   lock                   held (flock) by the running process, with its pid (``lock.py``)
   shards/000001.parquet  finished rows, SHARD_SCHEMA, each written atomically
+  shards/000002-w1.parquet  …written by one of several writers (a Ray engine's worker)
   shards/damaged-*       shards that could not be read, set aside (rows sent again)
   batches.json           ``--via batch``: each remote step, recorded before the next
   batch/                 the files uploaded (r1/…) and downloaded (…-output.jsonl)
@@ -18,7 +19,15 @@ from batchq.config import Job
 from batchq.errors import UsageError
 from batchq.state.manifest import output_manifest
 
-__all__ = ["MANIFEST", "SUFFIX", "check_output", "output_of", "shard_name", "state_path"]
+__all__ = [
+    "MANIFEST",
+    "SUFFIX",
+    "check_output",
+    "output_of",
+    "shard_name",
+    "shard_seq",
+    "state_path",
+]
 
 SUFFIX = ".batchq"
 MANIFEST = "manifest.json"
@@ -42,8 +51,15 @@ def output_of(path: Path) -> Path:
     return path
 
 
-def shard_name(seq: int) -> str:
-    return f"{seq:06d}.parquet"
+def shard_name(seq: int, writer: str | None = None) -> str:
+    """A shard's file name: its number, and the writer's tag when several write at once
+    (numbers may then repeat; the name orders them, and a row is one writer's)."""
+    return f"{seq:06d}-{writer}.parquet" if writer else f"{seq:06d}.parquet"
+
+
+def shard_seq(path: Path) -> int:
+    """The number a shard's name starts with."""
+    return int(path.stem.partition("-")[0])
 
 
 def check_output(job: Job) -> None:
