@@ -40,11 +40,11 @@ def connect(address: str | None, *, verbose: bool = False) -> Callable[[], None]
         "log_to_driver": verbose,
         "logging_level": logging.INFO if verbose else logging.ERROR,
     }
-    if address is None:
-        os.environ.pop("RAY_ADDRESS", None)  # a run without an address starts its own
-    try:
-        ray.init(address=address, **options)
-    except (ConnectionError, ValueError, RuntimeError) as e:
+    try:  # "local": a Ray of its own, even beside a cluster started on this machine
+        ray.init(address=address or "local", **options)
+    except (ConnectionError, ValueError, RuntimeError, OSError) as e:
+        if address is None:
+            raise UsageError(f"cannot start Ray on this machine: {e}") from None
         raise UsageError(
             f"cannot reach Ray at {address}: {e}; start it with `ray start "
             "--head`, or drop --ray-address to start one here"

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -253,3 +255,38 @@ def test_ray_map_sends_a_dataset_under_one_budget_and_resumes_from_its_output(
     finally:
         ray.shutdown()
     print(json.dumps({"requests": sent}))
+
+
+#: $1,000 per 1M tokens in and out: a token costs $0.001.
+PRICES = '[models."qwen-plus"]\ntiers = [{ input = 1000.0, output = 1000.0 }]\n'
+
+
+@pytest.mark.timeout(180)
+def test_a_run_s_own_ray_keeps_one_cap_keeps_the_key_out_and_leaves_nothing_behind(
+    simulator: Callable[..., Any], write_jsonl: Callable[..., Path], tmp_path: Path
+) -> None:
+    from tests.e2e.test_spend_matrix import billed, ledger_of
+
+    sim = simulator(latency_ms=40, seed=7, fail_503=0.05, fail_drop=0.03)
+    path = write_jsonl([{"id": f"r{i}", "text": f"review {i} of many words"} for i in range(80)])
+    prices = tmp_path / "prices.toml"
+    prices.write_text(PRICES)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="bq-ray-", dir="/tmp"))  # Ray's sockets: short
+    secret = "sk-ray-secret-0123456789"
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "SECRET_KEY": secret}
+    args = [*command(sim, path, tmp_path / "o.parquet"), "--api-key-env", "SECRET_KEY",
+            "--prices", str(prices), "--max-cost", "0.25", "--max-tokens", "20",
+            "--labels", "positive,negative", "--concurrency", "8", "--engine", "ray",
+            "--workers", "2"]  # fmt: skip
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env, timeout=150)
+    assert done.returncode == 3, done.stderr
+    assert "the run stopped at its budget" in done.stderr
+    spent = billed(ledger_of(sim), prices)
+    print(f"billed ${spent:.4f} of a $0.25 cap by two workers")
+    assert 0 < spent <= 0.25
+    left = subprocess.run(["pgrep", "-f", str(ray_tmp)], capture_output=True, text=True)
+    assert left.stdout.strip() == "", "a Ray process outlived the run"
+    for file in ray_tmp.rglob("*"):
+        if file.is_file() and not file.is_socket():
+            assert secret.encode() not in file.read_bytes(), f"the key is in {file}"
+    shutil.rmtree(ray_tmp, ignore_errors=True)
