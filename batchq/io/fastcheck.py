@@ -20,7 +20,7 @@ from __future__ import annotations
 import queue
 import string
 import threading
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import closing
 from pathlib import Path
 from typing import NamedTuple, TypeVar
@@ -38,15 +38,40 @@ from batchq.io.reader import input_format
 from batchq.io.rules import Digest, check_clash, default_id_column, digest_and_lines
 from batchq.qwen import RANGES
 from batchq.send.request import (
+    CHARS_PER_TOKEN,
+    FRAMING_CHARS,
     REQUEST_FIELDS,
     ROLES,
+    RULES,
     RowProblem,
     build_body,
     completion_cap,
     job_body,
 )
 
-__all__ = ["ColumnsChecked", "check_columns"]
+__all__ = ["APPLIED", "ColumnsChecked", "check_columns", "unknown_rules"]
+
+#: How the fast path applies each of the request rules (``send.request.RULES``): whole
+#: columns checked, or the input handed to the exact pass. A rule not here hands every
+#: input over (``unknown_rules``); tests/component/test_rules_once.py breaks each rule and
+#: holds both passes to it.
+APPLIED: dict[str, str] = {
+    "model": "the job's fields through job_body; a model column: the exact pass; each "
+    "Batch-API body's model once through build_body",
+    "messages": "a template, a messages column or a prompt column, or the exact pass",
+    "template": "its fields are plain columns with no null (_template_fields, batch)",
+    "prompt": "a text column (a null: the exact pass)",
+    "message_shape": "a list of {role, content} text structs, not empty, known roles, "
+    "content null only for an assistant (_text_messages, _message_chars)",
+    "model_studio": "the job's fields through job_body; a row's numbers against RANGES; "
+    "any other per-row field: the exact pass",
+}
+
+
+def unknown_rules(rules: Iterable[str] = RULES) -> set[str]:
+    """The request rules the fast path does not know how to apply."""
+    return set(rules) - APPLIED.keys()
+
 
 CHUNK_BYTES = 4 * 1024**2  # read and parsed at a time (2.5x as fast as 1 MB chunks)
 BLOCK_BYTES = 1024**2  # Arrow's block: each is parsed by one thread
@@ -94,6 +119,8 @@ def check_columns(
 
 
 def _check_columns(job: Job, progress: Callable[[int], None] | None) -> ColumnsChecked:
+    if unknown := unknown_rules():
+        raise _Unsure(f"request rules the fast path does not apply: {sorted(unknown)}")
     path = job.input
     fmt = input_format(path)
     if fmt == "jsonl" and path.name.lower().endswith(".gz"):
@@ -292,7 +319,7 @@ def _fixed_chars(job: Job) -> int:
     """Characters of the prompt that do not come from the row: system, template text,
     and the framing estimate_tokens counts."""
     r = job.request
-    chars = 12 + (len(r.system) + 12 if r.system is not None else 0)
+    chars = FRAMING_CHARS + (len(r.system) + FRAMING_CHARS if r.system is not None else 0)
     if r.template is not None:
         chars += sum(len(literal) for literal, *_ in string.Formatter().parse(r.template))
     return chars
@@ -333,7 +360,7 @@ class _Checks:
             self._sources = []
             _text_messages(schema.field("messages").type)
             # each message's framing is counted per message, not the one user message's
-            self._fixed_chars -= 12
+            self._fixed_chars -= FRAMING_CHARS
         elif "prompt" in names:
             self._sources = ["prompt"]
         else:
@@ -359,8 +386,8 @@ class _Checks:
                 chars = pc.add(chars, pc.utf8_length(text))
         cap = self._row_fields(batch)
         if self._job.limits.tpm and batch.num_rows:
-            three, one = arrays.int64(3), arrays.int64(1)
-            most = pc.max(pc.add(pc.add(pc.divide(chars, three), one), cap)).as_py()
+            per_token, one = arrays.int64(CHARS_PER_TOKEN), arrays.int64(1)
+            most = pc.max(pc.add(pc.add(pc.divide(chars, per_token), one), cap)).as_py()
             if most * 1.1 + 10 > self._job.limits.tpm:
                 raise _Unsure("a request near the TPM limit: the exact pass estimates it")
         if self._id_column is not None:
@@ -417,8 +444,8 @@ class _LineChecks(_Checks):
             raise _Unsure(f"a Batch-API body with {sorted(others)[0]!r}: the exact pass")
         if "model" in inner.names and not _is_text(inner.field("model").type):
             raise _Unsure("a Batch-API body's model that is not text")
-        # fixed_chars: each message's framing only (no system, no template: 12 - 12)
-        super().__init__(job, inner, None, fixed_chars=12, cap=cap, lines=True)
+        # fixed_chars: each message's framing only (no system, no template)
+        super().__init__(job, inner, None, fixed_chars=FRAMING_CHARS, cap=cap, lines=True)
         if id_column is None:
             raise _Unsure("no id column")
         _check_id_column(schema, id_column)
@@ -494,7 +521,7 @@ def _message_chars(column: pa.Array) -> pa.Array:
     ):
         raise _Unsure("a message without content")
     lengths = pc.add(pc.fill_null(pc.cast(pc.utf8_length(content), pa.int64()), arrays.int64(0)),
-                     arrays.int64(12))  # fmt: skip
+                     arrays.int64(FRAMING_CHARS))  # fmt: skip
     totals = pa.concat_arrays([arrays.int64s([0]), pc.cumulative_sum(lengths)])
     offsets = pc.subtract(column.offsets, column.offsets[0])
     ends = pc.take(totals, offsets.slice(1))

@@ -11,7 +11,7 @@ file and line.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
@@ -19,8 +19,12 @@ from batchq.config import RequestSettings
 from batchq.qwen import RangeProblem, apply_rules
 
 __all__ = [
+    "CHARS_PER_TOKEN",
+    "FRAMING_CHARS",
     "REQUEST_FIELDS",
+    "RULES",
     "RowProblem",
+    "Rule",
     "build_body",
     "choices",
     "completion_cap",
@@ -42,13 +46,31 @@ REQUEST_FIELDS = frozenset(
 )  # fmt: skip
 ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function"})
 
+#: The rules a row's request is held to. ``build_body`` raises a RowProblem naming the
+#: one a row breaks; the preflight's fast path (``io/fastcheck.py``) says how it applies
+#: each, and hands every input to the exact pass while a rule here is not one it knows.
+Rule = Literal["model", "messages", "template", "prompt", "message_shape", "model_studio"]
+RULES: dict[Rule, str] = {
+    "model": "a request names a model: the job's, a model column's or a Batch-API body's",
+    "messages": "a row gives its messages: a template, a messages column or a prompt column",
+    "template": "the template is filled from the row's columns, each there and not null",
+    "prompt": "a prompt column holds text",
+    "message_shape": "messages are a non-empty list of {role, content} objects with a known "
+    "role, and text or parts for content (an assistant's may be null)",
+    "model_studio": "on Model Studio, its parameter ranges and rules (batchq.qwen)",
+}
+#: The prompt-token estimate (``estimate_tokens``): characters a message's role and
+#: framing count for, and characters a token.
+FRAMING_CHARS, CHARS_PER_TOKEN = 12, 3
+
 
 class RowProblem(ValueError):
-    """A row cannot be turned into a request. ``column`` names the culprit when known."""
+    """A row cannot be turned into a request: the ``rule`` it breaks, and the culprit
+    ``column`` when known."""
 
-    def __init__(self, message: str, *, column: str | None = None) -> None:
+    def __init__(self, message: str, *, rule: Rule, column: str | None = None) -> None:
         super().__init__(message)
-        self.column = column
+        self.rule, self.column = rule, column
 
 
 def build_body(
@@ -89,13 +111,15 @@ def _finish(
     """Check the model, apply the provider's rules, ask a stream for its usage."""
     if not isinstance(body.get("model"), str) or not body["model"]:
         raise RowProblem(
-            "no model: set model in [request] or --model, or give a model column", column="model"
+            "no model: set model in [request] or --model, or give a model column",
+            rule="model",
+            column="model",
         )
     if settings.model_studio:
         try:
             apply_rules(body, notes)
         except RangeProblem as e:
-            raise RowProblem(str(e), column=e.name) from None
+            raise RowProblem(str(e), rule="model_studio", column=e.name) from None
     if body.get("stream"):
         options = body.get("stream_options")
         body["stream_options"] = {**(options if isinstance(options, dict) else {}),
@@ -122,7 +146,7 @@ def job_body(settings: RequestSettings) -> tuple[dict[str, Any], str | None]:
         hit = _JOB_BODIES[id(settings)] = (settings, base, next(iter(notes), None), problem)
     _, base, note, problem = hit
     if problem is not None:
-        raise RowProblem(str(problem), column=problem.column)
+        raise RowProblem(str(problem), rule=problem.rule, column=problem.column)
     return base, note
 
 
@@ -135,7 +159,9 @@ def _batch_api_body(row: dict[str, Any], settings: RequestSettings) -> dict[str,
             body.setdefault(name, value)
     _check_messages(body.get("messages"), column="body.messages")
     if not isinstance(body.get("model"), str):
-        raise RowProblem("the Batch-API body has no model: set model in [request]", column="body")
+        raise RowProblem(
+            "the Batch-API body has no model: set model in [request]", rule="model", column="body"
+        )
     return body
 
 
@@ -146,17 +172,20 @@ def _messages(row: dict[str, Any], settings: RequestSettings) -> list[dict[str, 
         except RowProblem:
             raise
         except (IndexError, AttributeError, TypeError, ValueError) as e:
-            raise RowProblem(f"the template cannot be filled from this row: {e}") from None
+            raise RowProblem(
+                f"the template cannot be filled from this row: {e}", rule="template"
+            ) from None
         messages: list[dict[str, Any]] = [{"role": "user", "content": text}]
     elif "messages" in row and row["messages"] is not None:
         messages = _check_messages(row["messages"], column="messages")
     elif "prompt" in row and row["prompt"] is not None:
         if not isinstance(row["prompt"], str):
-            raise RowProblem("prompt must be a string", column="prompt")
+            raise RowProblem("prompt must be a string", rule="prompt", column="prompt")
         messages = [{"role": "user", "content": row["prompt"]}]
     else:
         raise RowProblem(
             "the row has no messages: give a messages or prompt column, or set a template",
+            rule="messages",
             column="messages",
         )
     if settings.system is not None:
@@ -175,6 +204,7 @@ class _Columns(dict[str, Any]):
             raise RowProblem(
                 f"column {key!r} is null in this row, so the template cannot be filled: "
                 "give the row a value (or drop the row)",
+                rule="template",
                 column=key,
             )
         if isinstance(value, str) or (
@@ -184,26 +214,39 @@ class _Columns(dict[str, Any]):
         return orjson.dumps(value, default=str).decode()
 
     def __missing__(self, key: str) -> Any:
-        raise RowProblem(f"the template names column {key!r}, which this row lacks", column=key)
+        raise RowProblem(
+            f"the template names column {key!r}, which this row lacks", rule="template", column=key
+        )
 
 
 def _check_messages(value: Any, *, column: str) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
-        raise RowProblem("messages must be a non-empty list of {role, content}", column=column)
+        raise RowProblem(
+            "messages must be a non-empty list of {role, content}",
+            rule="message_shape",
+            column=column,
+        )
     for i, message in enumerate(value):
         if not isinstance(message, dict) or "role" not in message:
-            raise RowProblem(f"message {i} must be an object with a role", column=column)
+            raise RowProblem(
+                f"message {i} must be an object with a role", rule="message_shape", column=column
+            )
         if message["role"] not in ROLES:
             raise RowProblem(
                 f"message {i} has unknown role {message['role']!r}; "
                 f"use one of {', '.join(sorted(ROLES))}",
+                rule="message_shape",
                 column=column,
             )
         content = message.get("content")
         if not isinstance(content, str | list) and not (
             content is None and message["role"] == "assistant"
         ):
-            raise RowProblem(f"message {i} content must be a string or a list", column=column)
+            raise RowProblem(
+                f"message {i} content must be a string or a list",
+                rule="message_shape",
+                column=column,
+            )
     return value
 
 
@@ -224,7 +267,7 @@ def prompt_bytes(body: dict[str, Any]) -> int:
         elif isinstance(content, list):
             total += sum(len(str(part.get("text", "")).encode())
                          for part in content if isinstance(part, dict))  # fmt: skip
-        total += 12
+        total += FRAMING_CHARS
     return total
 
 
@@ -250,5 +293,5 @@ def estimate_tokens(body: dict[str, Any]) -> int:
             chars += sum(
                 len(str(part.get("text", ""))) for part in content if isinstance(part, dict)
             )
-        chars += 12  # role and framing tokens
-    return chars // 3 + 1
+        chars += FRAMING_CHARS  # role and framing tokens
+    return chars // CHARS_PER_TOKEN + 1

@@ -39,11 +39,13 @@ BROKEN: dict[str, tuple[list[dict[str, Any]], dict[str, Any], str]] = {
         "prompt must be a string",
     ),
     "message_shape": (
-        [{"id": f"r{i}", "messages": [{"role": "robot" if i == 5 else "user", "content": "x"}]}
-         for i in range(40)],
+        [
+            {"id": f"r{i}", "messages": [{"role": "robot" if i == 5 else "user", "content": "x"}]}
+            for i in range(40)
+        ],
         {"model": "qwen-plus"},
         "unknown role 'robot'",
-    ),  # fmt: skip
+    ),
     "model_studio": (broken(rows(40), 30, temperature=2.5), TEMPLATE, "temperature"),
 }
 
@@ -64,10 +66,14 @@ def test_both_passes_hold_each_rule(rule: str, tmp_path: Path) -> None:
     with pytest.raises(InputError, match=said) as raised:
         exact_preflight(job)
     assert raised.value.line is not None
-    with pytest.raises(RowProblem) as problem:
-        for row in data:
+    problems = []
+    for row in data:
+        try:
             build_body(row, job.request)
-    assert problem.value.rule == rule
+        except RowProblem as e:
+            problems.append(e.rule)
+    assert problems
+    assert set(problems) == {rule}
 
 
 def test_a_rule_the_fast_path_does_not_know_hands_every_input_over() -> None:
@@ -78,8 +84,12 @@ def test_the_estimate_is_one_for_both_passes(tmp_path: Path) -> None:
     """Rows whose estimate is just under a TPM limit pass the fast path; just over, it
     hands them over and the exact pass refuses the row that could never be sent."""
     text = "x" * 300
-    body = build_body({"prompt": text}, load_job(None, overrides={
-        "input": "x.jsonl", "model": "qwen-plus", "max_tokens": 10}).request)  # fmt: skip
+    body = build_body(
+        {"prompt": text},
+        load_job(
+            None, overrides={"input": "x.jsonl", "model": "qwen-plus", "max_tokens": 10}
+        ).request,
+    )
     need = estimate_tokens(body) + 10
     path = tmp_path / "in.jsonl"
     path.write_text("".join(json.dumps({"id": f"r{i}", "prompt": text}) + "\n" for i in range(20)))
