@@ -47,8 +47,11 @@ class AnswerSpec:
         """What a job's answers were checked against (its state's manifest). Not
         ``reasks``: more of them leaves every answer checked as it was (a run still going
         gives its invalid rows the re-asks left; --retry-invalid asks them afresh)."""
-        return {"labels": list(self.labels) if self.labels is not None else None,
-                "json_schema": self.json_schema, "pattern": self.pattern}  # fmt: skip
+        return {
+            "labels": list(self.labels) if self.labels is not None else None,
+            "json_schema": self.json_schema,
+            "pattern": self.pattern,
+        }
 
 
 def load_answer(raw: dict[str, Any], *, source: str) -> AnswerSpec | None:
@@ -58,8 +61,7 @@ def load_answer(raw: dict[str, Any], *, source: str) -> AnswerSpec | None:
     pattern that does not compile, or reasks that is not a whole number >= 0."""
     unknown = sorted(set(raw) - set(KEYS))
     if unknown:
-        raise UsageError(f"{source}: unknown key [answer].{unknown[0]}; known: "
-                         f"{', '.join(KEYS)}")  # fmt: skip
+        raise UsageError(f"{source}: unknown key [answer].{unknown[0]}; known: {', '.join(KEYS)}")
     kinds = [k for k in KINDS if raw.get(k) is not None]
     if not kinds:
         if raw.get("reasks") is not None:
@@ -70,12 +72,15 @@ def load_answer(raw: dict[str, Any], *, source: str) -> AnswerSpec | None:
         return None
     if len(kinds) > 1:
         given = " and ".join(f"{k} ({KEYS[k]})" for k in kinds)
-        raise UsageError(f"{source}: [answer] sets {given}: a job checks its answers one way; "
-                         "keep one of them")  # fmt: skip
+        raise UsageError(
+            f"{source}: [answer] sets {given}: a job checks its answers one way; keep one of them"
+        )
     reasks = raw.get("reasks", 1)
     if isinstance(reasks, bool) or not isinstance(reasks, int) or reasks < 0:
-        raise UsageError(f"{source}: [answer].reasks (--reasks) must be a whole number, 0 or "
-                         f"more, not {reasks!r}")  # fmt: skip
+        raise UsageError(
+            f"{source}: [answer].reasks (--reasks) must be a whole number, 0 or "
+            f"more, not {reasks!r}"
+        )
     kind = kinds[0]
     value = raw[kind]
     if kind == "labels":
@@ -90,8 +95,10 @@ def _labels(value: Any, source: str) -> tuple[str, ...]:
     if isinstance(value, str):  # --labels a,b,c
         value = [v.strip() for v in value.split(",")]
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise UsageError(f"{source}: [answer].labels must be a list of text, such as "
-                         '["positive", "negative"], not {value!r}')  # fmt: skip
+        raise UsageError(
+            f"{source}: [answer].labels must be a list of text, such as "
+            '["positive", "negative"], not {value!r}'
+        )
     labels = [v.strip() for v in value]
     if not labels or not all(labels):
         raise UsageError(
@@ -102,25 +109,32 @@ def _labels(value: Any, source: str) -> tuple[str, ...]:
     for label in labels:
         key = _fold(label)
         if not key:
-            raise UsageError(f"{source}: the label {label!r} is only punctuation or emphasis, "
-                             "which answers are read without: give it a word")  # fmt: skip
+            raise UsageError(
+                f"{source}: the label {label!r} is only punctuation or emphasis, "
+                "which answers are read without: give it a word"
+            )
         if key in seen:
-            raise UsageError(f"{source}: the labels {seen[key]!r} and {label!r} read the same "
-                             "(case, quotes and punctuation do not count): keep one")  # fmt: skip
+            raise UsageError(
+                f"{source}: the labels {seen[key]!r} and {label!r} read the same "
+                "(case, quotes and punctuation do not count): keep one"
+            )
         seen[key] = label
     return tuple(labels)
 
 
 def _pattern(value: Any, source: str) -> str:
     if not isinstance(value, str) or not value:
-        raise UsageError(f"{source}: [answer].pattern (--pattern) must be a regular expression, "
-                         f"not {value!r}")  # fmt: skip
+        raise UsageError(
+            f"{source}: [answer].pattern (--pattern) must be a regular expression, not {value!r}"
+        )
     try:
         re.compile(value)
     except re.error as e:
-        raise UsageError(f"{source}: [answer].pattern {value!r} does not compile as a regular "
-                         f"expression: {e}; fix it (in TOML, write it in 'single quotes' so "
-                         "that backslashes stay as they are)") from None  # fmt: skip
+        raise UsageError(
+            f"{source}: [answer].pattern {value!r} does not compile as a regular "
+            f"expression: {e}; fix it (in TOML, write it in 'single quotes' so "
+            "that backslashes stay as they are)"
+        ) from None
     return value
 
 
@@ -132,9 +146,11 @@ def _schema(value: Any, source: str) -> tuple[dict[str, Any] | bool, str]:
         try:
             schema = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise UsageError(f"{source}: [answer].json_schema (--json-schema): the schema file "
-                             f"{path} does not exist: check the path (taken from the current "
-                             "folder)") from None  # fmt: skip
+            raise UsageError(
+                f"{source}: [answer].json_schema (--json-schema): the schema file "
+                f"{path} does not exist: check the path (taken from the current "
+                "folder)"
+            ) from None
         except OSError as e:
             raise UsageError(
                 f"{source}: cannot read the schema file {path}: {e.strerror}"
@@ -145,8 +161,10 @@ def _schema(value: Any, source: str) -> tuple[dict[str, Any] | bool, str]:
     elif isinstance(value, dict):
         schema, where = value, "the inline [answer.json_schema] table"
     else:
-        raise UsageError(f"{source}: [answer].json_schema must be a file's path or an inline "
-                         f"table, not {value!r}")  # fmt: skip
+        raise UsageError(
+            f"{source}: [answer].json_schema must be a file's path or an inline "
+            f"table, not {value!r}"
+        )
     if not isinstance(schema, dict | bool):
         raise UsageError(f"{source}: {where} is not a JSON Schema (an object): fix it")
     from jsonschema import Draft202012Validator, SchemaError  # loads only for a schema
@@ -155,8 +173,10 @@ def _schema(value: Any, source: str) -> tuple[dict[str, Any] | bool, str]:
         Draft202012Validator.check_schema(schema)
     except SchemaError as e:
         at = "/".join(str(p) for p in e.absolute_path) or "the top"
-        raise UsageError(f"{source}: {where} is not a valid JSON Schema (2020-12): at {at}: "
-                         f"{e.message}; fix the schema") from None  # fmt: skip
+        raise UsageError(
+            f"{source}: {where} is not a valid JSON Schema (2020-12): at {at}: "
+            f"{e.message}; fix the schema"
+        ) from None
     return schema, where
 
 
@@ -231,11 +251,16 @@ class Checker:
         """The user message that asks again: why the answer was not valid, and what a
         valid one is."""
         if self.spec.labels is not None:
-            want = ("Answer with exactly one of these labels and nothing else: "
-                    + ", ".join(self.spec.labels) + ".")  # fmt: skip
+            want = (
+                "Answer with exactly one of these labels and nothing else: "
+                + ", ".join(self.spec.labels)
+                + "."
+            )
         elif self.spec.pattern is not None:
-            want = ("Answer with text that matches this regular expression as a whole, and "
-                    f"nothing else: {self.spec.pattern}")  # fmt: skip
+            want = (
+                "Answer with text that matches this regular expression as a whole, and "
+                f"nothing else: {self.spec.pattern}"
+            )
         else:
             schema = json.dumps(self.spec.json_schema, ensure_ascii=False, separators=(",", ":"))
             want = f"Answer with JSON only, valid under this JSON Schema: {schema}"
@@ -347,8 +372,9 @@ class _LabelReader:
         if len(named) > 1:
             return Verdict(None, f"it names more than one label ({', '.join(named)})")
         if found[0][0] not in (0, _lead(folded)):
-            return Verdict(None, f"it does not open with the label ({named[0]}) but with "
-                                 "other words")  # fmt: skip
+            return Verdict(
+                None, f"it does not open with the label ({named[0]}) but with other words"
+            )
         return Verdict(named[0])
 
     def _words(self, text: str) -> list[re.Match[str]]:

@@ -198,20 +198,33 @@ class _Call:
         answer, model_class = _answer(front.get("answer"))
         source = source_of(data)
         rename = {
-            column: form for form in ("messages", "prompt")
+            column: form
+            for form in ("messages", "prompt")
             if (column := front.get(form)) is not None and column != form
-        }  # fmt: skip
+        }
         if rename and source.kind == "path":
-            raise UsageError(f"{next(iter(rename.values()))}= names a column of a frame; a "
-                             "file's column must be called messages or prompt (or give a "
-                             "template)")  # fmt: skip
+            raise UsageError(
+                f"{next(iter(rename.values()))}= names a column of a frame; a "
+                "file's column must be called messages or prompt (or give a "
+                "template)"
+            )
         placeholder = str(source.path or "data")
-        job = load_job(None, overrides={"input": placeholder, **settings, **answer},
-                       source="batchq.run")  # fmt: skip
+        job = load_job(
+            None, overrides={"input": placeholder, **settings, **answer}, source="batchq.run"
+        )
         output = Path(front["output"]) if front.get("output") is not None else None
-        return cls(data, source, job, options, rename, output, cache=front.get("cache", True),
-                   simulate=bool(front.get("simulate")), progress=front.get("progress", True),
-                   model_class=model_class)  # fmt: skip
+        return cls(
+            data,
+            source,
+            job,
+            options,
+            rename,
+            output,
+            cache=front.get("cache", True),
+            simulate=bool(front.get("simulate")),
+            progress=front.get("progress", True),
+            model_class=model_class,
+        )
 
     async def run(self, stop: StopSwitch) -> Any:
         with ExitStack() as stack:
@@ -223,14 +236,21 @@ class _Call:
             try:
                 await run_engine(job, api_key=key, options=self.options, sink=sink, stop=stop)
             except EmptyInput:  # a library hands back an empty result, not an error
-                frame = empty_results(self.source, self.data, answers=answers,
-                                      keep_raw=self.options.keep_raw)  # fmt: skip
+                frame = empty_results(
+                    self.source, self.data, answers=answers, keep_raw=self.options.keep_raw
+                )
                 return _with_models(frame, self.model_class, self.source)
             except InputError as e:
                 raise from_frame(e, self.source) from None
-            frame = results_as(self.source, self.data, job.output, answers=answers,
-                               keep_raw=self.options.keep_raw, rename=self.rename,
-                               mapped=self._mapped(job, stack))  # fmt: skip
+            frame = results_as(
+                self.source,
+                self.data,
+                job.output,
+                answers=answers,
+                keep_raw=self.options.keep_raw,
+                rename=self.rename,
+                mapped=self._mapped(job, stack),
+            )
             return _with_models(frame, self.model_class, self.source)
 
     def _placed(self, job: Job, stack: ExitStack) -> Job:
@@ -244,8 +264,9 @@ class _Call:
         clear_staging()
         data_file = self._staged(CallFolder.staging(self.source.suffix))
         try:
-            call = CallFolder.for_call(job, data_file, staged=self.source.staged,
-                                       what=self.source.describe(self.data))  # fmt: skip
+            call = CallFolder.for_call(
+                job, data_file, staged=self.source.staged, what=self.source.describe(self.data)
+            )
         finally:
             if self.source.staged:
                 data_file.unlink(missing_ok=True)

@@ -113,8 +113,14 @@ class CallFolder:
     def _record(self, job: Job, what: str) -> None:
         r = job.request
         record = self.record() or {"created": time.time()}
-        record |= {"name": job.name, "model": r.model, "provider": r.provider,
-                   "simulated": r.simulated, "input": what, "used": time.time()}  # fmt: skip
+        record |= {
+            "name": job.name,
+            "model": r.model,
+            "provider": r.provider,
+            "simulated": r.simulated,
+            "input": what,
+            "used": time.time(),
+        }
         text = orjson.dumps(record, option=orjson.OPT_INDENT_2)
         write_atomic(self.path / CALL, lambda f: f.write(text))
 

@@ -212,15 +212,22 @@ def job_settings(job: Job) -> dict[str, Any]:
     """The job as ``load_job``'s overrides: what ``export-batch`` records in its
     manifest.json, so that a job given by flags alone can be named by that file."""
     r, limits = job.request, job.limits
-    settings: dict[str, Any] = {"name": job.name, "input": str(job.input.absolute()),
-                                "output": str(job.output.absolute()),
-                                "id_column": job.id_column}  # fmt: skip
+    settings: dict[str, Any] = {
+        "name": job.name,
+        "input": str(job.input.absolute()),
+        "output": str(job.output.absolute()),
+        "id_column": job.id_column,
+    }
     settings |= {k: getattr(r, k) for k in _REQUEST_KEYS}
     settings |= {k: getattr(limits, k) for k in _LIMIT_KEYS}
     if (a := job.answer) is not None:
         labels = list(a.labels) if a.labels is not None else None
-        settings |= {"labels": labels, "json_schema": a.json_schema, "pattern": a.pattern,
-                     "reasks": a.reasks}  # fmt: skip
+        settings |= {
+            "labels": labels,
+            "json_schema": a.json_schema,
+            "pattern": a.pattern,
+            "reasks": a.reasks,
+        }
     return {k: v for k, v in settings.items() if v is not None} | {"params": dict(r.params)}
 
 
@@ -233,8 +240,9 @@ def _exported_job(path: Path) -> dict[str, Any]:
         raise UsageError(f"{path} is not an export's manifest.json: {e}") from None
     job = manifest.get("job") if isinstance(manifest, dict) else None
     if not isinstance(job, dict):
-        raise UsageError(f"{path} holds no job: give the job file, or the manifest.json "
-                         "that export-batch wrote")  # fmt: skip
+        raise UsageError(
+            f"{path} holds no job: give the job file, or the manifest.json that export-batch wrote"
+        )
     return job
 
 
@@ -315,9 +323,17 @@ def _build(flat: dict[str, Any], params: dict[str, Any], *, default_name: str | 
     engine = flat.get("engine", "local")
     if engine not in ENGINES:
         raise UsageError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
-    return Job(name, input_path, output, request, limits, flat.get("id_column"),
-               engine=engine, ray_address=flat.get("ray_address"),
-               workers=flat.get("workers"))  # fmt: skip
+    return Job(
+        name,
+        input_path,
+        output,
+        request,
+        limits,
+        flat.get("id_column"),
+        engine=engine,
+        ray_address=flat.get("ray_address"),
+        workers=flat.get("workers"),
+    )
 
 
 def _check_template(template: str) -> None:
@@ -326,8 +342,9 @@ def _check_template(template: str) -> None:
     try:
         fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template)]
     except ValueError as e:
-        raise UsageError(f"the template {template!r} is not valid: {e}; write a literal "
-                         "brace as {{ or }}") from None  # fmt: skip
+        raise UsageError(
+            f"the template {template!r} is not valid: {e}; write a literal brace as {{{{ or }}}}"
+        ) from None
     for name, spec, conversion in fields:
         if name is None:
             continue

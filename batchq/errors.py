@@ -54,8 +54,15 @@ class InputError(UsageError):
     ) -> None:
         self.path, self.line, self.row, self.column = path, line, row, column
         self.reason, self.also, self.frame = message, also, frame
-        where = [p for p in (path, place(line=line, row=row, frame=frame),
-                             None if column is None else f"column {column}") if p]  # fmt: skip
+        where = [
+            p
+            for p in (
+                path,
+                place(line=line, row=row, frame=frame),
+                None if column is None else f"column {column}",
+            )
+            if p
+        ]
         if also is not None:
             message += f" (the first is at {place(**also, frame=frame)})"
         super().__init__(f"{', '.join(where)}: {message}" if where else message)

@@ -72,8 +72,12 @@ class Source:
                 self.kind
             ]
         rows = len(data) if self.kind != "arrow" else data.num_rows
-        what = {"polars": "polars DataFrame", "pandas": "pandas DataFrame",
-                "arrow": "pyarrow Table", "rows": "list of dicts"}[self.kind]  # fmt: skip
+        what = {
+            "polars": "polars DataFrame",
+            "pandas": "pandas DataFrame",
+            "arrow": "pyarrow Table",
+            "rows": "list of dicts",
+        }[self.kind]
         return f"a {what} of {rows:,} rows"
 
 
@@ -178,11 +182,14 @@ def _columns(source: Source, data: Any) -> list[str]:
 def _check_rename(columns: list[str], rename: dict[str, str]) -> None:
     for old, new in rename.items():
         if columns and old not in columns:
-            raise UsageError(f"{new}={old!r} names a column the data does not have; it has "
-                             f"{', '.join(map(repr, columns))}")  # fmt: skip
+            raise UsageError(
+                f"{new}={old!r} names a column the data does not have; it has "
+                f"{', '.join(map(repr, columns))}"
+            )
         if new in columns:
-            raise UsageError(f"{new}={old!r}, but the data has a {new!r} column too: drop or "
-                             f"rename one of them")  # fmt: skip
+            raise UsageError(
+                f"{new}={old!r}, but the data has a {new!r} column too: drop or rename one of them"
+            )
 
 
 def _renamed(data: Any, rename: dict[str, str]) -> Any:
@@ -210,10 +217,11 @@ def _write_pandas(path: Path, frame: Any, rename: dict[str, str]) -> None:
     try:
         schema = pa.Schema.from_pandas(frame, preserve_index=False)
         slices = (
-            pa.RecordBatch.from_pandas(frame.iloc[i : i + PANDAS_SLICE], schema=schema,
-                                       preserve_index=False)
+            pa.RecordBatch.from_pandas(
+                frame.iloc[i : i + PANDAS_SLICE], schema=schema, preserve_index=False
+            )
             for i in range(0, len(frame), PANDAS_SLICE)
-        )  # fmt: skip
+        )
         _write_batches(path, schema, slices, {})
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise UsageError(f"the pandas frame cannot be read into Arrow: {e}") from None
@@ -223,13 +231,21 @@ def _write_rows(path: Path, rows: list[Any], rename: dict[str, str]) -> None:
     with path.open("wb") as f:
         for i, row in enumerate(rows):
             if not isinstance(row, dict):
-                raise InputError(f"a {type(row).__name__} where a dict was expected: give a "
-                                 "list of dicts, one a row", row=i, frame=True)  # fmt: skip
+                raise InputError(
+                    f"a {type(row).__name__} where a dict was expected: give a "
+                    "list of dicts, one a row",
+                    row=i,
+                    frame=True,
+                )
             if rename:
                 if clash := next((new for new in rename.values() if new in row), None):
-                    raise InputError(f"this row has a {clash!r} key and the column named as "
-                                     f"{clash}= too: drop one", row=i, column=clash,
-                                     frame=True)  # fmt: skip
+                    raise InputError(
+                        f"this row has a {clash!r} key and the column named as "
+                        f"{clash}= too: drop one",
+                        row=i,
+                        column=clash,
+                        frame=True,
+                    )
                 row = {rename.get(k, k): v for k, v in row.items()}
             try:
                 f.write(
@@ -240,10 +256,13 @@ def _write_rows(path: Path, rows: list[Any], rename: dict[str, str]) -> None:
                         | orjson.OPT_NON_STR_KEYS,
                     )
                 )
-            except TypeError as e:  # fmt: skip
-                raise InputError(f"a value JSON cannot hold ({e}): give text, numbers, lists "
-                                 "or dicts", row=i, column=_bad_key(row),
-                                 frame=True) from None  # fmt: skip
+            except TypeError as e:
+                raise InputError(
+                    f"a value JSON cannot hold ({e}): give text, numbers, lists or dicts",
+                    row=i,
+                    column=_bad_key(row),
+                    frame=True,
+                ) from None
 
 
 def _bad_key(row: dict[str, Any]) -> str | None:
@@ -269,17 +288,22 @@ def from_frame(error: InputError, source: Source) -> InputError:
 
 
 def results_as(
-    source: Source, data: Any, output: Path, *, answers: bool, keep_raw: bool,
-    rename: dict[str, str], mapped: Path,
-) -> Any:  # fmt: skip
+    source: Source,
+    data: Any,
+    output: Path,
+    *,
+    answers: bool,
+    keep_raw: bool,
+    rename: dict[str, str],
+    mapped: Path,
+) -> Any:
     """The finished ``output`` as the kind of frame the call was given: the frame itself
     with the result columns beside it (its ``model`` column replaced by the output's),
     or the whole output read back (without the row number it adds, its columns named as
     in the data: ``rename`` undone). Rows in input order. A polars frame's columns from
     the output are memory-mapped from ``mapped`` (see ``map_output``)."""
     present = set(pq.read_schema(output).names)  # raw: only if the run that wrote it kept it
-    names = [f.name for f in output_fields(answers=answers, keep_raw=keep_raw)
-             if f.name in present]  # fmt: skip
+    names = [f.name for f in output_fields(answers=answers, keep_raw=keep_raw) if f.name in present]
     if source.kind == "polars":
         results = pl.from_arrow(map_output(output, mapped).select(names))
         assert isinstance(results, pl.DataFrame)
@@ -289,8 +313,9 @@ def results_as(
     if source.kind == "arrow":
         table = data.drop_columns(["model"]) if "model" in data.schema.names else data
         results = read_parquet(output, names)
-        return pa.Table.from_arrays([*table.columns, *results.columns],
-                                    names=[*table.schema.names, *names])  # fmt: skip
+        return pa.Table.from_arrays(
+            [*table.columns, *results.columns], names=[*table.schema.names, *names]
+        )
     manifest = output_manifest(output) or {}
     drop = [ROW_COLUMN] if manifest.get("id_column") is None else []  # rows known by place
     back = {new: old for old, new in rename.items()}
@@ -315,8 +340,9 @@ def empty_results(source: Source, data: Any, *, answers: bool, keep_raw: bool) -
         return _pandas_results(data, results)
     if source.kind == "arrow":
         table = data.drop_columns(["model"]) if "model" in data.schema.names else data
-        return pa.Table.from_arrays([*table.columns, *results.columns],
-                                    names=[*table.schema.names, *results.schema.names])  # fmt: skip
+        return pa.Table.from_arrays(
+            [*table.columns, *results.columns], names=[*table.schema.names, *results.schema.names]
+        )
     if source.kind == "reader":
         return results
     return pl.from_arrow(results)
@@ -355,9 +381,13 @@ def _pandas_results(frame: Any, results: pa.Table) -> Any:
     """pandas: the result columns in pandas' nullable dtypes, on the frame's index."""
     import pandas as pd
 
-    nullable = {pa.string(): pd.StringDtype(), pa.int64(): pd.Int64Dtype(),
-                pa.int32(): pd.Int32Dtype(), pa.float64(): pd.Float64Dtype(),
-                pa.bool_(): pd.BooleanDtype()}  # fmt: skip
+    nullable = {
+        pa.string(): pd.StringDtype(),
+        pa.int64(): pd.Int64Dtype(),
+        pa.int32(): pd.Int32Dtype(),
+        pa.float64(): pd.Float64Dtype(),
+        pa.bool_(): pd.BooleanDtype(),
+    }
     columns = results.to_pandas(types_mapper=nullable.get)
     columns.index = frame.index
     frame = frame.drop(columns=["model"]) if "model" in frame.columns else frame
@@ -369,8 +399,7 @@ def answers_as_structs(frame: Any, model_class: Any, source: Source) -> Any:
     model's fields, each answer validated by the model (a field's Python type kept:
     dates as dates)."""
     texts = _column(frame, "answer", source)
-    values = [None if t is None else model_class.model_validate_json(t).model_dump()
-              for t in texts]  # fmt: skip
+    values = [None if t is None else model_class.model_validate_json(t).model_dump() for t in texts]
     if (type_ := _struct_type(model_class)) is not None:  # plain fields: JSON values
         structs = arrays.array(values, type_)  # (no pandas: see batchq.arrays)
     else:  # dates and the like: Arrow infers them, as pyarrow converts them
@@ -379,8 +408,9 @@ def answers_as_structs(frame: Any, model_class: Any, source: Source) -> Any:
         import pandas as pd
 
         frame = frame.copy(deep=False)
-        frame["answer"] = pd.Series(structs.to_pylist(), index=frame.index,
-                                    dtype=pd.ArrowDtype(structs.type))  # fmt: skip
+        frame["answer"] = pd.Series(
+            structs.to_pylist(), index=frame.index, dtype=pd.ArrowDtype(structs.type)
+        )
         return frame
     if isinstance(frame, pa.Table):
         return frame.set_column(frame.schema.get_field_index("answer"), "answer", structs)

@@ -109,12 +109,21 @@ def _decide(key: tuple[Any, ...]) -> Decision:
     model = str(model or "")
     many = isinstance(n, int) and not isinstance(n, bool) and n > 1
     if many and tools:
-        return ("n", f"n = {n} with tools: Model Studio takes n = 1 only when tools are "
-                "given; drop n, or the tools"), {}, None  # fmt: skip
+        return (
+            (
+                "n",
+                f"n = {n} with tools: Model Studio takes n = 1 only when tools are "
+                "given; drop n, or the tools",
+            ),
+            {},
+            None,
+        )
     refused, updates, note = _thinking(model, stream, thinking)
     if many and not _takes_n(model, updates.get("enable_thinking", thinking)):
-        warning = (f"{model} with n = {n}: Model Studio lists n above 1 for qwen-plus and "
-                   "Qwen3 in non-thinking mode only; the service may refuse it")  # fmt: skip
+        warning = (
+            f"{model} with n = {n}: Model Studio lists n above 1 for qwen-plus and "
+            "Qwen3 in non-thinking mode only; the service may refuse it"
+        )
         note = f"{note}; {warning}" if note else warning
     return refused, updates, note
 

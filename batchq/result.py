@@ -166,23 +166,58 @@ class Result:
 
     @classmethod
     def answered(
-        cls, *, row: int, id: str, model: str | None, attempts: int, via: str,
-        completion: dict[str, Any], latency_ms: float | None = None,
-    ) -> Result:  # fmt: skip
+        cls,
+        *,
+        row: int,
+        id: str,
+        model: str | None,
+        attempts: int,
+        via: str,
+        completion: dict[str, Any],
+        latency_ms: float | None = None,
+    ) -> Result:
         """An ``ok`` row from an answer's completion columns (``send.response``)."""
-        return cls(row=row, id=id, status="ok", model=model, attempts=attempts, via=via,
-                   http_status=200, latency_ms=latency_ms, **completion)  # fmt: skip
+        return cls(
+            row=row,
+            id=id,
+            status="ok",
+            model=model,
+            attempts=attempts,
+            via=via,
+            http_status=200,
+            latency_ms=latency_ms,
+            **completion,
+        )
 
     @classmethod
     def failed(
-        cls, *, row: int, id: str, model: str | None, attempts: int, via: str,
-        http_status: int | None, error_type: str | None, error_code: str | None,
-        error_message: str | None, raw: str | None = None,
-    ) -> Result:  # fmt: skip
+        cls,
+        *,
+        row: int,
+        id: str,
+        model: str | None,
+        attempts: int,
+        via: str,
+        http_status: int | None,
+        error_type: str | None,
+        error_code: str | None,
+        error_message: str | None,
+        raw: str | None = None,
+    ) -> Result:
         """An ``error`` row: the last attempt's error."""
-        return cls(row=row, id=id, status="error", model=model, attempts=attempts, via=via,
-                   http_status=http_status, error_type=error_type, error_code=error_code,
-                   error_message=error_message, raw=raw)  # fmt: skip
+        return cls(
+            row=row,
+            id=id,
+            status="error",
+            model=model,
+            attempts=attempts,
+            via=via,
+            http_status=http_status,
+            error_type=error_type,
+            error_code=error_code,
+            error_message=error_message,
+            raw=raw,
+        )
 
     def invalid(self, reason: str) -> Result:
         """This answered row, marked ``invalid``: its answer failed the job's [answer]
@@ -194,8 +229,11 @@ class Result:
     def text_length(self) -> int:
         """Characters of answer text (response, reasoning, tool calls, choices, raw):
         what makes a row large."""
-        length = sum(len(v) for v in (self.response, self.reasoning, self.tool_calls,
-                                      self.raw) if v is not None)  # fmt: skip
+        length = sum(
+            len(v)
+            for v in (self.response, self.reasoning, self.tool_calls, self.raw)
+            if v is not None
+        )
         return length + sum(len(c or "") for c in self.choices or ())
 
 

@@ -76,6 +76,8 @@ def in_worker(work: Callable[[StopSwitch], Awaitable[T]]) -> T:
     if not ok:
         raise value
     if stop.presses:
-        raise Interrupted("interrupted as the run finished: its answers are saved; run the "
-                          "same call again to get them at once")  # fmt: skip
+        raise Interrupted(
+            "interrupted as the run finished: its answers are saved; run the "
+            "same call again to get them at once"
+        )
     return value  # type: ignore[no-any-return]

@@ -50,25 +50,46 @@ print(f"frame_mb={out.estimated_size() / 2**20}")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--runs", default="cli,lazy,eager",
-                        help="which runs, of cli, lazy, eager (default: all three)")  # fmt: skip
+    parser.add_argument(
+        "--runs",
+        default="cli,lazy,eager",
+        help="which runs, of cli, lazy, eager (default: all three)",
+    )
     args = parser.parse_args()
     n, runs = args.rows, args.runs.split(",")
     with tempfile.TemporaryDirectory() as folder:
         source = Path(folder) / "in.parquet"
-        pl.DataFrame({"id": range(n), "text": [f"review number {i}: fine" for i in range(n)]}
-                     ).write_parquet(source)  # fmt: skip
+        pl.DataFrame(
+            {"id": range(n), "text": [f"review number {i}: fine" for i in range(n)]}
+        ).write_parquet(source)
         print(f"input: {n:,} rows, {source.stat().st_size / 1e6:,.1f} MB of Parquet")
         script = Path(folder) / "api.py"
         script.write_text(textwrap.dedent(API))
         results = {}
         with serve_in_thread(SimConfig()) as sim:
-            cli = [sys.executable, "-m", "batchq", "run", "--input", str(source), "--output",
-                   str(Path(folder) / "cli.parquet"), "--model", "qwen-plus", "--base-url",
-                   sim.base_url, "--template", "Review: {text}", "--quiet"]  # fmt: skip
+            cli = [
+                sys.executable,
+                "-m",
+                "batchq",
+                "run",
+                "--input",
+                str(source),
+                "--output",
+                str(Path(folder) / "cli.parquet"),
+                "--model",
+                "qwen-plus",
+                "--base-url",
+                sim.base_url,
+                "--template",
+                "Review: {text}",
+                "--quiet",
+            ]
             api = [sys.executable, str(script), sim.base_url, str(source)]
-            for name, command in (("CLI", cli), ("API, LazyFrame", [*api, "lazy", str(n)]),
-                                  ("API, DataFrame", [*api, "eager", str(n)])):  # fmt: skip
+            for name, command in (
+                ("CLI", cli),
+                ("API, LazyFrame", [*api, "lazy", str(n)]),
+                ("API, DataFrame", [*api, "eager", str(n)]),
+            ):
                 if {"CLI": "cli", "API, LazyFrame": "lazy"}.get(name, "eager") not in runs:
                     continue
                 env = {"XDG_CACHE_HOME": str(Path(folder) / f"cache-{len(results)}")}
@@ -76,16 +97,20 @@ def main() -> None:
                 returned = f"; the frame it returns holds {frame:,.0f} MB" if frame else ""
                 if child:
                     returned += f"; its largest child process (staging) peaked at {child:,.0f} MB"
-                print(f"{name:>15}: peak RSS {peak:,.0f} MB in {seconds:.0f} s (sampled: "
-                      "{:,.0f} MB before the first request, {:,.0f} MB while sending, "
-                      "{:,.0f} MB after the last request){}".format(*phases[:3], returned),
-                      flush=True)  # fmt: skip
+                print(
+                    f"{name:>15}: peak RSS {peak:,.0f} MB in {seconds:.0f} s (sampled: "
+                    "{:,.0f} MB before the first request, {:,.0f} MB while sending, "
+                    "{:,.0f} MB after the last request){}".format(*phases[:3], returned),
+                    flush=True,
+                )
     if "CLI" not in results:
         return
     base = results["CLI"][0]
     for name, (peak, phases, _, _, _) in results.items():
-        print(f"{name:>15}: {peak / base:.2f}x the CLI's peak; while sending "
-              f"{phases[1] / results['CLI'][1][1]:.2f}x")  # fmt: skip
+        print(
+            f"{name:>15}: {peak / base:.2f}x the CLI's peak; while sending "
+            f"{phases[1] / results['CLI'][1][1]:.2f}x"
+        )
 
 
 def measure(
@@ -95,8 +120,9 @@ def measure(
     peak of the largest process the API started (staging a LazyFrame), in MB."""
     started = time.perf_counter()
     before = sim.stats.requests  # type: ignore[attr-defined]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               env={**os.environ, **env})  # fmt: skip
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **env}
+    )
     phases = [0.0, 0.0, 0.0, 0.0]
     watch = threading.Thread(target=watch_rss, args=(process, _Since(sim, before), rows, phases))
     watch.start()

@@ -42,22 +42,33 @@ def write_input(path: Path, rows: int, text_bytes: int = 0, shape: str = "templa
     def row(i: int) -> dict[str, Any]:
         text = f"review {i}: it does what it says{pad}"
         if shape == "messages":
-            return {"id": f"r{i}", "messages": [
-                {"role": "system", "content": "Answer with one word."},
-                {"role": "user", "content": f"Review: {text} ({i % 5} stars)"}]}  # fmt: skip
+            return {
+                "id": f"r{i}",
+                "messages": [
+                    {"role": "system", "content": "Answer with one word."},
+                    {"role": "user", "content": f"Review: {text} ({i % 5} stars)"},
+                ],
+            }
         if shape == "prompt":
             return {"id": f"r{i}", "prompt": f"Review: {text} ({i % 5} stars)"}
         if shape == "batch-lines":
             message = {"role": "user", "content": f"Review: {text} ({i % 5} stars)"}
             body = {"model": "qwen-plus", "max_tokens": 8, "messages": [message]}
-            return {"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
-                    "body": body}  # fmt: skip
+            return {
+                "custom_id": f"r{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": body,
+            }
         return {"id": f"r{i}", "text": text, "stars": i % 5}
 
     with path.open("wb") as f:
         for start in range(0, rows, 100_000):
-            f.write(b"".join(orjson.dumps(row(i)) + b"\n"
-                             for i in range(start, min(start + 100_000, rows))))  # fmt: skip
+            f.write(
+                b"".join(
+                    orjson.dumps(row(i)) + b"\n" for i in range(start, min(start + 100_000, rows))
+                )
+            )
 
 
 def import_seconds() -> float:
@@ -85,9 +96,22 @@ def main() -> None:
         floor = import_seconds()
         with serve_in_thread(SimConfig()) as sim:
             template = ["--template", "Review: {text} ({stars} stars)"]
-            command = [sys.executable, "-m", "batchq", "run", "--input", str(source),
-                       "--output", str(out), "--model", "qwen-plus", "--base-url", sim.base_url,
-                       "--quiet", *(template if args.shape == "template" else [])]  # fmt: skip
+            command = [
+                sys.executable,
+                "-m",
+                "batchq",
+                "run",
+                "--input",
+                str(source),
+                "--output",
+                str(out),
+                "--model",
+                "qwen-plus",
+                "--base-url",
+                sim.base_url,
+                "--quiet",
+                *(template if args.shape == "template" else []),
+            ]
             started = time.perf_counter()
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             phases = [0.0, 0.0, 0.0, 0.0]  # three phases' VmRSS, then VmHWM
@@ -107,8 +131,10 @@ def main() -> None:
         peak_mb = max(phases)
     print(f"first request after {first:.2f} s (python + imports alone: {floor:.2f} s)")
     if os.environ.get("PYTHONDONTWRITEBYTECODE"):
-        print("PYTHONDONTWRITEBYTECODE is set: each run compiles batchq from source, which no "
-              "installed copy does (about 0.07 s here); unset it for a user's figure")  # fmt: skip
+        print(
+            "PYTHONDONTWRITEBYTECODE is set: each run compiles batchq from source, which no "
+            "installed copy does (about 0.07 s here); unset it for a user's figure"
+        )
     what = "run done" if args.whole else "stopped 2 s after the first request"
     print(
         f"{what} after {whole:.1f} s, {sim.stats.requests:,} requests; "

@@ -55,13 +55,27 @@ def main() -> None:
         manifest = manifest_for(job, info, region="intl")
         state = StateDir.open(job, info, manifest=manifest)
         for start in range(0, n, SHARD_ROWS):
-            state.write([
-                Result(row=i, id=f"r{i}", status="ok", model="m", attempts=1, via="live",
-                       response=f"echo: review {i}", finish_reason="stop", prompt_tokens=10,
-                       completion_tokens=8, total_tokens=18, request_id=f"chatcmpl-{i}",
-                       latency_ms=1.0, http_status=200)
-                for i in range(start, min(start + SHARD_ROWS, n))
-            ])  # fmt: skip
+            state.write(
+                [
+                    Result(
+                        row=i,
+                        id=f"r{i}",
+                        status="ok",
+                        model="m",
+                        attempts=1,
+                        via="live",
+                        response=f"echo: review {i}",
+                        finish_reason="stop",
+                        prompt_tokens=10,
+                        completion_tokens=8,
+                        total_tokens=18,
+                        request_id=f"chatcmpl-{i}",
+                        latency_ms=1.0,
+                        http_status=200,
+                    )
+                    for i in range(start, min(start + SHARD_ROWS, n))
+                ]
+            )
         before = peak_mb()
         started = time.perf_counter()
         tally = CostTally(PriceTable.load(), "intl")  # the run's closing summary, fed as
@@ -72,8 +86,10 @@ def main() -> None:
         started = time.perf_counter()
         cost_report(find_results(out), PriceTable.load())  # what `batchq cost` reads back
         again = time.perf_counter() - started
-    print(f"{n:,} rows: merge {seconds:.1f} s; peak RSS {before} MB before it, {merged} MB "
-          f"after it; `batchq cost` on the output: {again:.1f} s, peak {peak_mb()} MB")  # fmt: skip
+    print(
+        f"{n:,} rows: merge {seconds:.1f} s; peak RSS {before} MB before it, {merged} MB "
+        f"after it; `batchq cost` on the output: {again:.1f} s, peak {peak_mb()} MB"
+    )
 
 
 if __name__ == "__main__":

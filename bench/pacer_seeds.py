@@ -43,21 +43,44 @@ LIMITS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 LIMITS |= {
     f"{shape}, 4 a second (told 10)": {
-        "limit": 4, "shape": shape, "latency": 0.3, "retry_after": 1.0, "told": 10,
+        "limit": 4,
+        "shape": shape,
+        "latency": 0.3,
+        "retry_after": 1.0,
+        "told": 10,
     }
     for shape in ("window", "bucket", "minute-bucket", "minute-window")
-}  # fmt: skip
+}
 LIMITS |= {
     "window, 10% 429s": {"limit": 100, "noise": 0.10, "latency": 0.03, "retry_after": 1.0},
-    "bucket, 10% 429s": {"limit": 100, "shape": "bucket", "noise": 0.10, "latency": 0.03,
-                         "retry_after": 1.0},
-    "window, 5% 429s before it": {"limit": 100, "noise": 0.05, "noise_first": True,
-                                  "retry_after": 1.0},
-    "window, 5% 429s, 503s, drops, 200 ms": {"limit": 100, "noise": 0.05, "fail_503": 0.03,
-                                             "drop": 0.02, "latency": 0.2},
-    "window, 5% 429s, 503s, drops, 800 ms": {"limit": 100, "noise": 0.05, "fail_503": 0.03,
-                                             "drop": 0.02, "latency": 0.8},
-}  # fmt: skip
+    "bucket, 10% 429s": {
+        "limit": 100,
+        "shape": "bucket",
+        "noise": 0.10,
+        "latency": 0.03,
+        "retry_after": 1.0,
+    },
+    "window, 5% 429s before it": {
+        "limit": 100,
+        "noise": 0.05,
+        "noise_first": True,
+        "retry_after": 1.0,
+    },
+    "window, 5% 429s, 503s, drops, 200 ms": {
+        "limit": 100,
+        "noise": 0.05,
+        "fail_503": 0.03,
+        "drop": 0.02,
+        "latency": 0.2,
+    },
+    "window, 5% 429s, 503s, drops, 800 ms": {
+        "limit": 100,
+        "noise": 0.05,
+        "fail_503": 0.03,
+        "drop": 0.02,
+        "latency": 0.8,
+    },
+}
 NOISE: dict[str, dict[str, Any]] = {
     "5% 429s": {"noise": 0.05},
     "10% 429s, Retry-After": {"noise": 0.10, "retry_after": 1.0},

@@ -50,8 +50,9 @@ def most_in(times: list[float], window: float) -> int:
     return best
 
 
-async def measure(name: str, rate_per_s: float, make: Callable[[], Callable[[], Awaitable[None]]],
-                  seconds: float) -> None:  # fmt: skip
+async def measure(
+    name: str, rate_per_s: float, make: Callable[[], Callable[[], Awaitable[None]]], seconds: float
+) -> None:
     acquire = make()
     cpu = time.process_time()
     times = sorted(await pattern(acquire, seconds))

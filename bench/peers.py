@@ -36,8 +36,10 @@ import orjson
 
 def load(path: str) -> list[dict[str, Any]]:
     with open(path, "rb") as f:
-        return [{"model": "qwen-plus", "messages": [{"role": "user", "content": row["prompt"]}]}
-                for row in map(orjson.loads, f)]  # fmt: skip
+        return [
+            {"model": "qwen-plus", "messages": [{"role": "user", "content": row["prompt"]}]}
+            for row in map(orjson.loads, f)
+        ]
 
 
 async def reference(url: str, bodies: list[dict[str, Any]], in_flight: int) -> int:
@@ -201,11 +203,16 @@ def cookbook_script(
     with open(requests, "w") as f:
         f.writelines(json.dumps(body) + "\n" for body in bodies)
     run = module.process_api_requests_from_file(
-        requests_filepath=requests, save_filepath=out, request_url=url + "/chat/completions",
-        api_key="none", max_requests_per_minute=(qps or 1e9) * 60,
-        max_tokens_per_minute=1e12, token_encoding_name="cl100k_base", max_attempts=5,
+        requests_filepath=requests,
+        save_filepath=out,
+        request_url=url + "/chat/completions",
+        api_key="none",
+        max_requests_per_minute=(qps or 1e9) * 60,
+        max_tokens_per_minute=1e12,
+        token_encoding_name="cl100k_base",
+        max_attempts=5,
         logging_level=logging.INFO,
-    )  # fmt: skip
+    )
     asyncio.run(run)
     with open(out, "rb") as f:
         return sum("choices" not in orjson.loads(line)[1] for line in f)
@@ -237,8 +244,9 @@ def main() -> None:
     else:
         failed = uvloop.run(openai_sdk(args.url, bodies, args.in_flight, args.qps))
     seconds = time.perf_counter() - started
-    sys.stdout.write(orjson.dumps({"rows": len(bodies), "failed": failed,
-                                   "seconds": seconds}).decode() + "\n")  # fmt: skip
+    sys.stdout.write(
+        orjson.dumps({"rows": len(bodies), "failed": failed, "seconds": seconds}).decode() + "\n"
+    )
 
 
 if __name__ == "__main__":

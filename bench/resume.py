@@ -46,14 +46,29 @@ def main() -> None:
         state = StateDir.open(job, info, manifest=manifest_for(job, info, region="any"))
         for start in range(0, args.rows, SHARD_ROWS):
             rows = range(start, min(start + SHARD_ROWS, args.rows))
-            done = [Result(row=i, id=str(i), status="ok", model="m", attempts=1, via="live")
-                    for i in rows]  # fmt: skip
+            done = [
+                Result(row=i, id=str(i), status="ok", model="m", attempts=1, via="live")
+                for i in rows
+            ]
             state.write(done)
         state.close()
         print(f"state of {args.rows:,} rows built in {time.perf_counter() - started:.1f} s")
         with serve_in_thread(SimConfig()) as sim:
-            command = [sys.executable, "-m", "batchq", "run", "--input", str(source), "--output",
-                       str(out), "--model", "m", "--base-url", sim.base_url, "--quiet"]  # fmt: skip
+            command = [
+                sys.executable,
+                "-m",
+                "batchq",
+                "run",
+                "--input",
+                str(source),
+                "--output",
+                str(out),
+                "--model",
+                "m",
+                "--base-url",
+                sim.base_url,
+                "--quiet",
+            ]
             started = time.perf_counter()
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             while sim.stats.requests == 0 and process.poll() is None:
@@ -63,9 +78,11 @@ def main() -> None:
             whole = time.perf_counter() - started
             if process.returncode != 0:
                 sys.exit(f"batchq failed: {err.decode()}")
-        print(f"resume over {args.rows:,} finished rows: first request after {first:.2f} s, "
-              f"run done (1,000 rows sent, {total:,} merged) after {whole:.2f} s; "
-              f"requests sent: {sim.stats.requests:,}")  # fmt: skip
+        print(
+            f"resume over {args.rows:,} finished rows: first request after {first:.2f} s, "
+            f"run done (1,000 rows sent, {total:,} merged) after {whole:.2f} s; "
+            f"requests sent: {sim.stats.requests:,}"
+        )
 
 
 if __name__ == "__main__":

@@ -132,12 +132,36 @@ def client_command(
     client: str, url: str, data: Path, out: Path, s: Scenario, script: str | None
 ) -> list[str]:
     if client == "batchq":
-        command = [sys.executable, "-m", "batchq", "run", "--input", str(data), "--output",
-                   str(out), "--base-url", url, "--model", "qwen-plus", "--concurrency",
-                   str(s.in_flight), "--max-attempts", "30", "--quiet", "--restart"]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "batchq",
+            "run",
+            "--input",
+            str(data),
+            "--output",
+            str(out),
+            "--base-url",
+            url,
+            "--model",
+            "qwen-plus",
+            "--concurrency",
+            str(s.in_flight),
+            "--max-attempts",
+            "30",
+            "--quiet",
+            "--restart",
+        ]
     else:
-        command = [sys.executable, str(HERE / "peers.py"), client, url, str(data),
-                   "--in-flight", str(s.in_flight)]  # fmt: skip
+        command = [
+            sys.executable,
+            str(HERE / "peers.py"),
+            client,
+            url,
+            str(data),
+            "--in-flight",
+            str(s.in_flight),
+        ]
         command += ["--script", script] if client == "cookbook-script" and script else []
     return [*pin(1), *command, *(["--qps", str(s.qps)] if s.qps else [])]
 
@@ -188,22 +212,28 @@ def run_one(
         "sent_req_s": sum(sending) / max(len(sending), 1),
         "limited": int(seen["limited"]),  # type: ignore[call-overload]
         "limited_start": sum(seen.get("limited_per_second", [])[:5]),  # type: ignore[call-overload]
-        "back_s": next((i - HEAL[1] for i in range(HEAL[1], len(received))
-                        if received[i] >= 95), -1),
-    }  # fmt: skip
+        "back_s": next(
+            (i - HEAL[1] for i in range(HEAL[1], len(received)) if received[i] >= 95), -1
+        ),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("scenarios", nargs="*", choices=[[], *SCENARIOS], default=[])
-    parser.add_argument("--cookbook-script", metavar="PATH",
-                        help="the openai-cookbook's api_request_parallel_processor.py, "
-                        "run as the cookbook-script client (see bench/README.md)")  # fmt: skip
+    parser.add_argument(
+        "--cookbook-script",
+        metavar="PATH",
+        help="the openai-cookbook's api_request_parallel_processor.py, "
+        "run as the cookbook-script client (see bench/README.md)",
+    )
     parser.add_argument("--rows", type=int, help="rows of each scenario's input")
     args = parser.parse_args()
     names = args.scenarios or list(SCENARIOS)
-    print(f"{'scenario':<10} {'client':<15} {'ok rows':>8} {'s':>7} {'req/s':>8} "
-          f"{'CPU ms/req':>10} {'RSS MB':>7} {'429s':>6}  vs reference / target")  # fmt: skip
+    print(
+        f"{'scenario':<10} {'client':<15} {'ok rows':>8} {'s':>7} {'req/s':>8} "
+        f"{'CPU ms/req':>10} {'RSS MB':>7} {'429s':>6}  vs reference / target"
+    )
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
         for name in names:
@@ -211,22 +241,29 @@ def main() -> None:
             if args.rows:
                 s = dataclasses.replace(s, rows=args.rows)
             data = tmp / f"{name}.jsonl"
-            data.write_text("".join(json.dumps({"id": i, "prompt": f"Label review {i}: fine"})
-                                    + "\n" for i in range(s.rows)))  # fmt: skip
+            data.write_text(
+                "".join(
+                    json.dumps({"id": i, "prompt": f"Label review {i}: fine"}) + "\n"
+                    for i in range(s.rows)
+                )
+            )
             results = {c: run_one(c, s, data, tmp, args.cookbook_script) for c in s.clients}
             for client, r in results.items():
                 if r is None:
                     print(f"{name:<10} {client:<15} ({MISSING[client]})")
                     continue
                 against = verdict(name, s, r, results.get("reference"))
-                print(f"{name:<10} {client:<15} {r['ok']:>8,.0f} {r['seconds']:>7.1f} "
-                      f"{r['req_s']:>8,.0f} {r['cpu_ms']:>10.3f} {r['rss_mb']:>7.0f} "
-                      f"{r['429s']:>6,.0f}  {against}")  # fmt: skip
+                print(
+                    f"{name:<10} {client:<15} {r['ok']:>8,.0f} {r['seconds']:>7.1f} "
+                    f"{r['req_s']:>8,.0f} {r['cpu_ms']:>10.3f} {r['rss_mb']:>7.0f} "
+                    f"{r['429s']:>6,.0f}  {against}"
+                )
             ours = results.get("batchq")
             for peer in ("cookbook", "cookbook-script") if name.startswith("raw") else ():
                 if ours and (theirs := results.get(peer)):
-                    print(f"{name:<10} batchq req/s = {ours['req_s'] / theirs['req_s']:.1f}× "
-                          f"{peer}'s")  # fmt: skip
+                    print(
+                        f"{name:<10} batchq req/s = {ours['req_s'] / theirs['req_s']:.1f}× {peer}'s"
+                    )
 
 
 MISSING = {
@@ -239,15 +276,16 @@ def verdict(name: str, s: Scenario, r: dict[str, float], ref: dict[str, float] |
     if name.startswith("raw") and ref is not None:
         return f"CPU {r['cpu_ms'] / ref['cpu_ms']:.2f}×, req/s {r['req_s'] / ref['req_s']:.2f}×"
     if name == "limit-200":
-        return (f"steady {r['steady_req_s'] / 200:.1%} of 200 QPS "
-                f"(whole run {r['req_s'] / 200:.1%})")  # fmt: skip
+        return f"steady {r['steady_req_s'] / 200:.1%} of 200 QPS (whole run {r['req_s'] / 200:.1%})"
     if name in LIMITED:
         limit, ends = LIMITED[name]
         ideal = s.rows / limit / ends
         share = r["limited"] / max(r["requests"], 1)
-        return (f"time {r['seconds'] / ideal:.2f}× the ideal {ideal:.1f} s, limit 429s "
-                f"{share:.1%} of requests ({r['limited_start']:.0f} of {r['limited']:.0f} in "
-                f"the first 5 s), steady {r['steady_req_s']:.1f} ok/s")  # fmt: skip
+        return (
+            f"time {r['seconds'] / ideal:.2f}× the ideal {ideal:.1f} s, limit 429s "
+            f"{share:.1%} of requests ({r['limited_start']:.0f} of {r['limited']:.0f} in "
+            f"the first 5 s), steady {r['steady_req_s']:.1f} ok/s"
+        )
     if name == "heal":
         back = r["back_s"]
         when = f"{back:.0f} s" if back >= 0 else "never"

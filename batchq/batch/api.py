@@ -43,9 +43,14 @@ from batchq.send.response import InvalidCompletion, completion_columns
 from batchq.state import RowMask, StateDir, check_output, manifest_for
 
 __all__ = [
-    "ExportResult", "ImportResult", "export_batch", "export_rows", "import_batch", "read_into",
+    "ExportResult",
+    "ImportResult",
+    "export_batch",
+    "export_rows",
+    "import_batch",
+    "read_into",
     "row_index",
-]  # fmt: skip
+]
 
 #: Error lines that are not the row's answer: the batch ran out of time (OpenAI's and
 #: Model Studio's code) or was cancelled before the row; with a 5xx or 429 status, as a
@@ -89,9 +94,13 @@ class ExportResult:
 
 
 def export_batch(
-    job: Job, folder: Path, *, max_lines: int = MAX_LINES, max_bytes: int = MAX_BYTES,
+    job: Job,
+    folder: Path,
+    *,
+    max_lines: int = MAX_LINES,
+    max_bytes: int = MAX_BYTES,
     command: str | None = None,
-) -> ExportResult:  # fmt: skip
+) -> ExportResult:
     """Write ``job``'s pending rows as Batch-API files into ``folder``.
 
     The job's state folder is opened as a run opens it: refused while a run holds its
@@ -100,8 +109,14 @@ def export_batch(
     check_output(job)
     info = preflight(job)
     if StateDir.finished(job, info):
-        return export_rows(job, info, folder, RowMask(info.total_rows, value=True),
-                       max_lines=max_lines, max_bytes=max_bytes)  # fmt: skip
+        return export_rows(
+            job,
+            info,
+            folder,
+            RowMask(info.total_rows, value=True),
+            max_lines=max_lines,
+            max_bytes=max_bytes,
+        )
     state = StateDir.open(job, info, manifest=_manifest(job, info, command))
     try:
         done = state.done_mask(info.total_rows)
@@ -115,24 +130,38 @@ Take = Callable[[int, str, dict[str, Any], bool], bool]
 
 
 def export_rows(
-    job: Job, info: InputInfo, folder: Path, done: RowMask, *, max_lines: int, max_bytes: int,
+    job: Job,
+    info: InputInfo,
+    folder: Path,
+    done: RowMask,
+    *,
+    max_lines: int,
+    max_bytes: int,
     take: Take | None = None,
-) -> ExportResult:  # fmt: skip
+) -> ExportResult:
     """Write the rows not ``done`` (those ``take`` takes, when given: it is shown every
     row) as Batch-API files (and their manifest) into ``folder``."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UsageError(f"cannot make the export folder {folder}: {e.strerror}; choose "
-                         "another --out-dir") from None  # fmt: skip
+        raise UsageError(
+            f"cannot make the export folder {folder}: {e.strerror}; choose another --out-dir"
+        ) from None
     result = ExportResult(folder, 0, already_done=done.count())
     try:
-        _write_lines(job, info, folder, done, result, max_lines=max_lines,
-                     max_bytes=max_bytes, take=take)  # fmt: skip
-        manifest = {"name": job.name, "input": str(info.path), "input_digest": info.digest,
-                    "id_column": info.id_column, "rows": result.rows, "files": result.files,
-                    "request": _manifest(job, info, None)["request"],
-                    "job": job_settings(job)}  # fmt: skip
+        _write_lines(
+            job, info, folder, done, result, max_lines=max_lines, max_bytes=max_bytes, take=take
+        )
+        manifest = {
+            "name": job.name,
+            "input": str(info.path),
+            "input_digest": info.digest,
+            "id_column": info.id_column,
+            "rows": result.rows,
+            "files": result.files,
+            "request": _manifest(job, info, None)["request"],
+            "job": job_settings(job),
+        }
         text = orjson.dumps(manifest, option=orjson.OPT_INDENT_2)
         write_atomic(result.manifest, lambda f: f.write(text))
     except OSError as e:  # a full disk: no half-written file is left to be uploaded
@@ -147,9 +176,16 @@ def export_rows(
 
 
 def _write_lines(
-    job: Job, info: InputInfo, folder: Path, done: RowMask, result: ExportResult, *,
-    max_lines: int, max_bytes: int, take: Take | None,
-) -> None:  # fmt: skip
+    job: Job,
+    info: InputInfo,
+    folder: Path,
+    done: RowMask,
+    result: ExportResult,
+    *,
+    max_lines: int,
+    max_bytes: int,
+    take: Take | None,
+) -> None:
     """The rows' lines into files of at most ``max_lines`` lines and ``max_bytes`` bytes,
     one model's a file; each file, once closed (or failed), is in ``result.files``."""
     open_files: dict[str, _File] = {}
@@ -163,8 +199,10 @@ def _write_lines(
                 continue
             for key in _NOT_IN_A_BATCH:
                 body.pop(key, None)
-            line = orjson.dumps({"custom_id": ident, "method": "POST", "url": URL,
-                                 "body": body}) + b"\n"  # fmt: skip
+            line = (
+                orjson.dumps({"custom_id": ident, "method": "POST", "url": URL, "body": body})
+                + b"\n"
+            )
             model = str(body["model"])
             file = open_files.get(model)
             if file is None or file.lines >= max_lines or file.bytes + len(line) > max_bytes:
@@ -226,9 +264,13 @@ class ImportResult:
 
 
 def import_batch(
-    job: Job, files: list[Path], *, keep_state: bool = False, command: str | None = None,
+    job: Job,
+    files: list[Path],
+    *,
+    keep_state: bool = False,
+    command: str | None = None,
     prices: Path | None = None,
-) -> ImportResult:  # fmt: skip
+) -> ImportResult:
     """Read Batch-API result files into ``job``'s state folder; merge the output when every
     row has a result. Rows the files do not answer stay pending."""
     check_output(job)
@@ -247,8 +289,14 @@ def import_batch(
         merged = not missing
         if merged:
             pricer = RowPricer(PriceTable.load(prices), region_of(job.request.provider))
-            merge_output(state, info, job.output, manifest=manifest,
-                         answers=job.answer is not None, costs=pricer)  # fmt: skip
+            merge_output(
+                state,
+                info,
+                job.output,
+                manifest=manifest,
+                answers=job.answer is not None,
+                costs=pricer,
+            )
             if not keep_state:
                 state.remove()
     finally:
@@ -258,14 +306,28 @@ def import_batch(
     ids = [_id_of(rows, i) for i in missing[:5]]
     retryable = len(results.retryable - results.rows.keys())
     error = len(fresh) - ok - invalid
-    return ImportResult(len(fresh), ok, error, len(missing), ids, merged, job.output,
-                        results.repeated, results.twice, retryable, invalid)  # fmt: skip
+    return ImportResult(
+        len(fresh),
+        ok,
+        error,
+        len(missing),
+        ids,
+        merged,
+        job.output,
+        results.repeated,
+        results.twice,
+        retryable,
+        invalid,
+    )
 
 
 def read_into(
-    state: StateDir, job: Job, info: InputInfo, files: list[Path],
+    state: StateDir,
+    job: Job,
+    info: InputInfo,
+    files: list[Path],
     rows: dict[str, tuple[int, str]],
-) -> tuple[list[Result], set[int]]:  # fmt: skip
+) -> tuple[list[Result], set[int]]:
     """Read result ``files`` into the open ``state`` (``--via batch``): the rows written
     (an answer, or an error for good), and the positions failed as a live run would
     retry (left pending). ``rows`` is ``row_index(job, info)``."""
@@ -328,8 +390,11 @@ def _read_results(files: list[Path], rows: dict[str, tuple[int, str]]) -> _Resul
         with handle:
             for number, raw in enumerate(handle, start=1):
                 if raw.strip():
-                    _take(results, _result_row(raw, rows, path=path, line=number),
-                          f"{path}, line {number}")  # fmt: skip
+                    _take(
+                        results,
+                        _result_row(raw, rows, path=path, line=number),
+                        f"{path}, line {number}",
+                    )
     return results
 
 
@@ -391,8 +456,10 @@ def _result_row(
         raise problem("this line has no custom_id: is it a Batch-API result file?")
     ident = str(data["custom_id"])
     if ident not in rows:
-        raise problem(f"custom_id {ident!r} is not a row of this job's input: import the "
-                      "files of this job's own export")  # fmt: skip
+        raise problem(
+            f"custom_id {ident!r} is not a row of this job's input: import the "
+            "files of this job's own export"
+        )
     position, model = rows[ident]
     response = _dict(data.get("response"))
     body = _dict(response.get("body"))
@@ -403,8 +470,9 @@ def _result_row(
         except InvalidCompletion as e:
             error = {"type": "invalid_response", "code": "invalid_response", "message": str(e)}
         else:
-            result = Result.answered(row=position, id=ident, model=model, attempts=1,
-                                     via="batch", completion=completion)  # fmt: skip
+            result = Result.answered(
+                row=position, id=ident, model=model, attempts=1, via="batch", completion=completion
+            )
             result.batch_prompt_tokens = result.prompt_tokens
             result.batch_completion_tokens = result.completion_tokens
             return result, False
@@ -412,13 +480,17 @@ def _result_row(
         error = _dict(body.get("error")) or _dict(data.get("error"))
     retryable = status in RETRY_STATUS or error.get("code") in RETRYABLE_CODES
     return Result.failed(
-        row=position, id=ident, model=model, attempts=1, via="batch",
+        row=position,
+        id=ident,
+        model=model,
+        attempts=1,
+        via="batch",
         http_status=status if isinstance(status, int) else None,
         # without a type, an answer with a status reads as a live one does (client.classify)
         error_type=str(error.get("type") or ("http_error" if status else "batch_error")),
         error_code=str(error.get("code") or status or "batch_error"),
         error_message=str(error.get("message") or "the batch gave no answer for this row"),
-    ), retryable  # fmt: skip
+    ), retryable
 
 
 def _dict(value: Any) -> dict[str, Any]:

@@ -175,9 +175,13 @@ class Journal:
         return journal
 
     def save(self) -> None:
-        data = {"token": self.token, "window": self.window, "rounds": self.rounds,
-                "endpoint": self.endpoint,
-                "entries": [asdict(e) for e in self.entries]}  # fmt: skip
+        data = {
+            "token": self.token,
+            "window": self.window,
+            "rounds": self.rounds,
+            "endpoint": self.endpoint,
+            "entries": [asdict(e) for e in self.entries],
+        }
         text = orjson.dumps(data, option=orjson.OPT_INDENT_2)
         write_atomic(self.path, lambda f: f.write(text))
 
@@ -230,8 +234,12 @@ def collect_or_refuse(state: StateDir, via: str, restart: bool, sink: Sink) -> N
             return
         gone = journal.open_entries()
         rows = journal.forget(gone)
-        sink(Notice(f"{len(gone)} batches of an earlier rehearsal (--simulate) went with its "
-                    f"simulator: forgotten, their {rows:,} rows are pending again"))  # fmt: skip
+        sink(
+            Notice(
+                f"{len(gone)} batches of an earlier rehearsal (--simulate) went with its "
+                f"simulator: forgotten, their {rows:,} rows are pending again"
+            )
+        )
         return
     running = [e for e in journal.open_entries() if e.batch_id or e.uploading or e.creating]
     if via == "batch" and not restart:
@@ -247,10 +255,17 @@ def collect_or_refuse(state: StateDir, via: str, restart: bool, sink: Sink) -> N
 
 
 async def via_batch(
-    job: Job, info: InputInfo, state: StateDir, plan: BatchPlan, *, api_key: str | None,
-    sink: Sink, stop: StopSwitch, transport: httpx.AsyncBaseTransport | None = None,
+    job: Job,
+    info: InputInfo,
+    state: StateDir,
+    plan: BatchPlan,
+    *,
+    api_key: str | None,
+    sink: Sink,
+    stop: StopSwitch,
+    transport: httpx.AsyncBaseTransport | None = None,
     select: Selection | None = None,
-) -> bool:  # fmt: skip
+) -> bool:
     """Send ``job``'s pending rows (those ``select`` takes) through the Batch API into
     ``state``; False when the batches were submitted and left running (``plan.wait``
     false)."""
@@ -321,9 +336,15 @@ class _Flow:
         number = self.journal.rounds + 1
         folder = self.state.batch_files / f"r{number}"
         take = self.select.take if self.select is not None else None
-        exported = export_rows(self.job, self.info, folder, done,
-                               max_lines=self.rules.max_lines,
-                               max_bytes=self.rules.max_bytes, take=take)  # fmt: skip
+        exported = export_rows(
+            self.job,
+            self.info,
+            folder,
+            done,
+            max_lines=self.rules.max_lines,
+            max_bytes=self.rules.max_bytes,
+            take=take,
+        )
         if self.select is not None:
             self.select.exported()
         if not exported.rows:
@@ -334,8 +355,12 @@ class _Flow:
         self.journal.rounds = number
         self.journal.save()
         where = f"{self.rules.name}'s Batch API"
-        self.sink(Notice(f"batch: {exported.rows:,} rows in {len(exported.files)} files "
-                         f"(round {number}), submitting them to {where}"))  # fmt: skip
+        self.sink(
+            Notice(
+                f"batch: {exported.rows:,} rows in {len(exported.files)} files "
+                f"(round {number}), submitting them to {where}"
+            )
+        )
         return True
 
     async def submit(self) -> None:
@@ -366,8 +391,9 @@ class _Flow:
             self.journal.save()  # before the create: a lost answer is found by metadata
             found = await self.remote.create(entry.file_id, self.journal.window, metadata)
         self._seen(entry, found)
-        self.sink(Notice(f"batch {entry.batch_id} ({entry.model}, {entry.lines:,} rows): "
-                         f"{entry.status}"))  # fmt: skip
+        self.sink(
+            Notice(f"batch {entry.batch_id} ({entry.model}, {entry.lines:,} rows): {entry.status}")
+        )
 
     def _seen(self, entry: Entry, batch: dict[str, Any]) -> bool:
         """Record what the provider says of ``entry``'s batch; whether it changed."""
@@ -410,9 +436,13 @@ class _Flow:
         for entry in self.journal.open_entries():
             if entry.status == "failed":
                 errors = "; ".join(str(e.get("message") or e.get("code")) for e in entry.errors)
-                self.sink(Notice(f"batch {entry.batch_id} ({entry.model}) failed validation: "
-                                 f"{errors or 'the provider gave no reason'}; its "
-                                 f"{entry.lines:,} rows stay pending"))  # fmt: skip
+                self.sink(
+                    Notice(
+                        f"batch {entry.batch_id} ({entry.model}) failed validation: "
+                        f"{errors or 'the provider gave no reason'}; its "
+                        f"{entry.lines:,} rows stay pending"
+                    )
+                )
             files = await self._download(entry)
             _, retryable = read_into(self.state, self.job, self.info, files, rows)
             if retryable:
@@ -446,8 +476,12 @@ class _Flow:
             for file_id in ids:
                 await self.remote.delete(file_id)
         except Exception as e:
-            self.sink(Notice(f"batch {entry.batch_id}: could not delete its files on the "
-                             f"provider ({e}); delete {', '.join(ids)} by hand"))  # fmt: skip
+            self.sink(
+                Notice(
+                    f"batch {entry.batch_id}: could not delete its files on the "
+                    f"provider ({e}); delete {', '.join(ids)} by hand"
+                )
+            )
             return
         entry.cleaned = True
         self.journal.save()
@@ -481,21 +515,30 @@ def _progress(entry: Entry) -> str:
     counts = entry.counts
     total = counts.get("total") or entry.lines
     done, failed = counts.get("completed", 0), counts.get("failed", 0)
-    return (f"batch {entry.batch_id} ({entry.model}): {entry.status}, {done:,}/{total:,} "
-            f"done, {failed:,} failed")  # fmt: skip
+    return (
+        f"batch {entry.batch_id} ({entry.model}): {entry.status}, {done:,}/{total:,} "
+        f"done, {failed:,} failed"
+    )
 
 
 def describe(entry: Entry) -> dict[str, Any]:
     """An entry as ``batchq batch status`` shows it."""
-    return {"batch_id": entry.batch_id, "model": entry.model, "key": entry.key,
-            "status": entry.status or ("uploading" if entry.file_id is None else "creating"),
-            "counts": entry.counts, "created_at": entry.created_at,
-            "expires_at": entry.expires_at, "collected": entry.collected,
-            "age_s": int(time.time() - entry.created_at) if entry.created_at else None}  # fmt: skip
+    return {
+        "batch_id": entry.batch_id,
+        "model": entry.model,
+        "key": entry.key,
+        "status": entry.status or ("uploading" if entry.file_id is None else "creating"),
+        "counts": entry.counts,
+        "created_at": entry.created_at,
+        "expires_at": entry.expires_at,
+        "collected": entry.collected,
+        "age_s": int(time.time() - entry.created_at) if entry.created_at else None,
+    }
 
 
-async def refreshed(job: Job, api_key: Callable[[], str | None], *,
-                    ask: bool = True) -> list[Entry]:  # fmt: skip
+async def refreshed(
+    job: Job, api_key: Callable[[], str | None], *, ask: bool = True
+) -> list[Entry]:
     """The job's batches, each as the provider says it is now (the journal unchanged);
     as last recorded when not ``ask`` (``--simulate``: no key, no network), and for a
     rehearsal's batches, which went with its simulator. ``api_key`` is called only when
@@ -567,8 +610,10 @@ async def forget(job: Job, api_key: Callable[[], str | None]) -> Outcome:
     knows is kept: forgetting it could pay for its rows twice."""
     state = StateDir.of(job.output)
     if state.holder()[0]:
-        raise UsageError(f"a run is using {state.path}: stop it (or let it end) first; "
-                         "it collects its batches itself")  # fmt: skip
+        raise UsageError(
+            f"a run is using {state.path}: stop it (or let it end) first; "
+            "it collects its batches itself"
+        )
     journal = Journal.load(state)
     outcome = Outcome()
     if journal is None or not journal.open_entries():
@@ -591,10 +636,14 @@ async def forget(job: Job, api_key: Callable[[], str | None]) -> Outcome:
                 gone.append(entry)
                 continue
             status = batch.get("status")
-            then = ("`batchq batch cancel JOB` cancels it" if status not in TERMINAL
-                    else "`batchq run JOB --via batch` collects it")  # fmt: skip
-            outcome.notes.append(f"batch {entry.batch_id} is {status} on the provider: "
-                                 f"kept ({then})")  # fmt: skip
+            then = (
+                "`batchq batch cancel JOB` cancels it"
+                if status not in TERMINAL
+                else "`batchq run JOB --via batch` collects it"
+            )
+            outcome.notes.append(
+                f"batch {entry.batch_id} is {status} on the provider: kept ({then})"
+            )
     outcome.rows += journal.forget(gone)
     outcome.done += [str(e.batch_id) for e in gone]
     return outcome
@@ -603,8 +652,11 @@ async def forget(job: Job, api_key: Callable[[], str | None]) -> Outcome:
 def _forget_rehearsal(journal: Journal) -> Outcome:
     gone = journal.open_entries()
     rows = journal.forget(gone)
-    return Outcome([e.batch_id or e.key for e in gone], rows,
-                   ["the rehearsal's batches went with its simulator"])  # fmt: skip
+    return Outcome(
+        [e.batch_id or e.key for e in gone],
+        rows,
+        ["the rehearsal's batches went with its simulator"],
+    )
 
 
 async def _never_submit(journal: Journal, entry: Entry, remote: Remote) -> None:

@@ -39,16 +39,23 @@ class Remote:
     """One provider's files and batches, at ``base_url`` (…/v1 or …/compatible-mode/v1)."""
 
     def __init__(
-        self, base_url: str, *, api_key: str | None,
+        self,
+        base_url: str,
+        *,
+        api_key: str | None,
         transport: httpx.AsyncBaseTransport | None = None,
         sleep: Callable[[float], Any] = anyio.sleep,
-    ) -> None:  # fmt: skip
+    ) -> None:
         headers = {"User-Agent": "batchq"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         self._key = api_key
-        self._http = httpx.AsyncClient(base_url=base_url.rstrip("/") + "/", headers=headers,
-                                       timeout=TIMEOUT_S, transport=transport)  # fmt: skip
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/") + "/",
+            headers=headers,
+            timeout=TIMEOUT_S,
+            transport=transport,
+        )
         self._sleep = sleep
 
     async def __aenter__(self) -> Remote:
@@ -65,8 +72,7 @@ class Remote:
         def request(stack: AsyncExitStack) -> httpx.Request:
             handle = stack.enter_context(path.open("rb"))
             files = {"file": (name, handle, "application/jsonl")}
-            return self._http.build_request("POST", "files", data={"purpose": "batch"},
-                                            files=files)  # fmt: skip
+            return self._http.build_request("POST", "files", data={"purpose": "batch"}, files=files)
 
         return orjson.loads(await self._call(request, f"uploading {name}"))  # type: ignore[no-any-return]
 
@@ -79,18 +85,24 @@ class Remote:
 
     async def download(self, file_id: str, path: Path) -> None:
         """The content of ``file_id`` into ``path``, streamed, whole or not at all."""
-        await self._call(self._get(f"files/{file_id}/content"), f"downloading {file_id}",
-                         into=path)  # fmt: skip
+        await self._call(self._get(f"files/{file_id}/content"), f"downloading {file_id}", into=path)
 
     async def delete(self, file_id: str) -> None:
-        await self._call(lambda _: self._http.build_request("DELETE", f"files/{file_id}"),
-                         f"deleting {file_id}", missing_ok=True)  # fmt: skip
+        await self._call(
+            lambda _: self._http.build_request("DELETE", f"files/{file_id}"),
+            f"deleting {file_id}",
+            missing_ok=True,
+        )
 
     # --- batches -----------------------------------------------------------------------
 
     async def create(self, file_id: str, window: str, metadata: dict[str, str]) -> dict[str, Any]:
-        body = {"input_file_id": file_id, "endpoint": "/v1/chat/completions",
-                "completion_window": window, "metadata": metadata}  # fmt: skip
+        body = {
+            "input_file_id": file_id,
+            "endpoint": "/v1/chat/completions",
+            "completion_window": window,
+            "metadata": metadata,
+        }
 
         def request(_: AsyncExitStack) -> httpx.Request:
             return self._http.build_request("POST", "batches", json=body)
@@ -107,8 +119,9 @@ class Remote:
 
     async def batch(self, batch_id: str) -> dict[str, Any] | None:
         """The batch ``batch_id``; None when the provider does not know it (404)."""
-        content = await self._call(self._get(f"batches/{batch_id}"),
-                                   f"reading batch {batch_id}", missing_ok=True)  # fmt: skip
+        content = await self._call(
+            self._get(f"batches/{batch_id}"), f"reading batch {batch_id}", missing_ok=True
+        )
         return orjson.loads(content) if content else None
 
     async def cancel(self, batch_id: str) -> dict[str, Any]:
@@ -166,13 +179,22 @@ class Remote:
                 status = response.status_code
                 problem = f"HTTP {status}: {_message(content)}"
                 if status not in (408, 409, 429) and status < 500:
-                    raise RunStopped(redact(f"{what}: the provider refused it ({problem})"
-                                            + _advice(status), self._key),
-                                     http_status=status)  # fmt: skip
+                    raise RunStopped(
+                        redact(
+                            f"{what}: the provider refused it ({problem})" + _advice(status),
+                            self._key,
+                        ),
+                        http_status=status,
+                    )
             if attempt == ATTEMPTS:
-                raise RunStopped(redact(f"{what}: no answer after {ATTEMPTS} tries ({problem}); "
-                                        "rerun the same command to go on", self._key),
-                                 http_status=status)  # fmt: skip
+                raise RunStopped(
+                    redact(
+                        f"{what}: no answer after {ATTEMPTS} tries ({problem}); "
+                        "rerun the same command to go on",
+                        self._key,
+                    ),
+                    http_status=status,
+                )
             await self._sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 30.0)
         raise AssertionError("unreachable")

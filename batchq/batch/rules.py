@@ -43,6 +43,7 @@ def window_hours(window: str, rules: BatchRules) -> int:
     if not rules.min_hours <= hours <= rules.max_hours:
         days = rules.max_hours // 24
         allowed = "24h" if days == 1 else f"24h to {rules.max_hours}h (or 1d to {days}d)"
-        raise UsageError(f"--window {window!r} is not a completion window {rules.name} takes: "
-                         f"give {allowed}")  # fmt: skip
+        raise UsageError(
+            f"--window {window!r} is not a completion window {rules.name} takes: give {allowed}"
+        )
     return hours

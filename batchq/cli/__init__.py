@@ -20,8 +20,7 @@ def main() -> None:
     """Run batches of prompts against OpenAI-compatible chat/completions endpoints."""
 
 
-for command in (run, status, cost, estimate, export_batch, import_batch, batch, simulate,
-                cache):  # fmt: skip
+for command in (run, status, cost, estimate, export_batch, import_batch, batch, simulate, cache):
     main.add_command(command)
 
 if __name__ == "__main__":

@@ -73,15 +73,22 @@ JOB_KEYS = frozenset(
 
 
 def job_options(f: Any) -> Any:
-    f = click.option("--dedupe", is_flag=True, default=None,
-                     help="send each distinct request once; repeats take its answer",
-                     )(f)  # fmt: skip
+    f = click.option(
+        "--dedupe",
+        is_flag=True,
+        default=None,
+        help="send each distinct request once; repeats take its answer",
+    )(f)
     for flag, type_, help_ in reversed(JOB_FLAGS):
         f = click.option(flag, type=type_, default=None, help=help_)(f)
     return click.option(
-        "--param", "params", multiple=True, callback=_param, metavar="KEY=JSON",
+        "--param",
+        "params",
+        multiple=True,
+        callback=_param,
+        metavar="KEY=JSON",
         help="any other request field, e.g. --param top_p=0.8 --param seed=7",
-    )(f)  # fmt: skip
+    )(f)
 
 
 def job_from(job_file: str | None, flags: dict[str, Any]) -> Job:

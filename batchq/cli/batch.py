@@ -30,22 +30,37 @@ __all__ = ["batch", "export_batch", "import_batch"]
 @click.command("export-batch")
 @click.argument("job_file", required=False, type=click.Path(dir_okay=False))
 @job_options
-@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="where the files go (default: <output>.batch/ beside the output)")  # fmt: skip
-@click.option("--max-lines", type=click.IntRange(1), default=batch_api.MAX_LINES,
-              show_default=True, help="lines a file, at most")  # fmt: skip
-@click.option("--max-mb", type=click.FloatRange(min=0.001), default=200.0, show_default=True,
-              help="megabytes a file, at most")  # fmt: skip
-def export_batch(job_file: str | None, out_dir: Path | None, max_lines: int, max_mb: float,
-                 **flags: Any) -> None:  # fmt: skip
+@click.option(
+    "--out-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="where the files go (default: <output>.batch/ beside the output)",
+)
+@click.option(
+    "--max-lines",
+    type=click.IntRange(1),
+    default=batch_api.MAX_LINES,
+    show_default=True,
+    help="lines a file, at most",
+)
+@click.option(
+    "--max-mb",
+    type=click.FloatRange(min=0.001),
+    default=200.0,
+    show_default=True,
+    help="megabytes a file, at most",
+)
+def export_batch(
+    job_file: str | None, out_dir: Path | None, max_lines: int, max_mb: float, **flags: Any
+) -> None:
     """Write the job's pending requests as Batch-API JSONL files (one model a file)."""
     try:
         job = job_from(job_file, flags)
         stem = job.output.name.removesuffix(".parquet")
         folder = out_dir or job.output.with_name(stem + ".batch")
         command = shlex.join(["batchq", "run", job_file]) if job_file else None
-        e = batch_api.export_batch(job, folder, max_lines=max_lines,
-                                   max_bytes=int(max_mb * 1024**2), command=command)  # fmt: skip
+        e = batch_api.export_batch(
+            job, folder, max_lines=max_lines, max_bytes=int(max_mb * 1024**2), command=command
+        )
     except BatchqError as err:
         fail(err)
     done = f" ({e.already_done:,} rows have results already)" if e.already_done else ""
@@ -53,16 +68,23 @@ def export_batch(job_file: str | None, out_dir: Path | None, max_lines: int, max
     for f in e.files:
         click.echo(f"  {f['file']}: {f['model']}, {f['lines']:,} lines, {f['bytes']:,} bytes")
     job_ref = job_file or shlex.quote(str(e.manifest))
-    click.echo("upload them to the provider's Batch API; then: batchq import-batch "
-               f"RESULTS.jsonl… --job {job_ref}")  # fmt: skip
+    click.echo(
+        "upload them to the provider's Batch API; then: batchq import-batch "
+        f"RESULTS.jsonl… --job {job_ref}"
+    )
 
 
 @click.command("import-batch")
-@click.argument("results", nargs=-1, required=True,
-                type=click.Path(exists=True, dir_okay=False, path_type=Path))  # fmt: skip
-@click.option("--job", "job_file", required=True, type=click.Path(dir_okay=False),
-              help="the job file the requests were exported from, or the export's "
-                   "manifest.json")  # fmt: skip
+@click.argument(
+    "results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option(
+    "--job",
+    "job_file",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="the job file the requests were exported from, or the export's manifest.json",
+)
 @click.option("--keep-state", is_flag=True, help="keep the state folder after the merge")
 def import_batch(results: tuple[Path, ...], job_file: str, keep_state: bool) -> None:
     """Read Batch-API output and error files into the job's output Parquet."""
@@ -75,20 +97,26 @@ def import_batch(results: tuple[Path, ...], job_file: str, keep_state: bool) -> 
     for path in r.twice:
         click.echo(f"note: {path} was given more than once; read once")
     if r.repeated:
-        click.echo(f"note: {r.repeated:,} custom_ids came more than once with the same answer, "
-                   "or an error and an answer: kept one each (the answer)")  # fmt: skip
+        click.echo(
+            f"note: {r.repeated:,} custom_ids came more than once with the same answer, "
+            "or an error and an answer: kept one each (the answer)"
+        )
     invalid = f"{r.invalid:,} invalid, " if r.invalid else ""
     click.echo(f"imported {r.imported:,} rows ({r.ok:,} ok, {invalid}{r.error:,} error)")
     if r.retryable:
-        click.echo(f"{r.retryable:,} rows failed in the batch as a live run would retry "
-                   "(expired, cancelled, 5xx or 429): not imported, they stay pending")  # fmt: skip
+        click.echo(
+            f"{r.retryable:,} rows failed in the batch as a live run would retry "
+            "(expired, cancelled, 5xx or 429): not imported, they stay pending"
+        )
     if r.merged:
         click.echo(f"every row has a result -> {r.output}")
     else:
         shown = ", ".join(r.missing_ids) + (", …" if r.missing > len(r.missing_ids) else "")
         what = "have no result in these files" + (" or an answer to ask again" if r.invalid else "")
-        click.echo(f"{r.missing:,} rows {what} ({shown}): they stay pending; `{command}` "
-                   "sends them live, or export-batch them again")  # fmt: skip
+        click.echo(
+            f"{r.missing:,} rows {what} ({shown}): they stay pending; `{command}` "
+            "sends them live, or export-batch them again"
+        )
 
 
 @click.group("batch")
@@ -99,8 +127,9 @@ def batch() -> None:
 
 def _run_flags(f: Any) -> Any:
     """The run's job flags and ``--simulate``, so that its command line can be reused."""
-    f = click.option("--simulate", is_flag=True,
-                     help="the run was a rehearsal: ask no provider, need no key")(f)  # fmt: skip
+    f = click.option(
+        "--simulate", is_flag=True, help="the run was a rehearsal: ask no provider, need no key"
+    )(f)
     return job_options(f)
 
 
@@ -113,19 +142,23 @@ def _rehearsal(job: Job, simulate: bool) -> bool:
         return simulate or journal is not None
     if simulate and journal.open_entries():
         where = journal.endpoint or "the provider"
-        raise UsageError(f"the batches of {job.output} are on {where}, not the simulator's: "
-                         "drop --simulate to reach them")  # fmt: skip
+        raise UsageError(
+            f"the batches of {job.output} are on {where}, not the simulator's: "
+            "drop --simulate to reach them"
+        )
     return simulate
 
 
 @batch.command("status")
 @click.argument("job_file", required=False, type=click.Path(dir_okay=False))
 @_run_flags
-@click.option("--prices", type=PRICE_FILE, help="the run's price table (TOML), to price "
-              "what was collected")  # fmt: skip
+@click.option(
+    "--prices", type=PRICE_FILE, help="the run's price table (TOML), to price what was collected"
+)
 @click.option("--json", "as_json", is_flag=True, help="one JSON object a batch")
-def batch_status(job_file: str | None, simulate: bool, prices: Path | None, as_json: bool,
-                 **flags: Any) -> None:  # fmt: skip
+def batch_status(
+    job_file: str | None, simulate: bool, prices: Path | None, as_json: bool, **flags: Any
+) -> None:
     """Each batch the job submitted: id, model, status, counts, created, expires; then
     what was collected and its cost."""
     try:
@@ -146,11 +179,12 @@ def batch_status(job_file: str | None, simulate: bool, prices: Path | None, as_j
         d = flow.describe(entry)
         counts = entry.counts
         total = counts.get("total") or entry.lines
-        say(f"{d['batch_id'] or '-'}  {entry.model}  {d['status']}  "
+        say(
+            f"{d['batch_id'] or '-'}  {entry.model}  {d['status']}  "
             f"{counts.get('completed', 0):,}/{total:,} done, "
             f"{counts.get('failed', 0):,} failed  created {_when(entry.created_at)}  "
-            f"expires {_when(entry.expires_at)}"
-            + ("  (collected)" if entry.collected else ""))  # fmt: skip
+            f"expires {_when(entry.expires_at)}" + ("  (collected)" if entry.collected else "")
+        )
     if collected:
         say(collected)
 
@@ -169,8 +203,7 @@ def _collected(job: Job, prices: Path | None) -> str | None:
 @click.argument("job_file", required=False, type=click.Path(dir_okay=False))
 @_run_flags
 @click.option("--prices", type=PRICE_FILE, help="the run's price table (TOML)")
-def batch_cancel(job_file: str | None, simulate: bool, prices: Path | None,
-                 **flags: Any) -> None:  # fmt: skip
+def batch_cancel(job_file: str | None, simulate: bool, prices: Path | None, **flags: Any) -> None:
     """Cancel the job's batches still running, then collect what they finished."""
     command = shlex.join(["batchq", "run", *([job_file] if job_file else []), "--via", "batch"])
     try:
@@ -178,25 +211,34 @@ def batch_cancel(job_file: str | None, simulate: bool, prices: Path | None,
         rehearsal = _rehearsal(job, simulate)
         outcome = anyio.run(flow.cancel, job, job.request.api_key)
         if rehearsal:
-            say(f"forgot {len(outcome.done)} batches: the rehearsal's went with its "
-                "simulator; their rows are pending")  # fmt: skip
+            say(
+                f"forgot {len(outcome.done)} batches: the rehearsal's went with its "
+                "simulator; their rows are pending"
+            )
         else:
-            say(f"cancelled {len(outcome.done)} batches: "
-                f"{', '.join(outcome.done) or 'none running'}")  # fmt: skip
+            say(
+                f"cancelled {len(outcome.done)} batches: "
+                f"{', '.join(outcome.done) or 'none running'}"
+            )
         for note in outcome.notes[0 if not rehearsal else 1 :]:
             say(f"note: {note}")
         if StateDir.of(job.output).holder()[0]:
             say("the run waiting on them collects what they finished")
             return
-        options = RunOptions(batch=flow.BatchPlan(then="none", poll_s=1.0, submit=False),
-                             command=command, prices=prices)  # fmt: skip
+        options = RunOptions(
+            batch=flow.BatchPlan(then="none", poll_s=1.0, submit=False),
+            command=command,
+            prices=prices,
+        )
         summary = _collect(job, options, rehearsal)
     except BatchqError as err:
         fail(err)
     if summary.pending:
-        say(f"collected: {summary.ok:,} ok, {summary.error:,} error; "
+        say(
+            f"collected: {summary.ok:,} ok, {summary.error:,} error; "
             f"{summary.pending:,} rows stay pending: `{command}` submits them again, "
-            f"or `batchq run {job_file or 'JOB'}` sends them live")  # fmt: skip
+            f"or `batchq run {job_file or 'JOB'}` sends them live"
+        )
     else:
         say(f"collected: every row has a result -> {summary.output}")
 
@@ -231,8 +273,10 @@ def batch_forget(job_file: str | None, simulate: bool, **flags: Any) -> None:
         say(f"note: {note}")
     run = shlex.join(["batchq", "run", *([job_file] if job_file else [])])
     if outcome.done:
-        say(f"forgot {len(outcome.done)} batches ({', '.join(outcome.done)}): their "
-            f"{outcome.rows:,} rows are pending; `{run}` sends them")  # fmt: skip
+        say(
+            f"forgot {len(outcome.done)} batches ({', '.join(outcome.done)}): their "
+            f"{outcome.rows:,} rows are pending; `{run}` sends them"
+        )
     else:
         say("forgot no batch")
 

@@ -39,9 +39,11 @@ def list_() -> None:
         total += size
         record = folder.record()
         endpoint = "simulated" if record.get("simulated") else record.get("provider", "?")
-        click.echo(f"{folder.path.name}  {_when(folder.last_used())}  {_size(size):>8}  "
-                   f"{_progress(folder, prices)}  {record.get('model')} @ {endpoint}  "
-                   f"{record.get('input', '')}")  # fmt: skip
+        click.echo(
+            f"{folder.path.name}  {_when(folder.last_used())}  {_size(size):>8}  "
+            f"{_progress(folder, prices)}  {record.get('model')} @ {endpoint}  "
+            f"{record.get('input', '')}"
+        )
     click.echo(f"{len(folders)} calls, {_size(total)} in {calls.cache_root()}")
 
 
@@ -81,8 +83,9 @@ def _progress(folder: calls.CallFolder, prices: PriceTable) -> str:
 def _age(text: str) -> float:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
     if match is None:
-        raise UsageError(f"--older-than {text!r}: give a number and a unit, such as 7d, 12h, "
-                         "30m, 90s or 2w")  # fmt: skip
+        raise UsageError(
+            f"--older-than {text!r}: give a number and a unit, such as 7d, 12h, 30m, 90s or 2w"
+        )
     return float(match.group(1)) * _UNITS[match.group(2)]
 
 

@@ -73,9 +73,13 @@ class JsonLog:
             name = "row_invalid"
         record: dict[str, Any] = {"t": _now(), "event": name}
         if isinstance(event, RowFinished):
-            record |= {"row": event.row_id, "attempts": event.attempts,
-                       "http_status": event.http_status, "error_code": event.error_code,
-                       "error_message": event.error_message}  # fmt: skip
+            record |= {
+                "row": event.row_id,
+                "attempts": event.attempts,
+                "http_status": event.http_status,
+                "error_code": event.error_code,
+                "error_message": event.error_message,
+            }
         elif isinstance(event, Retrying | Reasking):
             record |= {"row": event.row_id, **_fields(event, exclude={"row_id"})}
         elif isinstance(event, RunFinished):
@@ -86,8 +90,9 @@ class JsonLog:
 
     def stopped(self, error: BaseException, exit_code: int) -> None:
         """Record why the run ended early (auth failure, disk error, bad input, Ctrl-C)."""
-        self._write({"t": _now(), "event": "run_stopped", "exit_code": exit_code,
-                     "message": str(error)})  # fmt: skip
+        self._write(
+            {"t": _now(), "event": "run_stopped", "exit_code": exit_code, "message": str(error)}
+        )
 
     def _write(self, record: dict[str, Any]) -> None:
         if self._failed:
@@ -98,8 +103,11 @@ class JsonLog:
             self._file.flush()
         except OSError as e:  # a full disk: the log stops, the run goes on
             self._failed = True
-            write_or_silence(sys.stderr, f"the log file {self._path} could not be written "
-                             f"({e.strerror}): logging stops here, the run goes on\n")  # fmt: skip
+            write_or_silence(
+                sys.stderr,
+                f"the log file {self._path} could not be written "
+                f"({e.strerror}): logging stops here, the run goes on\n",
+            )
 
     def close(self) -> None:
         # What was left to flush may not fit: that was said at the first failure.

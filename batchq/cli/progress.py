@@ -80,9 +80,12 @@ class Tally:
             self.unpriced.add(self._prices.unpriced_name(row.model, self._region))
             return
         cost = price.cost(
-            row.prompt_tokens, row.completion_tokens,
-            cached=row.cached_tokens, thinking=row.thinking, created=row.cache_creation_tokens,
-        )  # fmt: skip
+            row.prompt_tokens,
+            row.completion_tokens,
+            cached=row.cached_tokens,
+            thinking=row.thinking,
+            created=row.cache_creation_tokens,
+        )
         self.cost[price.currency] = self.cost.get(price.currency, 0.0) + cost
 
     def elapsed(self) -> float:
@@ -106,8 +109,11 @@ class Tally:
         return " + ".join(parts) if parts else "-"
 
     def stats(self) -> str:
-        answers = (f"{self.reasks:,} re-asked · {self.invalid:,} invalid · "
-                   if self.reasks or self.invalid else "")  # fmt: skip
+        answers = (
+            f"{self.reasks:,} re-asked · {self.invalid:,} invalid · "
+            if self.reasks or self.invalid
+            else ""
+        )
         return (
             f"{self.rate():,.0f} rows/s · {self.tokens / self.elapsed():,.0f} tok/s · "
             f"{self.throttled:,} × 429 · {self.errors:,} errors · {answers}"
@@ -263,8 +269,10 @@ def rate_text(event: Slowdown | Speedup) -> str:
         return f"{event.reason}: raising the rate to {to}"
     pause = f" after a {event.pause_s:.1f} s pause (Retry-After)" if event.pause_s else ""
     if event.blocked:
-        return (f"429s on every answer: slowing to {event.rate:,.1f} req/s{pause} until "
-                "answers come back")  # fmt: skip
+        return (
+            f"429s on every answer: slowing to {event.rate:,.1f} req/s{pause} until "
+            "answers come back"
+        )
     return f"429s on {event.share:.0%} of answers: slowing to {event.rate:,.1f} req/s{pause}"
 
 

@@ -54,37 +54,48 @@ def status(path: Path, prices: Path | None, as_json: bool) -> None:
     journal = BatchJournal.load(StateDir.of(Path(s.output)))
     batches = [b for b in journal.open_entries() if b.batch_id] if journal else []
     if as_json:
-        data = dataclasses.asdict(s) | {"remaining": s.remaining,
-                                        "resume": resume and resume[0],
-                                        "batches": [describe(b) for b in batches]}  # fmt: skip
+        data = dataclasses.asdict(s) | {
+            "remaining": s.remaining,
+            "resume": resume and resume[0],
+            "batches": [describe(b) for b in batches],
+        }
         click.echo(orjson.dumps(data, default=str, option=orjson.OPT_INDENT_2).decode())
         return
     total = f"{s.total_rows:,}" if s.total_rows is not None else "?"
     counts = f"{s.ok:,} ok, " + (f"{s.invalid:,} invalid, " if s.invalid else "")
-    click.echo(f"{s.output}: {s.done:,} of {total} rows done ({counts}{s.error:,} error), "
-               f"{s.remaining if s.remaining is not None else '?':,} remaining")  # fmt: skip
+    click.echo(
+        f"{s.output}: {s.done:,} of {total} rows done ({counts}{s.error:,} error), "
+        f"{s.remaining if s.remaining is not None else '?':,} remaining"
+    )
     costs = " + ".join(money(v, c) for c, v in sorted(s.costs.items())) or "nothing"
     if s.unpriced:
         costs += f" (unpriced: {', '.join(s.unpriced)})"
-    click.echo(f"attempts {s.attempts:,}; tokens {s.prompt_tokens:,} prompt + "
-               f"{s.completion_tokens:,} completion; cost so far {costs}")  # fmt: skip
+    click.echo(
+        f"attempts {s.attempts:,}; tokens {s.prompt_tokens:,} prompt + "
+        f"{s.completion_tokens:,} completion; cost so far {costs}"
+    )
     click.echo(_run_state_text(s, resume))
     if batches:
-        click.echo(f"{len(batches)} batches on the provider, not collected yet (as last "
-                   "seen; `batchq batch status JOB` asks the provider):")  # fmt: skip
+        click.echo(
+            f"{len(batches)} batches on the provider, not collected yet (as last "
+            "seen; `batchq batch status JOB` asks the provider):"
+        )
         for entry in batches:
             whole = entry.counts.get("total") or entry.lines
-            click.echo(f"  {entry.batch_id} {entry.model}: {entry.status}, "
-                       f"{entry.counts.get('completed', 0):,}/{whole:,} done")  # fmt: skip
+            click.echo(
+                f"  {entry.batch_id} {entry.model}: {entry.status}, "
+                f"{entry.counts.get('completed', 0):,}/{whole:,} done"
+            )
 
 
 def _run_state_text(s: report.Status, resume_with: tuple[str, str | None] | None) -> str:
     if s.finished:
         return "finished: the output is complete"
     flushed = (
-        "nothing flushed yet" if s.last_flush_ago is None
+        "nothing flushed yet"
+        if s.last_flush_ago is None
         else f"last flush {s.last_flush_ago:,.0f} s ago"
-    )  # fmt: skip
+    )
     if s.state_of_run == "running":
         return f"running (pid {s.pid}); {flushed}"
     resume, why = resume_with or (s.command or "", None)
@@ -132,9 +143,11 @@ def resume_command(s: report.Status, prices: PriceTable) -> tuple[str, str | Non
         words[words.index("--max-cost") + 1] = f"{suggested:g}"
     else:
         words += ["--max-cost", f"{suggested:g}"]
-    why = (f"--max-cost {cap:g} counts the {money(spent, currency)} spent; the "
-           f"{s.remaining:,} rows left cost about {money(rest, currency)} more at the mean "
-           "so far: the same cap would stop again at once")  # fmt: skip
+    why = (
+        f"--max-cost {cap:g} counts the {money(spent, currency)} spent; the "
+        f"{s.remaining:,} rows left cost about {money(rest, currency)} more at the mean "
+        "so far: the same cap would stop again at once"
+    )
     return shlex.join(words), why
 
 
@@ -164,8 +177,11 @@ def _round_up(amount: float) -> float:
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--prices", type=PRICE_FILE, help="a price table (TOML) over the built-in one")
 @click.option("--by", default="model", show_default=True, help="group by this column")
-@click.option("--region", type=click.Choice(["intl", "cn", "any"]),
-              help="price region (default: the job's provider; intl for others)")  # fmt: skip
+@click.option(
+    "--region",
+    type=click.Choice(["intl", "cn", "any"]),
+    help="price region (default: the job's provider; intl for others)",
+)
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 def cost(path: Path, prices: Path | None, by: str, region: str | None, as_json: bool) -> None:
     """What a job's rows cost, from their usage columns: PATH is its output file, state
@@ -227,19 +243,33 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 @click.argument("job_file", required=False, type=click.Path(dir_okay=False))
 @job_options
 @click.option("--prices", type=PRICE_FILE, help="a price table (TOML) over the built-in one")
-@click.option("--sample", type=click.IntRange(1), default=None,
-              help="send N rows spread over the input; project from their real usage")  # fmt: skip
+@click.option(
+    "--sample",
+    type=click.IntRange(1),
+    default=None,
+    help="send N rows spread over the input; project from their real usage",
+)
 @click.option("--yes", is_flag=True, help="--sample: send it even when it is the whole input")
-@click.option("--simulate", is_flag=True, help="--sample: rehearse it on the built-in "
-              "simulator (no key, no network, nothing kept)")  # fmt: skip
-def estimate(job_file: str | None, prices: Path | None, sample: int | None, yes: bool,
-             simulate: bool, **flags: Any) -> None:  # fmt: skip
+@click.option(
+    "--simulate",
+    is_flag=True,
+    help="--sample: rehearse it on the built-in simulator (no key, no network, nothing kept)",
+)
+def estimate(
+    job_file: str | None,
+    prices: Path | None,
+    sample: int | None,
+    yes: bool,
+    simulate: bool,
+    **flags: Any,
+) -> None:
     """Project tokens, cost and wall time of a job. Sends nothing, unless --sample."""
     try:
         job = job_from(job_file, flags)
         if (yes or simulate) and sample is None:
-            raise UsageError("--yes and --simulate go with --sample N (without it, estimate "
-                             "sends nothing)")  # fmt: skip
+            raise UsageError(
+                "--yes and --simulate go with --sample N (without it, estimate sends nothing)"
+            )
         table = PriceTable.load(prices)
         e = estimate_job(job, table)
         if sample is not None and sample >= e.rows and not (yes or simulate):
@@ -261,8 +291,11 @@ def estimate(job_file: str | None, prices: Path | None, sample: int | None, yes:
         return
     click.echo(f"{e.rows:,} rows")
     for m in e.models:
-        bound = (f"at most {m.completion_cap:,} completion tokens (max_tokens)" if not m.uncapped
-                 else f"completion unbounded: {m.uncapped:,} rows have no max_tokens")  # fmt: skip
+        bound = (
+            f"at most {m.completion_cap:,} completion tokens (max_tokens)"
+            if not m.uncapped
+            else f"completion unbounded: {m.uncapped:,} rows have no max_tokens"
+        )
         click.echo(f"  {m.model}: {m.rows:,} rows, ~{m.prompt_tokens:,} prompt tokens, {bound}")
         click.echo(f"    cost: {_range(m)}")
     if e.seconds is None:
@@ -272,8 +305,15 @@ def estimate(job_file: str | None, prices: Path | None, sample: int | None, yes:
     click.echo(f"prompt tokens are estimated at one per 3 characters; prices: {e.source}")
 
 
-def _sampled(job: Job, job_file: str | None, e: Estimate, table: PriceTable, n: int,
-             prices: Path | None, key: str | None) -> list[Projected]:  # fmt: skip
+def _sampled(
+    job: Job,
+    job_file: str | None,
+    e: Estimate,
+    table: PriceTable,
+    n: int,
+    prices: Path | None,
+    key: str | None,
+) -> list[Projected]:
     """Send ``n`` rows spread over the input (into the job's state folder, so that the
     run does not pay for them again); the projection from their results."""
     rows = spread(e.rows, n)
@@ -286,42 +326,57 @@ def _sampled(job: Job, job_file: str | None, e: Estimate, table: PriceTable, n: 
     return project(e, sampled_results(job, rows), prompts, table, region_of(job.request.provider))
 
 
-def _rehearsed(job: Job, job_file: str | None, e: Estimate, table: PriceTable, n: int,
-               prices: Path | None) -> list[Projected]:  # fmt: skip
+def _rehearsed(
+    job: Job, job_file: str | None, e: Estimate, table: PriceTable, n: int, prices: Path | None
+) -> list[Projected]:
     """``_sampled`` on the built-in simulator, into a folder of its own that is removed
     after: the job's state never holds a rehearsal's answers."""
     from batchq.simulator import SimConfig, serve_in_thread  # aiohttp.web: --simulate's
 
-    with tempfile.TemporaryDirectory(prefix="batchq-estimate-") as folder, \
-            serve_in_thread(SimConfig(latency_ms=20)) as sim:  # fmt: skip
-        apart = dataclasses.replace(simulated(job, sim.base_url),
-                                    output=Path(folder) / job.output.name)  # fmt: skip
+    with (
+        tempfile.TemporaryDirectory(prefix="batchq-estimate-") as folder,
+        serve_in_thread(SimConfig(latency_ms=20)) as sim,
+    ):
+        apart = dataclasses.replace(
+            simulated(job, sim.base_url), output=Path(folder) / job.output.name
+        )
         return _sampled(apart, job_file, e, table, n, prices, None)
 
 
 def _print_projection(projected: list[Projected], e: Estimate, *, rehearsed: bool) -> None:
     sampled = sum(p.sampled for p in projected)
-    spent = [money(p.sample_cost, p.currency) for p in projected
-             if p.sample_cost is not None and p.currency]  # fmt: skip
+    spent = [
+        money(p.sample_cost, p.currency)
+        for p in projected
+        if p.sample_cost is not None and p.currency
+    ]
     if rehearsed:
-        click.echo(f"{e.rows:,} rows; {sampled:,} sampled on the built-in simulator (nothing "
-                   "sent, nothing kept): its answers are echoes of the prompts, so the "
-                   "completion side below is the simulator's, not the model's")  # fmt: skip
+        click.echo(
+            f"{e.rows:,} rows; {sampled:,} sampled on the built-in simulator (nothing "
+            "sent, nothing kept): its answers are echoes of the prompts, so the "
+            "completion side below is the simulator's, not the model's"
+        )
     else:
-        click.echo(f"{e.rows:,} rows; {sampled:,} sampled, sent for real (cost "
-                   f"{' + '.join(spent) or 'unpriced'}), kept in the state folder: the run "
-                   "sends only the others")  # fmt: skip
+        click.echo(
+            f"{e.rows:,} rows; {sampled:,} sampled, sent for real (cost "
+            f"{' + '.join(spent) or 'unpriced'}), kept in the state folder: the run "
+            "sends only the others"
+        )
     for p in projected:
-        click.echo(f"  {p.model}: {p.rows:,} rows, projected ~{p.prompt_tokens:,} prompt + "
-                   f"~{p.completion_tokens:,} completion tokens")  # fmt: skip
+        click.echo(
+            f"  {p.model}: {p.rows:,} rows, projected ~{p.prompt_tokens:,} prompt + "
+            f"~{p.completion_tokens:,} completion tokens"
+        )
         model = next(m for m in e.models if m.model == p.model)
         if p.cost is None or p.currency is None:
             click.echo(f"    cost: {model.unpriced} (give --prices)")
             continue
         share = model.batch_share
-        click.echo(f"    cost: about {money(p.cost, p.currency)} (95 %: "
-                   f"{money(p.low or 0.0, p.currency)} to {money(p.high or 0.0, p.currency)}); "
-                   f"through the Batch API about {money(p.cost * share, p.currency)}")  # fmt: skip
+        click.echo(
+            f"    cost: about {money(p.cost, p.currency)} (95 %: "
+            f"{money(p.low or 0.0, p.currency)} to {money(p.high or 0.0, p.currency)}); "
+            f"through the Batch API about {money(p.cost * share, p.currency)}"
+        )
     if e.seconds is not None:
         click.echo(f"wall time: about {_duration(e.seconds)} at the configured {e.binding} limit")
 

@@ -43,26 +43,52 @@ _ONCE = ("--restart", "--no-wait")
 @click.option("--keep-raw", is_flag=True, help="add a raw column: each response as received")
 @click.option("--quiet", "-q", is_flag=True, help="print only the final summary")
 @click.option(
-    "--log-file", type=click.Path(dir_okay=False, path_type=Path),
+    "--log-file",
+    type=click.Path(dir_okay=False, path_type=Path),
     help="append one JSON line per retry, slowdown, flush and error row to this file",
-)  # fmt: skip
+)
 @click.option("--prices", type=PRICE_FILE, help="a price table (TOML) over the built-in one")
-@click.option("--via", type=click.Choice(["live", "batch"]), default="live", show_default=True,
-              help="batch: the provider's Batch API (half the price, within a day)")  # fmt: skip
-@click.option("--window", default="24h", show_default=True,
-              help="--via batch: the completion window (Model Studio: 24h to 336h)")  # fmt: skip
+@click.option(
+    "--via",
+    type=click.Choice(["live", "batch"]),
+    default="live",
+    show_default=True,
+    help="batch: the provider's Batch API (half the price, within a day)",
+)
+@click.option(
+    "--window",
+    default="24h",
+    show_default=True,
+    help="--via batch: the completion window (Model Studio: 24h to 336h)",
+)
 @click.option("--no-wait", is_flag=True, help="--via batch: submit, then return; rerun to collect")
-@click.option("--then", "then", type=click.Choice(["live", "batch", "none"]), default="live",
-              show_default=True, help="--via batch: what to do with rows a batch did not "
-              "finish: send them live, submit them again, or leave them pending")  # fmt: skip
-@click.option("--keep-remote", is_flag=True,
-              help="--via batch: keep the uploaded and result files on the provider")  # fmt: skip
-@click.option("--engine", type=click.Choice(["local", "ray"]), default=None,
-              help="who sends: this process (local, the default), or workers on Ray "
-              "(pip install 'batchq[ray]')")  # fmt: skip
-@click.option("--ray-address", default=None,
-              help="--engine ray: the cluster (auto, HOST:PORT, ray://HOST:PORT); "
-              "default: a local Ray for this run")  # fmt: skip
+@click.option(
+    "--then",
+    "then",
+    type=click.Choice(["live", "batch", "none"]),
+    default="live",
+    show_default=True,
+    help="--via batch: what to do with rows a batch did not "
+    "finish: send them live, submit them again, or leave them pending",
+)
+@click.option(
+    "--keep-remote",
+    is_flag=True,
+    help="--via batch: keep the uploaded and result files on the provider",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default=None,
+    help="who sends: this process (local, the default), or workers on Ray "
+    "(pip install 'batchq[ray]')",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    help="--engine ray: the cluster (auto, HOST:PORT, ray://HOST:PORT); "
+    "default: a local Ray for this run",
+)
 @click.option(
     "--workers",
     type=click.IntRange(min=1),
@@ -72,8 +98,15 @@ _ONCE = ("--restart", "--no-wait")
 @click.option("--verbose", is_flag=True, help="show the engine's own logs (Ray's)")
 @click.option("--poll-s", type=click.FloatRange(min=0.05), default=None, hidden=True)
 @click.option("--seed", type=int, default=None, hidden=True)
-def run(job_file: str | None, simulate: bool, quiet: bool, log_file: Path | None,
-        prices: Path | None, seed: int | None, **flags: Any) -> None:  # fmt: skip
+def run(
+    job_file: str | None,
+    simulate: bool,
+    quiet: bool,
+    log_file: Path | None,
+    prices: Path | None,
+    seed: int | None,
+    **flags: Any,
+) -> None:
     """Run (or resume) a job: JOB_FILE and/or flags."""
     command = shlex.join(["batchq", *(a for a in sys.argv[1:] if a not in _ONCE)])
     names = ("restart", "retry_errors", "retry_invalid", "keep_state", "keep_raw", "verbose")
@@ -121,8 +154,9 @@ def _batch_plan(flags: dict[str, Any], simulate: bool) -> BatchPlan | None:
     if via != "batch":
         return None
     poll = poll_s if poll_s is not None else (1.0 if simulate else 5.0)  # the simulator: local
-    return BatchPlan(window=window, wait=not no_wait, then=then, keep_remote=keep_remote,
-                     poll_s=poll)  # fmt: skip
+    return BatchPlan(
+        window=window, wait=not no_wait, then=then, keep_remote=keep_remote, poll_s=poll
+    )
 
 
 class _Sinks:
@@ -132,8 +166,9 @@ class _Sinks:
         self.live: LiveProgress | None = None
         self.log: JsonLog | None = None
 
-    def open(self, job: Job, prices: PriceTable, key: str | None, *, quiet: bool,
-             log_file: Path | None) -> Sink:  # fmt: skip
+    def open(
+        self, job: Job, prices: PriceTable, key: str | None, *, quiet: bool, log_file: Path | None
+    ) -> Sink:
         sinks: list[Sink] = []
         region = region_of(job.request.provider)
         if quiet:
@@ -172,18 +207,21 @@ def _print_summary(s: RunSummary, prices: PriceTable, tally: CostTally, command:
     counts = f"{s.ok:,} ok, " + (f"{s.invalid:,} invalid, " if s.invalid else "")
     counts += f"{s.error:,} error"
     if s.running_batches:
-        say(f"submitted: {s.running_batches} batches run on the provider "
-                   f"({s.pending:,} rows); collect them with: {command}")  # fmt: skip
+        say(
+            f"submitted: {s.running_batches} batches run on the provider "
+            f"({s.pending:,} rows); collect them with: {command}"
+        )
         return
     if s.pending:
-        say(f"{s.pending:,} rows stay pending ({counts} so far); the output is not "
-                   f"written yet: `{command}` sends them")  # fmt: skip
+        say(
+            f"{s.pending:,} rows stay pending ({counts} so far); the output is not "
+            f"written yet: `{command}` sends them"
+        )
         return
     if s.already_complete:
         say(f"{s.output}: complete already ({counts}); nothing sent")
         return
-    say(f"done: {s.total:,} rows ({counts}), {_sent_text(s)}, in {s.elapsed_s:.1f} s "
-               f"-> {s.output}")  # fmt: skip
+    say(f"done: {s.total:,} rows ({counts}), {_sent_text(s)}, in {s.elapsed_s:.1f} s -> {s.output}")
     # The merge fed the tally every row of the output; a run that merged nothing (an
     # empty input) reads what is there.
     report = tally.report() if tally.sums else cost_report(find_results(s.output), prices)

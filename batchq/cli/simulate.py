@@ -63,13 +63,25 @@ __all__ = ["simulate"]
 @click.option("--fail-slow", default=0.0, type=float, help="share answered after --slow-s")
 @click.option("--slow-s", default=30.0, type=float, help="how slow a slow answer is")
 @click.option("--burst-s", default=0.0, type=float, help="a fault repeats for this many seconds")
-@click.option("--batch-seconds", default=2.0, type=float,
-              help="the Batch API: seconds a batch takes to finish")  # fmt: skip
-@click.option("--batch-fail-lines", default=0.0, type=float,
-              help="the Batch API: share of a batch's lines failed with a 500")  # fmt: skip
+@click.option(
+    "--batch-seconds",
+    default=2.0,
+    type=float,
+    help="the Batch API: seconds a batch takes to finish",
+)
+@click.option(
+    "--batch-fail-lines",
+    default=0.0,
+    type=float,
+    help="the Batch API: share of a batch's lines failed with a 500",
+)
 @click.option("--batch-expire", is_flag=True, help="the Batch API: batches expire half-done")
-@click.option("--tokens-per-char", type=float, default=None,
-              help="bill this many tokens a character (1.0: a CJK tokenizer's way)")  # fmt: skip
+@click.option(
+    "--tokens-per-char",
+    type=float,
+    default=None,
+    help="bill this many tokens a character (1.0: a CJK tokenizer's way)",
+)
 @click.option("--api-key-env", default=None, help="require the key held in this variable")
 @click.option("--seed", default=0, type=int, help="seed of the latency and failure draws")
 def simulate(host: str, port: int, api_key_env: str | None, **options: Any) -> None:
@@ -88,8 +100,12 @@ def simulate(host: str, port: int, api_key_env: str | None, **options: Any) -> N
         try:
             runner = await start(simulator, host=host, port=port)
         except OSError as e:
-            fail(UsageError(f"cannot serve on {host}:{port}: {e.strerror or e}; choose another "
-                            "--port (or leave it out for a free one)"))  # fmt: skip
+            fail(
+                UsageError(
+                    f"cannot serve on {host}:{port}: {e.strerror or e}; choose another "
+                    "--port (or leave it out for a free one)"
+                )
+            )
         bound = runner.addresses[0]
         click.echo(f"batchq simulator on http://{bound[0]}:{bound[1]}/v1 (Ctrl-C stops it)")
         try:

@@ -38,8 +38,9 @@ def body_keys(body: dict[str, Any]) -> tuple[int, int]:
     """Two independent signed 64-bit hashes of a request body (its JSON, keys sorted)."""
     digest = hashlib.blake2b(orjson.dumps(body, option=orjson.OPT_SORT_KEYS), digest_size=16)
     raw = digest.digest()
-    return int.from_bytes(raw[:8], "little", signed=True), int.from_bytes(raw[8:], "little",
-                                                                           signed=True)  # fmt: skip
+    return int.from_bytes(raw[:8], "little", signed=True), int.from_bytes(
+        raw[8:], "little", signed=True
+    )
 
 
 @dataclass
@@ -112,8 +113,9 @@ class Dedupe:
 
 
 def _copy(leader: Result, row: int, ident: str) -> Result:
-    return replace(leader, row=row, id=ident, via="dedupe", attempts=0, reasks=0,
-                   latency_ms=None, ttft_ms=None)  # fmt: skip
+    return replace(
+        leader, row=row, id=ident, via="dedupe", attempts=0, reasks=0, latency_ms=None, ttft_ms=None
+    )
 
 
 def _bodies(job: Job, info: InputInfo) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -59,17 +59,26 @@ ROWS_PER_SLOT = 4
 
 
 async def send_live(
-    ctx: RunContext, done: RowMask, prior: dict[int, dict[str, Any]], *,
-    budget: Budget | None, dedupe: Dedupe | None,
-) -> None:  # fmt: skip
+    ctx: RunContext,
+    done: RowMask,
+    prior: dict[int, dict[str, Any]],
+    *,
+    budget: Budget | None,
+    dedupe: Dedupe | None,
+) -> None:
     """Send every row not ``done`` (``prior``: what earlier runs sent and billed for the
     rows sent again), journalling into the state folder; a ``dedupe``'s copies are filled
     from their leaders once sending is over. Raises Interrupted after a clean stop."""
     job = ctx.job
     workers = max(1, min(job.limits.concurrency, ctx.info.total_rows))
-    client = Client(job.request.url, api_key=ctx.api_key, timeout_s=job.limits.timeout_s,
-                    max_connections=workers, transport=ctx.transport,
-                    keep_raw=ctx.options.keep_raw)  # fmt: skip
+    client = Client(
+        job.request.url,
+        api_key=ctx.api_key,
+        timeout_s=job.limits.timeout_s,
+        max_connections=workers,
+        transport=ctx.transport,
+        keep_raw=ctx.options.keep_raw,
+    )
     journal = Journal(ctx.state, ctx.sink)
     pacer = ctx.pacer or RatePacer(job.limits, emit=ctx.sink)
     pipeline = _Pipeline(ctx, done, prior, client, pacer, journal, budget, dedupe)
@@ -87,8 +96,12 @@ def fill_copies(ctx: RunContext, dedupe: Dedupe | None) -> None:
     if dedupe is not None and dedupe.pending:
         copied = dedupe.fill(ctx.state)
         ctx.counts.copied += copied
-        ctx.sink(Notice(f"dedupe: {copied:,} rows repeat another row's request: they took "
-                        "its answer, sent and billed once"))  # fmt: skip
+        ctx.sink(
+            Notice(
+                f"dedupe: {copied:,} rows repeat another row's request: they took "
+                "its answer, sent and billed once"
+            )
+        )
 
 
 @dataclass
@@ -109,11 +122,19 @@ class _Pipeline:
     def __post_init__(self) -> None:
         ctx = self.ctx
         self.channel = Channel(
-            self.client, self.pacer, ctx.job.limits.max_attempts, ctx.sink, anyio.sleep,
-            random.Random(ctx.options.seed), self.quota, EndpointWatch(self.client.url),
-            keep=self.journal.add, budget=self.budget,
-            prices=ctx.priced[1] if ctx.priced else {}, counts=ctx.counts,
-        )  # fmt: skip
+            self.client,
+            self.pacer,
+            ctx.job.limits.max_attempts,
+            ctx.sink,
+            anyio.sleep,
+            random.Random(ctx.options.seed),
+            self.quota,
+            EndpointWatch(self.client.url),
+            keep=self.journal.add,
+            budget=self.budget,
+            prices=ctx.priced[1] if ctx.priced else {},
+            counts=ctx.counts,
+        )
         self.checker = Checker(ctx.job.answer) if ctx.job.answer is not None else None
 
     async def run(self) -> None:
@@ -178,8 +199,12 @@ class _Pipeline:
         self.stopping = True
         feeding.cancel()
         pool.cancel()
-        self.ctx.sink(Notice(f"stopping: waiting up to {STOP_GRACE_S:g} s for requests "
-                             "in flight (Ctrl-C again to stop now)"))  # fmt: skip
+        self.ctx.sink(
+            Notice(
+                f"stopping: waiting up to {STOP_GRACE_S:g} s for requests "
+                "in flight (Ctrl-C again to stop now)"
+            )
+        )
         with anyio.move_on_after(STOP_GRACE_S):
             await self.ctx.stop.pressed(2)
         self.client.abort()
@@ -205,15 +230,19 @@ def pending_items(
 
 
 def make_item(
-    ctx: RunContext, index: int, row: dict[str, Any], prior: dict[str, Any] | None,
+    ctx: RunContext,
+    index: int,
+    row: dict[str, Any],
+    prior: dict[str, Any] | None,
     body: dict[str, Any] | None = None,
-) -> Item:  # fmt: skip
+) -> Item:
     """Input row ``index`` as a request to send (``prior``: what earlier runs sent and
     billed for it)."""
     body = body if body is not None else build_body(row, ctx.job.request)
     ident = row_id(row, ctx.info.id_column, index)
-    return Item(index, ident, body, estimate_tokens(body), completion_cap(body), prior,
-                resume_from(prior))  # fmt: skip
+    return Item(
+        index, ident, body, estimate_tokens(body), completion_cap(body), prior, resume_from(prior)
+    )
 
 
 def resume_from(prior: dict[str, Any] | None) -> tuple[str | None, str] | None:
@@ -236,10 +265,20 @@ def _first_batchq_error(group: BaseExceptionGroup[Any]) -> BaseException:
 def finished_event(r: Result) -> RowFinished:
     reasoning = r.reasoning_tokens or 0
     return RowFinished(
-        r.id, r.status, r.attempts, r.model, r.prompt_tokens or 0, r.completion_tokens or 0,
-        r.cached_tokens or 0, reasoning, reasoning > 0 or r.reasoning is not None,
-        r.http_status, r.error_code, r.error_message, r.cache_creation_tokens,
-    )  # fmt: skip
+        r.id,
+        r.status,
+        r.attempts,
+        r.model,
+        r.prompt_tokens or 0,
+        r.completion_tokens or 0,
+        r.cached_tokens or 0,
+        reasoning,
+        reasoning > 0 or r.reasoning is not None,
+        r.http_status,
+        r.error_code,
+        r.error_message,
+        r.cache_creation_tokens,
+    )
 
 
 class Journal:

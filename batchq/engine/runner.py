@@ -89,18 +89,19 @@ async def run_job(
     earlier = None if options.restart else StateDir.of(job.output).manifest()
     prices = PriceTable.for_results(options.prices, earlier)
     priced = _prices_for_budget(job, info, prices, region)
-    manifest = manifest_for(job, info, region=region, command=options.command,
-                            prices=prices.text)  # fmt: skip
-    collect_or_refuse(StateDir.of(job.output), "batch" if options.batch else "live",
-                      options.restart, sink)  # fmt: skip
+    manifest = manifest_for(job, info, region=region, command=options.command, prices=prices.text)
+    collect_or_refuse(
+        StateDir.of(job.output), "batch" if options.batch else "live", options.restart, sink
+    )
     finished = not options.restart and StateDir.finished(job, info)
     state = StateDir.open(job, info, manifest=manifest, restart=options.restart)
-    ctx = RunContext(job, info, state, options, sink, stop, api_key, prices, region, priced,
-                     transport, pacer)  # fmt: skip
+    ctx = RunContext(
+        job, info, state, options, sink, stop, api_key, prices, region, priced, transport, pacer
+    )
     try:
-        if finished and not (options.retry and state.adopt_output(
-            job.output, info.id_column, options.retry
-        )):  # fmt: skip
+        if finished and not (
+            options.retry and state.adopt_output(job.output, info.id_column, options.retry)
+        ):
             state.remove()
             sink(Notice(f"{job.output} is complete already: nothing to send"))
             return _finish(ctx, None, started=started, done=True)
@@ -113,14 +114,20 @@ async def run_job(
         if options.sample is not None:  # a sample for ``estimate``: the rest stays pending
             return _unfinished(ctx, 0, started=started, sent=todo)
         counts = merge_output(
-            state, info, job.output, manifest=manifest, keep_raw=options.keep_raw,
-            answers=job.answer is not None, on_block=on_results,
+            state,
+            info,
+            job.output,
+            manifest=manifest,
+            keep_raw=options.keep_raw,
+            answers=job.answer is not None,
+            on_block=on_results,
             costs=RowPricer(prices, region),
-        )  # fmt: skip
+        )
         if not options.keep_state:
             state.remove()
-        return _finish(ctx, counts.statuses, started=started, done=False,
-                       sent=todo + ctx.counts.collected)  # fmt: skip
+        return _finish(
+            ctx, counts.statuses, started=started, done=False, sent=todo + ctx.counts.collected
+        )
     finally:
         state.close()
 
@@ -142,8 +149,12 @@ async def _live_stage(ctx: RunContext, dedupe: Dedupe | None) -> int:
     for note in (*state.notes, *info.notes):
         sink(Notice(note))
     if ctx.counts.collected:
-        sink(Notice(f"batch: {ctx.counts.collected:,} rows answered by the Batch API; "
-                    f"{todo:,} left to send live"))  # fmt: skip
+        sink(
+            Notice(
+                f"batch: {ctx.counts.collected:,} rows answered by the Batch API; "
+                f"{todo:,} left to send live"
+            )
+        )
     elif todo < info.total_rows:
         sink(Notice(f"resuming: {info.total_rows - todo:,} rows already done"))
     if todo:
@@ -165,9 +176,17 @@ async def _batch_stage(ctx: RunContext, dedupe: Dedupe | None) -> int | None:
     assert plan is not None
     before = state.done_mask(total).count()
     select = _BatchSelection(ctx, dedupe, _budget(ctx, quiet=True))
-    collected = await via_batch(ctx.job, ctx.info, state, plan, api_key=ctx.api_key,
-                                sink=ctx.sink, stop=ctx.stop, transport=ctx.transport,
-                                select=select)  # fmt: skip
+    collected = await via_batch(
+        ctx.job,
+        ctx.info,
+        state,
+        plan,
+        api_key=ctx.api_key,
+        sink=ctx.sink,
+        stop=ctx.stop,
+        transport=ctx.transport,
+        select=select,
+    )
     ctx.counts.collected += state.done_mask(total).count() - before - ctx.counts.copied
     if not collected:
         journal = BatchJournal.load(state)
@@ -199,9 +218,14 @@ class _BatchSelection:
         if self.budget is not None:
             assert self.ctx.priced is not None
             price = self.ctx.priced[1][str(body.get("model"))]
-            worst = self.budget.worst(price, estimate_tokens(body), completion_cap(body),
-                                      choices=choices(body), prompt_bytes=prompt_bytes(body),
-                                      batch=True)  # fmt: skip
+            worst = self.budget.worst(
+                price,
+                estimate_tokens(body),
+                completion_cap(body),
+                choices=choices(body),
+                prompt_bytes=prompt_bytes(body),
+                batch=True,
+            )
             if not self.budget.fits(worst):
                 self.left += 1
                 self.worst = self.worst or worst
@@ -216,8 +240,12 @@ class _BatchSelection:
         if self.budget is not None and self.left:
             if not self.taken:
                 raise RunStopped(self.budget.stopped(self.worst))
-            self.ctx.sink(Notice(f"budget: {self.taken:,} rows fit --max-cost at the Batch "
-                                 f"API's price; {self.left:,} stay pending"))  # fmt: skip
+            self.ctx.sink(
+                Notice(
+                    f"budget: {self.taken:,} rows fit --max-cost at the Batch "
+                    f"API's price; {self.left:,} stay pending"
+                )
+            )
         self.taken = self.left = 0
 
     def collected(self, state: StateDir) -> None:
@@ -251,9 +279,14 @@ def _budget(ctx: RunContext, *, quiet: bool = False) -> Budget | None:
         report = cost_report(find_results(ctx.state.path), ctx.prices, region=ctx.region)
         spent = report.totals.get(currency, 0.0)
     budget = Budget(ctx.job.limits.max_cost, spent, currency)
-    capped = "" if ctx.job.request.max_tokens else (
-        f"; requests without max_tokens count at {MAX_OUTPUT:,} output tokens until they "
-        "answer (set max_tokens to spend closer to the cap)")  # fmt: skip
+    capped = (
+        ""
+        if ctx.job.request.max_tokens
+        else (
+            f"; requests without max_tokens count at {MAX_OUTPUT:,} output tokens until they "
+            "answer (set max_tokens to spend closer to the cap)"
+        )
+    )
     if not quiet:
         ctx.sink(Notice(f"budget: {budget.text()} spent so far{capped}"))
     return budget
@@ -261,9 +294,15 @@ def _budget(ctx: RunContext, *, quiet: bool = False) -> Budget | None:
 
 def _summary(ctx: RunContext, **fields: Any) -> RunSummary:
     counts: Counts = ctx.counts
-    return RunSummary(output=ctx.job.output, total=ctx.info.total_rows,
-                      requests=counts.requests, batch_lines=counts.batch_lines,
-                      collected=counts.collected, copied=counts.copied, **fields)  # fmt: skip
+    return RunSummary(
+        output=ctx.job.output,
+        total=ctx.info.total_rows,
+        requests=counts.requests,
+        batch_lines=counts.batch_lines,
+        collected=counts.collected,
+        copied=counts.copied,
+        **fields,
+    )
 
 
 def _unfinished(ctx: RunContext, running: int, *, started: float, sent: int = 0) -> RunSummary:
@@ -271,22 +310,39 @@ def _unfinished(ctx: RunContext, running: int, *, started: float, sent: int = 0)
     total = ctx.info.total_rows
     done = ctx.state.done_mask(total).count()
     answered = ctx.state.done_mask(total, retry=frozenset({"error"})).count()
-    summary = _summary(ctx, ok=answered, error=done - answered, sent=sent,
-                       elapsed_s=time.monotonic() - started, already_complete=False,
-                       pending=total - done, running_batches=running)  # fmt: skip
+    summary = _summary(
+        ctx,
+        ok=answered,
+        error=done - answered,
+        sent=sent,
+        elapsed_s=time.monotonic() - started,
+        already_complete=False,
+        pending=total - done,
+        running_batches=running,
+    )
     ctx.sink(RunFinished(summary))
     return summary
 
 
 def _finish(
-    ctx: RunContext, statuses: dict[str, int] | None, *, started: float, done: bool,
+    ctx: RunContext,
+    statuses: dict[str, int] | None,
+    *,
+    started: float,
+    done: bool,
     sent: int = 0,
-) -> RunSummary:  # fmt: skip
+) -> RunSummary:
     if statuses is None:
         column = read_parquet(ctx.job.output, ["status"]).column("status")
         statuses = Counter(column.to_pylist())
-    summary = _summary(ctx, ok=statuses.get("ok", 0), error=statuses.get("error", 0),
-                       sent=sent, elapsed_s=time.monotonic() - started, already_complete=done,
-                       invalid=statuses.get("invalid", 0))  # fmt: skip
+    summary = _summary(
+        ctx,
+        ok=statuses.get("ok", 0),
+        error=statuses.get("error", 0),
+        sent=sent,
+        elapsed_s=time.monotonic() - started,
+        already_complete=done,
+        invalid=statuses.get("invalid", 0),
+    )
     ctx.sink(RunFinished(summary))
     return summary

@@ -110,15 +110,19 @@ class EndpointWatch:
         if self._same < (ENDPOINT_STOP_AFTER_OK_N if self._ok else ENDPOINT_STOP_N):
             return None
         if outcome.http_status == 404:
-            hint = (f"HTTP 404 ({outcome.error_message}): check the base_url, which ends "
-                    "where /chat/completions would follow, such as https://host/v1 or "
-                    ".../compatible-mode/v1; a 404 also comes for a model the service does "
-                    "not have: check the model name")  # fmt: skip
+            hint = (
+                f"HTTP 404 ({outcome.error_message}): check the base_url, which ends "
+                "where /chat/completions would follow, such as https://host/v1 or "
+                ".../compatible-mode/v1; a 404 also comes for a model the service does "
+                "not have: check the model name"
+            )
         else:
             hint = f"{outcome.error_code}: {_UNREACHABLE[what]}"
-        return (f"the run stopped: the last {self._same} answers from {self._url} were all "
-                f"the same failure, so every row would fail alike. {hint}; then rerun the "
-                "same command to resume")  # fmt: skip
+        return (
+            f"the run stopped: the last {self._same} answers from {self._url} were all "
+            f"the same failure, so every row would fail alike. {hint}; then rerun the "
+            "same command to resume"
+        )
 
 
 def _endpoint_failure(outcome: Outcome) -> str | None:
@@ -175,18 +179,31 @@ async def answer(item: Item, channel: Channel, *, checker: Checker | None = None
         outcome = await _ask(item, body, prompt_tokens, bill, channel)
         model = item.body.get("model")
         if outcome.kind != "ok":
-            return bill.fill(Result.failed(
-                row=item.row, id=item.id, model=model, attempts=0, via="live",
-                http_status=outcome.http_status, error_type=outcome.error_type,
-                error_code=outcome.error_code, error_message=outcome.error_message,
-                raw=outcome.raw,
-            ))  # fmt: skip
+            return bill.fill(
+                Result.failed(
+                    row=item.row,
+                    id=item.id,
+                    model=model,
+                    attempts=0,
+                    via="live",
+                    http_status=outcome.http_status,
+                    error_type=outcome.error_type,
+                    error_code=outcome.error_code,
+                    error_message=outcome.error_message,
+                    raw=outcome.raw,
+                )
+            )
         completion = outcome.result or {}
         bill.add(completion)
         result = Result.answered(
-            row=item.row, id=item.id, model=model, attempts=0, via="live",
-            completion=completion, latency_ms=outcome.latency_ms,
-        )  # fmt: skip
+            row=item.row,
+            id=item.id,
+            model=model,
+            attempts=0,
+            via="live",
+            completion=completion,
+            latency_ms=outcome.latency_ms,
+        )
         if checker is None:
             return bill.fill(result)
         verdict = checker.verdict(completion)
@@ -217,9 +234,12 @@ async def _ask(
         if c.budget is not None:
             price = c.prices[str(item.body.get("model"))]
             hold = await c.budget.reserve(
-                price, prompt_tokens, item.max_completion,
-                choices=choices(body), prompt_bytes=prompt_bytes(body),
-            )  # fmt: skip
+                price,
+                prompt_tokens,
+                item.max_completion,
+                choices=choices(body),
+                prompt_bytes=prompt_bytes(body),
+            )
         reserved = await c.pacer.acquire(prompt_tokens, item.max_completion)
         sent_at = c.pacer.now()
         outcome: Outcome | None = None
@@ -247,8 +267,11 @@ async def _ask(
             return outcome
         delay = backoff_delay(sent, retry_after=outcome.retry_after, rng=c.rng)
         reason = outcome.error_code or outcome.error_type or "error"
-        c.emit(Retrying(item.id, bill.attempts, outcome.http_status, reason, delay,
-                        outcome.retry_after))  # fmt: skip
+        c.emit(
+            Retrying(
+                item.id, bill.attempts, outcome.http_status, reason, delay, outcome.retry_after
+            )
+        )
         await c.sleep(delay)
 
 
@@ -304,9 +327,12 @@ def _settled(sent_at: float, outcome: Outcome | None) -> Settled:
         return Settled(sent_at)
     usage = outcome.result if outcome.result is not None else {}
     return Settled(
-        sent_at, usage.get("total_tokens"), usage.get("completion_tokens"),
-        outcome.throttled, outcome.retry_after,
-    )  # fmt: skip
+        sent_at,
+        usage.get("total_tokens"),
+        usage.get("completion_tokens"),
+        outcome.throttled,
+        outcome.retry_after,
+    )
 
 
 def _context(outcome: Outcome) -> dict[str, Any]:
@@ -320,8 +346,10 @@ def _fatal_message(outcome: Outcome) -> str:
     if outcome.http_status in (401, 403):
         hint = "check the API key, its region and the base URL, then rerun to resume"
     else:
-        hint = ("the account has a billing problem (an overdue bill, a model not purchased, "
-                "or free quota only): settle it in the console, then rerun to resume")  # fmt: skip
+        hint = (
+            "the account has a billing problem (an overdue bill, a model not purchased, "
+            "or free quota only): settle it in the console, then rerun to resume"
+        )
     return f"the run stopped: {what}{detail}, so every row would fail alike; {hint}"
 
 

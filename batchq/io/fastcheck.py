@@ -81,9 +81,10 @@ _ID_TYPES = (pa.int64(), pa.string(), pa.large_string())
 def _is_text(type_: pa.DataType) -> bool:
     """Arrow's three kinds of text: polars writes large_string, and string_view."""
     return bool(
-        pa.types.is_string(type_) or pa.types.is_large_string(type_)
+        pa.types.is_string(type_)
+        or pa.types.is_large_string(type_)
         or pa.types.is_string_view(type_)
-    )  # fmt: skip
+    )
 
 
 _PLAIN = (pa.types.is_integer, pa.types.is_floating, _is_text, pa.types.is_boolean)
@@ -190,14 +191,17 @@ def _jsonl(path: Path, digest: Digest) -> Iterator[pa.RecordBatch]:
         table = pj.read_json(pa.BufferReader(chunk), read_options=options, parse_options=parse)
         if parse is None:
             # Arrow reads date-like strings as timestamps: read those columns as text.
-            fields = [pa.field(f.name, pa.string() if pa.types.is_timestamp(f.type) else f.type)
-                      for f in table.schema]  # fmt: skip
+            fields = [
+                pa.field(f.name, pa.string() if pa.types.is_timestamp(f.type) else f.type)
+                for f in table.schema
+            ]
             parse = pj.ParseOptions(
                 explicit_schema=pa.schema(fields), unexpected_field_behavior="error"
             )
             if fields != list(table.schema):
-                table = pj.read_json(pa.BufferReader(chunk), read_options=options,
-                                     parse_options=parse)  # fmt: skip
+                table = pj.read_json(
+                    pa.BufferReader(chunk), read_options=options, parse_options=parse
+                )
         # one batch a chunk, not one an Arrow block: each batch costs the checks ~40 calls
         for batch in table.combine_chunks().to_batches():
             batch.validate(full=True)  # strings must be UTF-8, as the exact pass demands
@@ -329,9 +333,15 @@ class _Checks:
     """The exact pass's row checks, a column at a time."""
 
     def __init__(
-        self, job: Job, schema: pa.Schema, id_column: str | None, *, fixed_chars: int, cap: int,
+        self,
+        job: Job,
+        schema: pa.Schema,
+        id_column: str | None,
+        *,
+        fixed_chars: int,
+        cap: int,
         lines: bool = False,
-    ) -> None:  # fmt: skip
+    ) -> None:
         names = set(schema.names)
         if {"custom_id", "body"} <= names and not lines:
             raise _Unsure("Batch-API lines: _LineChecks")
@@ -339,9 +349,10 @@ class _Checks:
         for name in self._fields:
             type_ = schema.field(name).type
             if name not in ROW_NUMBERS or not (
-                pa.types.is_integer(type_) or (pa.types.is_floating(type_) and name != "max_tokens")
+                pa.types.is_integer(type_)
+                or (pa.types.is_floating(type_) and name != "max_tokens")
                 or pa.types.is_null(type_)
-            ):  # fmt: skip
+            ):
                 raise _Unsure(f"a per-row {name} the exact pass checks")
         self._ranges = job.request.model_studio
         self._job = job
@@ -520,8 +531,10 @@ def _message_chars(column: pa.Array) -> pa.Array:
         and pc.any(pc.and_(pc.is_null(content), pc.not_equal(role, _ASSISTANT))).as_py()
     ):
         raise _Unsure("a message without content")
-    lengths = pc.add(pc.fill_null(pc.cast(pc.utf8_length(content), pa.int64()), arrays.int64(0)),
-                     arrays.int64(FRAMING_CHARS))  # fmt: skip
+    lengths = pc.add(
+        pc.fill_null(pc.cast(pc.utf8_length(content), pa.int64()), arrays.int64(0)),
+        arrays.int64(FRAMING_CHARS),
+    )
     totals = pa.concat_arrays([arrays.int64s([0]), pc.cumulative_sum(lengths)])
     offsets = pc.subtract(column.offsets, column.offsets[0])
     ends = pc.take(totals, offsets.slice(1))

@@ -62,9 +62,11 @@ def row_id(row: dict[str, Any], id_column: str | None, index: int) -> str:
 
 
 def preflight(
-    job: Job, *, observe: Callable[[dict[str, Any]], None] | None = None,
+    job: Job,
+    *,
+    observe: Callable[[dict[str, Any]], None] | None = None,
     progress: Callable[[int, bool], None] | None = None,
-) -> InputInfo:  # fmt: skip
+) -> InputInfo:
     """Check the whole input and the job's settings. Raises InputError / UsageError.
     (The output path is the state folder's to check: ``state.check_output``.)
 
@@ -83,9 +85,11 @@ def preflight(
 
 
 def exact_preflight(
-    job: Job, *, observe: Callable[[dict[str, Any]], None] | None = None,
+    job: Job,
+    *,
+    observe: Callable[[dict[str, Any]], None] | None = None,
     progress: Callable[[int], None] | None = None,
-) -> InputInfo:  # fmt: skip
+) -> InputInfo:
     """The exact pass over every row (see ``preflight``)."""
     path = job.input
     fmt = input_format(path)
@@ -115,8 +119,9 @@ def exact_preflight(
     if parquet_schema is not None:
         columns = tuple((f.name, f.type) for f in parquet_schema)
     else:
-        columns = tuple((name, kinds.arrow_type(name, text=name == id_column))
-                        for name in kinds.kinds)  # fmt: skip
+        columns = tuple(
+            (name, kinds.arrow_type(name, text=name == id_column)) for name in kinds.kinds
+        )
     check_clash([name for name, _ in columns], id_column, path, answers=job.answer is not None)
     digest = digest_and_lines(path)[0]
     return InputInfo(path, fmt, total, columns, id_column, digest, tuple(sorted(notes)))

@@ -58,9 +58,14 @@ class Spend(Protocol):
     for many processes (the Ray engine's pacing actor)."""
 
     async def reserve(
-        self, price: Price, prompt_tokens: int, max_completion: int | None, *,
-        choices: int = 1, prompt_bytes: int = 0,
-    ) -> Hold:  # fmt: skip
+        self,
+        price: Price,
+        prompt_tokens: int,
+        max_completion: int | None,
+        *,
+        choices: int = 1,
+        prompt_bytes: int = 0,
+    ) -> Hold:
         """Wait until a request of this worst case fits; its hold (RunStopped: never)."""
 
     def settle(self, hold: Hold, usage: dict[str, Any] | None) -> None:
@@ -97,27 +102,39 @@ class Budget:
         for model in sorted(models):
             price = prices.lookup(model, region)
             if price is None:
-                raise UsageError(f"--max-cost needs a price for every model, and {model!r} "
-                                 f"has none in the price table ({region}: "
-                                 f"{prices.why_unpriced(model, region)}): give its prices "
-                                 "with --prices FILE")  # fmt: skip
+                raise UsageError(
+                    f"--max-cost needs a price for every model, and {model!r} "
+                    f"has none in the price table ({region}: "
+                    f"{prices.why_unpriced(model, region)}): give its prices "
+                    "with --prices FILE"
+                )
             found[model] = price
         currencies = sorted({p.currency for p in found.values()})
         if len(currencies) > 1:
-            raise UsageError(f"--max-cost is one amount, and these models are priced in "
-                             f"{' and '.join(currencies)}: run them as separate jobs")  # fmt: skip
+            raise UsageError(
+                f"--max-cost is one amount, and these models are priced in "
+                f"{' and '.join(currencies)}: run them as separate jobs"
+            )
         return (currencies[0] if currencies else "USD"), found
 
     def worst(
-        self, price: Price, prompt_tokens: int, max_completion: int | None, *,
-        choices: int = 1, prompt_bytes: int = 0, batch: bool = False,
-    ) -> float:  # fmt: skip
+        self,
+        price: Price,
+        prompt_tokens: int,
+        max_completion: int | None,
+        *,
+        choices: int = 1,
+        prompt_bytes: int = 0,
+        batch: bool = False,
+    ) -> float:
         """The most a request can cost (see the module doc)."""
         per_byte = min(1.0, MARGIN * self._most_per_byte) if self._learned else 1.0
         prompt = max(prompt_tokens, math.ceil(prompt_bytes * per_byte))
         output = (max_completion if max_completion is not None else MAX_OUTPUT) * choices
-        return max(price.cost(prompt, output, batch=batch),
-                   price.cost(prompt, output, thinking=True, batch=batch))  # fmt: skip
+        return max(
+            price.cost(prompt, output, batch=batch),
+            price.cost(prompt, output, thinking=True, batch=batch),
+        )
 
     @property
     def _learned(self) -> bool:
@@ -128,16 +145,22 @@ class Budget:
         return self.spent + self.in_flight + worst <= self.cap
 
     async def reserve(
-        self, price: Price, prompt_tokens: int, max_completion: int | None, *,
-        choices: int = 1, prompt_bytes: int = 0,
-    ) -> Hold:  # fmt: skip
+        self,
+        price: Price,
+        prompt_tokens: int,
+        max_completion: int | None,
+        *,
+        choices: int = 1,
+        prompt_bytes: int = 0,
+    ) -> Hold:
         """Wait until a request of this worst case fits; its hold. RunStopped when none is
         in flight and it still does not fit."""
         while True:
             if self._stop is not None:  # stopped already: no request more, however cheap
                 raise RunStopped(self._stop)
-            worst = self.worst(price, prompt_tokens, max_completion, choices=choices,
-                               prompt_bytes=prompt_bytes)  # fmt: skip
+            worst = self.worst(
+                price, prompt_tokens, max_completion, choices=choices, prompt_bytes=prompt_bytes
+            )
             if self.fits(worst):
                 break
             if self._holds == 0:
@@ -150,13 +173,18 @@ class Budget:
 
     def stopped(self, worst: float) -> str:
         """The stop message: billed, at most what lost answers cost, the cap, the next."""
-        lost = (f" (and at most {_money(self.lost, self.currency)} more for "
-                f"{self.lost_requests:,} requests whose answers were lost)"
-                if self.lost_requests else "")  # fmt: skip
-        return (f"the run stopped at its budget: {_money(self.billed, self.currency)} billed "
-                f"so far{lost}, of --max-cost {_money(self.cap, self.currency)}, and the next "
-                f"request could cost up to {_money(worst, self.currency)}; finished rows are "
-                "saved: rerun with a higher --max-cost to go on")  # fmt: skip
+        lost = (
+            f" (and at most {_money(self.lost, self.currency)} more for "
+            f"{self.lost_requests:,} requests whose answers were lost)"
+            if self.lost_requests
+            else ""
+        )
+        return (
+            f"the run stopped at its budget: {_money(self.billed, self.currency)} billed "
+            f"so far{lost}, of --max-cost {_money(self.cap, self.currency)}, and the next "
+            f"request could cost up to {_money(worst, self.currency)}; finished rows are "
+            "saved: rerun with a higher --max-cost to go on"
+        )
 
     def settle(self, hold: Hold, usage: dict[str, Any] | None) -> None:
         """``hold``'s request is over: its real cost (from ``usage``, the answer's result
@@ -190,8 +218,13 @@ def _cost(price: Price, usage: dict[str, Any]) -> float:
     prompt, completion = (int(usage.get(k) or 0) for k in ("prompt_tokens", "completion_tokens"))
     cached = int(usage.get("cached_tokens") or 0)
     created = usage.get("cache_creation_tokens")
-    return price.cost(prompt, completion, cached=cached, thinking=thinking,
-                      created=None if created is None else int(created))  # fmt: skip
+    return price.cost(
+        prompt,
+        completion,
+        cached=cached,
+        thinking=thinking,
+        created=None if created is None else int(created),
+    )
 
 
 def _money(amount: float, currency: str) -> str:

@@ -20,8 +20,15 @@ from batchq.send.limiter import RAMP_S
 from batchq.send.request import build_body, estimate_tokens
 from batchq.state import check_output
 
-__all__ = ["Estimate", "ModelEstimate", "Projected", "estimate", "project", "prompt_estimates",
-           "spread"]  # fmt: skip
+__all__ = [
+    "Estimate",
+    "ModelEstimate",
+    "Projected",
+    "estimate",
+    "project",
+    "prompt_estimates",
+    "spread",
+]
 
 
 @dataclass
@@ -134,9 +141,12 @@ class Projected:
 
 
 def project(
-    estimate: Estimate, sample: pa.Table, prompts: dict[int, int], prices: PriceTable,
+    estimate: Estimate,
+    sample: pa.Table,
+    prompts: dict[int, int],
+    prices: PriceTable,
     region: str,
-) -> list[Projected]:  # fmt: skip
+) -> list[Projected]:
     """Each model's tokens and cost for the whole job, from ``sample`` (the sampled
     rows' results, with ``_row``) and ``prompts`` (their prompt estimates, as the whole
     job's are summed in ``estimate``).
@@ -163,11 +173,20 @@ def project(
             sample_cost = sum(each)
             cost, half = fit.total(each)
             low, high = max(cost - half, 0.0), cost + half
-        projected.append(Projected(
-            m.model, m.rows, n, round(fit.total(_values(rows, "prompt_tokens", float))[0]),
-            round(fit.total(_values(rows, "completion_tokens", float))[0]),
-            price.currency if price is not None else None, sample_cost, cost, low, high,
-        ))  # fmt: skip
+        projected.append(
+            Projected(
+                m.model,
+                m.rows,
+                n,
+                round(fit.total(_values(rows, "prompt_tokens", float))[0]),
+                round(fit.total(_values(rows, "completion_tokens", float))[0]),
+                price.currency if price is not None else None,
+                sample_cost,
+                cost,
+                low,
+                high,
+            )
+        )
     return projected
 
 

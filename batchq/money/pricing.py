@@ -95,8 +95,11 @@ class Price:
         tier = self.tier(prompt)
         hit = self.cached_share if created is None else self.explicit_share
         written = created or 0
-        paid_input = ((prompt - cached - written) * tier.input + cached * tier.input * hit
-                      + written * tier.input * self.creation_share)  # fmt: skip
+        paid_input = (
+            (prompt - cached - written) * tier.input
+            + cached * tier.input * hit
+            + written * tier.input * self.creation_share
+        )
         output = completion * (tier.thinking_output if thinking else tier.output)
         total = (paid_input + output) / 1_000_000
         return total * self.batch_share if batch else total
@@ -116,14 +119,19 @@ def cost_array(table: pa.Table, price: Price) -> pa.Array:
     def column(name: str) -> pa.Array:
         return pc.fill_null(pc.cast(table.column(name), pa.float64()), f(0))
 
-    prompt, cached, completion = (column(c) for c in ("prompt_tokens", "cached_tokens",
-                                                      "completion_tokens"))  # fmt: skip
-    creation = (table.column("cache_creation_tokens") if "cache_creation_tokens" in
-                table.column_names else pa.nulls(table.num_rows, pa.int64()))  # fmt: skip
+    prompt, cached, completion = (
+        column(c) for c in ("prompt_tokens", "cached_tokens", "completion_tokens")
+    )
+    creation = (
+        table.column("cache_creation_tokens")
+        if "cache_creation_tokens" in table.column_names
+        else pa.nulls(table.num_rows, pa.int64())
+    )
     explicit = pc.is_valid(creation)  # the explicit cache was used: its hits' share
     created = pc.fill_null(pc.cast(creation, pa.float64()), f(0))
-    thinking = pc.or_(pc.greater(column("reasoning_tokens"), f(0)),
-                      pc.is_valid(table.column("reasoning")))  # fmt: skip
+    thinking = pc.or_(
+        pc.greater(column("reasoning_tokens"), f(0)), pc.is_valid(table.column("reasoning"))
+    )
     via = table.column("via")
     batch = pc.fill_null(pc.equal(via, arrays.text("batch")), false)
     # another row's answer: not billed
@@ -131,22 +139,31 @@ def cost_array(table: pa.Table, price: Price) -> pa.Array:
     hit = pc.if_else(explicit, f(price.explicit_share), f(price.cached_share))
     # The part the Batch API answered (its live re-asks are the rest); an output from
     # before the part was recorded: the whole row, for a row via the Batch API.
-    parted = (pc.is_valid(table.column("batch_prompt_tokens"))
-              if "batch_prompt_tokens" in table.column_names
-              else pa.nulls(table.num_rows, pa.bool_()).fill_null(False))  # fmt: skip
+    parted = (
+        pc.is_valid(table.column("batch_prompt_tokens"))
+        if "batch_prompt_tokens" in table.column_names
+        else pa.nulls(table.num_rows, pa.bool_()).fill_null(False)
+    )
     zero = pc.multiply(prompt, f(0.0))
     part_prompt = (
         column("batch_prompt_tokens") if "batch_prompt_tokens" in table.column_names else zero
     )
-    part_completion = (column("batch_completion_tokens")
-                       if "batch_completion_tokens" in table.column_names else zero)  # fmt: skip
+    part_completion = (
+        column("batch_completion_tokens")
+        if "batch_completion_tokens" in table.column_names
+        else zero
+    )
 
-    def priced(prompt: pa.Array, cached: pa.Array, created: pa.Array, completion: pa.Array,
-               t: Tier) -> pa.Array:  # fmt: skip
+    def priced(
+        prompt: pa.Array, cached: pa.Array, created: pa.Array, completion: pa.Array, t: Tier
+    ) -> pa.Array:
         plain = pc.subtract(pc.subtract(prompt, cached), created)
-        paid = pc.add(pc.add(pc.multiply(plain, f(t.input)),
-                             pc.multiply(pc.multiply(cached, hit), f(t.input))),
-                      pc.multiply(created, f(t.input * price.creation_share)))  # fmt: skip
+        paid = pc.add(
+            pc.add(
+                pc.multiply(plain, f(t.input)), pc.multiply(pc.multiply(cached, hit), f(t.input))
+            ),
+            pc.multiply(created, f(t.input * price.creation_share)),
+        )
         out = pc.multiply(completion, pc.if_else(thinking, f(t.thinking_output), f(t.output)))
         return pc.divide(pc.add(paid, out), f(1_000_000.0))
 
@@ -199,8 +216,11 @@ class RowPricer:
         return row_costs(results, self.prices, self.region).column("cost").combine_chunks()
 
     def describe(self) -> dict[str, Any]:
-        return {"currencies": self.prices.currencies(self.region),
-                "prices": self.prices.source, "region": self.region}  # fmt: skip
+        return {
+            "currencies": self.prices.currencies(self.region),
+            "prices": self.prices.source,
+            "region": self.region,
+        }
 
 
 class PriceTable:
@@ -208,15 +228,20 @@ class PriceTable:
     (``qwen-plus-2025-07-28`` -> ``qwen-plus``) and ``-latest`` aliases."""
 
     def __init__(
-        self, prices: Entries, *, source: str, overrides: Entries | None = None,
+        self,
+        prices: Entries,
+        *,
+        source: str,
+        overrides: Entries | None = None,
         text: str | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self._builtin = prices
         self._overrides = overrides or {}
         #: the price file's text over the built-in table (None: none)
         self.text = text
-        self._prices = {k: v for k, v in {**prices, **self._overrides}.items()
-                        if isinstance(v, Price)}  # fmt: skip
+        self._prices = {
+            k: v for k, v in {**prices, **self._overrides}.items() if isinstance(v, Price)
+        }
         self.source = source
 
     @classmethod
@@ -246,8 +271,12 @@ class PriceTable:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise UsageError(f"the price file {where} is not valid TOML: {e}") from None
-        return cls(table._builtin, source=f"{where}, then {table.source}",
-                   overrides=_parse(data, where), text=text)  # fmt: skip
+        return cls(
+            table._builtin,
+            source=f"{where}, then {table.source}",
+            overrides=_parse(data, where),
+            text=text,
+        )
 
     @classmethod
     def for_results(cls, override: Path | None, manifest: dict[str, Any] | None) -> PriceTable:
@@ -260,8 +289,9 @@ class PriceTable:
 
     def currencies(self, region: str) -> list[str]:
         """The currencies of the prices that apply in ``region``."""
-        return sorted({p.currency for (_, where), p in self._prices.items()
-                       if where in (region, "any")})  # fmt: skip
+        return sorted(
+            {p.currency for (_, where), p in self._prices.items() if where in (region, "any")}
+        )
 
     def lookup(self, model: str | None, region: str) -> Price | None:
         """``model``'s price in ``region``; None where it has none (``why_unpriced``)."""
@@ -315,8 +345,10 @@ def _entry(model: str, region: str, entry: dict[str, Any], where: str) -> Price 
     """A price, or why there is none: ``not_sold = DATE`` (the model is not sold in that
     region), ``no_published_price = DATE`` (no page gives its price), each with the date
     it was checked."""
-    for key, reason in (("not_sold", f"not sold in {region}"),
-                        ("no_published_price", "no published price")):  # fmt: skip
+    for key, reason in (
+        ("not_sold", f"not sold in {region}"),
+        ("no_published_price", "no published price"),
+    ):
         if isinstance(entry, dict) and key in entry:
             return f"{reason}, checked {entry[key]}"
     return _price(model, region, entry, where)
@@ -327,12 +359,15 @@ def _price(model: str, region: str, entry: dict[str, Any], where: str) -> Price:
     try:
         tiers = tuple(_tier(t) for t in entry["tiers"])
         price = Price(
-            model, region, str(entry.get("currency", "USD")), tiers,
+            model,
+            region,
+            str(entry.get("currency", "USD")),
+            tiers,
             float(entry.get("cached_input", DEFAULT_CACHED_SHARE)),
             float(entry.get("batch", DEFAULT_BATCH_SHARE)),
             float(entry.get("cached_explicit", DEFAULT_EXPLICIT_SHARE)),
             float(entry.get("cache_creation", DEFAULT_CREATION_SHARE)),
-        )  # fmt: skip
+        )
     except (KeyError, TypeError, ValueError) as e:
         raise UsageError(f"{problem} (prices per 1M tokens); problem: {e!r}") from None
     if not tiers:

@@ -131,8 +131,10 @@ def _shard_tables(state: StateDir, columns: list[str]) -> Iterator[pa.Table]:
     """The latest answer of each row, a shard at a time (``StateDir.latest``)."""
     if damaged := state.damaged():
         path, reason = damaged[0]
-        raise UsageError(f"the state folder's shard {path} cannot be read ({reason}): rerun "
-                         "the job to set it aside and send its rows again")  # fmt: skip
+        raise UsageError(
+            f"the state folder's shard {path} cannot be read ({reason}): rerun "
+            "the job to set it aside and send its rows again"
+        )
     extra = [c for c in columns if c not in SHARD_SCHEMA.names]
     if extra:
         raise UsageError(
@@ -219,39 +221,57 @@ class CostTally:
             zero = arrays.scalar(0, table.column(name).type)
             return pc.if_else(copied, zero, pc.fill_null(table.column(name), zero))
 
-        copied_tokens = pc.add(*(pc.fill_null(table.column(c), arrays.scalar(0, pa.int64()))
-                                 for c in ("prompt_tokens", "completion_tokens")))  # fmt: skip
-        parts = pa.table({
-            "key": key, "currency": priced.column("currency"),
-            "rows": arrays.int64s([1] * table.num_rows),
-            "ok": pc.cast(pc.equal(status, arrays.text("ok")), pa.int64()),
-            "error": pc.cast(pc.equal(status, arrays.text("error")), pa.int64()),
-            "invalid": pc.cast(pc.equal(status, arrays.text("invalid")), pa.int64()),
-            **{c: used(c) for c in USAGE_COLUMNS},
-            "attempts": pc.fill_null(table.column("attempts"),
-                                     arrays.scalar(0, table.column("attempts").type)),
-            "cost": priced.column("cost"),
-            "batch": pc.cast(pc.fill_null(pc.equal(via, arrays.text("batch")), no), pa.int64()),
-            "copies": pc.cast(copied, pa.int64()),
-            "copied_tokens": pc.if_else(copied, pc.cast(copied_tokens, pa.int64()),
-                                        arrays.scalar(0, pa.int64())),
-        })  # fmt: skip
+        copied_tokens = pc.add(
+            *(
+                pc.fill_null(table.column(c), arrays.scalar(0, pa.int64()))
+                for c in ("prompt_tokens", "completion_tokens")
+            )
+        )
+        parts = pa.table(
+            {
+                "key": key,
+                "currency": priced.column("currency"),
+                "rows": arrays.int64s([1] * table.num_rows),
+                "ok": pc.cast(pc.equal(status, arrays.text("ok")), pa.int64()),
+                "error": pc.cast(pc.equal(status, arrays.text("error")), pa.int64()),
+                "invalid": pc.cast(pc.equal(status, arrays.text("invalid")), pa.int64()),
+                **{c: used(c) for c in USAGE_COLUMNS},
+                "attempts": pc.fill_null(
+                    table.column("attempts"), arrays.scalar(0, table.column("attempts").type)
+                ),
+                "cost": priced.column("cost"),
+                "batch": pc.cast(pc.fill_null(pc.equal(via, arrays.text("batch")), no), pa.int64()),
+                "copies": pc.cast(copied, pa.int64()),
+                "copied_tokens": pc.if_else(
+                    copied, pc.cast(copied_tokens, pa.int64()), arrays.scalar(0, pa.int64())
+                ),
+            }
+        )
         for (key, currency), sums in _grouped_sums(parts, ["key", "currency"], _SUMS):
             total = self.sums.setdefault((key, currency), dict.fromkeys(_SUMS, 0.0))
             for name in _SUMS:
                 total[name] += sums[name] or 0
 
     def report(self) -> CostReport:
-        lines = [_line(key, currency, v)
-                 for (key, currency), v in sorted(self.sums.items(), key=_order)]  # fmt: skip
+        lines = [
+            _line(key, currency, v) for (key, currency), v in sorted(self.sums.items(), key=_order)
+        ]
         totals: dict[str, float] = {}
         for line in lines:
             if line.currency is not None and line.cost is not None:
                 totals[line.currency] = totals.get(line.currency, 0.0) + line.cost
         batch_rows = int(sum(v["batch"] for v in self.sums.values()))
         rows = sum(line.rows for line in lines)
-        return CostReport(self.by or "", lines, totals, sorted(self.unpriced),
-                          self.prices.source, self.region, batch_rows, rows)  # fmt: skip
+        return CostReport(
+            self.by or "",
+            lines,
+            totals,
+            sorted(self.unpriced),
+            self.prices.source,
+            self.region,
+            batch_rows,
+            rows,
+        )
 
 
 def _grouped_sums(
@@ -286,8 +306,21 @@ def _tally(results: Results, prices: PriceTable, region: str, by: str | None) ->
 def _line(key: str | None, currency: str | None, v: dict[str, float]) -> CostLine:
     rows, ok, error, invalid, prompt, cached, completion, reasoning = (int(v[n]) for n in _SUMS[:8])
     cost = None if currency is None else v["cost"]
-    return CostLine(key, currency, rows, ok, error, invalid, prompt, cached, completion,
-                    reasoning, cost, int(v["copies"]), int(v["copied_tokens"]))  # fmt: skip
+    return CostLine(
+        key,
+        currency,
+        rows,
+        ok,
+        error,
+        invalid,
+        prompt,
+        cached,
+        completion,
+        reasoning,
+        cost,
+        int(v["copies"]),
+        int(v["copied_tokens"]),
+    )
 
 
 def _order(item: tuple[tuple[str | None, str | None], Any]) -> tuple[bool, str, bool, str]:
@@ -299,8 +332,9 @@ def _as_text(column: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
     try:
         return pc.cast(column, pa.string())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # nested: as Python writes them
-        return arrays.array([None if v is None else str(v) for v in column.to_pylist()],
-                            pa.string())  # fmt: skip
+        return arrays.array(
+            [None if v is None else str(v) for v in column.to_pylist()], pa.string()
+        )
 
 
 def sampled_results(job: Job, rows: list[int]) -> pa.Table:
@@ -310,8 +344,10 @@ def sampled_results(job: Job, rows: list[int]) -> pa.Table:
     state = StateDir.of(job.output)
     wanted = arrays.int64s(rows)
     if state.shard_paths():
-        parts = [t.filter(pc.is_in(t.column("_row"), wanted)).select(["_row", *columns])
-                 for t in state.latest(columns)]  # fmt: skip
+        parts = [
+            t.filter(pc.is_in(t.column("_row"), wanted)).select(["_row", *columns])
+            for t in state.latest(columns)
+        ]
         return pa.concat_tables(parts)
     table = read_parquet(job.output, columns).take(wanted)
     return table.add_column(0, "_row", wanted)
@@ -363,11 +399,21 @@ def status(results: Results, prices: PriceTable) -> Status:
     state = StateDir(results.state)
     running, pid = (False, None) if results.finished else state.holder()
     return Status(
-        results.output, results.state, results.finished,
-        manifest.get("input_rows", done if results.finished else None), done,
-        int(total["ok"]), int(total["error"]), int(total["invalid"]), int(total["attempts"]),
-        int(total["prompt_tokens"]), int(total["completion_tokens"]), costs, unpriced,
+        results.output,
+        results.state,
+        results.finished,
+        manifest.get("input_rows", done if results.finished else None),
+        done,
+        int(total["ok"]),
+        int(total["error"]),
+        int(total["invalid"]),
+        int(total["attempts"]),
+        int(total["prompt_tokens"]),
+        int(total["completion_tokens"]),
+        costs,
+        unpriced,
         None if results.finished else state.last_flush_ago(),
         "finished" if results.finished else ("running" if running else "stopped"),
-        pid, manifest.get("command"),
-    )  # fmt: skip
+        pid,
+        manifest.get("command"),
+    )

@@ -107,13 +107,18 @@ def merge_output(
 
     def write(f: BinaryIO) -> None:
         with pq.ParquetWriter(
-            f, schema, use_dictionary=_dictionary_columns(schema),
+            f,
+            schema,
+            use_dictionary=_dictionary_columns(schema),
             write_statistics=_statistics_columns(schema),
-        ) as writer:  # fmt: skip
+        ) as writer:
             for start, inputs in _input_blocks(info, _block_rows(info, shards)):
                 results = shards.results(start, inputs.num_rows).select(names)
-                cost = costs(results) if costs is not None else pa.nulls(results.num_rows,
-                                                                          pa.float64())  # fmt: skip
+                cost = (
+                    costs(results)
+                    if costs is not None
+                    else pa.nulls(results.num_rows, pa.float64())
+                )
                 at = results_at.index(COST)
                 results = results.add_column(at, COST, cost)
                 statuses.update(results.column("status").to_pylist())
@@ -140,24 +145,29 @@ class _Written:
     bytes: int = 0
 
 
-def _not_written(error: OSError, output: Path, state: StateDir, info: InputInfo,
-                 written: _Written) -> RunStopped:  # fmt: skip
+def _not_written(
+    error: OSError, output: Path, state: StateDir, info: InputInfo, written: _Written
+) -> RunStopped:
     """What to tell when the output could not be written (its temp file is gone by now).
     A full disk says how much room the whole file needs beyond what is free: the bytes a
     row took so far times the rows, or, before the first block, the shards' and the
     input's size (the output holds both, compressed)."""
     kept = f"the results are kept in {state.path}, so nothing is sent again"
     if not no_space(error):
-        return RunStopped(f"cannot write the output {output}: {error.strerror}; fix that "
-                          f"and rerun the same command to merge ({kept})")  # fmt: skip
+        return RunStopped(
+            f"cannot write the output {output}: {error.strerror}; fix that "
+            f"and rerun the same command to merge ({kept})"
+        )
     if written.rows:
         need = written.bytes * info.total_rows / written.rows
     else:
         shards = sum(p.stat().st_size for p in state.shard_paths())
         need = shards + info.path.stat().st_size
     more = max(1, math.ceil((need * 1.1 - free_bytes(output.parent)) / 1e6))
-    return RunStopped(f"no space left on {disk_of(output.parent)}: free {more:,} MB and "
-                      f"rerun the same command to merge ({kept})")  # fmt: skip
+    return RunStopped(
+        f"no space left on {disk_of(output.parent)}: free {more:,} MB and "
+        f"rerun the same command to merge ({kept})"
+    )
 
 
 def _block_rows(info: InputInfo, shards: ShardIndex) -> int:
@@ -171,9 +181,11 @@ def _block_rows(info: InputInfo, shards: ShardIndex) -> int:
 def _dictionary_columns(schema: pa.Schema) -> list[str]:
     """The result columns of FEW_VALUES, and the input columns that are not text."""
     results = set(SHARD_SCHEMA.names)
-    return [f.name for f in schema if f.name in FEW_VALUES or (
-        f.name not in results and not pa.types.is_string(f.type)
-    )]  # fmt: skip
+    return [
+        f.name
+        for f in schema
+        if f.name in FEW_VALUES or (f.name not in results and not pa.types.is_string(f.type))
+    ]
 
 
 def _statistics_columns(schema: pa.Schema) -> list[str]:

@@ -355,9 +355,13 @@ class Ceiling:
         self._quiet_until = max(self._quiet_until, until)
 
     def observe(
-        self, settled: Settled, now: float, *, rate: Callable[[float], float | None],
+        self,
+        settled: Settled,
+        now: float,
+        *,
+        rate: Callable[[float], float | None],
         ramping: Callable[[float], bool],
-    ) -> Cut | Raise | None:  # fmt: skip
+    ) -> Cut | Raise | None:
         """Learn from a request settled at ``now``; a Cut when the whole run must slow, a
         Raise when it may go faster. ``rate(t)`` is the pacer's rate, ``ramping(t)``
         whether it was ramping up (asked only when a 429 may cut)."""
@@ -377,9 +381,12 @@ class Ceiling:
         return raised
 
     def _consider_cut(
-        self, now: float, retry_after: float | None, rate: Callable[[float], float | None],
+        self,
+        now: float,
+        retry_after: float | None,
+        rate: Callable[[float], float | None],
         ramping: Callable[[float], bool],
-    ) -> Cut | None:  # fmt: skip
+    ) -> Cut | None:
         """Cut when the 429s lately exceed the floor (see the module doc)."""
         horizon = self._horizon
         end = now - horizon
@@ -492,9 +499,15 @@ class Ceiling:
         return self._sends.most_let_through(start, end, span(WINDOW_S, READ_N, pace))
 
     def _start_trial(
-        self, now: float, ceiling: float, share: float, requests: int, current: float | None,
-        long_s: float, deep: float,
-    ) -> None:  # fmt: skip
+        self,
+        now: float,
+        ceiling: float,
+        share: float,
+        requests: int,
+        current: float | None,
+        long_s: float,
+        deep: float,
+    ) -> None:
         """Cut to ``ceiling`` (as the rate let through), on trial (see ``_judge``)."""
         floor = self.floor
         before = current if current is not None else self._sends.rate(now - METER_S, now)
@@ -556,8 +569,9 @@ class Ceiling:
         if limit:  # from the trial's rate to just under the ceiling, and on from there
             self._confirm(self._ceiling)
             self.phase, self._curve_at, self._period = Phase.HOLD, now, trial.period
-            return Raise(self.rate(now), f"a limit of about {self._held():,.1f} req/s: "
-                         "holding just under it")  # fmt: skip
+            return Raise(
+                self.rate(now), f"a limit of about {self._held():,.1f} req/s: holding just under it"
+            )
         # Back to the rate the cut was made from (or to no ceiling, if there was none), and
         # flat there for a while: it is where 429s were not yet the rate's doing.
         if trial.ceiling is None or trial.before is None:
@@ -565,8 +579,10 @@ class Ceiling:
         else:
             self._ceiling, self._period = trial.before * (1 - self._floor_low), trial.period
             self.phase, self._curve_at = Phase.HOLD, now - self._recover_s
-        why = (f"429s at {self.floor:.1%} of requests whatever the rate are not a limit "
-               "(their rows are retried one by one)")  # fmt: skip
+        why = (
+            f"429s at {self.floor:.1%} of requests whatever the rate are not a limit "
+            "(their rows are retried one by one)"
+        )
         return Raise(self.rate(now), why)
 
     def _confirm(self, ceiling: float | None) -> None:

@@ -139,9 +139,12 @@ class AiohttpWire:
     def __init__(self, headers: dict[str, str], *, max_connections: int) -> None:
         connector = aiohttp.TCPConnector(limit=max_connections, limit_per_host=max_connections)
         self._session = aiohttp.ClientSession(
-            connector=connector, headers=headers, timeout=aiohttp.ClientTimeout(total=None),
-            auto_decompress=True, skip_auto_headers=("User-Agent",),
-        )  # fmt: skip
+            connector=connector,
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=None),
+            auto_decompress=True,
+            skip_auto_headers=("User-Agent",),
+        )
 
     async def post(
         self, url: str, content: bytes, on_line: Callable[[bytes], None] | None = None
@@ -225,16 +228,24 @@ class Client:
                 finally:
                     self._in_flight.discard(scope)
         except TimeoutError:
-            return Outcome("retry", error_type="timeout", error_code="timeout",
-                           error_message=f"no answer within {self._timeout_s:g} s")  # fmt: skip
+            return Outcome(
+                "retry",
+                error_type="timeout",
+                error_code="timeout",
+                error_message=f"no answer within {self._timeout_s:g} s",
+            )
         except WireError as e:
             message = redact(str(e), self._key)
             return Outcome(
                 "retry", error_type="transport", error_code=e.code, error_message=message
             )
         if answered is None:  # aborted: the run is stopping
-            return Outcome("retry", error_type="transport", error_code="stopped",
-                           error_message="the run stopped before the answer came")  # fmt: skip
+            return Outcome(
+                "retry",
+                error_type="transport",
+                error_code="stopped",
+                error_message="the run stopped before the answer came",
+            )
         status, content, headers = answered
         latency_ms = (time.perf_counter() - started) * 1000
         if stream is not None and status == 200:
@@ -292,8 +303,13 @@ def classify_stream(stream: Stream, latency_ms: float) -> Outcome:
     try:
         result = completion_columns(stream.completion())
     except InvalidCompletion as e:
-        return Outcome("retry", 200, error_type="invalid_response",
-                       error_code="invalid_response", error_message=str(e))  # fmt: skip
+        return Outcome(
+            "retry",
+            200,
+            error_type="invalid_response",
+            error_code="invalid_response",
+            error_message=str(e),
+        )
     return Outcome("ok", 200, result=result, latency_ms=latency_ms)
 
 
@@ -303,8 +319,13 @@ def classify(status: int, content: bytes, headers: Mapping[str, str], latency_ms
         try:
             result = parse_completion(content)
         except InvalidCompletion as e:
-            return Outcome("retry", 200, error_type="invalid_response",
-                           error_code="invalid_response", error_message=str(e))  # fmt: skip
+            return Outcome(
+                "retry",
+                200,
+                error_type="invalid_response",
+                error_code="invalid_response",
+                error_message=str(e),
+            )
         return Outcome("ok", 200, result=result, latency_ms=latency_ms)
     error_type, code, message = parse_error_body(content)
     kind: Kind

@@ -122,8 +122,10 @@ def _finish(
             raise RowProblem(str(e), rule="model_studio", column=e.name) from None
     if body.get("stream"):
         options = body.get("stream_options")
-        body["stream_options"] = {**(options if isinstance(options, dict) else {}),
-                                  "include_usage": True}  # fmt: skip
+        body["stream_options"] = {
+            **(options if isinstance(options, dict) else {}),
+            "include_usage": True,
+        }
     return body
 
 
@@ -265,8 +267,11 @@ def prompt_bytes(body: dict[str, Any]) -> int:
         if isinstance(content, str):
             total += len(content.encode())
         elif isinstance(content, list):
-            total += sum(len(str(part.get("text", "")).encode())
-                         for part in content if isinstance(part, dict))  # fmt: skip
+            total += sum(
+                len(str(part.get("text", "")).encode())
+                for part in content
+                if isinstance(part, dict)
+            )
         total += FRAMING_CHARS
     return total
 

@@ -23,9 +23,14 @@ def span(seconds: float, requests: int, pace: float) -> float:
 
 
 def beyond(
-    share: float, requests: int, than: float, by: float, than_requests: int | None = None,
-    *, z: float = 2.0,
-) -> bool:  # fmt: skip
+    share: float,
+    requests: int,
+    than: float,
+    by: float,
+    than_requests: int | None = None,
+    *,
+    z: float = 2.0,
+) -> bool:
     """Whether ``share`` of ``requests`` is ``than`` + ``by`` or more, beyond chance: ``z``
     standard errors of a share of ``than`` + ``by`` (of the difference of two shares,
     with ``than_requests`` behind ``than``)."""

@@ -77,8 +77,9 @@ def _json(data: dict[str, Any], status: int = 200) -> web.Response:
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
-    body = {"error": {"message": message, "type": "invalid_request_error", "param": None,
-                      "code": code}}  # fmt: skip
+    body = {
+        "error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+    }
     return _json(body, status)
 
 
@@ -140,9 +141,15 @@ class BatchService:
             return _error(400, "invalid_file", f"the file has over {rules.max_lines} lines")
         self.stats.calls["upload"] += 1
         ident = f"file-sim-{next(self._ids)}"
-        self.files[ident] = {"id": ident, "object": "file", "bytes": len(content),
-                             "created_at": int(time.time()), "filename": upload.filename,
-                             "purpose": "batch", "status": "processed"}  # fmt: skip
+        self.files[ident] = {
+            "id": ident,
+            "object": "file",
+            "bytes": len(content),
+            "created_at": int(time.time()),
+            "filename": upload.filename,
+            "purpose": "batch",
+            "status": "processed",
+        }
         self.contents[ident] = content
         await self._stall("upload")
         return _json(self.files[ident])
@@ -190,8 +197,9 @@ class BatchService:
             body = orjson.loads(await request.read())
             file_id, window = str(body["input_file_id"]), str(body["completion_window"])
         except (orjson.JSONDecodeError, KeyError, TypeError):
-            return _error(400, "invalid_parameter", "input_file_id and completion_window "
-                          "are required")  # fmt: skip
+            return _error(
+                400, "invalid_parameter", "input_file_id and completion_window are required"
+            )
         if body.get("endpoint") != "/v1/chat/completions":
             return _error(400, "invalid_parameter", "endpoint must be /v1/chat/completions")
         try:
@@ -204,14 +212,28 @@ class BatchService:
         now = int(time.time())
         lines = [orjson.loads(x) for x in self.contents[file_id].splitlines() if x.strip()]
         ident = f"batch_sim_{next(self._ids)}"
-        data = {"id": ident, "object": "batch", "endpoint": body["endpoint"], "errors": None,
-                "input_file_id": file_id, "completion_window": window, "status": "validating",
-                "output_file_id": None, "error_file_id": None, "created_at": now,
-                "in_progress_at": None, "expires_at": now + hours * 3600, "finalizing_at": None,
-                "completed_at": None, "failed_at": None, "expired_at": None,
-                "cancelling_at": None, "cancelled_at": None,
-                "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
-                "metadata": body.get("metadata") or {}}  # fmt: skip
+        data = {
+            "id": ident,
+            "object": "batch",
+            "endpoint": body["endpoint"],
+            "errors": None,
+            "input_file_id": file_id,
+            "completion_window": window,
+            "status": "validating",
+            "output_file_id": None,
+            "error_file_id": None,
+            "created_at": now,
+            "in_progress_at": None,
+            "expires_at": now + hours * 3600,
+            "finalizing_at": None,
+            "completed_at": None,
+            "failed_at": None,
+            "expired_at": None,
+            "cancelling_at": None,
+            "cancelled_at": None,
+            "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
+            "metadata": body.get("metadata") or {},
+        }
         self.batches[ident] = _Batch(data, lines, time.monotonic(), _rules(request) is MODEL_STUDIO)
         await self._stall("create")
         return _json(data)
@@ -257,15 +279,26 @@ class BatchService:
             return data
         models = {str(x.get("body", {}).get("model")) for x in batch.lines}
         if len(models) > 1 or self.config.batch_invalid:
-            data["errors"] = {"object": "list", "data": [{
-                "code": "model_mismatch", "line": None, "param": "body.model",
-                "message": "All requests in a batch file must use the same model."}]}  # fmt: skip
+            data["errors"] = {
+                "object": "list",
+                "data": [
+                    {
+                        "code": "model_mismatch",
+                        "line": None,
+                        "param": "body.model",
+                        "message": "All requests in a batch file must use the same model.",
+                    }
+                ],
+            }
             self._finish(batch, "failed", done=0.0)
             return data
         share = self._share_done(batch)
         if share >= 1.0:
-            self._finish(batch, "expired" if self.config.batch_expire else "completed",
-                         done=0.5 if self.config.batch_expire else 1.0)  # fmt: skip
+            self._finish(
+                batch,
+                "expired" if self.config.batch_expire else "completed",
+                done=0.5 if self.config.batch_expire else 1.0,
+            )
             return data
         data["status"] = "in_progress"
         data["in_progress_at"] = data["in_progress_at"] or int(time.time())
@@ -296,9 +329,15 @@ class BatchService:
             if lines:
                 ident = f"file-sim-{next(self._ids)}"
                 content = b"".join(orjson.dumps(x) + b"\n" for x in lines)
-                self.files[ident] = {"id": ident, "object": "file", "bytes": len(content),
-                                     "created_at": now, "filename": f"{data['id']}_{kind}.jsonl",
-                                     "purpose": "batch_output", "status": "processed"}  # fmt: skip
+                self.files[ident] = {
+                    "id": ident,
+                    "object": "file",
+                    "bytes": len(content),
+                    "created_at": now,
+                    "filename": f"{data['id']}_{kind}.jsonl",
+                    "purpose": "batch_output",
+                    "status": "processed",
+                }
                 self.contents[ident] = content
                 data[f"{kind}_file_id"] = ident
 
@@ -310,16 +349,21 @@ class BatchService:
         except (KeyError, TypeError, AttributeError):
             return self._error_line(line, 400, "invalid_parameter_error", "no messages")
         if MODERATION_MARKER in reply:
-            return self._error_line(line, 400, "data_inspection_failed",
-                                    "Input data may contain inappropriate content.")  # fmt: skip
+            return self._error_line(
+                line, 400, "data_inspection_failed", "Input data may contain inappropriate content."
+            )
         if (refused := refusal(body)) is not None:
             return self._error_line(line, 400, "invalid_parameter_error", refused)
         if self._rng.random() < self.config.batch_fail_lines:
             return self._error_line(line, 500, "internal_error", "An internal error occurred.")
         whole = completion(body, f"chatcmpl-batch-{ident}", per_char=self.config.tokens_per_char)
         self.ledger.add("batch", body, 200, reply, whole["usage"])
-        return {"id": ident, "custom_id": line.get("custom_id"), "error": None,
-                "response": {"status_code": 200, "request_id": ident, "body": whole}}  # fmt: skip
+        return {
+            "id": ident,
+            "custom_id": line.get("custom_id"),
+            "error": None,
+            "response": {"status_code": 200, "request_id": ident, "body": whole},
+        }
 
     def _error_line(
         self, line: dict[str, Any], status: int | None, code: str, message: str
@@ -331,5 +375,9 @@ class BatchService:
         if status is not None:  # the body a live request gets (type, param and all)
             body = {"error": {"message": message, "type": code, "param": None, "code": code}}
             response = {"status_code": status, "request_id": ident, "body": body}
-        return {"id": ident, "custom_id": line.get("custom_id"), "response": response,
-                "error": error}  # fmt: skip
+        return {
+            "id": ident,
+            "custom_id": line.get("custom_id"),
+            "response": response,
+            "error": error,
+        }

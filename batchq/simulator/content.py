@@ -81,8 +81,13 @@ def _instance(schema: Any, defs: dict[str, Any] | None = None) -> Any:
         return {name: _instance(sub, defs) for name, sub in properties.items()}
     if kind == "array":
         return [_instance(schema.get("items", {}), defs)] * schema.get("minItems", 1)
-    scalars = {"string": "text", "integer": schema.get("minimum", 1), "boolean": True,
-               "number": schema.get("minimum", 0.5), "null": None}  # fmt: skip
+    scalars = {
+        "string": "text",
+        "integer": schema.get("minimum", 1),
+        "boolean": True,
+        "number": schema.get("minimum", 0.5),
+        "null": None,
+    }
     return scalars.get(str(kind), "text")
 
 
@@ -173,16 +178,26 @@ def completion(
     }
     if thinking:
         usage["completion_tokens_details"] = {"reasoning_tokens": reasoning_words}
-    return {"id": request_id, "object": "chat.completion", "created": int(time.time()),
-            "model": model, "choices": choices, "usage": usage}  # fmt: skip
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": usage,
+    }
 
 
 def chunks(whole: dict[str, Any], *, include_usage: bool) -> Iterator[dict[str, Any]]:
     """``whole`` as the chunks of a stream, word by word: reasoning, then content, tool
     calls in two pieces (name, then the arguments split in half), a finish chunk per
     choice, and the usage chunk last when asked for."""
-    head = {"id": whole["id"], "object": "chat.completion.chunk",
-            "created": whole["created"], "model": whole["model"]}  # fmt: skip
+    head = {
+        "id": whole["id"],
+        "object": "chat.completion.chunk",
+        "created": whole["created"],
+        "model": whole["model"],
+    }
 
     def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         choice = {"index": index, "delta": delta, "finish_reason": finish}
@@ -198,9 +213,19 @@ def chunks(whole: dict[str, Any], *, include_usage: bool) -> Iterator[dict[str, 
         for k, call in enumerate(message.get("tool_calls") or ()):
             arguments = call["function"]["arguments"]
             half = len(arguments) // 2
-            yield chunk(i, {"tool_calls": [{"index": k, "id": call["id"], "type": "function",
-                                            "function": {"name": call["function"]["name"],
-                                                         "arguments": ""}}]})  # fmt: skip
+            yield chunk(
+                i,
+                {
+                    "tool_calls": [
+                        {
+                            "index": k,
+                            "id": call["id"],
+                            "type": "function",
+                            "function": {"name": call["function"]["name"], "arguments": ""},
+                        }
+                    ]
+                },
+            )
             for piece in (arguments[:half], arguments[half:]):
                 yield chunk(i, {"tool_calls": [{"index": k, "function": {"arguments": piece}}]})
         yield chunk(i, {}, choice["finish_reason"])

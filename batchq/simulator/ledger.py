@@ -35,15 +35,26 @@ class Ledger:
     lines: list[Line] = field(default_factory=list)
 
     def add(
-        self, via: str, body: dict[str, Any], status: int, reply: str,
+        self,
+        via: str,
+        body: dict[str, Any],
+        status: int,
+        reply: str,
         usage: dict[str, Any] | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         usage = usage or {}
         details = usage.get("completion_tokens_details") or {}
-        self.lines.append(Line(
-            via, str(body.get("model")), status, reply, int(usage.get("prompt_tokens") or 0),
-            int(usage.get("completion_tokens") or 0), int(details.get("reasoning_tokens") or 0),
-        ))  # fmt: skip
+        self.lines.append(
+            Line(
+                via,
+                str(body.get("model")),
+                status,
+                reply,
+                int(usage.get("prompt_tokens") or 0),
+                int(usage.get("completion_tokens") or 0),
+                int(details.get("reasoning_tokens") or 0),
+            )
+        )
 
     def report(self) -> dict[str, Any]:
         """Totals by (via, model) of requests, billed requests and tokens, and every line."""
@@ -55,5 +66,7 @@ class Ledger:
             total["prompt_tokens"] += line.prompt_tokens
             total["completion_tokens"] += line.completion_tokens
             total["reasoning_tokens"] += line.reasoning_tokens
-        return {"totals": {k: dict(v) for k, v in totals.items()},
-                "lines": [asdict(line) for line in self.lines]}  # fmt: skip
+        return {
+            "totals": {k: dict(v) for k, v in totals.items()},
+            "lines": [asdict(line) for line in self.lines],
+        }

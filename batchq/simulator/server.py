@@ -196,12 +196,17 @@ class Simulator:
         def per_second(counts: Counter[int]) -> list[int]:
             return [counts[s] for s in range(start, end)]
 
-        return _json({"requests": stats.requests, "by_status": by_status,
-                      "limited": stats.limited,
-                      "ok_per_second": per_second(stats.ok_by_second),
-                      "received_per_second": per_second(stats.received_by_second),
-                      "first_per_second": per_second(stats.first_by_second),
-                      "limited_per_second": per_second(stats.limited_by_second)})  # fmt: skip
+        return _json(
+            {
+                "requests": stats.requests,
+                "by_status": by_status,
+                "limited": stats.limited,
+                "ok_per_second": per_second(stats.ok_by_second),
+                "received_per_second": per_second(stats.received_by_second),
+                "first_per_second": per_second(stats.first_by_second),
+                "limited_per_second": per_second(stats.limited_by_second),
+            }
+        )
 
     async def report_ledger(self, request: web.Request) -> web.Response:
         """``GET /_ledger``: every request answered or refused, with what it was billed."""
@@ -230,8 +235,12 @@ class Simulator:
             reply = reply_for(body["messages"])
             str(body["model"])
         except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
-            return _error(400, "invalid_parameter_error", "The request body is not valid: "
-                          "it needs model and messages.", "invalid_request_error")  # fmt: skip
+            return _error(
+                400,
+                "invalid_parameter_error",
+                "The request body is not valid: it needs model and messages.",
+                "invalid_request_error",
+            )
         seen.body, seen.reply = body, reply
         self.stats.by_prompt[reply] += 1
         second = int(time.monotonic())
@@ -243,8 +252,12 @@ class Simulator:
         sent = request.headers.get("Authorization", "")
         if config.api_key and sent != f"Bearer {config.api_key}":
             # Echo what was sent, as some servers do: clients must not repeat it anywhere.
-            return _error(401, "invalid_api_key", f"Incorrect API key provided: {sent[7:]}.",
-                          "invalid_request_error")  # fmt: skip
+            return _error(
+                401,
+                "invalid_api_key",
+                f"Incorrect API key provided: {sent[7:]}.",
+                "invalid_request_error",
+            )
         if (throttled := self._throttled()) is not None:
             return throttled
         if not all(w.admit(time.monotonic()) for w in self._limits):
@@ -252,8 +265,12 @@ class Simulator:
             self.stats.limited_by_second[second] += 1
             return self._too_many()
         if MODERATION_MARKER in reply:  # input moderation comes before any generation
-            return _error(400, "data_inspection_failed", "Input data may contain inappropriate "
-                          "content.", "data_inspection_failed")  # fmt: skip
+            return _error(
+                400,
+                "data_inspection_failed",
+                "Input data may contain inappropriate content.",
+                "data_inspection_failed",
+            )
         if (refused := refusal(body)) is not None:
             return _error(400, "invalid_parameter_error", refused, "invalid_request_error")
         if config.latency_ms > 0:
@@ -267,9 +284,13 @@ class Simulator:
         return _json(whole)
 
     async def _stream(
-        self, request: web.Request, whole: dict[str, Any], body: dict[str, Any], *,
+        self,
+        request: web.Request,
+        whole: dict[str, Any],
+        body: dict[str, Any],
+        *,
         cut: bool = False,
-    ) -> web.StreamResponse:  # fmt: skip
+    ) -> web.StreamResponse:
         """Send ``whole`` as server-sent events; ``cut`` stops half-way, as a broken
         connection would, without the last chunks or ``[DONE]``."""
         options = body.get("stream_options") or {}
@@ -300,11 +321,13 @@ class Simulator:
         self, fault: str, body: dict[str, Any], request: web.Request, seen: _Seen
     ) -> web.StreamResponse | None:
         if fault == "500":
-            return _error(500, "internal_error", "An internal error has occurred.",
-                          "internal_error")  # fmt: skip
+            return _error(
+                500, "internal_error", "An internal error has occurred.", "internal_error"
+            )
         if fault == "503":
-            return _error(503, "ServiceUnavailable", "The service is overloaded.",
-                          "service_unavailable")  # fmt: skip
+            return _error(
+                503, "ServiceUnavailable", "The service is overloaded.", "service_unavailable"
+            )
         if fault == "429":
             return self._too_many(self.config.fail_429_code)
         if fault == "drop":
@@ -323,8 +346,9 @@ class Simulator:
         return web.Response(body=full, content_type="application/json")
 
     def _completion(self, body: dict[str, Any], seen: _Seen) -> dict[str, Any]:
-        whole = completion(body, f"chatcmpl-sim-{next(self._ids)}",
-                           per_char=self.config.tokens_per_char)  # fmt: skip
+        whole = completion(
+            body, f"chatcmpl-sim-{next(self._ids)}", per_char=self.config.tokens_per_char
+        )
         seen.billed = whole["usage"]
         return whole
 
@@ -338,8 +362,9 @@ class Simulator:
         ):
             return None
         if config.quota_code == "503":
-            return _error(503, "ServiceUnavailable", "The service is overloaded.",
-                          "service_unavailable")  # fmt: skip
+            return _error(
+                503, "ServiceUnavailable", "The service is overloaded.", "service_unavailable"
+            )
         if config.quota_code == "429":
             return web.Response(status=429, text="Too Many Requests")
         return self._too_many(config.quota_code)

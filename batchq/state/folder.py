@@ -89,8 +89,9 @@ class StateDir:
         try:
             state.shards.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise UsageError(f"cannot make the state folder {state.path}: {e.strerror}; "
-                             "choose another --output") from None  # fmt: skip
+            raise UsageError(
+                f"cannot make the state folder {state.path}: {e.strerror}; choose another --output"
+            ) from None
         state._lock = lock.Lock(state.path / LOCK)
         try:
             if restart:
@@ -181,8 +182,10 @@ class StateDir:
         for path, reason in self.damaged():
             aside = path.with_name(f"damaged-{path.name}")
             os.replace(path, aside)
-            notes.append(f"the state folder's shard {path} cannot be read ({reason}): moved "
-                         f"aside to {aside.name}; its rows will be sent again")  # fmt: skip
+            notes.append(
+                f"the state folder's shard {path} cannot be read ({reason}): moved "
+                f"aside to {aside.name}; its rows will be sent again"
+            )
         return notes
 
     # --- reading: every result through the index, so the latest one wins ----------------
@@ -205,8 +208,7 @@ class StateDir:
         """Each shard's ``_id`` and ``columns``, oldest first (``batchq.ray.map``'s folders,
         whose rows are found by id: a later one replaces an earlier)."""
         for path in self.shard_paths():
-            yield conform(read_parquet(path, _present(path, ["_id", *columns])),
-                          ["_id", *columns])  # fmt: skip
+            yield conform(read_parquet(path, _present(path, ["_id", *columns])), ["_id", *columns])
 
     def done_mask(
         self, total_rows: int, *, retry: frozenset[str] = frozenset(), reasks: int | None = None
@@ -241,8 +243,9 @@ class StateDir:
         for table in self.latest(["status", *names[1:]]):
             again = table.filter(self._again(table, retry, reasks))
             afresh = pc.is_in(again.column("status"), arrays.array(sorted(retry), pa.string()))
-            for values, fresh in zip(again.select(names).to_pylist(), afresh.to_pylist(),
-                                     strict=True):  # fmt: skip
+            for values, fresh in zip(
+                again.select(names).to_pylist(), afresh.to_pylist(), strict=True
+            ):
                 if fresh:
                     del values["response"], values["error_message"]
                 prior[values.pop("_row")] = values
@@ -254,8 +257,10 @@ class StateDir:
         again = pc.is_in(status, arrays.array(sorted(retry), pa.string()))
         if reasks is not None:
             reasked = table.column("reasks")
-            left = pc.less(pc.fill_null(reasked, arrays.scalar(0, reasked.type)),
-                           arrays.scalar(reasks, reasked.type))  # fmt: skip
+            left = pc.less(
+                pc.fill_null(reasked, arrays.scalar(0, reasked.type)),
+                arrays.scalar(reasks, reasked.type),
+            )
             again = pc.or_(again, pc.and_(pc.equal(status, arrays.text("invalid")), left))
         return pc.fill_null(again, arrays.boolean(False))
 
@@ -327,8 +332,7 @@ class ShardIndex:
             if len(rows):
                 finder.add_array(rows)
                 low, high = pc.min_max(rows).values()
-                self.shards.append(Shard(seq, path, low.as_py(), high.as_py(),
-                                         len(rows), size))  # fmt: skip
+                self.shards.append(Shard(seq, path, low.as_py(), high.as_py(), len(rows), size))
         self._again = arrays.int64s(sorted(finder.repeated(limit=None)))
         self._latest = arrays.int64s([0] * len(self._again))
         if len(self._again):
@@ -359,8 +363,9 @@ class ShardIndex:
             if shard.high >= start and shard.low < end:
                 table = read_parquet(shard.path)
                 rows = table.column("_row")
-                inside = pc.and_(pc.greater_equal(rows, arrays.int64(start)),
-                                 pc.less(rows, arrays.int64(end)))  # fmt: skip
+                inside = pc.and_(
+                    pc.greater_equal(rows, arrays.int64(start)), pc.less(rows, arrays.int64(end))
+                )
                 keep = self.keep(shard.seq, rows)
                 table = table.filter(inside if keep is None else pc.and_(inside, keep))
                 parts.append(conform(table, SHARD_SCHEMA.names))

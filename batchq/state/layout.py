@@ -68,24 +68,34 @@ def check_output(job: Job) -> None:
     folder (the state folder is made with its parents, after every check)."""
     output, state = job.output, state_path(job.output)
     if output.exists() and job.input.exists() and os.path.samefile(output, job.input):
-        raise UsageError(f"the output {output} is the input file: batchq never writes over "
-                         "its input; choose another --output")  # fmt: skip
+        raise UsageError(
+            f"the output {output} is the input file: batchq never writes over "
+            "its input; choose another --output"
+        )
     if output.is_dir():
-        raise UsageError(f"the output {output} is a folder: give a file path, such as "
-                         f"{output / (job.input.stem + '.parquet')}")  # fmt: skip
+        raise UsageError(
+            f"the output {output} is a folder: give a file path, such as "
+            f"{output / (job.input.stem + '.parquet')}"
+        )
     if output.exists() and output_manifest(output) is None:
-        raise UsageError(f"{output} exists and is not a batchq output: batchq will not write "
-                         "over it; choose another --output, or move the file away")  # fmt: skip
+        raise UsageError(
+            f"{output} exists and is not a batchq output: batchq will not write "
+            "over it; choose another --output, or move the file away"
+        )
     if state.exists() and not state.is_dir():
-        raise UsageError(f"{state} is a file, where the run keeps its state folder: move it "
-                         "away or choose another --output")  # fmt: skip
+        raise UsageError(
+            f"{state} is a file, where the run keeps its state folder: move it "
+            "away or choose another --output"
+        )
     folder = output.parent if str(output.parent) else Path(".")
     existing = folder
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise UsageError(f"the output folder {folder} cannot be made: {existing} is a file; "
-                         "choose another output")  # fmt: skip
+        raise UsageError(
+            f"the output folder {folder} cannot be made: {existing} is a file; "
+            "choose another output"
+        )
     if not os.access(existing, os.W_OK):
         what = "is not writable" if existing == folder else f"cannot be made in {existing}"
         raise UsageError(f"the output folder {folder} {what}: choose another output")

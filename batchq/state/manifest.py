@@ -37,14 +37,23 @@ MANIFEST_KEY = b"batchq.manifest"
 
 
 def manifest_for(
-    job: Job, info: InputInfo, *, region: str, command: str | None = None,
+    job: Job,
+    info: InputInfo,
+    *,
+    region: str,
+    command: str | None = None,
     prices: str | None = None,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """The manifest of ``job`` over the input ``info`` describes; ``prices``: the text of
     the price file the run was priced with (``status`` and ``cost`` price it so too)."""
     recorded = {"prices": prices} if prices is not None else {}
-    return {"version": VERSION, "region": region, "command": command, **recorded,
-            **_identity(job, info)}  # fmt: skip
+    return {
+        "version": VERSION,
+        "region": region,
+        "command": command,
+        **recorded,
+        **_identity(job, info),
+    }
 
 
 def fingerprint(job: Job, digest: str) -> str:
@@ -52,8 +61,12 @@ def fingerprint(job: Job, digest: str) -> str:
     for, the endpoint and the request settings; the same for the same call, whatever the
     input's file is called or where the simulator listens. (Never the key: no part of
     a job holds it.)"""
-    identity = {"input_digest": digest, "id_column": job.id_column,
-                "endpoint": _endpoint_of(job.request), "request": _request_of(job)}  # fmt: skip
+    identity = {
+        "input_digest": digest,
+        "id_column": job.id_column,
+        "endpoint": _endpoint_of(job.request),
+        "request": _request_of(job),
+    }
     text = orjson.dumps(identity, option=orjson.OPT_SORT_KEYS, default=str)
     return hashlib.sha256(text).hexdigest()[:24]
 
@@ -128,8 +141,10 @@ def _changed_request(was: dict[str, Any], now: dict[str, Any]) -> list[str]:
     answer_was, answer_now = was.get("answer"), now.get("answer")  # [answer] may come or go
     if answer_was is None or answer_now is None:
         if answer_was != answer_now:
-            changed.append(f"[answer] ({'none' if answer_was is None else 'set'} before, "
-                           f"{'none' if answer_now is None else 'set'} now)")  # fmt: skip
+            changed.append(
+                f"[answer] ({'none' if answer_was is None else 'set'} before, "
+                f"{'none' if answer_now is None else 'set'} now)"
+            )
         return changed
     for key in dict.fromkeys([*answer_now, *answer_was]):
         if answer_was.get(key) != answer_now.get(key):
@@ -161,13 +176,17 @@ def _check_same_endpoint(old: dict[str, Any], new: dict[str, Any], job: Job) -> 
     if was is None or was == now:
         return
     if was["simulated"]:
-        problem = (f"{job.output} holds the simulator's answers (a --simulate rehearsal), "
-                   f"not {now['provider']}'s")  # fmt: skip
+        problem = (
+            f"{job.output} holds the simulator's answers (a --simulate rehearsal), "
+            f"not {now['provider']}'s"
+        )
     elif now["simulated"]:
         problem = f"{job.output} holds real answers from {was['base_url']}, not the simulator's"
     else:
-        problem = (f"{job.output} holds answers from {was['base_url']} ({was['provider']}), "
-                   f"not from {now['base_url']} ({now['provider']})")  # fmt: skip
+        problem = (
+            f"{job.output} holds answers from {was['base_url']} ({was['provider']}), "
+            f"not from {now['base_url']} ({now['provider']})"
+        )
     raise UsageError(
         f"{problem}; one output never mixes two endpoints' answers. Rerun with --restart "
         "to throw those answers away and send every row again, choose another --output, "

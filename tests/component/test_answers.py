@@ -31,22 +31,30 @@ def said(
     *texts: str | None, prompt: int = 10, completion: int = 2, cached: int | None = None
 ) -> httpx.Response:
     """A 200 whose choices say ``texts``, with its usage."""
-    usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
-                             "total_tokens": prompt + completion}  # fmt: skip
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
     if cached is not None:
         usage["prompt_tokens_details"] = {"cached_tokens": cached}
-    choices = [{"index": i, "message": {"role": "assistant", "content": t},
-                "finish_reason": "stop"} for i, t in enumerate(texts)]  # fmt: skip
-    return httpx.Response(200, json={"id": "c", "model": "qwen-plus", "choices": choices,
-                                     "usage": usage})  # fmt: skip
+    choices = [
+        {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"}
+        for i, t in enumerate(texts)
+    ]
+    return httpx.Response(
+        200, json={"id": "c", "model": "qwen-plus", "choices": choices, "usage": usage}
+    )
 
 
 async def test_an_answer_that_is_not_a_label_is_asked_again_with_the_reason() -> None:
     sent: list[dict[str, Any]] = []
     row, _, events, _ = await run(
         [said("positive or negative", prompt=10), said("**Negative.**", prompt=30)],
-        checker=LABELS, body=BODY, sent=sent,
-    )  # fmt: skip
+        checker=LABELS,
+        body=BODY,
+        sent=sent,
+    )
     assert (row.status, row.answer, row.response, row.reasks) == (
         "ok",
         "negative",
@@ -57,10 +65,13 @@ async def test_an_answer_that_is_not_a_label_is_asked_again_with_the_reason() ->
     again = sent[1]
     assert again["messages"][:2] == BODY["messages"]
     assert again["messages"][2] == {"role": "assistant", "content": "positive or negative"}
-    assert again["messages"][3] == {"role": "user", "content": (
-        "That answer is not valid: it names more than one label (positive, negative). "
-        "Answer with exactly one of these labels and nothing else: positive, negative, neutral."
-    )}  # fmt: skip
+    assert again["messages"][3] == {
+        "role": "user",
+        "content": (
+            "That answer is not valid: it names more than one label (positive, negative). "
+            "Answer with exactly one of these labels and nothing else: positive, negative, neutral."
+        ),
+    }
     assert len(again["messages"]) == 4
     assert {k: v for k, v in again.items() if k != "messages"} == {
         k: v for k, v in BODY.items() if k != "messages"
@@ -75,10 +86,16 @@ async def test_an_answer_that_is_not_a_label_is_asked_again_with_the_reason() ->
 
 async def test_faults_during_a_reask_are_retried_and_billed_only_when_answered() -> None:
     row, sleeps, _, pacer = await run(
-        [err(503), said("maybe", cached=4), err(429, "limit_requests"), err(500),
-         said("Neutral — nothing to say", cached=None)],
-        checker=LABELS, body=BODY,
-    )  # fmt: skip
+        [
+            err(503),
+            said("maybe", cached=4),
+            err(429, "limit_requests"),
+            err(500),
+            said("Neutral — nothing to say", cached=None),
+        ],
+        checker=LABELS,
+        body=BODY,
+    )
     assert (row.status, row.answer, row.reasks, row.attempts) == ("ok", "neutral", 1, 5)
     assert (row.prompt_tokens, row.completion_tokens, row.cached_tokens) == (20, 4, 4)
     assert len(sleeps) == 3
@@ -109,27 +126,33 @@ async def test_a_row_that_fails_during_its_reask_keeps_what_it_was_billed() -> N
         [said("hmm", prompt=12), err(400, "data_inspection_failed")], checker=LABELS, body=BODY
     )
     assert (row.status, row.error_code, row.reasks, row.attempts) == (
-        "error", "data_inspection_failed", 1, 2,
-    )  # fmt: skip
+        "error",
+        "data_inspection_failed",
+        1,
+        2,
+    )
     assert row.prompt_tokens == 12
 
 
 async def test_n_choices_vote_and_agreement_is_the_share_of_all_choices() -> None:
     body = {**BODY, "n": 4}
-    row, _, _, _ = await run([said("Positive.", "negative", "positive!", "no idea")],
-                             checker=LABELS, body=body)  # fmt: skip
+    row, _, _, _ = await run(
+        [said("Positive.", "negative", "positive!", "no idea")], checker=LABELS, body=body
+    )
     assert (row.status, row.answer, row.agreement, row.reasks) == ("ok", "positive", 0.5, 0)
     # A tie goes to the label listed first.
-    row, _, _, _ = await run([said("neutral", "negative", "Negative", "neutral.")],
-                             checker=LABELS, body=body)  # fmt: skip
+    row, _, _, _ = await run(
+        [said("neutral", "negative", "Negative", "neutral.")], checker=LABELS, body=body
+    )
     assert (row.answer, row.agreement) == ("negative", 0.5)
 
 
 async def test_n_choices_none_valid_is_asked_again_with_the_first() -> None:
     sent: list[dict[str, Any]] = []
     body = {**BODY, "n": 2}
-    row, _, _, _ = await run([said("hmm", "maybe"), said("neutral", "Neutral")],
-                             checker=LABELS, body=body, sent=sent)  # fmt: skip
+    row, _, _, _ = await run(
+        [said("hmm", "maybe"), said("neutral", "Neutral")], checker=LABELS, body=body, sent=sent
+    )
     assert (row.status, row.answer, row.agreement, row.reasks) == ("ok", "neutral", 1.0, 1)
     assert sent[1]["n"] == 2
     assert sent[1]["messages"][2] == {"role": "assistant", "content": "hmm"}
@@ -137,8 +160,15 @@ async def test_n_choices_none_valid_is_asked_again_with_the_first() -> None:
 
 async def test_earlier_runs_add_to_the_bill() -> None:
     # --retry-invalid asks afresh: what the row was sent and billed before is kept.
-    prior = {"attempts": 3, "reasks": 2, "prompt_tokens": 30, "completion_tokens": 6,
-             "total_tokens": 36, "cached_tokens": None, "reasoning_tokens": None}  # fmt: skip
+    prior = {
+        "attempts": 3,
+        "reasks": 2,
+        "prompt_tokens": 30,
+        "completion_tokens": 6,
+        "total_tokens": 36,
+        "cached_tokens": None,
+        "reasoning_tokens": None,
+    }
     row, _, _, _ = await run([said("negative")], checker=LABELS, body=BODY, prior=prior)
     assert (row.status, row.answer, row.attempts, row.reasks) == ("ok", "negative", 4, 2)
     assert (row.prompt_tokens, row.completion_tokens, row.total_tokens) == (40, 8, 48)
@@ -146,16 +176,25 @@ async def test_earlier_runs_add_to_the_bill() -> None:
 
 
 async def test_json_answers_are_validated_and_reserialised() -> None:
-    schema = {"type": "object", "required": ["label", "score"],
-              "properties": {"label": {"enum": ["good", "bad"]},
-                             "score": {"type": "integer", "minimum": 1, "maximum": 5}}}  # fmt: skip
+    schema = {
+        "type": "object",
+        "required": ["label", "score"],
+        "properties": {
+            "label": {"enum": ["good", "bad"]},
+            "score": {"type": "integer", "minimum": 1, "maximum": 5},
+        },
+    }
     checker = Checker(AnswerSpec(json_schema=schema, reasks=1))
     sent: list[dict[str, Any]] = []
     row, _, _, _ = await run(
-        [said('{"label": "good", "score": 9}'),
-         said('Sure:\n```json\n{ "label": "good",\n  "score": 4 }\n```')],
-        checker=checker, body=BODY, sent=sent,
-    )  # fmt: skip
+        [
+            said('{"label": "good", "score": 9}'),
+            said('Sure:\n```json\n{ "label": "good",\n  "score": 4 }\n```'),
+        ],
+        checker=checker,
+        body=BODY,
+        sent=sent,
+    )
     assert (row.status, row.answer, row.reasks) == ("ok", '{"label":"good","score":4}', 1)
     reask = sent[1]["messages"][3]["content"]
     assert reask.startswith(
@@ -169,13 +208,22 @@ async def test_a_run_stopped_during_reasks_keeps_the_answers_it_paid_for(tmp_pat
     # run is stopped. The next run asks again from those answers: none is paid twice.
     n = 20
     source = tmp_path / "in.jsonl"
-    source.write_text("".join(json.dumps({"id": i, "text": f"review {i}"}) + "\n"
-                              for i in range(n)))  # fmt: skip
-    job = load_job(None, overrides={
-        "input": str(source), "output": str(tmp_path / "out.parquet"), "model": "qwen-plus",
-        "base_url": "http://sim/v1", "template": "{text}", "max_attempts": 50,
-        "labels": "positive,negative", "reasks": 2,
-    })  # fmt: skip
+    source.write_text(
+        "".join(json.dumps({"id": i, "text": f"review {i}"}) + "\n" for i in range(n))
+    )
+    job = load_job(
+        None,
+        overrides={
+            "input": str(source),
+            "output": str(tmp_path / "out.parquet"),
+            "model": "qwen-plus",
+            "base_url": "http://sim/v1",
+            "template": "{text}",
+            "max_attempts": 50,
+            "labels": "positive,negative",
+            "reasks": 2,
+        },
+    )
     first: list[int] = []
 
     def stuck(request: httpx.Request) -> httpx.Response:

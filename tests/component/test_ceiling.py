@@ -52,9 +52,14 @@ class Drive:
         return self.configured if ceiling is None else min(self.configured, ceiling)
 
     def run(
-        self, seconds: float, refuse: Callable[[float], bool] | float = 0.0, *,
-        per_s: float | None = None, latency: float = 0.05, retry_after: float | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        seconds: float,
+        refuse: Callable[[float], bool] | float = 0.0,
+        *,
+        per_s: float | None = None,
+        latency: float = 0.05,
+        retry_after: float | None = None,
+    ) -> None:
         end = self.now + seconds
         while True:
             gap = 1 / (per_s or self.rate(self.now))
@@ -239,9 +244,13 @@ async def test_a_limit_of_any_shape_is_found_and_held(
     # through at once, a minute's window refuses for 40 s of each minute at 300 a second.
     rows = 15000 if shape.startswith("minute") else 3000
     server = Server(
-        limit=100, shape=shape, latency=latency, noise=noise, retry_after=1.0,  # type: ignore[arg-type]
+        limit=100,
+        shape=shape,
+        latency=latency,
+        noise=noise,
+        retry_after=1.0,  # type: ignore[arg-type]
         rng=random.Random(3),
-    )  # fmt: skip
+    )
     elapsed = await closed_loop(Limits(qps=300), server, rows=rows)
     assert elapsed <= 1.15 * rows / 100 / server.ends
     assert steady_rate(server) >= 95
@@ -309,7 +318,10 @@ async def test_a_throttle_that_ends_is_recovered_from_within_10_s(latency: float
     server = Server(throttle_for=8.0, throttle_after=10.0, latency=latency)
     await closed_loop(Limits(qps=100), server, rows=4000)
     end = server.times[0] + server.throttle_after + server.throttle_for
-    back = next(t / 10 for t in range(round(end * 10), round((end + 60) * 10))
-                if sent_rate(server, t / 10, t / 10 + 1) >= 95)  # fmt: skip
+    back = next(
+        t / 10
+        for t in range(round(end * 10), round((end + 60) * 10))
+        if sent_rate(server, t / 10, t / 10 + 1) >= 95
+    )
     assert back - end <= 10
     assert len(server.throttled) < 150  # not 100 a second refused all the while

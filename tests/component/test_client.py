@@ -29,8 +29,9 @@ def error(status: int, code: str, message: str = "m", **headers: str) -> httpx.R
 
 async def send(handler: Callable[[httpx.Request], httpx.Response], **kw: object) -> Outcome:
     transport = httpx.MockTransport(handler)
-    client = Client("http://sim/v1", api_key=KEY, timeout_s=5, max_connections=4,
-                    transport=transport, **kw)  # type: ignore[arg-type]  # fmt: skip
+    client = Client(
+        "http://sim/v1", api_key=KEY, timeout_s=5, max_connections=4, transport=transport, **kw
+    )  # type: ignore[arg-type]
     async with client:
         return await client.send(BODY)
 
@@ -84,12 +85,17 @@ async def test_classification(response: httpx.Response, kind: str, code: str) ->
 @pytest.mark.parametrize(
     ("code", "throttled"),
     [
-        ("limit_requests", "rate"), ("Throttling", "rate"), ("Throttling.RateQuota", "rate"),
-        ("LimitRequests", "rate"), ("something_new", "rate"),
-        ("limit_burst_rate", "burst"), ("Throttling.BurstRate", "burst"),
-        ("insufficient_quota", "quota"), ("Throttling.AllocationQuota", "quota"),
+        ("limit_requests", "rate"),
+        ("Throttling", "rate"),
+        ("Throttling.RateQuota", "rate"),
+        ("LimitRequests", "rate"),
+        ("something_new", "rate"),
+        ("limit_burst_rate", "burst"),
+        ("Throttling.BurstRate", "burst"),
+        ("insufficient_quota", "quota"),
+        ("Throttling.AllocationQuota", "quota"),
     ],
-)  # fmt: skip
+)
 async def test_a_429_says_which_throttling_it_is(code: str, throttled: str) -> None:
     outcome = await send(lambda request: error(429, code))
     assert outcome.throttled == throttled
@@ -107,8 +113,10 @@ async def test_transport_errors_are_retried() -> None:
 
     outcome = await send(refuse)
     assert (outcome.kind, outcome.error_type, outcome.error_code) == (
-        "retry", "transport", "ConnectError",
-    )  # fmt: skip
+        "retry",
+        "transport",
+        "ConnectError",
+    )
 
 
 async def test_the_key_never_reaches_an_error_message() -> None:
@@ -126,8 +134,13 @@ def sse(*events: object, done: bool = True) -> bytes:
 
 
 async def send_streamed(handler: Callable[[httpx.Request], httpx.Response]) -> Outcome:
-    client = Client("http://sim/v1", api_key=KEY, timeout_s=5, max_connections=4,
-                    transport=httpx.MockTransport(handler))  # fmt: skip
+    client = Client(
+        "http://sim/v1",
+        api_key=KEY,
+        timeout_s=5,
+        max_connections=4,
+        transport=httpx.MockTransport(handler),
+    )
     async with client:
         return await client.send({**BODY, "stream": True})
 

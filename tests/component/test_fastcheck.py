@@ -33,15 +33,23 @@ def batch_lines(n: int, **body: Any) -> bytes:
     def value(v: Any, i: int) -> Any:
         return v(i) if callable(v) else v
 
-    fields = {"model": "qwen-plus",
-              "messages": lambda i: [{"role": "user", "content": f"review {i} 世界"}],
-              **body}  # fmt: skip
+    fields = {
+        "model": "qwen-plus",
+        "messages": lambda i: [{"role": "user", "content": f"review {i} 世界"}],
+        **body,
+    }
     custom = fields.pop("custom_id", lambda i: f"c{i}")
     rows = []
     for i in range(n):
         content = {k: value(v, i) for k, v in fields.items() if v is not None}
-        rows.append({"custom_id": value(custom, i), "method": "POST",
-                     "url": "/v1/chat/completions", "body": content})  # fmt: skip
+        rows.append(
+            {
+                "custom_id": value(custom, i),
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": content,
+            }
+        )
     return lines(rows)
 
 
@@ -274,8 +282,12 @@ CASES: dict[str, tuple[bytes, dict[str, Any], bool]] = {
 
 
 def job_for(path: Path, overrides: dict[str, Any]) -> Any:
-    settings = {"input": str(path), "output": str(path.with_suffix(".out.parquet")),
-                "model": "qwen-plus", **overrides}  # fmt: skip
+    settings = {
+        "input": str(path),
+        "output": str(path.with_suffix(".out.parquet")),
+        "model": "qwen-plus",
+        **overrides,
+    }
     if settings["model"] is None:
         del settings["model"]
     return load_job(None, overrides=settings)
@@ -304,21 +316,33 @@ def test_the_fast_path_passes_only_what_the_exact_pass_accepts_alike(
         return
     if fast is not None:
         assert (fast.rows, fast.columns, fast.id_column, fast.digest, fast.notes) == (
-            exact.total_rows, exact.columns, exact.id_column, exact.digest, exact.notes
-        )  # fmt: skip
+            exact.total_rows,
+            exact.columns,
+            exact.id_column,
+            exact.digest,
+            exact.notes,
+        )
 
 
 def test_parquet_and_gzip(tmp_path: Path) -> None:
-    table = pa.table({"id": list(range(100)), "text": [f"t{i}" for i in range(100)],
-                      "stars": [i % 5 for i in range(100)]})  # fmt: skip
+    table = pa.table(
+        {
+            "id": list(range(100)),
+            "text": [f"t{i}" for i in range(100)],
+            "stars": [i % 5 for i in range(100)],
+        }
+    )
     parquet = tmp_path / "in.parquet"
     pq.write_table(table, parquet, row_group_size=30)
     job = job_for(parquet, TEMPLATE)
     fast, exact = check_columns(job), exact_preflight(job)
     assert fast is not None
     assert (fast.rows, fast.columns, fast.id_column, fast.digest) == (
-        exact.total_rows, exact.columns, exact.id_column, exact.digest
-    )  # fmt: skip
+        exact.total_rows,
+        exact.columns,
+        exact.id_column,
+        exact.digest,
+    )
     packed = tmp_path / "in.jsonl.gz"
     packed.write_bytes(gzip.compress(lines(reviews())))
     assert check_columns(job_for(packed, TEMPLATE)) is None  # declined: the exact pass reads it
@@ -330,13 +354,16 @@ def test_polars_text_types_are_passed(tmp_path: Path, text: pa.DataType) -> None
     """polars writes large_string (batchq.run stages a polars frame so): the exact pass
     over a million such rows took 2.4 s where this takes 0.25 s."""
     messages = pa.list_(pa.struct([("role", text), ("content", text)]))
-    table = pa.table({
-        "id": pa.array([f"r{i}" for i in range(60)], text),
-        "text": pa.array([f"t{i}" for i in range(60)], text),
-        "prompt": pa.array([f"p{i}" for i in range(60)], text),
-        "messages": pa.array([[{"role": "user", "content": f"m{i}"}] for i in range(60)],
-                             messages),
-    })  # fmt: skip
+    table = pa.table(
+        {
+            "id": pa.array([f"r{i}" for i in range(60)], text),
+            "text": pa.array([f"t{i}" for i in range(60)], text),
+            "prompt": pa.array([f"p{i}" for i in range(60)], text),
+            "messages": pa.array(
+                [[{"role": "user", "content": f"m{i}"}] for i in range(60)], messages
+            ),
+        }
+    )
     for columns, overrides in (
         (["id", "text"], {"template": "Review: {text}"}),
         (["id", "prompt"], {}),
@@ -348,8 +375,10 @@ def test_polars_text_types_are_passed(tmp_path: Path, text: pa.DataType) -> None
         fast, exact = check_columns(job), exact_preflight(job)
         assert fast is not None
         assert (fast.rows, fast.columns, fast.digest) == (
-            exact.total_rows, exact.columns, exact.digest
-        )  # fmt: skip
+            exact.total_rows,
+            exact.columns,
+            exact.digest,
+        )
 
 
 @pytest.mark.parametrize("chunk", [7, 64, 1000])

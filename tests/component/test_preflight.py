@@ -23,14 +23,21 @@ def job_for(path: Path, **overrides: Any):  # type: ignore[no-untyped-def]
 
 
 def test_a_good_file_is_described(write_jsonl: Callable[..., Path]) -> None:
-    path = write_jsonl([{"id": 1, "prompt": "a", "score": 1}, {"id": 2, "prompt": "b", "score": 2.5,
-                        "meta": {"k": 1}}])  # fmt: skip
+    path = write_jsonl(
+        [
+            {"id": 1, "prompt": "a", "score": 1},
+            {"id": 2, "prompt": "b", "score": 2.5, "meta": {"k": 1}},
+        ]
+    )
     info = preflight(job_for(path))
     assert info.total_rows == 2
     assert info.id_column == "id"
     assert dict(info.columns) == {
-        "id": pa.int64(), "prompt": pa.string(), "score": pa.float64(), "meta": None,
-    }  # fmt: skip
+        "id": pa.int64(),
+        "prompt": pa.string(),
+        "score": pa.float64(),
+        "meta": None,
+    }
 
 
 def test_bom_at_the_start_and_blank_lines_are_fine(tmp_path: Path) -> None:
@@ -57,21 +64,41 @@ LINES_OK = '{"id": 1, "prompt": "a"}\n'
         (LINES_OK + "[1, 2]\n", {}, 2, None, "a JSON list where an object"),
         (LINES_OK + '"text"\n', {}, 2, None, "a JSON str where an object"),
         (LINES_OK + '{"id": 2, "text": "b"}\n', {}, 2, "messages", "no messages"),
-        (LINES_OK + '{"id": 2, "messages": [{"role": "bot", "content": "x"}]}\n', {}, 2,
-         "messages", "unknown role"),
+        (
+            LINES_OK + '{"id": 2, "messages": [{"role": "bot", "content": "x"}]}\n',
+            {},
+            2,
+            "messages",
+            "unknown role",
+        ),
         (LINES_OK + '{"id": 2, "messages": {"role": "user"}}\n', {}, 2, "messages", "list"),
         (LINES_OK + '{"id": 1, "prompt": "b"}\n', {}, 2, "id", "duplicate id '1'"),
         (LINES_OK + '{"id": null, "prompt": "b"}\n', {}, 2, "id", "missing or null"),
-        (LINES_OK + '{"id": 2, "txt": "b"}\n', {"template": "{text}"}, 1, "text",
-         "template names column 'text'"),
-        ('{"prompt": "' + "word " * 3000 + '"}\n', {"tpm": 1000}, 1, None,
-         "more than the whole TPM"),
+        (
+            LINES_OK + '{"id": 2, "txt": "b"}\n',
+            {"template": "{text}"},
+            1,
+            "text",
+            "template names column 'text'",
+        ),
+        (
+            '{"prompt": "' + "word " * 3000 + '"}\n',
+            {"tpm": 1000},
+            1,
+            None,
+            "more than the whole TPM",
+        ),
         ('{"prompt": "a", "status": "x"}\n', {}, None, "status", "clashes with the output"),
         ('{"prompt": "a", "row": 3}\n', {}, None, "row", "no id column"),
-        (LINES_OK + b'{"id": 2, "prompt": "\xff"}\n'.decode("latin-1"), {}, 2, None,
-         "not valid JSON"),
+        (
+            LINES_OK + b'{"id": 2, "prompt": "\xff"}\n'.decode("latin-1"),
+            {},
+            2,
+            None,
+            "not valid JSON",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_rows(
     tmp_path: Path,
     content: str,

@@ -29,8 +29,15 @@ def attempts_of(state: StateDir) -> dict[int, int]:
 
 
 def result(row: int, status: str = "ok", attempts: int = 1, **columns: Any) -> Result:
-    return Result(row=row, id=str(row), status=status, model=columns.pop("model", "m"),
-                  attempts=attempts, via="live", **columns)  # fmt: skip
+    return Result(
+        row=row,
+        id=str(row),
+        status=status,
+        model=columns.pop("model", "m"),
+        attempts=attempts,
+        via="live",
+        **columns,
+    )
 
 
 def open_state(job: Job, info: InputInfo, *, restart: bool = False) -> StateDir:
@@ -41,8 +48,9 @@ def open_state(job: Job, info: InputInfo, *, restart: bool = False) -> StateDir:
 @pytest.fixture
 def job(write_jsonl: Callable[..., Path], tmp_path: Path):  # type: ignore[no-untyped-def]
     path = write_jsonl([{"prompt": f"p{i}"} for i in range(5)])
-    return load_job(None, overrides={"input": str(path), "model": "m",
-                                     "output": str(tmp_path / "o.parquet")})  # fmt: skip
+    return load_job(
+        None, overrides={"input": str(path), "model": "m", "output": str(tmp_path / "o.parquet")}
+    )
 
 
 @pytest.mark.parametrize("size", [0, 1, 7, 8, 9, 21])
@@ -106,8 +114,9 @@ def test_a_changed_request_is_refused_unless_restart(job) -> None:  # type: igno
     state = open_state(job, info)
     state.write([result(0)])
     state.close()
-    changed = load_job(None, overrides={"input": str(job.input), "model": "other",
-                                        "output": str(job.output)})  # fmt: skip
+    changed = load_job(
+        None, overrides={"input": str(job.input), "model": "other", "output": str(job.output)}
+    )
     with pytest.raises(UsageError, match=r'\[request\].model \(was "m", now "other"\).*--restart'):
         open_state(changed, info)
     state = open_state(changed, info, restart=True)
@@ -118,8 +127,10 @@ def test_a_changed_request_is_refused_unless_restart(job) -> None:  # type: igno
 def test_changed_limits_are_allowed(job) -> None:  # type: ignore[no-untyped-def]
     info = preflight(job)
     open_state(job, info).close()
-    faster = load_job(None, overrides={"input": str(job.input), "model": "m", "qps": 99,
-                                       "output": str(job.output)})  # fmt: skip
+    faster = load_job(
+        None,
+        overrides={"input": str(job.input), "model": "m", "qps": 99, "output": str(job.output)},
+    )
     open_state(faster, info).close()
 
 
@@ -142,8 +153,7 @@ def test_one_run_at_a_time(job) -> None:  # type: ignore[no-untyped-def]
 def test_status_and_cost_of_a_state_folder_count_each_row_once(job) -> None:  # type: ignore[no-untyped-def]
     info = preflight(job)
     state = open_state(job, info)
-    usage: dict[str, Any] = {"model": "qwen-plus", "prompt_tokens": 1000,
-                             "completion_tokens": 100}  # fmt: skip
+    usage: dict[str, Any] = {"model": "qwen-plus", "prompt_tokens": 1000, "completion_tokens": 100}
     state.write([result(0, **usage), result(2, "error"), result(3, "error"), result(4, **usage)])
     state.write([result(2, attempts=2, **usage)])  # --retry-errors answered it
     state.write([result(3, "error", attempts=3)])  # and failed this one again
@@ -166,8 +176,14 @@ def test_the_latest_shard_wins_everywhere_it_is_read(job) -> None:  # type: igno
     state = open_state(job, preflight(job))
     state.write([result(1, "error", response=None), result(3, "ok", response="three-a")])
     state.write([result(0, response="zero"), result(1, "error", attempts=2)])
-    state.write([result(1, response="one", attempts=3), result(3, "error", attempts=4),
-                 result(2, response="two"), result(4, response="four")])  # fmt: skip
+    state.write(
+        [
+            result(1, response="one", attempts=3),
+            result(3, "error", attempts=4),
+            result(2, response="two"),
+            result(4, response="four"),
+        ]
+    )
     assert list(state.done_mask(5, retry=ERRORS)) == [1, 1, 1, 0, 1]
     assert attempts_of(state) == {3: 4}
     block = state.index().results(1, 3)
@@ -177,7 +193,12 @@ def test_the_latest_shard_wins_everywhere_it_is_read(job) -> None:  # type: igno
     rows = [r for table in state.latest(["status"]) for r in table.to_pylist()]
     assert len(rows) == 5  # a row once, however often it was answered
     assert {r["_row"]: r["status"] for r in rows} == {
-        0: "ok", 1: "ok", 2: "ok", 3: "error", 4: "ok"}  # fmt: skip
+        0: "ok",
+        1: "ok",
+        2: "ok",
+        3: "error",
+        4: "ok",
+    }
     with pytest.raises(RuntimeError, match="2 results for 3"):
         state.index().results(3, 3)  # row 5 has none
     state.close()
@@ -200,8 +221,9 @@ def test_the_output_path_is_checked_before_anything_is_written(
         check_output(job_to(path))
 
 
-@pytest.mark.parametrize("fault", [OSError(errno.ENOSPC, "No space left on device"),
-                                   KeyboardInterrupt()])  # fmt: skip
+@pytest.mark.parametrize(
+    "fault", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()]
+)
 def test_a_write_that_fails_leaves_neither_a_temp_file_nor_a_half_file(
     tmp_path: Path, fault: BaseException
 ) -> None:

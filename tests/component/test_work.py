@@ -90,10 +90,18 @@ async def run(  # type: ignore[no-untyped-def]
     transport = httpx.MockTransport(reply)
     body = body or {"model": "qwen-plus", "messages": []}
     item = Item(7, "r7", body, 10, None, prior)
-    async with Client("http://sim/v1", api_key=None, timeout_s=5, max_connections=1,
-                      transport=transport) as client:  # fmt: skip
-        channel = Channel(client, pacer, max_attempts, events.append, sleep, random.Random(0),
-                          quota or QuotaWatch())  # fmt: skip
+    async with Client(
+        "http://sim/v1", api_key=None, timeout_s=5, max_connections=1, transport=transport
+    ) as client:
+        channel = Channel(
+            client,
+            pacer,
+            max_attempts,
+            events.append,
+            sleep,
+            random.Random(0),
+            quota or QuotaWatch(),
+        )
         row = await answer(item, channel, checker=checker)
     return row, sleeps, events, pacer
 
@@ -132,8 +140,10 @@ async def test_a_fault_that_never_passes_ends_the_row_not_the_run() -> None:
 async def test_a_400_is_recorded_once_without_retrying() -> None:
     row, sleeps, _, _ = await run([err(400, "data_inspection_failed")])
     assert (row.status, row.attempts, row.error_code) == (
-        "error", 1, "data_inspection_failed",
-    )  # fmt: skip
+        "error",
+        1,
+        "data_inspection_failed",
+    )
     assert sleeps == []
 
 

@@ -54,16 +54,35 @@ template = "{{text}}"
 
 
 def args(sim: Any, path: Path, out: Path, *extra: str) -> list[str]:
-    return ["run", "--input", str(path), "--output", str(out), "--base-url", sim.base_url,
-            "--model", "qwen-plus", "--template", "{text}", "--quiet",
-            "--concurrency", "16", "--max-attempts", "10", *extra]  # fmt: skip
+    return [
+        "run",
+        "--input",
+        str(path),
+        "--output",
+        str(out),
+        "--base-url",
+        sim.base_url,
+        "--model",
+        "qwen-plus",
+        "--template",
+        "{text}",
+        "--quiet",
+        "--concurrency",
+        "16",
+        "--max-attempts",
+        "10",
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_labels_are_read_leniently_and_the_rest_asked_again_among_faults(
-    simulator: Callable[..., Any], write_jsonl: Callable[..., Path], cli: Any, tmp_path: Path,
+    simulator: Callable[..., Any],
+    write_jsonl: Callable[..., Path],
+    cli: Any,
+    tmp_path: Path,
     stream: bool,
-) -> None:  # fmt: skip
+) -> None:
     sim = simulator(seed=5, **FAULTS)
     out = tmp_path / "out.parquet"
     n = 240
@@ -189,9 +208,13 @@ BAD = {
 
 @pytest.mark.parametrize(("flags", "message"), BAD.values(), ids=BAD.keys())
 def test_answer_mistakes_are_refused_before_anything_is_sent(
-    simulator: Callable[..., Any], write_jsonl: Callable[..., Path], cli: Any, tmp_path: Path,
-    flags: list[str], message: str,
-) -> None:  # fmt: skip
+    simulator: Callable[..., Any],
+    write_jsonl: Callable[..., Path],
+    cli: Any,
+    tmp_path: Path,
+    flags: list[str],
+    message: str,
+) -> None:
     sim = simulator()
     schema = tmp_path / "schema.json"
     schema.write_text('{"type": "objekt"}')
@@ -230,12 +253,24 @@ def test_batch_api_answers_are_checked_on_import_and_asked_again_live(
     assert cli("export-batch", job).exit_code == 0
     folder = tmp_path / "out.batch"
     manifest = json.loads((folder / "manifest.json").read_text())
-    lines = [json.loads(x) for f in manifest["files"]
-             for x in (folder / f["file"]).read_text().splitlines()]  # fmt: skip
+    lines = [
+        json.loads(x)
+        for f in manifest["files"]
+        for x in (folder / f["file"]).read_text().splitlines()
+    ]
     answers = tmp_path / "answers.jsonl"
-    answers.write_text("".join(json.dumps({"custom_id": x["custom_id"], "response": {
-        "status_code": 200, "body": completion(x["body"], f"b{i}")}}) + "\n"
-        for i, x in enumerate(lines)))  # fmt: skip
+    answers.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "custom_id": x["custom_id"],
+                    "response": {"status_code": 200, "body": completion(x["body"], f"b{i}")},
+                }
+            )
+            + "\n"
+            for i, x in enumerate(lines)
+        )
+    )
     bad = sum(TEXTS[r["text"]] is None for r in answer_rows(n))
     imported = cli("import-batch", answers, "--job", job)
     assert imported.exit_code == 0, imported.output

@@ -26,8 +26,14 @@ def rows(n: int) -> list[dict[str, Any]]:
 
 
 def run(*args: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "batchq", "run", *map(str, args)], cwd=ROOT,
-                          env=ENV, capture_output=True, text=True, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "batchq", "run", *map(str, args)],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_every_parameter_reaches_the_server_from_the_job_or_the_row(
@@ -93,19 +99,38 @@ def test_streaming_n_choices_and_cut_streams_end_in_the_same_columns(
     sim = simulator(latency_ms=20, fail_truncate=0.1, seed=5)
     path = write_jsonl(rows(200))
     out = tmp_path / "out.parquet"
-    done = run("--input", path, "--output", out, "--base-url", sim.base_url, "--model", "m",
-               "--template", "Review: {text}", "--param", "stream=true", "--param", "n=3",
-               "--quiet", "--max-attempts", "10")  # fmt: skip
+    done = run(
+        "--input",
+        path,
+        "--output",
+        out,
+        "--base-url",
+        sim.base_url,
+        "--model",
+        "m",
+        "--template",
+        "Review: {text}",
+        "--param",
+        "stream=true",
+        "--param",
+        "n=3",
+        "--quiet",
+        "--max-attempts",
+        "10",
+    )
     assert done.returncode == 0, done.stderr
-    assert all(b["stream"] is True and b["stream_options"] == {"include_usage": True}
-               for b in sim.stats.bodies)  # fmt: skip
+    assert all(
+        b["stream"] is True and b["stream_options"] == {"include_usage": True}
+        for b in sim.stats.bodies
+    )
     df = pl.read_parquet(out)
     assert set(df["status"]) == {"ok"}
     assert df["response"].to_list() == [f"echo: Review: review number {i}" for i in range(200)]
     assert df["choices"].to_list()[7] == [
-        "echo: Review: review number 7", "echo: Review: review number 7 (2)",
+        "echo: Review: review number 7",
+        "echo: Review: review number 7 (2)",
         "echo: Review: review number 7 (3)",
-    ]  # fmt: skip
+    ]
     assert (df["completion_tokens"] == 5 + 6 + 6).all()  # usage from the final chunk
     assert df["ttft_ms"].is_not_null().all()
     assert (df["ttft_ms"] <= df["latency_ms"]).all()
@@ -117,8 +142,16 @@ def test_qwen3_hybrid_rule_said_once_and_what_happens_without_it(
 ) -> None:
     sim = simulator()
     path = write_jsonl(rows(30))
-    common = ["--input", path, "--base-url", sim.base_url, "--model", "qwen3-32b",
-              "--template", "Review: {text}"]  # fmt: skip
+    common = [
+        "--input",
+        path,
+        "--base-url",
+        sim.base_url,
+        "--model",
+        "qwen3-32b",
+        "--template",
+        "Review: {text}",
+    ]
     out = tmp_path / "ms.parquet"
     done = run(*common, "--output", out, "--provider", "dashscope-intl")
     assert done.returncode == 0, done.stderr
@@ -141,9 +174,20 @@ def test_stream_only_models_are_streamed_with_reasoning_captured(
 ) -> None:
     sim = simulator()
     out = tmp_path / "out.parquet"
-    done = run("--input", write_jsonl(rows(10)), "--output", out, "--base-url", sim.base_url,
-               "--provider", "dashscope-intl", "--model", "qwq-plus",
-               "--template", "{text}")  # fmt: skip
+    done = run(
+        "--input",
+        write_jsonl(rows(10)),
+        "--output",
+        out,
+        "--base-url",
+        sim.base_url,
+        "--provider",
+        "dashscope-intl",
+        "--model",
+        "qwq-plus",
+        "--template",
+        "{text}",
+    )
     assert done.returncode == 0, done.stderr
     assert "qwq-plus answers only streamed" in done.stderr
     assert all(b["stream"] is True for b in sim.stats.bodies)
@@ -161,9 +205,20 @@ def test_out_of_range_values_are_refused_before_sending(
     data = rows(5)
     data[3]["top_p"] = 1.5
     path = write_jsonl(data)
-    done = run("--input", path, "--output", tmp_path / "o.parquet", "--base-url", sim.base_url,
-               "--provider", "dashscope", "--model", "qwen-plus",
-               "--template", "{text}")  # fmt: skip
+    done = run(
+        "--input",
+        path,
+        "--output",
+        tmp_path / "o.parquet",
+        "--base-url",
+        sim.base_url,
+        "--provider",
+        "dashscope",
+        "--model",
+        "qwen-plus",
+        "--template",
+        "{text}",
+    )
     assert done.returncode == 2
     assert "line 4" in done.stderr
     assert "top_p = 1.5 is outside (0, 1], the range Model Studio accepts" in done.stderr
@@ -175,8 +230,17 @@ def test_keep_raw_adds_the_responses_as_received(
 ) -> None:
     sim = simulator()
     path = write_jsonl(rows(10))
-    common = ["--input", path, "--base-url", sim.base_url, "--model", "m", "--template", "{text}",
-              "--quiet"]  # fmt: skip
+    common = [
+        "--input",
+        path,
+        "--base-url",
+        sim.base_url,
+        "--model",
+        "m",
+        "--template",
+        "{text}",
+        "--quiet",
+    ]
     plain, raw, streamed = (tmp_path / f"{n}.parquet" for n in ("plain", "raw", "streamed"))
     assert run(*common, "--output", plain).returncode == 0
     assert "raw" not in pl.read_parquet(plain).columns
@@ -194,9 +258,22 @@ def test_keep_raw_adds_the_responses_as_received(
     # An error row keeps the error's body as received.
     failing = simulator(fail_500=1.0)
     errors = tmp_path / "errors.parquet"
-    done = run("--input", path, "--base-url", failing.base_url, "--model", "m", "--template",
-               "{text}", "--quiet", "--output", errors, "--keep-raw",
-               "--max-attempts", "1")  # fmt: skip
+    done = run(
+        "--input",
+        path,
+        "--base-url",
+        failing.base_url,
+        "--model",
+        "m",
+        "--template",
+        "{text}",
+        "--quiet",
+        "--output",
+        errors,
+        "--keep-raw",
+        "--max-attempts",
+        "1",
+    )
     assert done.returncode == 0, done.stderr
     df = pl.read_parquet(errors)
     assert set(df["status"]) == {"error"}

@@ -68,8 +68,18 @@ def test_bad_input(
     sim = simulator()
     path = tmp_path / "in.jsonl"
     path.write_bytes(content)
-    result = cli("run", "--input", path, "--output", tmp_path / "o.parquet", "--model", "m",
-                 "--base-url", sim.base_url, *flags)  # fmt: skip
+    result = cli(
+        "run",
+        "--input",
+        path,
+        "--output",
+        tmp_path / "o.parquet",
+        "--model",
+        "m",
+        "--base-url",
+        sim.base_url,
+        *flags,
+    )
     assert result.exit_code == 2, result.output
     assert result.output.startswith("error: ")
     for word in words:
@@ -121,12 +131,24 @@ def test_a_parquet_files_rows_are_counted_from_1_as_its_lines_would_be(
     sim = simulator()
     path = tmp_path / "in.parquet"
     pq.write_table(pa.table({"id": ["a", "b", "c", "b"], "text": ["x", None, "z", "w"]}), path)
-    null = cli("run", "--input", path, "--model", "m", "--template", "{text}",
-               "--base-url", sim.base_url)  # fmt: skip
+    null = cli(
+        "run", "--input", path, "--model", "m", "--template", "{text}", "--base-url", sim.base_url
+    )
     assert null.exit_code == 2
     assert f"error: {path}, row 2, column text: column 'text' is null" in null.output
-    twice = cli("run", "--input", path, "--model", "m", "--template", "{id}",
-                "--id-column", "id", "--base-url", sim.base_url)  # fmt: skip
+    twice = cli(
+        "run",
+        "--input",
+        path,
+        "--model",
+        "m",
+        "--template",
+        "{id}",
+        "--id-column",
+        "id",
+        "--base-url",
+        sim.base_url,
+    )
     assert twice.exit_code == 2
     assert f"{path}, row 4, column id: duplicate id 'b'" in twice.output
     assert "(the first is at row 2)" in twice.output
@@ -142,8 +164,9 @@ def test_unreadable_inputs(
 ) -> None:
     sim = simulator()
     (tmp_path / "in.csv").write_text("id,text\n1,x\n")
-    result = cli("run", "--input", tmp_path / input_name, "--model", "m", "--base-url",
-                 sim.base_url)  # fmt: skip
+    result = cli(
+        "run", "--input", tmp_path / input_name, "--model", "m", "--base-url", sim.base_url
+    )
     assert result.exit_code == 2
     assert words in result.output
     assert sim.stats.requests == 0
@@ -155,8 +178,19 @@ def test_output_in_a_missing_folder_is_made(
     sim = simulator()
     (tmp_path / "in.jsonl").write_text(OK)
     output = tmp_path / "no" / "such" / "o.parquet"
-    result = cli("run", "--input", tmp_path / "in.jsonl", "--output", output,
-                 "--model", "m", "--template", "{text}", "--base-url", sim.base_url)  # fmt: skip
+    result = cli(
+        "run",
+        "--input",
+        tmp_path / "in.jsonl",
+        "--output",
+        output,
+        "--model",
+        "m",
+        "--template",
+        "{text}",
+        "--base-url",
+        sim.base_url,
+    )
     assert result.exit_code == 0, result.output
     assert output.exists()
 
@@ -167,9 +201,19 @@ def test_output_under_a_file_cannot_be_made(
     sim = simulator()
     (tmp_path / "in.jsonl").write_text(OK)
     (tmp_path / "afile").write_text("x")
-    result = cli("run", "--input", tmp_path / "in.jsonl", "--output",
-                 tmp_path / "afile" / "sub" / "o.parquet", "--model", "m",
-                 "--template", "{text}", "--base-url", sim.base_url)  # fmt: skip
+    result = cli(
+        "run",
+        "--input",
+        tmp_path / "in.jsonl",
+        "--output",
+        tmp_path / "afile" / "sub" / "o.parquet",
+        "--model",
+        "m",
+        "--template",
+        "{text}",
+        "--base-url",
+        sim.base_url,
+    )
     assert result.exit_code == 2
     assert "cannot be made" in result.output
     assert "is a file" in result.output
@@ -187,8 +231,19 @@ def test_output_in_a_read_only_folder(
     folder.chmod(0o500)
     try:
         output = folder / "o.parquet"
-        result = cli("run", "--input", tmp_path / "in.jsonl", "--output", output, "--model", "m",
-                     "--template", "{text}", "--base-url", sim.base_url)  # fmt: skip
+        result = cli(
+            "run",
+            "--input",
+            tmp_path / "in.jsonl",
+            "--output",
+            output,
+            "--model",
+            "m",
+            "--template",
+            "{text}",
+            "--base-url",
+            sim.base_url,
+        )
     finally:
         folder.chmod(0o700)
     assert result.exit_code == 2
@@ -204,17 +259,29 @@ def test_a_malformed_param_flag(cli: Any, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("param", "words"),
-    [("response_format={type:json_object}", "check its quotes and brackets"),
-     ("stop=END", """a string needs JSON quotes: --param 'stop="END"'"""),
-     ("top_p=abc", "'abc' is not JSON")],
-)  # fmt: skip
+    [
+        ("response_format={type:json_object}", "check its quotes and brackets"),
+        ("stop=END", """a string needs JSON quotes: --param 'stop="END"'"""),
+        ("top_p=abc", "'abc' is not JSON"),
+    ],
+)
 def test_a_param_that_is_not_json_is_refused_not_sent_as_text(
     simulator: Callable[..., Any], cli: Any, tmp_path: Path, param: str, words: str
 ) -> None:
     sim = simulator()
     (tmp_path / "in.jsonl").write_text(OK)
-    result = cli("run", "--input", tmp_path / "in.jsonl", *T, "--model", "m",
-                 "--base-url", sim.base_url, "--param", param)  # fmt: skip
+    result = cli(
+        "run",
+        "--input",
+        tmp_path / "in.jsonl",
+        *T,
+        "--model",
+        "m",
+        "--base-url",
+        sim.base_url,
+        "--param",
+        param,
+    )
     assert result.exit_code == 2
     assert "--param" in result.output
     assert words in result.output
@@ -224,8 +291,17 @@ def test_a_param_that_is_not_json_is_refused_not_sent_as_text(
 
 def test_a_bad_value_in_the_jobs_settings_blames_the_setting(cli: Any, tmp_path: Path) -> None:
     (tmp_path / "in.jsonl").write_text(OK)
-    result = cli("run", "--input", tmp_path / "in.jsonl", *T, "--model", "qwen-plus",
-                 "--simulate", "--param", 'top_p="abc"')  # fmt: skip
+    result = cli(
+        "run",
+        "--input",
+        tmp_path / "in.jsonl",
+        *T,
+        "--model",
+        "qwen-plus",
+        "--simulate",
+        "--param",
+        'top_p="abc"',
+    )
     assert result.exit_code == 2
     assert "top_p = 'abc' (set by a flag or in [request])" in result.output
     assert "line 1" not in result.output

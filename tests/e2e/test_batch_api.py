@@ -28,9 +28,11 @@ def provider(lines: list[dict[str, Any]], rng: random.Random) -> tuple[list[byte
     """A Batch API: answer each request line; lose 1 %, refuse 1 % (a 400, final), fail
     1 % as a live run would retry (a 500) and expire 1 % (batch_expired)."""
     output, errors = [], []
-    failures = [(400, "data_inspection_failed", "inappropriate content"),
-                (500, "InternalError", "the batch worker failed"),
-                (None, "batch_expired", "not run before the completion window ended")]  # fmt: skip
+    failures = [
+        (400, "data_inspection_failed", "inappropriate content"),
+        (500, "InternalError", "the batch worker failed"),
+        (None, "batch_expired", "not run before the completion window ended"),
+    ]
     for i, line in enumerate(lines):
         roll = rng.random()
         if roll < 0.01:
@@ -39,13 +41,28 @@ def provider(lines: list[dict[str, Any]], rng: random.Random) -> tuple[list[byte
             status, code, message = failures[int((roll - 0.01) / 0.01)]
             error = {"code": code, "message": message}
             response = {"status_code": status, "body": {"error": error}} if status else None
-            errors.append(orjson.dumps({"id": f"batch_req_{i}", "custom_id": line["custom_id"],
-                                        "response": response, "error": error}))  # fmt: skip
+            errors.append(
+                orjson.dumps(
+                    {
+                        "id": f"batch_req_{i}",
+                        "custom_id": line["custom_id"],
+                        "response": response,
+                        "error": error,
+                    }
+                )
+            )
             continue
         body = completion(line["body"], f"chatcmpl-batch-{i}")
-        output.append(orjson.dumps({"id": f"batch_req_{i}", "custom_id": line["custom_id"],
-                                    "response": {"status_code": 200, "request_id": f"r{i}",
-                                                 "body": body}, "error": None}))  # fmt: skip
+        output.append(
+            orjson.dumps(
+                {
+                    "id": f"batch_req_{i}",
+                    "custom_id": line["custom_id"],
+                    "response": {"status_code": 200, "request_id": f"r{i}", "body": body},
+                    "error": None,
+                }
+            )
+        )
     return output, errors
 
 
@@ -55,8 +72,9 @@ def test_export_import_round_trip_then_a_live_run_finishes(
 ) -> None:
     sim = simulator()
     models = ["qwen-plus", "qwen-flash"]
-    path = write_jsonl([{"id": f"r{i}", "text": f"review number {i}", "model": models[i % 2]}
-                        for i in range(N)])  # fmt: skip
+    path = write_jsonl(
+        [{"id": f"r{i}", "text": f"review number {i}", "model": models[i % 2]} for i in range(N)]
+    )
     job = tmp_path / "job.toml"
     job.write_text(f"""
 input = "{path}"
@@ -74,14 +92,16 @@ stream = true
     folder = tmp_path / "out.batch"
     manifest = json.loads((folder / "manifest.json").read_text())
     assert sorted((f["model"], f["lines"]) for f in manifest["files"]) == [
-        ("qwen-flash", 500), ("qwen-flash", 1000), ("qwen-plus", 500), ("qwen-plus", 1000),
-    ]  # fmt: skip
+        ("qwen-flash", 500),
+        ("qwen-flash", 1000),
+        ("qwen-plus", 500),
+        ("qwen-plus", 1000),
+    ]
     lines = []
     for entry in manifest["files"]:
         file_lines = [json.loads(x) for x in (folder / entry["file"]).read_text().splitlines()]
         assert {x["body"]["model"] for x in file_lines} == {entry["model"]}  # one model a file
-        assert all(x["method"] == "POST" and x["url"] == "/v1/chat/completions"
-                   for x in file_lines)  # fmt: skip
+        assert all(x["method"] == "POST" and x["url"] == "/v1/chat/completions" for x in file_lines)
         assert all("stream" not in x["body"] for x in file_lines)  # a batch is not streamed
         lines += file_lines
     assert sorted(x["custom_id"] for x in lines) == sorted(f"r{i}" for i in range(N))
@@ -119,8 +139,9 @@ stream = true
     assert df["id"].to_list() == [f"r{i}" for i in range(N)]
     assert df["model"].to_list() == [models[i % 2] for i in range(N)]
     ok = df.filter(pl.col("status") == "ok")
-    assert ok["response"].to_list() == [f"echo: Review: review number {i}"
-                                        for i in range(N) if f"r{i}" in set(ok["id"])]  # fmt: skip
+    assert ok["response"].to_list() == [
+        f"echo: Review: review number {i}" for i in range(N) if f"r{i}" in set(ok["id"])
+    ]
     refused = df.filter(pl.col("status") == "error")
     assert refused["error_code"].unique().to_list() == ["data_inspection_failed"]
     # a 400 whose body has no error type reads as a live run reads it, not "batch_error"
@@ -132,12 +153,14 @@ stream = true
     # The Batch API half of the bill is at half price: check one batch row by hand.
     report = json.loads(cli("cost", tmp_path / "out.parquet", "--json").output)
     assert report["batch_rows"] == N - lost
-    plus = df.filter((pl.col("via") == "batch") & (pl.col("model") == "qwen-plus")
-                     & (pl.col("status") == "ok"))  # fmt: skip
+    plus = df.filter(
+        (pl.col("via") == "batch") & (pl.col("model") == "qwen-plus") & (pl.col("status") == "ok")
+    )
     by_hand = (plus["prompt_tokens"].sum() * 0.4 + plus["completion_tokens"].sum() * 1.2) / 2e6
     live_plus = df.filter((pl.col("via") == "live") & (pl.col("model") == "qwen-plus"))
-    by_hand += (live_plus["prompt_tokens"].sum() * 0.4
-                + live_plus["completion_tokens"].sum() * 1.2) / 1e6  # fmt: skip
+    by_hand += (
+        live_plus["prompt_tokens"].sum() * 0.4 + live_plus["completion_tokens"].sum() * 1.2
+    ) / 1e6
     line = next(x for x in report["lines"] if x["key"] == "qwen-plus")
     assert line["cost"] == pytest.approx(by_hand)
 
@@ -149,8 +172,10 @@ def test_import_refuses_a_foreign_or_broken_file(
     job = tmp_path / "job.toml"
     job.write_text(f'input = "{path}"\n[request]\nmodel = "qwen-plus"\n')
     stranger = tmp_path / "stranger.jsonl"
-    stranger.write_text('{"custom_id": "r1", "response": {"status_code": 200}}\n'
-                        '{"custom_id": "zz", "response": {"status_code": 200}}\n')  # fmt: skip
+    stranger.write_text(
+        '{"custom_id": "r1", "response": {"status_code": 200}}\n'
+        '{"custom_id": "zz", "response": {"status_code": 200}}\n'
+    )
     result = cli("import-batch", stranger, "--job", job)
     assert result.exit_code == 2
     assert f"{stranger}, line 2" in result.output
@@ -167,8 +192,10 @@ def test_import_refuses_a_foreign_or_broken_file(
 def small_job(tmp_path: Path, write_jsonl: Callable[..., Path], model: str = "qwen-plus") -> Path:
     path = write_jsonl([{"id": f"r{i}", "text": f"review number {i}"} for i in range(20)])
     job = tmp_path / "job.toml"
-    job.write_text(f'input = "{path}"\noutput = "{tmp_path / "out.parquet"}"\n[request]\n'
-                   f'model = "{model}"\ntemplate = "Review: {{text}}"\n')  # fmt: skip
+    job.write_text(
+        f'input = "{path}"\noutput = "{tmp_path / "out.parquet"}"\n[request]\n'
+        f'model = "{model}"\ntemplate = "Review: {{text}}"\n'
+    )
     return job
 
 
@@ -245,9 +272,20 @@ def test_a_job_given_by_flags_alone_is_named_by_its_exports_manifest(
 ) -> None:
     sim = simulator()
     path = write_jsonl([{"id": f"r{i}", "text": f"review number {i}"} for i in range(20)])
-    flags = ["--input", path, "--output", tmp_path / "out.parquet", "--model", "qwen-plus",
-             "--template", "Review: {text}", "--base-url", sim.base_url,
-             "--param", "seed=7"]  # fmt: skip
+    flags = [
+        "--input",
+        path,
+        "--output",
+        tmp_path / "out.parquet",
+        "--model",
+        "qwen-plus",
+        "--template",
+        "Review: {text}",
+        "--base-url",
+        sim.base_url,
+        "--param",
+        "seed=7",
+    ]
     exported = cli("export-batch", *flags)
     assert exported.exit_code == 0, exported.output
     manifest = tmp_path / "out.batch" / "manifest.json"

@@ -58,8 +58,13 @@ GUARD = textwrap.dedent(
 
 
 def guarded(code: str, cwd: Path) -> None:
-    done = subprocess.run([sys.executable, "-c", GUARD + textwrap.dedent(code)], cwd=cwd,
-                          capture_output=True, text=True, timeout=240)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", GUARD + textwrap.dedent(code)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -75,10 +80,12 @@ def test_cli_runs_resumes_and_reports_import_no_pandas(
     write_jsonl([{"id": i, "messages": messages} for i in range(20)], "messages.jsonl")
     body = {"model": "qwen-plus", "max_tokens": 5, "messages": messages}
     write_jsonl(
-        [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}
-         for i in range(20)],
+        [
+            {"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}
+            for i in range(20)
+        ],
         "lines.jsonl",
-    )  # fmt: skip
+    )
     # ids of two kinds, a nested column, a null: the exact pass, not the fast one
     odd = [{"id": 1, "text": "a", "meta": {"k": [1, 2]}}, {"id": "x", "text": "b", "meta": None}]
     write_jsonl(odd, "odd.jsonl")

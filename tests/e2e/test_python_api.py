@@ -41,21 +41,30 @@ def cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def frame(n: int) -> pl.DataFrame:
     """Columns of many dtypes, to come back as they went in."""
-    return pl.DataFrame({
-        "id": list(range(100, 100 + n)),
-        "text": [f"review number {i}" for i in range(n)],
-        "kind": pl.Series([("a", "b", "c")[i % 3] for i in range(n)], dtype=pl.Categorical),
-        "at": [dt.datetime(2026, 1, 1) + dt.timedelta(minutes=i) for i in range(n)],
-        "tags": [[i, i + 1] for i in range(n)],
-        "meta": [{"stars": i % 5, "source": "web"} for i in range(n)],
-    })  # fmt: skip
+    return pl.DataFrame(
+        {
+            "id": list(range(100, 100 + n)),
+            "text": [f"review number {i}" for i in range(n)],
+            "kind": pl.Series([("a", "b", "c")[i % 3] for i in range(n)], dtype=pl.Categorical),
+            "at": [dt.datetime(2026, 1, 1) + dt.timedelta(minutes=i) for i in range(n)],
+            "tags": [[i, i + 1] for i in range(n)],
+            "meta": [{"stars": i % 5, "source": "web"} for i in range(n)],
+        }
+    )
 
 
 def on(sim: Any, **extra: Any) -> dict[str, Any]:
     """Keywords for a call to the simulator as a real endpoint (it counts each request)."""
-    return {"provider": "custom", "base_url": sim.base_url, "model": "qwen-plus",
-            "template": "Review: {text}", "progress": False, "max_attempts": 20,
-            "timeout_s": 5, **extra}  # fmt: skip
+    return {
+        "provider": "custom",
+        "base_url": sim.base_url,
+        "model": "qwen-plus",
+        "template": "Review: {text}",
+        "progress": False,
+        "max_attempts": 20,
+        "timeout_s": 5,
+        **extra,
+    }
 
 
 def replies(n: int) -> list[str]:
@@ -102,8 +111,9 @@ def test_pyarrow_tables_and_readers_come_back_as_tables(
     out = batchq.run(table, **on(sim))
     assert isinstance(out, pa.Table)
     assert out.select(table.schema.names).equals(table)
-    streamed = batchq.run(pa.RecordBatchReader.from_batches(table.schema, table.to_batches(7)),
-                          **on(sim))  # fmt: skip
+    streamed = batchq.run(
+        pa.RecordBatchReader.from_batches(table.schema, table.to_batches(7)), **on(sim)
+    )
     assert isinstance(streamed, pa.Table)
     assert streamed.column("response").to_pylist() == replies(40)
     assert streamed.schema.field("at").type == table.schema.field("at").type
@@ -143,8 +153,9 @@ def test_a_finished_call_returns_from_the_cache_sending_nothing(
     # Another prompt, or the simulator named as a rehearsal, is another call.
     batchq.run(data, **on(sim, system="Be brief."))
     assert sim.stats.requests == 2 * sent
-    simulated = batchq.run(data, model="qwen-plus", template="Review: {text}", simulate=True,
-                           progress=False)  # fmt: skip
+    simulated = batchq.run(
+        data, model="qwen-plus", template="Review: {text}", simulate=True, progress=False
+    )
     assert simulated["status"].to_list() == ["ok"] * 100
     assert sim.stats.requests == 2 * sent  # the built-in one answered, not this one
     assert len(list(cache_home.glob("*/output.parquet"))) == 3
@@ -224,8 +235,9 @@ def test_errors_are_exceptions_that_say_where_in_the_frame(
         batchq.run(frame(5), **on(guarded), api_key_env="BQ_TEST_KEY")
     assert (stopped.value.http_status, stopped.value.exit_code) == (401, 3)
     assert "sk-wrong-key-123" not in str(stopped.value)
-    assert not any("sk-wrong" in p.read_text(errors="replace")
-                   for p in cache_home.rglob("*") if p.is_file())  # fmt: skip
+    assert not any(
+        "sk-wrong" in p.read_text(errors="replace") for p in cache_home.rglob("*") if p.is_file()
+    )
 
 
 def test_a_pydantic_model_as_the_answer_gives_a_struct_column(
@@ -278,9 +290,14 @@ def child(sim: Any, n: int, cache_home: Path, tmp_path: Path) -> subprocess.Pope
     script = tmp_path / "cell.py"
     script.write_text(textwrap.dedent(CHILD))
     env = {**os.environ, "XDG_CACHE_HOME": str(cache_home.parent)}
-    return subprocess.Popen([sys.executable, str(script), sim.base_url, str(n)], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, str(script), sim.base_url, str(n)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_flush(cache_home: Path) -> None:
@@ -346,8 +363,9 @@ def test_cache_list_and_clear(cli: Callable[..., Any], cache_home: Path) -> None
     batchq.run(data, model="qwen-plus", template="Review: {text}", simulate=True, progress=False)
     listed = cli("cache", "list")
     assert listed.exit_code == 0
-    assert re.search(r"complete 12/12 rows.*qwen-plus @ simulated +a polars DataFrame of 12",
-                     listed.output)  # fmt: skip
+    assert re.search(
+        r"complete 12/12 rows.*qwen-plus @ simulated +a polars DataFrame of 12", listed.output
+    )
     kept = cli("cache", "clear", "--older-than", "7d")
     assert "removed 0 cached calls" in kept.output
     bad = cli("cache", "clear", "--older-than", "soon")
@@ -363,6 +381,12 @@ def test_the_readmes_python_examples_run(tmp_path: Path) -> None:
     assert len(blocks) >= 2
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     for block in blocks:
-        done = subprocess.run([sys.executable, "-c", block], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-c", block],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 0, done.stderr

@@ -42,8 +42,19 @@ def test_random_429s_among_other_faults_keep_the_configured_rate(
 ) -> None:
     sim = simulator(seed=seed, **NOISE)
     out = tmp_path / "out.parquet"
-    result = cli(*run_args(sim, write_jsonl(rows(3000)), out, "--qps", "250",
-                           "--concurrency", "32", "--timeout", "2"))  # fmt: skip
+    result = cli(
+        *run_args(
+            sim,
+            write_jsonl(rows(3000)),
+            out,
+            "--qps",
+            "250",
+            "--concurrency",
+            "32",
+            "--timeout",
+            "2",
+        )
+    )
     assert result.exit_code == 0, result.output
     df = pl.read_parquet(out)
     assert df["response"].to_list() == [f"echo: Review: review number {i}" for i in range(3000)]
@@ -68,8 +79,7 @@ def test_a_real_limit_below_the_configured_rate_is_found_and_held(
     sim = simulator(qps=100, retry_after=1.0, fail_429=noise, seed=1)
     out = tmp_path / "out.parquet"
     n = 2000
-    result = cli(*run_args(sim, write_jsonl(rows(n)), out, "--qps", "300",
-                           "--concurrency", "64"))  # fmt: skip
+    result = cli(*run_args(sim, write_jsonl(rows(n)), out, "--qps", "300", "--concurrency", "64"))
     assert result.exit_code == 0, result.output
     assert set(pl.read_parquet(out)["status"]) == {"ok"}
     per_second = sent_per_second(sim)
@@ -123,8 +133,22 @@ def test_a_model_studio_base_url_gets_the_qwen_rules_whatever_the_provider(
     url = sim.base_url.replace("/v1", "/compatible-mode/v1")
     path, out = write_jsonl(rows(20)), tmp_path / "out.parquet"
     for model in ("qwen3-32b", "qwq-plus"):  # the service refuses both non-streamed
-        result = cli("run", "--input", path, "--output", out, "--provider", "custom", "--base-url",
-                     url, "--model", model, "--template", "{text}", "--restart")  # fmt: skip
+        result = cli(
+            "run",
+            "--input",
+            path,
+            "--output",
+            out,
+            "--provider",
+            "custom",
+            "--base-url",
+            url,
+            "--model",
+            model,
+            "--template",
+            "{text}",
+            "--restart",
+        )
         assert result.exit_code == 0, result.output
         assert set(pl.read_parquet(out)["status"]) == {"ok"}, model
 
@@ -134,8 +158,22 @@ def test_n_above_1_with_tools_is_refused_before_sending(
 ) -> None:
     tools = '[{"type": "function", "function": {"name": "f", "parameters": {}}}]'
     path, out = write_jsonl(rows(5)), tmp_path / "out.parquet"
-    result = cli("run", "--input", path, "--output", out, "--simulate", "--model", "qwen-plus",
-                 "--template", "{text}", "--param", "n=2", "--param", f"tools={tools}")  # fmt: skip
+    result = cli(
+        "run",
+        "--input",
+        path,
+        "--output",
+        out,
+        "--simulate",
+        "--model",
+        "qwen-plus",
+        "--template",
+        "{text}",
+        "--param",
+        "n=2",
+        "--param",
+        f"tools={tools}",
+    )
     assert result.exit_code == 2
     assert "n = 2 with tools" in result.output
     assert not out.exists()
@@ -174,8 +212,19 @@ def test_a_throttle_that_ends_is_recovered_from_within_10_s(
     # then answered. Before, the run cut itself down to 0.5 req/s and stayed there.
     sim = simulator(quota_for=8.0, quota_after=3.0)
     out, log = tmp_path / "out.parquet", tmp_path / "log.jsonl"
-    result = cli(*run_args(sim, write_jsonl(rows(1600)), out, "--qps", "150",
-                           "--concurrency", "64", "--log-file", log))  # fmt: skip
+    result = cli(
+        *run_args(
+            sim,
+            write_jsonl(rows(1600)),
+            out,
+            "--qps",
+            "150",
+            "--concurrency",
+            "64",
+            "--log-file",
+            log,
+        )
+    )
     assert result.exit_code == 0, result.output
     assert set(pl.read_parquet(out)["status"]) == {"ok"}
     per_second = sent_per_second(sim)

@@ -46,8 +46,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = _free_port()
     temp = tmp_path_factory.mktemp("ray")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-    head = [RAY, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-            "--disable-usage-stats", f"--temp-dir={temp}"]  # fmt: skip
+    head = [
+        RAY,
+        "start",
+        "--head",
+        f"--port={port}",
+        "--num-cpus=2",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+        f"--temp-dir={temp}",
+    ]
     subprocess.run(head, check=True, capture_output=True, env=env, timeout=120)
     address = f"127.0.0.1:{port}"
     node = [RAY, "start", f"--address={address}", "--num-cpus=2"]
@@ -65,9 +73,27 @@ def reply(i: int) -> str:
 
 
 def command(sim: Any, path: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "batchq", "run", "--input", str(path), "--output", str(out),
-            "--base-url", sim.base_url, "--model", "qwen-plus", "--template", "Review: {text}",
-            "--max-attempts", "20", "--timeout", "5", *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "batchq",
+        "run",
+        "--input",
+        str(path),
+        "--output",
+        str(out),
+        "--base-url",
+        sim.base_url,
+        "--model",
+        "qwen-plus",
+        "--template",
+        "Review: {text}",
+        "--max-attempts",
+        "20",
+        "--timeout",
+        "5",
+        *extra,
+    ]
 
 
 def on_ray(address: str, workers: int = 2) -> list[str]:
@@ -92,9 +118,11 @@ def wait_for(test: Callable[[], bool], within: float = 60) -> None:
 
 @pytest.mark.timeout(240)
 def test_ray_gives_the_local_engines_output_row_for_row_under_faults(
-    cluster: str, simulator: Callable[..., Any], write_jsonl: Callable[..., Path],
+    cluster: str,
+    simulator: Callable[..., Any],
+    write_jsonl: Callable[..., Path],
     tmp_path: Path,
-) -> None:  # fmt: skip
+) -> None:
     n = 600
     data = rows(n) + [{"id": f"d{i}", "text": f"review number {i}"} for i in range(40)]
     path = write_jsonl(data)
@@ -120,9 +148,11 @@ def test_ray_gives_the_local_engines_output_row_for_row_under_faults(
 
 @pytest.mark.timeout(240)
 def test_two_workers_share_one_limit(
-    cluster: str, simulator: Callable[..., Any], write_jsonl: Callable[..., Path],
+    cluster: str,
+    simulator: Callable[..., Any],
+    write_jsonl: Callable[..., Path],
     tmp_path: Path,
-) -> None:  # fmt: skip
+) -> None:
     path = write_jsonl(rows(1200))
     sim = simulator(latency_ms=30, qps=100, seed=1)
     # Told three times the limit: the run finds it, one limit for both workers.
@@ -143,16 +173,19 @@ def test_two_workers_share_one_limit(
 
 @pytest.mark.timeout(240)
 def test_a_driver_kill_9_stops_every_worker_and_the_local_engine_finishes_the_run(
-    cluster: str, simulator: Callable[..., Any], write_jsonl: Callable[..., Path],
+    cluster: str,
+    simulator: Callable[..., Any],
+    write_jsonl: Callable[..., Path],
     tmp_path: Path,
-) -> None:  # fmt: skip
+) -> None:
     n = 3000
     path = write_jsonl(rows(n))
     sim = simulator(latency_ms=20, seed=4)
     out = tmp_path / "out.parquet"
     args = command(sim, path, out, "--qps", "200", "--quiet")
-    driver = subprocess.Popen([*args, *on_ray(cluster)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)  # fmt: skip
+    driver = subprocess.Popen(
+        [*args, *on_ray(cluster)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     wait_for(lambda: len(shard_rows(out)) > 200)
     driver.send_signal(signal.SIGKILL)
     killed = time.monotonic()
@@ -178,23 +211,29 @@ def test_a_driver_kill_9_stops_every_worker_and_the_local_engine_finishes_the_ru
 
 @pytest.mark.timeout(240)
 def test_a_killed_worker_s_rows_are_sent_by_the_other_and_the_local_run_is_resumed_on_ray(
-    cluster: str, simulator: Callable[..., Any], write_jsonl: Callable[..., Path],
+    cluster: str,
+    simulator: Callable[..., Any],
+    write_jsonl: Callable[..., Path],
     tmp_path: Path,
-) -> None:  # fmt: skip
+) -> None:
     n = 3000
     path = write_jsonl(rows(n))
     sim = simulator(latency_ms=20, seed=5)
     out = tmp_path / "out.parquet"
     args = command(sim, path, out, "--qps", "250")
     # Started locally, stopped, then finished on Ray.
-    local = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)  # fmt: skip
+    local = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(lambda: len(shard_rows(out)) > 300)
     local.send_signal(signal.SIGKILL)
     local.wait(timeout=10)
     before = len(shard_rows(out))
-    driver = subprocess.Popen([*args, *on_ray(cluster)], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)  # fmt: skip
+    driver = subprocess.Popen(
+        [*args, *on_ray(cluster)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for(lambda: len(shard_rows(out)) > before + 500)
     senders = subprocess.run(["pgrep", "-f", "ray::Sender"], capture_output=True, text=True)
     pids = [int(p) for p in senders.stdout.split()]
@@ -242,8 +281,14 @@ def test_ray_map_sends_a_dataset_under_one_budget_and_resumes_from_its_output(
         items = [{"id": f"r{i}", "prompt": f"hello {i}"} for i in range(400)]
         ds = ray.data.from_items(items).repartition(4)
         out = tmp_path / "labels.parquet"
-        keys: dict[str, Any] = {"model": "qwen-plus", "base_url": sim.base_url, "qps": 150,
-                                "id_column": "id", "output": str(out), "workers": 2}  # fmt: skip
+        keys: dict[str, Any] = {
+            "model": "qwen-plus",
+            "base_url": sim.base_url,
+            "qps": 150,
+            "id_column": "id",
+            "output": str(out),
+            "workers": 2,
+        }
         labeled = batchq.ray.map(ds, **keys)
         assert sim.stats.requests == 0, "map is lazy"
         got = sorted(labeled.take_all(), key=lambda r: int(r["id"][1:]))
@@ -275,10 +320,25 @@ def test_a_run_s_own_ray_keeps_one_cap_keeps_the_key_out_and_leaves_nothing_behi
     ray_tmp = Path(tempfile.mkdtemp(prefix="bq-ray-", dir="/tmp"))  # Ray's sockets: short
     secret = "sk-ray-secret-0123456789"
     env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "SECRET_KEY": secret}
-    args = [*command(sim, path, tmp_path / "o.parquet"), "--api-key-env", "SECRET_KEY",
-            "--prices", str(prices), "--max-cost", "0.25", "--max-tokens", "20",
-            "--labels", "positive,negative", "--concurrency", "8", "--engine", "ray",
-            "--workers", "2"]  # fmt: skip
+    args = [
+        *command(sim, path, tmp_path / "o.parquet"),
+        "--api-key-env",
+        "SECRET_KEY",
+        "--prices",
+        str(prices),
+        "--max-cost",
+        "0.25",
+        "--max-tokens",
+        "20",
+        "--labels",
+        "positive,negative",
+        "--concurrency",
+        "8",
+        "--engine",
+        "ray",
+        "--workers",
+        "2",
+    ]
     done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env, timeout=150)
     assert done.returncode == 3, done.stderr
     assert "the run stopped at its budget" in done.stderr

@@ -33,9 +33,27 @@ def reply(i: int) -> str:
 
 
 def command(sim: Any, path: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "batchq", "run", "--input", str(path), "--output", str(out),
-            "--base-url", sim.base_url, "--model", "qwen-plus", "--template", "Review: {text}",
-            "--max-attempts", "20", "--timeout", "5", *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "batchq",
+        "run",
+        "--input",
+        str(path),
+        "--output",
+        str(out),
+        "--base-url",
+        sim.base_url,
+        "--model",
+        "qwen-plus",
+        "--template",
+        "Review: {text}",
+        "--max-attempts",
+        "20",
+        "--timeout",
+        "5",
+        *extra,
+    ]
 
 
 def flushed_rows(out: Path) -> set[int]:
@@ -85,8 +103,13 @@ def test_kill_9_at_random_moments_loses_nothing_and_resends_nothing_flushed(
         for i in flushed:
             first_seen.setdefault(i, counts[reply(i)])
         # Requested in that run but not flushed: what a later run must send again.
-        resent.append(sum(1 for i in range(n) if i not in flushed
-                          and counts[reply(i)] > before.get(reply(i), 0)))  # fmt: skip
+        resent.append(
+            sum(
+                1
+                for i in range(n)
+                if i not in flushed and counts[reply(i)] > before.get(reply(i), 0)
+            )
+        )
     done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     df = check_output(out, n)
@@ -106,8 +129,9 @@ def test_sigint_stops_cleanly_with_130_and_resumes(
     path = write_jsonl([{"id": f"r{i}", "text": f"review number {i}"} for i in range(n)])
     out = tmp_path / "out.parquet"
     args = command(sim, path, out, "--concurrency", "8")
-    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)  # fmt: skip
+    process = subprocess.Popen(
+        args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     time.sleep(1.5)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=20)
@@ -169,17 +193,41 @@ def test_faults_that_pass_end_ok_and_faults_that_never_pass_end_as_errors(
     path = write_jsonl([{"id": f"r{i}", "text": f"review number {i}"} for i in range(100)])
     sim = simulator(burst_s=0.05, seed=5, **FAULTS)
     out = tmp_path / "o.parquet"
-    base = ["run", "--input", path, "--output", out, "--model", "m", "--template",
-            "Review: {text}", "--timeout", "1", "--quiet"]  # fmt: skip
+    base = [
+        "run",
+        "--input",
+        path,
+        "--output",
+        out,
+        "--model",
+        "m",
+        "--template",
+        "Review: {text}",
+        "--timeout",
+        "1",
+        "--quiet",
+    ]
     assert cli(*base, "--base-url", sim.base_url, "--max-attempts", "30").exit_code == 0
     check_output(out, 100)
-    never_passing = [("fail_503", "ServiceUnavailable"), ("fail_drop", "ServerDisconnectedError"),
-                     ("fail_truncate", "invalid_response"), ("fail_slow", "timeout"),
-                     ("fail_malformed", "invalid_response")]  # fmt: skip
+    never_passing = [
+        ("fail_503", "ServiceUnavailable"),
+        ("fail_drop", "ServerDisconnectedError"),
+        ("fail_truncate", "invalid_response"),
+        ("fail_slow", "timeout"),
+        ("fail_malformed", "invalid_response"),
+    ]
     for fault, code in never_passing:
         broken = simulator(**{fault: 1.0}, slow_s=2)
-        result = cli(*base, "--base-url", broken.base_url, "--max-attempts", "2", "--restart",
-                     "--concurrency", "100")  # fmt: skip
+        result = cli(
+            *base,
+            "--base-url",
+            broken.base_url,
+            "--max-attempts",
+            "2",
+            "--restart",
+            "--concurrency",
+            "100",
+        )
         assert result.exit_code == 0, (fault, result.output)
         df = pl.read_parquet(out)
         assert set(df["status"]) == {"error"}, fault
@@ -195,9 +243,17 @@ async def test_an_unwritable_state_folder_stops_with_exit_3_and_resumes(
     sim = simulator(latency_ms=20)
     path = write_jsonl([{"id": f"r{i}", "text": f"review number {i}"} for i in range(600)])
     out = tmp_path / "out.parquet"
-    job = load_job(None, overrides={"input": str(path), "output": str(out), "model": "m",
-                                    "template": "Review: {text}", "base_url": sim.base_url,
-                                    "concurrency": 8})  # fmt: skip
+    job = load_job(
+        None,
+        overrides={
+            "input": str(path),
+            "output": str(out),
+            "model": "m",
+            "template": "Review: {text}",
+            "base_url": sim.base_url,
+            "concurrency": 8,
+        },
+    )
     shards = tmp_path / "out.parquet.batchq" / "shards"
 
     def break_the_disk(event: Event) -> None:

@@ -25,9 +25,21 @@ def rows(n: int) -> list[dict[str, Any]]:
 
 
 def run_args(sim: Any, input_path: Path, output: Path, *extra: str) -> list[str]:
-    return ["run", "--input", str(input_path), "--output", str(output), "--base-url",
-            sim.base_url, "--model", "qwen-plus", "--template", "Review: {text}",
-            "--quiet", *extra]  # fmt: skip
+    return [
+        "run",
+        "--input",
+        str(input_path),
+        "--output",
+        str(output),
+        "--base-url",
+        sim.base_url,
+        "--model",
+        "qwen-plus",
+        "--template",
+        "Review: {text}",
+        "--quiet",
+        *extra,
+    ]
 
 
 def test_every_row_gets_its_own_answer_in_input_order(
@@ -55,8 +67,11 @@ def test_every_row_gets_its_own_answer_in_input_order(
     assert not (tmp_path / "out.parquet.batchq").exists()
     # Free text keeps no min / max in the metadata (it would be held to the merge's end).
     group = pq.read_metadata(out).row_group(0)
-    with_stats = {group.column(i).path_in_schema for i in range(group.num_columns)
-                  if group.column(i).is_stats_set}  # fmt: skip
+    with_stats = {
+        group.column(i).path_in_schema
+        for i in range(group.num_columns)
+        if group.column(i).is_stats_set
+    }
     assert {"stars", "status", "prompt_tokens", "latency_ms"} <= with_stats
     assert not {"id", "text", "response", "request_id", "error_message"} & with_stats
 
@@ -79,8 +94,7 @@ def test_long_rows_make_smaller_row_groups(
     assert {g.num_rows for g in groups[:-1]} == {groups[0].num_rows}
     assert all(6 << 20 < g.total_byte_size <= 8 << 20 for g in groups[:-1]), groups
     df = pl.read_parquet(long)
-    assert df["response"].to_list() == [f"echo: Review: {i} {document}"
-                                        for i in range(1500)]  # fmt: skip
+    assert df["response"].to_list() == [f"echo: Review: {i} {document}" for i in range(1500)]
 
 
 def test_parquet_input_keeps_its_columns_and_types(
@@ -88,8 +102,13 @@ def test_parquet_input_keeps_its_columns_and_types(
 ) -> None:
     sim = simulator()
     path = tmp_path / "in.parquet"
-    table = pa.table({"id": list(range(300)), "text": [f"t{i}" for i in range(300)],
-                      "score": [i / 2 for i in range(300)]})  # fmt: skip
+    table = pa.table(
+        {
+            "id": list(range(300)),
+            "text": [f"t{i}" for i in range(300)],
+            "score": [i / 2 for i in range(300)],
+        }
+    )
     pq.write_table(table, path, row_group_size=64)
     out = tmp_path / "out.parquet"
     assert cli(*run_args(sim, path, out)).exit_code == 0
@@ -106,8 +125,20 @@ def test_max_tokens_truncates_with_finish_reason_length(
     sim = simulator()
     path = write_jsonl([{"prompt": "one two three four five six"}, {"prompt": "hi"}])
     out = tmp_path / "o.parquet"
-    result = cli("run", "--input", path, "--output", out, "--base-url", sim.base_url,
-                 "--model", "m", "--max-tokens", "3", "--quiet")  # fmt: skip
+    result = cli(
+        "run",
+        "--input",
+        path,
+        "--output",
+        out,
+        "--base-url",
+        sim.base_url,
+        "--model",
+        "m",
+        "--max-tokens",
+        "3",
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
     df = pl.read_parquet(out)
     assert df["row"].to_list() == [0, 1]
@@ -159,8 +190,11 @@ def test_a_refused_row_is_recorded_and_the_run_goes_on(
     df = pl.read_parquet(out)
     bad = df.row(7, named=True)
     assert (bad["status"], bad["http_status"], bad["error_code"], bad["attempts"]) == (
-        "error", 400, "data_inspection_failed", 1,
-    )  # fmt: skip
+        "error",
+        400,
+        "data_inspection_failed",
+        1,
+    )
     assert bad["response"] is None
     assert sim.stats.requests == 20
 
@@ -171,8 +205,9 @@ def test_auth_failure_stops_with_exit_3_and_never_shows_the_key(
     sim = simulator(api_key="the-right-key")
     out = tmp_path / "o.parquet"
     key = "sk-WRONGKEY0123456789"
-    result = cli(*run_args(sim, write_jsonl(rows(50)), out, "--api-key-env", "MY_KEY"),
-                 env={"MY_KEY": key})  # fmt: skip
+    result = cli(
+        *run_args(sim, write_jsonl(rows(50)), out, "--api-key-env", "MY_KEY"), env={"MY_KEY": key}
+    )
     assert result.exit_code == 3
     assert "HTTP 401" in result.output
     assert "rerun" in result.output
@@ -188,16 +223,27 @@ def test_right_key_is_sent(
 ) -> None:
     sim = simulator(api_key="the-right-key")
     out = tmp_path / "o.parquet"
-    result = cli(*run_args(sim, write_jsonl(rows(5)), out, "--api-key-env", "MY_KEY"),
-                 env={"MY_KEY": "the-right-key"})  # fmt: skip
+    result = cli(
+        *run_args(sim, write_jsonl(rows(5)), out, "--api-key-env", "MY_KEY"),
+        env={"MY_KEY": "the-right-key"},
+    )
     assert result.exit_code == 0, result.output
 
 
 def test_missing_key_variable_is_exit_2(
     write_jsonl: Callable[..., Path], cli: Any, tmp_path: Path
 ) -> None:
-    result = cli("run", "--input", write_jsonl(rows(2)), "--model", "m", "--template", "{text}",
-                 "--api-key-env", "BATCHQ_TEST_UNSET_KEY")  # fmt: skip
+    result = cli(
+        "run",
+        "--input",
+        write_jsonl(rows(2)),
+        "--model",
+        "m",
+        "--template",
+        "{text}",
+        "--api-key-env",
+        "BATCHQ_TEST_UNSET_KEY",
+    )
     assert result.exit_code == 2
     assert "BATCHQ_TEST_UNSET_KEY is not set" in result.output
 
@@ -280,8 +326,18 @@ def test_a_completed_output_is_not_silently_reused_for_a_changed_job(
 
 def test_quickstart_through_the_installed_command(tmp_path: Path) -> None:
     out = tmp_path / "quickstart.parquet"
-    command = [sys.executable, "-m", "batchq", "run", "jobs/quickstart.toml", "--simulate",
-               "--output", str(out), "--qps", "1000"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "batchq",
+        "run",
+        "jobs/quickstart.toml",
+        "--simulate",
+        "--output",
+        str(out),
+        "--qps",
+        "1000",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "DASHSCOPE_API_KEY"}
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0, done.stderr

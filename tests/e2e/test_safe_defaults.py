@@ -83,9 +83,12 @@ def test_reports_on_a_file_batchq_did_not_write(cli: Any, tmp_path: Path, comman
 
 @pytest.mark.parametrize("stopped", [False, True], ids=["finished", "stopped half-way"])
 def test_dropping_simulate_after_a_rehearsal_sends_for_real(
-    simulator: Callable[..., Any], cli: Any, write_jsonl: Callable[..., Path], tmp_path: Path,
+    simulator: Callable[..., Any],
+    cli: Any,
+    write_jsonl: Callable[..., Path],
+    tmp_path: Path,
     stopped: bool,
-) -> None:  # fmt: skip
+) -> None:
     # The README: rehearse with --simulate, then drop it. The "real" endpoint here is a
     # second simulator; what matters is that its answers, not the rehearsal's, end up kept.
     real = simulator(latency_ms=1)
@@ -138,9 +141,21 @@ def test_a_refused_run_leaves_nothing_behind(
     assert "needs a base_url" in result.output
     assert not state_of(output).exists()
     # The corrected run, with another model too, is not "a different job".
-    result = cli("run", "--input", path, "--output", output, "--model", "qwen-max",
-                 "--template", "{text}", "--provider", "custom",
-                 "--base-url", sim.base_url)  # fmt: skip
+    result = cli(
+        "run",
+        "--input",
+        path,
+        "--output",
+        output,
+        "--model",
+        "qwen-max",
+        "--template",
+        "{text}",
+        "--provider",
+        "custom",
+        "--base-url",
+        sim.base_url,
+    )
     assert result.exit_code == 0, result.output
     assert pl.read_parquet(output)["status"].to_list() == ["ok"] * 10
 
@@ -172,8 +187,9 @@ def test_a_damaged_shard_is_named_and_set_aside_and_the_intact_ones_kept(
 def test_ids_are_kept_exactly_as_text_when_the_input_mixes_kinds(cli: Any, tmp_path: Path) -> None:
     path = tmp_path / "in.jsonl"
     ids: list[Any] = [1, "x", 18446744073709551617, 18446744073709551618, "007"]
-    path.write_text("".join(json.dumps({"id": i, "text": f"t{n}"}) + "\n"
-                            for n, i in enumerate(ids)))  # fmt: skip
+    path.write_text(
+        "".join(json.dumps({"id": i, "text": f"t{n}"}) + "\n" for n, i in enumerate(ids))
+    )
     output = tmp_path / "out.parquet"
     result = run(cli, path, output, "--simulate")
     assert result.exit_code == 0, result.output

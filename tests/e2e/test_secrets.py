@@ -19,8 +19,14 @@ FRAGMENTS = [KEY, "batchqTESTkey", "7f3a9c2e51d4"]
 
 def run(args: list[str], key: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "MY_KEY": key}
-    return subprocess.run([sys.executable, "-m", "batchq", "run", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "batchq", "run", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def assert_nowhere(tmp_path: Path, *texts: str) -> None:
@@ -37,18 +43,43 @@ def assert_nowhere(tmp_path: Path, *texts: str) -> None:
 def test_the_key_is_nowhere_whatever_goes_wrong(
     simulator: Callable[..., Any], write_jsonl: Callable[..., Path], tmp_path: Path
 ) -> None:
-    faulty = simulator(api_key=KEY, fail_503=0.1, fail_500=0.05, fail_429=0.1, fail_drop=0.05,
-                       fail_truncate=0.05, fail_malformed=0.05, fail_slow=0.05, slow_s=2,
-                       retry_after=0.1)  # fmt: skip
+    faulty = simulator(
+        api_key=KEY,
+        fail_503=0.1,
+        fail_500=0.05,
+        fail_429=0.1,
+        fail_drop=0.05,
+        fail_truncate=0.05,
+        fail_malformed=0.05,
+        fail_slow=0.05,
+        slow_s=2,
+        retry_after=0.1,
+    )
     rows = [{"id": f"r{i}", "text": f"text {i}"} for i in range(150)]
     rows[3]["text"] = MODERATION_MARKER
     path = write_jsonl(rows)
     out = tmp_path / "o.parquet"
-    common = ["--input", str(path), "--output", str(out), "--model", "m", "--template",
-              "{text}", "--api-key-env", "MY_KEY", "--timeout", "1",
-              "--log-file", str(tmp_path / "log.jsonl")]  # fmt: skip
-    done = run([*common, "--base-url", faulty.base_url, "--max-attempts", "2", "--keep-state"],
-               KEY, tmp_path)  # fmt: skip
+    common = [
+        "--input",
+        str(path),
+        "--output",
+        str(out),
+        "--model",
+        "m",
+        "--template",
+        "{text}",
+        "--api-key-env",
+        "MY_KEY",
+        "--timeout",
+        "1",
+        "--log-file",
+        str(tmp_path / "log.jsonl"),
+    ]
+    done = run(
+        [*common, "--base-url", faulty.base_url, "--max-attempts", "2", "--keep-state"],
+        KEY,
+        tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     assert faulty.stats.by_status[200] > 0
     assert faulty.stats.by_status[400] == 1
@@ -78,10 +109,31 @@ def test_the_key_is_not_in_batch_files_their_names_or_metadata(
     sim = simulator(api_key=KEY, batch_seconds=0.2, batch_fail_lines=0.1, fail_503=0.05)
     path = write_jsonl([{"id": f"r{i}", "text": f"text {i}"} for i in range(40)])
     out = tmp_path / "o.parquet"
-    done = run(["--input", str(path), "--output", str(out), "--model", "m", "--template",
-                "{text}", "--api-key-env", "MY_KEY", "--base-url", sim.base_url, "--via",
-                "batch", "--poll-s", "0.1", "--keep-remote", "--log-file",
-                str(tmp_path / "log.jsonl")], KEY, tmp_path)  # fmt: skip
+    done = run(
+        [
+            "--input",
+            str(path),
+            "--output",
+            str(out),
+            "--model",
+            "m",
+            "--template",
+            "{text}",
+            "--api-key-env",
+            "MY_KEY",
+            "--base-url",
+            sim.base_url,
+            "--via",
+            "batch",
+            "--poll-s",
+            "0.1",
+            "--keep-remote",
+            "--log-file",
+            str(tmp_path / "log.jsonl"),
+        ],
+        KEY,
+        tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     store = sim.simulator.batch
     assert store.stats.uploads == 1

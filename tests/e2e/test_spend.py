@@ -34,9 +34,27 @@ def test_a_budget_counts_each_request_in_flight_at_its_worst_case(
     prices = tmp_path / "prices.toml"
     prices.write_text(PRICES)
     out = tmp_path / "out.parquet"
-    flags = ["run", "--input", source, "--output", out, "--base-url", sim.base_url,
-             "--provider", "custom", "--model", "qwen-plus", "--template", "{text}",
-             "--max-tokens", "50", "--concurrency", "64", "--prices", prices]  # fmt: skip
+    flags = [
+        "run",
+        "--input",
+        source,
+        "--output",
+        out,
+        "--base-url",
+        sim.base_url,
+        "--provider",
+        "custom",
+        "--model",
+        "qwen-plus",
+        "--template",
+        "{text}",
+        "--max-tokens",
+        "50",
+        "--concurrency",
+        "64",
+        "--prices",
+        prices,
+    ]
     stopped = cli(*flags, "--max-cost", "1.02", env=ENV)
     assert stopped.exit_code == 3, stopped.output
     assert "$1.0000 billed so far, of --max-cost $1.0200" in stopped.output
@@ -64,9 +82,26 @@ def test_a_budget_on_an_unpriced_model_is_refused_before_sending(
     source = write_jsonl(rows)
     prices = tmp_path / "prices.toml"
     prices.write_text(PRICES)
-    refused = cli("run", "--input", source, "--output", tmp_path / "o.parquet", "--base-url",
-                  sim.base_url, "--provider", "custom", "--model", "qwen-plus", "--template",
-                  "{text}", "--max-cost", "1", "--prices", prices, env=ENV)  # fmt: skip
+    refused = cli(
+        "run",
+        "--input",
+        source,
+        "--output",
+        tmp_path / "o.parquet",
+        "--base-url",
+        sim.base_url,
+        "--provider",
+        "custom",
+        "--model",
+        "qwen-plus",
+        "--template",
+        "{text}",
+        "--max-cost",
+        "1",
+        "--prices",
+        prices,
+        env=ENV,
+    )
     assert refused.exit_code == 2, refused.output
     assert "'my-llama' has none in the price table" in refused.output
     assert sim.stats.requests == 0
@@ -81,10 +116,29 @@ def test_dedupe_sends_each_distinct_request_once_across_a_kill(
     rows[7]["system_note"] = "a column the template does not use: the body is the same"
     source = write_jsonl(rows)
     out = tmp_path / "out.parquet"
-    command = [sys.executable, "-m", "batchq", "run", "--input", str(source), "--output",
-               str(out), "--base-url", sim.base_url, "--provider", "custom", "--model",
-               "qwen-plus", "--template", "{text}", "--dedupe", "--concurrency", "8",
-               "--qps", "100"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "batchq",
+        "run",
+        "--input",
+        str(source),
+        "--output",
+        str(out),
+        "--base-url",
+        sim.base_url,
+        "--provider",
+        "custom",
+        "--model",
+        "qwen-plus",
+        "--template",
+        "{text}",
+        "--dedupe",
+        "--concurrency",
+        "8",
+        "--qps",
+        "100",
+    ]
     process = subprocess.Popen(command, cwd=ROOT, stdout=DEVNULL, stderr=DEVNULL)
     shards = out.with_name("out.parquet.batchq") / "shards"
     deadline = time.monotonic() + 30
@@ -111,28 +165,47 @@ def test_dedupe_sends_each_distinct_request_once_across_a_kill(
 
 @pytest.mark.parametrize("shape", ["short", "long", "mixed", "label"])
 def test_a_sampled_estimate_is_within_15_percent_of_the_real_cost(
-    simulator: Callable[..., Any], write_jsonl: Callable[..., Path], cli: Any, tmp_path: Path,
+    simulator: Callable[..., Any],
+    write_jsonl: Callable[..., Path],
+    cli: Any,
+    tmp_path: Path,
     shape: str,
-) -> None:  # fmt: skip
+) -> None:
     import random
 
     rng = random.Random(shape)
-    length = {"short": lambda: rng.randint(1, 4), "long": lambda: rng.randint(60, 90),
-              "mixed": lambda: int(rng.paretovariate(1.5) * 5),
-              "label": lambda: int(rng.paretovariate(1.5) * 5)}[shape]  # fmt: skip
+    length = {
+        "short": lambda: rng.randint(1, 4),
+        "long": lambda: rng.randint(60, 90),
+        "mixed": lambda: int(rng.paretovariate(1.5) * 5),
+        "label": lambda: int(rng.paretovariate(1.5) * 5),
+    }[shape]
     rows = [{"id": f"r{i}", "text": " ".join(["word"] * length())} for i in range(600)]
     source = write_jsonl(rows)
     sim = simulator(fail_503=0.05, fail_429=0.03, seed=3)
     out = tmp_path / "out.parquet"
-    job = ["--input", source, "--output", out, "--base-url", sim.base_url, "--provider",
-           "dashscope-intl", "--model", "qwen-plus", "--template", "{text}"]  # fmt: skip
+    job = [
+        "--input",
+        source,
+        "--output",
+        out,
+        "--base-url",
+        sim.base_url,
+        "--provider",
+        "dashscope-intl",
+        "--model",
+        "qwen-plus",
+        "--template",
+        "{text}",
+    ]
     if shape == "label":  # answers of one length (cut at 2 words), prompts of any
         job += ["--max-tokens", "2"]
     estimated = cli("estimate", *job, "--sample", "40", env=ENV)
     assert estimated.exit_code == 0, estimated.output
     assert "40 sampled, sent for real" in estimated.output
-    figure = re.search(r"cost: about \$([\d.]+) \(95 %: \$([\d.]+) to \$([\d.]+)\)",
-                       estimated.output)  # fmt: skip
+    figure = re.search(
+        r"cost: about \$([\d.]+) \(95 %: \$([\d.]+) to \$([\d.]+)\)", estimated.output
+    )
     assert figure is not None, estimated.output
     sampled_200s = sim.stats.by_status[200]
     assert sampled_200s == 40

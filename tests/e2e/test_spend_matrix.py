@@ -44,9 +44,10 @@ def billed(ledger: dict[str, Any], prices: Path) -> float:
     """What the ledger's lines cost at ``prices``: the Batch API's at its share."""
     price = PriceTable.load(prices).lookup("qwen-plus", "any")
     assert price is not None
-    return sum(price.cost(line["prompt_tokens"], line["completion_tokens"],
-                          batch=line["via"] == "batch")
-               for line in ledger["lines"])  # fmt: skip
+    return sum(
+        price.cost(line["prompt_tokens"], line["completion_tokens"], batch=line["via"] == "batch")
+        for line in ledger["lines"]
+    )
 
 
 def ledger_of(sim: Any) -> dict[str, Any]:
@@ -70,17 +71,43 @@ def inputs(dedupe: bool, answer: bool) -> list[dict[str, Any]]:
 @pytest.mark.parametrize("dedupe", [False, True], ids=["each", "dedupe"])
 @pytest.mark.parametrize("via", ["live", "batch"])
 def test_money_and_counts_hold_in_every_combination(
-    simulator: Callable[..., Any], write_jsonl: Callable[..., Path], cli: Any, tmp_path: Path,
-    via: str, dedupe: bool, answer: bool, n: int, capped: bool,
-) -> None:  # fmt: skip
+    simulator: Callable[..., Any],
+    write_jsonl: Callable[..., Path],
+    cli: Any,
+    tmp_path: Path,
+    via: str,
+    dedupe: bool,
+    answer: bool,
+    n: int,
+    capped: bool,
+) -> None:
     sim = simulator(tokens_per_char=1.0, batch_seconds=0.1, latency_ms=20)
     prices = tmp_path / "prices.toml"
     prices.write_text(PRICES)
     out = tmp_path / "out.parquet"
-    flags = ["run", "--input", write_jsonl(inputs(dedupe, answer)), "--output", out,
-             "--base-url", sim.base_url, "--provider", "custom", "--model", "qwen-plus",
-             "--template", "{text}", "--max-tokens", "8", "--concurrency", "4",
-             "--prices", prices, "--param", f"n={n}"]  # fmt: skip
+    flags = [
+        "run",
+        "--input",
+        write_jsonl(inputs(dedupe, answer)),
+        "--output",
+        out,
+        "--base-url",
+        sim.base_url,
+        "--provider",
+        "custom",
+        "--model",
+        "qwen-plus",
+        "--template",
+        "{text}",
+        "--max-tokens",
+        "8",
+        "--concurrency",
+        "4",
+        "--prices",
+        prices,
+        "--param",
+        f"n={n}",
+    ]
     flags += ["--via", "batch", "--poll-s", "0.05"] if via == "batch" else []
     flags += ["--dedupe"] if dedupe else []
     flags += ["--labels", "positive,negative,neutral", "--reasks", "1"] if answer else []
@@ -122,8 +149,9 @@ def test_money_and_counts_hold_in_every_combination(
     assert int(sent[1].replace(",", "")) == live, result.output
     submitted = re.search(r"([\d,]+) lines submitted to the Batch API", result.output)
     assert (int(submitted[1].replace(",", "")) if submitted else 0) == batch, result.output
-    tokens = re.search(r"tokens billed: ([\d,]+) prompt \(\d+ cached\) \+ ([\d,]+) completion",
-                       result.output)  # fmt: skip
+    tokens = re.search(
+        r"tokens billed: ([\d,]+) prompt \(\d+ cached\) \+ ([\d,]+) completion", result.output
+    )
     assert tokens is not None, result.output
     prompt, completion = (int(t.replace(",", "")) for t in tokens.groups())
     assert prompt == sum(line["prompt_tokens"] for line in lines)
@@ -135,20 +163,50 @@ def test_a_kill_and_resumes_under_rising_caps_keep_every_invariant(
 ) -> None:
     # Every spend feature at once, with faults, killed mid-run, then resumed twice: with a
     # higher cap (which stops again), then with none.
-    sim = simulator(tokens_per_char=1.0, latency_ms=60, fail_503=0.05, fail_drop=0.03,
-                    fail_429=0.05, seed=6)  # fmt: skip
+    sim = simulator(
+        tokens_per_char=1.0, latency_ms=60, fail_503=0.05, fail_drop=0.03, fail_429=0.05, seed=6
+    )
     prices = tmp_path / "prices.toml"
     prices.write_text(PRICES)
-    rows = [{"id": f"r{i}", "text": "positive" if i % 4 == 1 else f"review {i % 90} at length"}
-            for i in range(240)]  # fmt: skip
+    rows = [
+        {"id": f"r{i}", "text": "positive" if i % 4 == 1 else f"review {i % 90} at length"}
+        for i in range(240)
+    ]
     out = tmp_path / "out.parquet"
-    job = ["--input", str(write_jsonl(rows)), "--output", str(out), "--base-url",
-           sim.base_url, "--provider", "custom", "--model", "qwen-plus", "--template", "{text}",
-           "--max-tokens", "8", "--concurrency", "8", "--prices", str(prices), "--param",
-           "n=3", "--dedupe", "--labels", "positive,negative,neutral", "--reasks", "1",
-           "--timeout", "2"]  # fmt: skip
-    process = subprocess.Popen([sys.executable, "-m", "batchq", "run", *job, "--max-cost", "2"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    job = [
+        "--input",
+        str(write_jsonl(rows)),
+        "--output",
+        str(out),
+        "--base-url",
+        sim.base_url,
+        "--provider",
+        "custom",
+        "--model",
+        "qwen-plus",
+        "--template",
+        "{text}",
+        "--max-tokens",
+        "8",
+        "--concurrency",
+        "8",
+        "--prices",
+        str(prices),
+        "--param",
+        "n=3",
+        "--dedupe",
+        "--labels",
+        "positive,negative,neutral",
+        "--reasks",
+        "1",
+        "--timeout",
+        "2",
+    ]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batchq", "run", *job, "--max-cost", "2"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     shards = out.with_name("out.parquet.batchq") / "shards"
     deadline = time.monotonic() + 30
     while not any(shards.glob("[0-9]*.parquet")) and time.monotonic() < deadline:

@@ -34,9 +34,23 @@ def rows(n: int) -> list[dict[str, Any]]:
 
 
 def command(sim: Any, path: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "batchq", "run", "--input", str(path), "--output", str(out),
-            "--base-url", sim.base_url, "--model", "qwen-plus", "--template", "Review: {text}",
-            *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "batchq",
+        "run",
+        "--input",
+        str(path),
+        "--output",
+        str(out),
+        "--base-url",
+        sim.base_url,
+        "--model",
+        "qwen-plus",
+        "--template",
+        "Review: {text}",
+        *extra,
+    ]
 
 
 @pytest.mark.timeout(120)
@@ -50,8 +64,9 @@ def test_a_pipe_closed_after_the_first_line_does_not_stop_the_run(
     out = tmp_path / "out.parquet"
     # The log file beside the pipe goes on being written.
     extra = ["--qps", "40", "--max-attempts", "20", "--log-file", str(tmp_path / "run.log")]
-    process = subprocess.Popen(command(sim, path, out, *extra), cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    process = subprocess.Popen(
+        command(sim, path, out, *extra), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     assert process.stdout is not None
     first = process.stdout.readline()
     assert first.strip(), "the run printed nothing"
@@ -71,8 +86,10 @@ def long_rows(n: int) -> list[dict[str, Any]]:
     """Rows of 3,000 random letters: Parquet's compression cannot shrink them much, so
     the output's size (input plus answers) is known to about a tenth."""
     rng = random.Random(7)
-    return [{"id": f"r{i}", "text": "".join(rng.choices(string.ascii_letters, k=3000))}
-            for i in range(n)]  # fmt: skip
+    return [
+        {"id": f"r{i}", "text": "".join(rng.choices(string.ascii_letters, k=3000))}
+        for i in range(n)
+    ]
 
 
 def on_a_small_disk(tmp_path: Path, steps: str, mb: int) -> dict[str, str]:
@@ -87,8 +104,14 @@ def on_a_small_disk(tmp_path: Path, steps: str, mb: int) -> dict[str, str]:
     keep.mkdir()
     script = f'mount -t tmpfs -o size={mb}m tmpfs "$DISK" || exit 97\n{steps}'
     env = {**os.environ, "DISK": str(disk), "KEEP": str(keep), "PY": sys.executable}
-    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=200)  # fmt: skip
+    done = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=200,
+    )
     if done.returncode == 97 or "unshare failed" in done.stderr:
         pytest.skip(f"cannot mount a small disk here: {done.stderr.strip()[:200]}")
     assert done.returncode == 0, done.stderr
@@ -111,17 +134,24 @@ def test_a_disk_too_full_for_the_merge_stops_with_exit_3_and_no_temp_file(
     sim = simulator(latency_ms=5)
     path = write_jsonl(long_rows(1500))  # 4.5 MB of input, 4.5 MB of answers
     run = run_line(sim, path, "$DISK/out.parquet")
-    kept = on_a_small_disk(tmp_path, mb=8, steps=f"""
+    kept = on_a_small_disk(
+        tmp_path,
+        mb=8,
+        steps=f"""
 {run} > "$KEEP/first" 2>&1; echo $? > "$KEEP/first.rc"
 find "$DISK" -type f > "$KEEP/files"
 mount -o remount,size=40m tmpfs "$DISK"
 {run} > "$KEEP/second" 2>&1; echo $? > "$KEEP/second.rc"
 find "$DISK" -type f > "$KEEP/files.after"
 cp "$DISK/out.parquet" "$KEEP/out.parquet"
-""")  # fmt: skip
+""",
+    )
     assert kept["first.rc"].strip() == "3", kept["first"]
-    said = re.search(r"no space left on (\S+): free ([\d,]+) MB and rerun the same command "
-                     r"to merge", kept["first"])  # fmt: skip
+    said = re.search(
+        r"no space left on (\S+): free ([\d,]+) MB and rerun the same command "
+        r"to merge",
+        kept["first"],
+    )
     assert said, kept["first"]
     assert said[1] == str(tmp_path / "disk")
     assert 1 <= int(said[2].replace(",", "")) <= 12  # about 9 MB, less what was free
@@ -148,7 +178,10 @@ def test_a_disk_that_fills_while_sending_leaves_no_temp_shard(
     path = write_jsonl(long_rows(1500))
     # A shard a second of 300 rows is about 1 MB: two or three fit.
     run = run_line(sim, path, "$DISK/out.parquet", "--max-attempts", "20", "--qps", "300")
-    kept = on_a_small_disk(tmp_path, mb=3, steps=f"""
+    kept = on_a_small_disk(
+        tmp_path,
+        mb=3,
+        steps=f"""
 {run} > "$KEEP/first" 2>&1; echo $? > "$KEEP/first.rc"
 find "$DISK" -type f > "$KEEP/files"
 "$PY" -c "import sys, pyarrow.parquet as pq; print(' '.join(str(r) for p in sys.argv[1:] \
@@ -157,7 +190,8 @@ find "$DISK" -type f > "$KEEP/files"
 mount -o remount,size=40m tmpfs "$DISK"
 {run} > "$KEEP/second" 2>&1; echo $? > "$KEEP/second.rc"
 cp "$DISK/out.parquet" "$KEEP/out.parquet"
-""")  # fmt: skip
+""",
+    )
     assert kept["first.rc"].strip() == "3", kept["first"]
     assert f"no space left on {tmp_path / 'disk'}" in kept["first"], kept["first"]
     assert "Traceback" not in kept["first"]
@@ -187,8 +221,9 @@ def test_an_output_that_cannot_be_written_stops_with_exit_3_and_no_temp_file(
     def limit_file_size() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (3 << 20, 3 << 20))
 
-    first = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=100,
-                           preexec_fn=limit_file_size)  # fmt: skip
+    first = subprocess.run(
+        args, cwd=ROOT, capture_output=True, text=True, timeout=100, preexec_fn=limit_file_size
+    )
     assert first.returncode == 3, first.stderr
     assert f"cannot write the output {out}: File too large" in first.stderr, first.stderr
     assert "rerun the same command to merge" in first.stderr
@@ -209,16 +244,23 @@ NO_KEY = {"DASHSCOPE_API_KEY": None}
 
 
 def job_flags(path: Path, out: Path) -> list[str]:
-    return ["--input", str(path), "--output", str(out), "--model", "qwen-plus",
-            "--template", "Review: {text}"]  # fmt: skip
+    return [
+        "--input",
+        str(path),
+        "--output",
+        str(out),
+        "--model",
+        "qwen-plus",
+        "--template",
+        "Review: {text}",
+    ]
 
 
 def leave_batches_running(job: Job, sim: Any) -> RunSummary:
     """A rehearsal stopped while its batches run: its journal is left as a rehearsal's,
     with the batches open (the engine's --no-wait, which the CLI refuses)."""
     options = RunOptions(batch=BatchPlan(wait=False, poll_s=0.1))
-    return anyio.run(lambda: run_job(simulated(job, sim.base_url), api_key=None,
-                                     options=options))  # fmt: skip
+    return anyio.run(lambda: run_job(simulated(job, sim.base_url), api_key=None, options=options))
 
 
 def test_a_rehearsal_never_leaves_batches_it_cannot_collect(
@@ -226,8 +268,9 @@ def test_a_rehearsal_never_leaves_batches_it_cannot_collect(
 ) -> None:
     path = write_jsonl(rows(50))
     out = tmp_path / "out.parquet"
-    refused = cli("run", *job_flags(path, out), "--simulate", "--via", "batch", "--no-wait",
-                  env=NO_KEY)  # fmt: skip
+    refused = cli(
+        "run", *job_flags(path, out), "--simulate", "--via", "batch", "--no-wait", env=NO_KEY
+    )
     assert refused.exit_code == 2, refused.output
     assert "drop --no-wait" in refused.output
     assert not (tmp_path / "out.parquet.batchq").exists()  # nothing uploaded, nothing kept
@@ -245,8 +288,15 @@ def test_a_rehearsals_batches_left_open_are_forgotten_never_looked_up(
     sim = simulator(batch_seconds=30.0)
     path = write_jsonl(rows(60))
     out = tmp_path / "out.parquet"
-    job = load_job(None, overrides={"input": str(path), "output": str(out), "model": "qwen-plus",
-                                    "template": "Review: {text}"})  # fmt: skip
+    job = load_job(
+        None,
+        overrides={
+            "input": str(path),
+            "output": str(out),
+            "model": "qwen-plus",
+            "template": "Review: {text}",
+        },
+    )
     left = leave_batches_running(job, sim)
     assert left.running_batches == 1
     prices = tmp_path / "prices.toml"
@@ -279,8 +329,15 @@ def test_a_restarted_rehearsal_over_gone_batches_is_not_refused(
     sim = simulator(batch_seconds=30.0)
     path = write_jsonl(rows(40))
     out = tmp_path / "out.parquet"
-    job = load_job(None, overrides={"input": str(path), "output": str(out), "model": "qwen-plus",
-                                    "template": "Review: {text}"})  # fmt: skip
+    job = load_job(
+        None,
+        overrides={
+            "input": str(path),
+            "output": str(out),
+            "model": "qwen-plus",
+            "template": "Review: {text}",
+        },
+    )
     leave_batches_running(job, sim)
     live = cli("run", *job_flags(path, out), "--simulate", env=NO_KEY)
     assert live.exit_code == 0, live.output
@@ -298,8 +355,15 @@ def test_batches_the_provider_no_longer_knows_are_forgotten_with_one_command(
     path = write_jsonl(rows(80))
     out = tmp_path / "out.parquet"
     env = {"DASHSCOPE_API_KEY": "sk-simulated"}
-    flags = [*job_flags(path, out), "--base-url", sim.base_url, "--provider", "custom",
-             "--api-key-env", "DASHSCOPE_API_KEY"]  # fmt: skip
+    flags = [
+        *job_flags(path, out),
+        "--base-url",
+        sim.base_url,
+        "--provider",
+        "custom",
+        "--api-key-env",
+        "DASHSCOPE_API_KEY",
+    ]
     run = ["run", *flags, "--via", "batch", "--poll-s", "0.1"]
     assert cli(*run, "--no-wait", env=env).exit_code == 0
     kept = cli("batch", "forget", *flags, env=env)  # the provider still runs it: kept
@@ -339,13 +403,31 @@ def test_after_a_budget_stop_status_suggests_a_cap_that_lets_the_rest_finish(
     prices = tmp_path / "prices.toml"
     prices.write_text('[models."qwen-plus"]\ntiers = [{ input = 0.0, output = 1000.0 }]\n')
     out = tmp_path / "out.parquet"
-    run = command(sim, path, out, "--max-tokens", "50", "--concurrency", "16", "--prices",
-                  str(prices), "--max-attempts", "20", "--max-cost", "0.5")  # fmt: skip
+    run = command(
+        sim,
+        path,
+        out,
+        "--max-tokens",
+        "50",
+        "--concurrency",
+        "16",
+        "--prices",
+        str(prices),
+        "--max-attempts",
+        "20",
+        "--max-cost",
+        "0.5",
+    )
     env = {**os.environ, "DASHSCOPE_API_KEY": "sk-simulated"}
     stopped = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=100, env=env)
     assert stopped.returncode == 3, stopped.stderr
-    status = subprocess.run([sys.executable, "-m", "batchq", "status", str(out)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    status = subprocess.run(
+        [sys.executable, "-m", "batchq", "status", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert status.returncode == 0, status.stderr
     said = re.search(r"Resume with: (.+)\n  \((.+)\)", status.stdout)
     assert said, status.stdout
@@ -353,8 +435,14 @@ def test_after_a_budget_stop_status_suggests_a_cap_that_lets_the_rest_finish(
     cap = float(suggested[suggested.index("--max-cost") + 1])
     assert cap > 0.5
     assert "the same cap would stop again at once" in said[2]
-    resumed = subprocess.run([sys.executable, "-m", "batchq", *suggested[1:]], cwd=ROOT,
-                             capture_output=True, text=True, timeout=100, env=env)  # fmt: skip
+    resumed = subprocess.run(
+        [sys.executable, "-m", "batchq", *suggested[1:]],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=100,
+        env=env,
+    )
     assert resumed.returncode == 0, resumed.stderr
     df = pl.read_parquet(out)
     assert df["id"].to_list() == [f"r{i}" for i in range(300)]
@@ -371,14 +459,25 @@ def test_an_empty_frame_gives_back_an_empty_frame_with_the_output_columns(kind: 
     import batchq
 
     def data(n: int) -> Any:
-        frame = pl.DataFrame({"id": [f"r{i}" for i in range(n)],
-                              "text": [f"t{i}" for i in range(n)]},
-                             schema={"id": pl.String, "text": pl.String})  # fmt: skip
-        return {"polars": frame, "pandas": frame.to_pandas(), "arrow": frame.to_arrow(),
-                "lazy": frame.lazy(), "rows": frame.to_dicts()}[kind]  # fmt: skip
+        frame = pl.DataFrame(
+            {"id": [f"r{i}" for i in range(n)], "text": [f"t{i}" for i in range(n)]},
+            schema={"id": pl.String, "text": pl.String},
+        )
+        return {
+            "polars": frame,
+            "pandas": frame.to_pandas(),
+            "arrow": frame.to_arrow(),
+            "lazy": frame.lazy(),
+            "rows": frame.to_dicts(),
+        }[kind]
 
-    kw = {"model": "qwen-plus", "template": "{text}", "simulate": True, "progress": False,
-          "answer": ["positive", "negative"]}  # fmt: skip
+    kw = {
+        "model": "qwen-plus",
+        "template": "{text}",
+        "simulate": True,
+        "progress": False,
+        "answer": ["positive", "negative"],
+    }
     one, none = batchq.run(data(1), **kw), batchq.run(data(0), **kw)
     assert len(none) == 0
     if kind == "pandas":
@@ -409,8 +508,7 @@ def test_a_sample_as_large_as_the_input_asks_first_and_a_rehearsed_one_sends_not
     assert "--sample 500 is the whole input (100 rows)" in asked.output
     assert "give --yes" in asked.output
     assert sim.stats.requests == 0
-    rehearsed = cli("estimate", *job_flags(path, out), "--sample", "500", "--simulate",
-                    env=NO_KEY)  # fmt: skip
+    rehearsed = cli("estimate", *job_flags(path, out), "--sample", "500", "--simulate", env=NO_KEY)
     assert rehearsed.exit_code == 0, rehearsed.output
     assert "100 sampled on the built-in simulator (nothing sent, nothing kept)" in rehearsed.output
     assert not (tmp_path / "out.parquet.batchq").exists()

@@ -33,8 +33,13 @@ reveal_type(batchq.run_job)
 def mypy(script: Path) -> subprocess.CompletedProcess[str]:
     # From the checkout (its strict settings, and the cache `mypy batchq` left), where
     # ``batchq`` is found as the installed package would be.
-    return subprocess.run([sys.executable, "-m", "mypy", "--follow-imports=silent", str(script)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=240)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "mypy", "--follow-imports=silent", str(script)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
 
 
 def test_the_package_ships_py_typed() -> None:

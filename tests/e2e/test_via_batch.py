@@ -25,26 +25,61 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def rows(n: int, *, flagged: tuple[int, ...] = ()) -> list[dict[str, Any]]:
-    return [{"id": f"r{i}", "text": MODERATION_MARKER if i in flagged else f"review {i}",
-             "model": "qwen-turbo" if i % 5 == 0 else "qwen-plus"} for i in range(n)]  # fmt: skip
+    return [
+        {
+            "id": f"r{i}",
+            "text": MODERATION_MARKER if i in flagged else f"review {i}",
+            "model": "qwen-turbo" if i % 5 == 0 else "qwen-plus",
+        }
+        for i in range(n)
+    ]
 
 
 def args(sim: Any, source: Path, out: Path, *more: str) -> list[str]:
-    return ["run", "--input", str(source), "--output", str(out), "--base-url", sim.base_url,
-            "--provider", "custom", "--api-key-env", "DASHSCOPE_API_KEY", "--model", "qwen-plus",
-            "--template", "{text}", "--via", "batch", "--poll-s", "0.1", *more]  # fmt: skip
+    return [
+        "run",
+        "--input",
+        str(source),
+        "--output",
+        str(out),
+        "--base-url",
+        sim.base_url,
+        "--provider",
+        "custom",
+        "--api-key-env",
+        "DASHSCOPE_API_KEY",
+        "--model",
+        "qwen-plus",
+        "--template",
+        "{text}",
+        "--via",
+        "batch",
+        "--poll-s",
+        "0.1",
+        *more,
+    ]
 
 
 def test_a_run_via_batch_answers_through_files_and_finishes_the_rest_live(
     simulator: Callable[..., Any], write_jsonl: Callable[..., Path], cli: Any, tmp_path: Path
 ) -> None:
     prices = tmp_path / "prices.toml"
-    sim = simulator(batch_seconds=0.3, batch_fail_lines=0.05, fail_503=0.05, fail_drop=0.02,
-                    fail_429=0.05, seed=4)  # fmt: skip
+    sim = simulator(
+        batch_seconds=0.3,
+        batch_fail_lines=0.05,
+        fail_503=0.05,
+        fail_drop=0.02,
+        fail_429=0.05,
+        seed=4,
+    )
     source = write_jsonl(rows(600, flagged=(7, 300)))
     out = tmp_path / "out.parquet"
-    prices.write_text("".join(f'[models."{m}".any]\ntiers = [{{ input = 1.0, output = 2.0 }}]\n'
-                              for m in ("qwen-plus", "qwen-turbo")))  # fmt: skip
+    prices.write_text(
+        "".join(
+            f'[models."{m}".any]\ntiers = [{{ input = 1.0, output = 2.0 }}]\n'
+            for m in ("qwen-plus", "qwen-turbo")
+        )
+    )
     result = cli(*args(sim, source, out, "--concurrency", "8", "--prices", prices), env=ENV)
     assert result.exit_code == 0, result.output
     frame = pl.read_parquet(out)
@@ -86,8 +121,12 @@ def test_a_batch_run_writes_the_live_runs_columns(
     sim = simulator(batch_seconds=0.2)
     source = write_jsonl(rows(120, flagged=(9,)))
     prices = tmp_path / "prices.toml"
-    prices.write_text("".join(f'[models."{m}"]\ntiers = [{{ input = 1.0, output = 2.0 }}]\n'
-                              for m in ("qwen-plus", "qwen-turbo")))  # fmt: skip
+    prices.write_text(
+        "".join(
+            f'[models."{m}"]\ntiers = [{{ input = 1.0, output = 2.0 }}]\n'
+            for m in ("qwen-plus", "qwen-turbo")
+        )
+    )
     frames = {}
     for via in ("live", "batch"):
         out = tmp_path / f"{via}.parquet"
@@ -108,8 +147,14 @@ def test_a_batch_run_writes_the_live_runs_columns(
     assert ok["batch_prompt_tokens"].equals(ok["prompt_tokens"])
     assert ok["batch_completion_tokens"].equals(ok["completion_tokens"])
     assert live["batch_prompt_tokens"].is_null().all()
-    apart = ("via", "latency_ms", "request_id", "cost", "batch_prompt_tokens",
-             "batch_completion_tokens")  # fmt: skip
+    apart = (
+        "via",
+        "latency_ms",
+        "request_id",
+        "cost",
+        "batch_prompt_tokens",
+        "batch_completion_tokens",
+    )
     same = [c for c in live.columns if c not in apart]
     assert batch.columns == live.columns
     differ = [c for c in same if not batch[c].equals(live[c])]
@@ -119,9 +164,12 @@ def test_a_batch_run_writes_the_live_runs_columns(
 
 @pytest.mark.parametrize("step", ["upload", "create", "poll", "download"])
 def test_a_kill_at_each_remote_step_resumes_without_doing_it_twice(
-    simulator: Callable[..., Any], write_jsonl: Callable[..., Path], cli: Any, tmp_path: Path,
+    simulator: Callable[..., Any],
+    write_jsonl: Callable[..., Path],
+    cli: Any,
+    tmp_path: Path,
     step: str,
-) -> None:  # fmt: skip
+) -> None:
     """kill -9 once the provider has done ``step`` but before batchq heard of it (the
     answer stalls), or while it waits; the same command again does nothing twice."""
     stall = step if step != "poll" else None
@@ -129,8 +177,9 @@ def test_a_kill_at_each_remote_step_resumes_without_doing_it_twice(
     source = write_jsonl(rows(200))
     out = tmp_path / "out.parquet"
     command = [sys.executable, "-m", "batchq", *args(sim, source, out)]
-    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **ENV}, stdout=DEVNULL,
-                               stderr=DEVNULL)  # fmt: skip
+    process = subprocess.Popen(
+        command, cwd=ROOT, env={**os.environ, **ENV}, stdout=DEVNULL, stderr=DEVNULL
+    )
     calls = sim.simulator.batch.stats.calls
     deadline = time.monotonic() + 30
     while calls[step] < 1 and process.poll() is None and time.monotonic() < deadline:
@@ -159,8 +208,20 @@ def test_no_wait_then_status_a_refused_live_run_and_the_collect(
     assert submitted.exit_code == 0, submitted.output
     assert "submitted: 2 batches run on the provider (100 rows); collect them" in submitted.output
     assert not out.exists()
-    status = cli("batch", "status", "--input", source, "--output", out, "--base-url",
-                 sim.base_url, "--provider", "custom", "--json", env=ENV)  # fmt: skip
+    status = cli(
+        "batch",
+        "status",
+        "--input",
+        source,
+        "--output",
+        out,
+        "--base-url",
+        sim.base_url,
+        "--provider",
+        "custom",
+        "--json",
+        env=ENV,
+    )
     assert status.exit_code == 0, status.output
     listed = [json.loads(line) for line in status.output.splitlines()]
     assert {b["model"] for b in listed} == {"qwen-plus", "qwen-turbo"}
@@ -223,13 +284,16 @@ def test_a_window_the_provider_does_not_take_is_refused_before_any_upload(
     assert refused.exit_code == 2
     assert "give 24h" in refused.output
     studio = sim.base_url.replace("/v1", "/compatible-mode/v1")
-    week = cli(*args(sim, source, out, "--window", "7d", "--base-url", studio, "--keep-remote"),
-               env=ENV)  # fmt: skip
+    week = cli(
+        *args(sim, source, out, "--window", "7d", "--base-url", studio, "--keep-remote"), env=ENV
+    )
     assert week.exit_code == 0, week.output
     kept = sorted(f["purpose"] for f in sim.simulator.batch.files.values())
     assert kept == ["batch", "batch", "batch_output", "batch_output"]  # inputs and outputs
-    too_long = cli(*args(sim, source, tmp_path / "b.parquet", "--window", "400h",
-                         "--base-url", studio), env=ENV)  # fmt: skip
+    too_long = cli(
+        *args(sim, source, tmp_path / "b.parquet", "--window", "400h", "--base-url", studio),
+        env=ENV,
+    )
     assert too_long.exit_code == 2
     assert "24h to 336h" in too_long.output
     assert sim.simulator.batch.stats.uploads == 2  # the 7d run's two files alone
@@ -243,8 +307,20 @@ def test_cancel_collects_what_the_batches_finished(
     out = tmp_path / "out.parquet"
     assert cli(*args(sim, source, out, "--no-wait"), env=ENV).exit_code == 0
     time.sleep(1.0)  # about a quarter done
-    job = ["--input", source, "--output", out, "--base-url", sim.base_url,
-           "--provider", "custom", "--model", "qwen-plus", "--template", "{text}"]  # fmt: skip
+    job = [
+        "--input",
+        source,
+        "--output",
+        out,
+        "--base-url",
+        sim.base_url,
+        "--provider",
+        "custom",
+        "--model",
+        "qwen-plus",
+        "--template",
+        "{text}",
+    ]
     cancelled = cli("batch", "cancel", *job, env=ENV)
     assert cancelled.exit_code == 0, cancelled.output
     assert "cancelled 2 batches" in cancelled.output
@@ -267,10 +343,20 @@ async def test_the_simulators_batch_api_holds_the_providers_rules(
 
     sim = simulator(batch_seconds=0.05)
     two_models = tmp_path / "two.jsonl"
-    two_models.write_text("".join(
-        json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
-                    "body": {"model": m, "messages": [{"role": "user", "content": "hi"}]}}) + "\n"
-        for i, m in enumerate(["qwen-plus", "qwen-turbo"])))  # fmt: skip
+    two_models.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "custom_id": f"c{i}",
+                    "method": "POST",
+                    "url": "/v1/chat/completions",
+                    "body": {"model": m, "messages": [{"role": "user", "content": "hi"}]},
+                }
+            )
+            + "\n"
+            for i, m in enumerate(["qwen-plus", "qwen-turbo"])
+        )
+    )
     async with Remote(sim.base_url, api_key=None) as remote:
         file = await remote.upload(two_models, "batchq-t-r1-001.jsonl")
         assert (await remote.find_file("batchq-t-r1-001.jsonl"))["id"] == file["id"]  # type: ignore[index]
@@ -295,8 +381,14 @@ def test_ctrl_c_while_waiting_stops_waiting_not_the_batches(
     sim = simulator(batch_seconds=60.0)
     source = write_jsonl(rows(50))
     command = [sys.executable, "-m", "batchq", *args(sim, source, tmp_path / "out.parquet")]
-    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **ENV}, stdout=DEVNULL,
-                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env={**os.environ, **ENV},
+        stdout=DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     calls = sim.simulator.batch.stats.calls
     deadline = time.monotonic() + 30
     while calls["poll"] < 2 and process.poll() is None and time.monotonic() < deadline:

@@ -26,9 +26,25 @@ ENV = {**os.environ, "DASHSCOPE_API_KEY": "sk-simulated"}
 
 
 def command(sim: Any, path: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "batchq", "run", "--input", str(path), "--output", str(out),
-            "--base-url", sim.base_url, "--provider", "dashscope-intl", "--model", "qwen-plus",
-            "--template", "Review: {text}", *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "batchq",
+        "run",
+        "--input",
+        str(path),
+        "--output",
+        str(out),
+        "--base-url",
+        sim.base_url,
+        "--provider",
+        "dashscope-intl",
+        "--model",
+        "qwen-plus",
+        "--template",
+        "Review: {text}",
+        *extra,
+    ]
 
 
 def shards(out: Path) -> list[Path]:
@@ -70,18 +86,20 @@ def by_hand(row: tuple[Any, ...]) -> float:
 
 def write_output(path: Path) -> None:
     columns = list(zip(*ROWS, strict=True))
-    table = pa.table({
-        "id": [f"r{i}" for i in range(len(ROWS))],
-        "model": pa.array(columns[0], pa.string()),
-        "label": pa.array(columns[1], pa.string()),
-        "status": pa.array(columns[2], pa.string()),
-        "prompt_tokens": pa.array(columns[3], pa.int64()),
-        "cached_tokens": pa.array(columns[4], pa.int64()),
-        "completion_tokens": pa.array(columns[5], pa.int64()),
-        "reasoning_tokens": pa.array(columns[6], pa.int64()),
-        "reasoning": pa.array(["thought" if r[6] else None for r in ROWS], pa.string()),
-        "attempts": pa.array([1] * len(ROWS), pa.int32()),
-    })  # fmt: skip
+    table = pa.table(
+        {
+            "id": [f"r{i}" for i in range(len(ROWS))],
+            "model": pa.array(columns[0], pa.string()),
+            "label": pa.array(columns[1], pa.string()),
+            "status": pa.array(columns[2], pa.string()),
+            "prompt_tokens": pa.array(columns[3], pa.int64()),
+            "cached_tokens": pa.array(columns[4], pa.int64()),
+            "completion_tokens": pa.array(columns[5], pa.int64()),
+            "reasoning_tokens": pa.array(columns[6], pa.int64()),
+            "reasoning": pa.array(["thought" if r[6] else None for r in ROWS], pa.string()),
+            "attempts": pa.array([1] * len(ROWS), pa.int32()),
+        }
+    )
     pq.write_table(table, path)
 
 
@@ -211,9 +229,24 @@ def test_estimate_sends_nothing_and_brackets_the_real_cost(
     rows = [{"id": f"r{i}", "text": "a fairly ordinary review " * (i % 7 + 1)} for i in range(200)]
     path = write_jsonl(rows)
     out = tmp_path / "o.parquet"
-    flags = ["--input", path, "--output", out, "--base-url", sim.base_url, "--provider",
-             "dashscope-intl", "--model", "qwen-plus", "--template", "Review: {text}",
-             "--max-tokens", "64", "--qps", "40"]  # fmt: skip
+    flags = [
+        "--input",
+        path,
+        "--output",
+        out,
+        "--base-url",
+        sim.base_url,
+        "--provider",
+        "dashscope-intl",
+        "--model",
+        "qwen-plus",
+        "--template",
+        "Review: {text}",
+        "--max-tokens",
+        "64",
+        "--qps",
+        "40",
+    ]
     estimate = cli("estimate", *flags)
     assert estimate.exit_code == 0, estimate.output
     assert sim.stats.requests == 0
@@ -247,8 +280,7 @@ def test_log_file_and_plain_progress_lines(
     path = write_jsonl([{"id": f"r{i}", "text": f"review number {i}"} for i in range(300)])
     out = tmp_path / "o.parquet"
     log = tmp_path / "run.log"
-    args = command(sim, path, out, "--qps", "150", "--log-file", str(log),
-                   "--max-attempts", "12")  # fmt: skip
+    args = command(sim, path, out, "--qps", "150", "--log-file", str(log), "--max-attempts", "12")
     done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120, env=ENV)
     assert done.returncode == 0, done.stderr
     records = [json.loads(line) for line in log.read_text().splitlines()]

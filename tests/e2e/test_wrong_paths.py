@@ -53,9 +53,13 @@ NAMES = list(commands(type("S", (), {"base_url": ""})(), Path(), Path(), Path())
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", NAMES)
 def test_a_wrong_path_is_exit_2_with_a_message(
-    simulator: Callable[..., Any], write_jsonl: Callable[..., Path], cli: Any, tmp_path: Path,
-    name: str, kind: str,
-) -> None:  # fmt: skip
+    simulator: Callable[..., Any],
+    write_jsonl: Callable[..., Path],
+    cli: Any,
+    tmp_path: Path,
+    name: str,
+    kind: str,
+) -> None:
     sim = simulator()
     input_path = write_jsonl(rows(5))
     job = tmp_path / "job.toml"

@@ -74,8 +74,11 @@ def test_labels_with_spaces_and_other_scripts() -> None:
 def test_numbers_as_labels() -> None:
     checker = Checker(AnswerSpec(labels=("-1", "0", "1")))
     assert [checker.check(t).value for t in ["-1", "**1**.", "0 (neutral)", "-1 or 1"]] == [
-        "-1", "1", "0", None,
-    ]  # fmt: skip
+        "-1",
+        "1",
+        "0",
+        None,
+    ]
 
 
 def test_reasons_say_why() -> None:

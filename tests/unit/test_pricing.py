@@ -123,22 +123,33 @@ def test_the_cost_column_prices_each_row_as_a_bill_by_hand(table: PriceTable) ->
     half, nothing for an error, null for an unpriced model."""
     rows = [  # model, prompt, cached, completion, reasoning, via, status -> USD by hand
         ("qwen-plus", 1000, 0, 100, None, "live", "ok", (1000 * 0.4 + 100 * 1.2) / 1e6),
-        ("qwen-plus", 300_000, 100, 50, None, "live", "ok",
-         (299_900 * 1.2 + 100 * 1.2 * 0.2 + 50 * 3.6) / 1e6),
+        (
+            "qwen-plus",
+            300_000,
+            100,
+            50,
+            None,
+            "live",
+            "ok",
+            (299_900 * 1.2 + 100 * 1.2 * 0.2 + 50 * 3.6) / 1e6,
+        ),
         ("qwen-plus", 100, 0, 1000, 800, "live", "ok", (100 * 0.4 + 1000 * 4.0) / 1e6),
         ("qwen-plus", 1000, 0, 100, None, "batch", "ok", (1000 * 0.4 + 100 * 1.2) / 2e6),
         ("qwen-plus", None, None, None, None, "live", "error", 0.0),
         ("mystery-model", 10, 0, 10, None, "live", "ok", None),
-    ]  # fmt: skip
-    results = pa.table({
-        "model": [r[0] for r in rows],
-        "prompt_tokens": pa.array([r[1] for r in rows], pa.int64()),
-        "cached_tokens": pa.array([r[2] for r in rows], pa.int64()),
-        "completion_tokens": pa.array([r[3] for r in rows], pa.int64()),
-        "reasoning_tokens": pa.array([r[4] for r in rows], pa.int64()),
-        "reasoning": pa.array(["thought" if r[4] else None for r in rows], pa.string()),
-        "via": [r[5] for r in rows], "status": [r[6] for r in rows],
-    })  # fmt: skip
+    ]
+    results = pa.table(
+        {
+            "model": [r[0] for r in rows],
+            "prompt_tokens": pa.array([r[1] for r in rows], pa.int64()),
+            "cached_tokens": pa.array([r[2] for r in rows], pa.int64()),
+            "completion_tokens": pa.array([r[3] for r in rows], pa.int64()),
+            "reasoning_tokens": pa.array([r[4] for r in rows], pa.int64()),
+            "reasoning": pa.array(["thought" if r[4] else None for r in rows], pa.string()),
+            "via": [r[5] for r in rows],
+            "status": [r[6] for r in rows],
+        }
+    )
     pricer = RowPricer(table, "intl")
     costs = pricer(results).to_pylist()
     assert costs[:-1] == pytest.approx([r[7] for r in rows[:-1]])
@@ -152,22 +163,27 @@ def test_an_explicit_caches_creation_and_hits_are_priced_at_their_shares(
 ) -> None:
     """Model Studio's context-cache page: creation at 125 % of the input price, explicit
     hits at 10 %, implicit hits at 20 % (qwen-plus intl: $0.4 per 1M input)."""
-    results = pa.table({
-        "model": ["qwen-plus"] * 3,
-        "prompt_tokens": pa.array([2000, 2000, 2000], pa.int64()),
-        "cached_tokens": pa.array([0, 1500, 1500], pa.int64()),
-        "cache_creation_tokens": pa.array([1500, 0, None], pa.int64()),
-        "completion_tokens": pa.array([0, 0, 0], pa.int64()),
-        "reasoning_tokens": pa.array([None] * 3, pa.int64()),
-        "reasoning": pa.array([None] * 3, pa.string()),
-        "via": ["live"] * 3, "status": ["ok"] * 3,
-    })  # fmt: skip
+    results = pa.table(
+        {
+            "model": ["qwen-plus"] * 3,
+            "prompt_tokens": pa.array([2000, 2000, 2000], pa.int64()),
+            "cached_tokens": pa.array([0, 1500, 1500], pa.int64()),
+            "cache_creation_tokens": pa.array([1500, 0, None], pa.int64()),
+            "completion_tokens": pa.array([0, 0, 0], pa.int64()),
+            "reasoning_tokens": pa.array([None] * 3, pa.int64()),
+            "reasoning": pa.array([None] * 3, pa.string()),
+            "via": ["live"] * 3,
+            "status": ["ok"] * 3,
+        }
+    )
     costs = RowPricer(table, "intl")(results).to_pylist()
-    assert costs == pytest.approx([
-        (500 * 0.4 + 1500 * 0.4 * 1.25) / 1e6,  # written to the explicit cache
-        (500 * 0.4 + 1500 * 0.4 * 0.1) / 1e6,  # an explicit hit
-        (500 * 0.4 + 1500 * 0.4 * 0.2) / 1e6,  # an implicit hit
-    ])  # fmt: skip
+    assert costs == pytest.approx(
+        [
+            (500 * 0.4 + 1500 * 0.4 * 1.25) / 1e6,  # written to the explicit cache
+            (500 * 0.4 + 1500 * 0.4 * 0.1) / 1e6,  # an explicit hit
+            (500 * 0.4 + 1500 * 0.4 * 0.2) / 1e6,  # an implicit hit
+        ]
+    )
     price = table.lookup("qwen-plus", "intl")
     assert price is not None
     assert price.cost(2000, 0, cached=1500, created=0) == pytest.approx(costs[1])
@@ -183,8 +199,11 @@ def test_every_model_of_the_list_has_a_price_or_says_why_not(
     catalog = tomllib.loads(text)["catalog"]
     names = [*catalog["commercial"], *catalog["open_source"]]
     assert len(names) == len(set(names)) >= 70
-    unexplained = [n for n in names if table.lookup(n, region) is None
-                   and table.why_unpriced(n, region) == "unpriced"]  # fmt: skip
+    unexplained = [
+        n
+        for n in names
+        if table.lookup(n, region) is None and table.why_unpriced(n, region) == "unpriced"
+    ]
     assert unexplained == []
     assert table.why_unpriced("my-llama", region) == "unpriced"
 
@@ -200,20 +219,26 @@ def test_a_model_without_a_price_says_why_and_a_price_file_gives_it_one(
     assert table.lookup("qwen-max-2024-09-19", "cn") is None
     assert table.lookup("qwen-plus-2025-07-28", "cn") is table.lookup("qwen-plus", "cn")
     prices = tmp_path / "prices.toml"
-    prices.write_text('[models."qwen3-8b"]\ntiers = [{ input = 0.1, output = 0.4 }]\n\n'
-                      '[models."my-llama".cn]\nnot_sold = "2026-12-06"\n')  # fmt: skip
+    prices.write_text(
+        '[models."qwen3-8b"]\ntiers = [{ input = 0.1, output = 0.4 }]\n\n'
+        '[models."my-llama".cn]\nnot_sold = "2026-12-06"\n'
+    )
     mine = PriceTable.load(prices)
     assert mine.lookup("qwen3-8b", "intl") is not None  # no region: every region
     assert mine.lookup("qwen3-8b", "cn") is not None
     assert mine.unpriced_name("my-llama", "cn") == "my-llama (not sold in cn, checked 2026-12-06)"
-    results = pa.table({
-        "model": ["qwen3-14b", "qwen3-8b"], "prompt_tokens": pa.array([10, 10], pa.int64()),
-        "cached_tokens": pa.array([None, None], pa.int64()),
-        "completion_tokens": pa.array([5, 5], pa.int64()),
-        "reasoning_tokens": pa.array([None, None], pa.int64()),
-        "reasoning": pa.array([None, None], pa.string()), "via": ["live"] * 2,
-        "status": ["ok"] * 2,
-    })  # fmt: skip
+    results = pa.table(
+        {
+            "model": ["qwen3-14b", "qwen3-8b"],
+            "prompt_tokens": pa.array([10, 10], pa.int64()),
+            "cached_tokens": pa.array([None, None], pa.int64()),
+            "completion_tokens": pa.array([5, 5], pa.int64()),
+            "reasoning_tokens": pa.array([None, None], pa.int64()),
+            "reasoning": pa.array([None, None], pa.string()),
+            "via": ["live"] * 2,
+            "status": ["ok"] * 2,
+        }
+    )
     unpriced: set[str] = set()
     costs = row_costs(results, mine, "intl", unpriced).column("cost").to_pylist()
     assert costs[0] is None  # never $0

@@ -124,6 +124,21 @@ def test_the_running_cost_prices_an_explicit_caches_writes_as_the_cost_column_do
     """1,500 of 2,000 prompt tokens written to the explicit cache: at 125 % of the input
     price (qwen-plus intl: $0.4 per 1M), not as plain input."""
     tally = Tally(PriceTable.builtin(), "intl", clock=lambda: 0.0)
-    tally.add(RowFinished("r0", "ok", 1, "qwen-plus", 2000, 0, 0, 0, False, 200, None, None,
-                          cache_creation_tokens=1500))  # fmt: skip
+    tally.add(
+        RowFinished(
+            "r0",
+            "ok",
+            1,
+            "qwen-plus",
+            2000,
+            0,
+            0,
+            0,
+            False,
+            200,
+            None,
+            None,
+            cache_creation_tokens=1500,
+        )
+    )
     assert tally.cost["USD"] == pytest.approx((500 * 0.4 + 1500 * 0.4 * 1.25) / 1e6)

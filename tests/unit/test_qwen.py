@@ -12,16 +12,24 @@ from batchq.send.request import RowProblem, build_body
 ROW = {"prompt": "hi"}
 
 
-def body(model: str, provider: str = "dashscope-intl", notes: set[str] | None = None,
-         **params: Any) -> dict[str, Any]:  # fmt: skip
+def body(
+    model: str, provider: str = "dashscope-intl", notes: set[str] | None = None, **params: Any
+) -> dict[str, Any]:
     return build_body(ROW, RequestSettings(provider=provider, model=model, params=params), notes)
 
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("temperature", 2), ("temperature", -0.1), ("top_p", 0), ("top_p", 1.01),
-     ("presence_penalty", 2.5), ("presence_penalty", -3), ("temperature", "hot")],
-)  # fmt: skip
+    [
+        ("temperature", 2),
+        ("temperature", -0.1),
+        ("top_p", 0),
+        ("top_p", 1.01),
+        ("presence_penalty", 2.5),
+        ("presence_penalty", -3),
+        ("temperature", "hot"),
+    ],
+)
 def test_values_outside_model_studios_ranges_are_refused(name: str, value: Any) -> None:
     with pytest.raises(RowProblem) as info:
         body("qwen-plus", **{name: value})
@@ -31,9 +39,15 @@ def test_values_outside_model_studios_ranges_are_refused(name: str, value: Any) 
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("temperature", 0), ("temperature", 1.99), ("top_p", 1), ("top_p", 0.01),
-     ("presence_penalty", -2), ("presence_penalty", 2)],
-)  # fmt: skip
+    [
+        ("temperature", 0),
+        ("temperature", 1.99),
+        ("top_p", 1),
+        ("top_p", 0.01),
+        ("presence_penalty", -2),
+        ("presence_penalty", 2),
+    ],
+)
 def test_values_at_the_edges_pass(name: str, value: Any) -> None:
     assert body("qwen-plus", **{name: value})[name] == value
 
@@ -81,12 +95,14 @@ def test_stream_only_models_are_streamed(model: str) -> None:
     sent = body(model, notes=notes)
     assert sent["stream"] is True
     assert sent["stream_options"]["include_usage"] is True
-    assert notes == {f"{model} answers only streamed: its requests are sent with stream "
-                     "and assembled"}  # fmt: skip
+    assert notes == {
+        f"{model} answers only streamed: its requests are sent with stream and assembled"
+    }
 
 
-@pytest.mark.parametrize("model", ["qwen-plus", "qwen3-max", "qwen3-coder-plus",
-                                   "qwen3-30b-a3b-instruct-2507"])  # fmt: skip
+@pytest.mark.parametrize(
+    "model", ["qwen-plus", "qwen3-max", "qwen3-coder-plus", "qwen3-30b-a3b-instruct-2507"]
+)
 def test_other_qwen_models_are_left_alone(model: str) -> None:
     sent = body(model)
     assert "stream" not in sent
@@ -148,9 +164,14 @@ def test_n_above_1_with_tools_from_a_row_names_the_row_column() -> None:
 
 @pytest.mark.parametrize(
     ("model", "said"),
-    [("qwen-plus", False), ("qwen3-32b", False), ("qwen3-235b-a22b-instruct-2507", False),
-     ("qwen-max", True), ("qwen-turbo", True)],
-)  # fmt: skip
+    [
+        ("qwen-plus", False),
+        ("qwen3-32b", False),
+        ("qwen3-235b-a22b-instruct-2507", False),
+        ("qwen-max", True),
+        ("qwen-turbo", True),
+    ],
+)
 def test_n_above_1_on_a_model_not_listed_for_it_is_said_once(model: str, said: bool) -> None:
     notes: set[str] = set()
     body(model, notes=notes, n=2)

@@ -56,12 +56,19 @@ def test_an_explicit_caches_creation_and_hits_are_read() -> None:
     """Model Studio's explicit cache: the tokens written, or 0 for a hit that wrote none
     (``cache_type: ephemeral``): its hits are then priced at the explicit share."""
     for details, created in (
-        ({"cached_tokens": 0, "cache_creation_input_tokens": 1200, "cache_type": "ephemeral",
-          "cache_creation": {"ephemeral_5m_input_tokens": 1200}}, 1200),
+        (
+            {
+                "cached_tokens": 0,
+                "cache_creation_input_tokens": 1200,
+                "cache_type": "ephemeral",
+                "cache_creation": {"ephemeral_5m_input_tokens": 1200},
+            },
+            1200,
+        ),
         ({"cached_tokens": 0, "cache_creation": {"ephemeral_5m_input_tokens": 900}}, 900),
         ({"cached_tokens": 1200, "cache_type": "ephemeral"}, 0),
         ({"cached_tokens": 1200}, None),
-    ):  # fmt: skip
+    ):
         raw = orjson.loads(completion())
         raw["usage"]["prompt_tokens_details"] = details
         assert parse_completion(orjson.dumps(raw))["cache_creation_tokens"] == created
@@ -95,9 +102,15 @@ def test_missing_usage_details_are_null() -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    [b'{"choices": [{"message": {"con', b"<html>502</html>", b"[]", b'{"choices": []}',
-     b'{"id": "x"}', b'{"choices": [{"text": "legacy"}]}'],
-)  # fmt: skip
+    [
+        b'{"choices": [{"message": {"con',
+        b"<html>502</html>",
+        b"[]",
+        b'{"choices": []}',
+        b'{"id": "x"}',
+        b'{"choices": [{"text": "legacy"}]}',
+    ],
+)
 def test_a_body_that_is_not_a_completion_is_invalid(raw: bytes) -> None:
     with pytest.raises(InvalidCompletion):
         parse_completion(raw)

@@ -19,8 +19,11 @@ def sse(*chunks: Any, done: bool = True) -> bytes:
 
 
 def delta(index: int = 0, finish: str | None = None, **fields: Any) -> dict[str, Any]:
-    return {"id": "c9", "model": "qwq-plus",
-            "choices": [{"index": index, "delta": fields, "finish_reason": finish}]}  # fmt: skip
+    return {
+        "id": "c9",
+        "model": "qwq-plus",
+        "choices": [{"index": index, "delta": fields, "finish_reason": finish}],
+    }
 
 
 USAGE = {"id": "c9", "choices": [], "usage": {
@@ -31,10 +34,13 @@ USAGE = {"id": "c9", "choices": [], "usage": {
 def test_content_reasoning_and_usage_are_put_together() -> None:
     raw = sse(
         delta(role="assistant", content=""),
-        delta(reasoning_content="Let me"), delta(reasoning_content=" think."),
-        delta(content="posi"), delta(content="tive"),
-        delta(finish="stop"), USAGE,
-    )  # fmt: skip
+        delta(reasoning_content="Let me"),
+        delta(reasoning_content=" think."),
+        delta(content="posi"),
+        delta(content="tive"),
+        delta(finish="stop"),
+        USAGE,
+    )
     columns = completion_columns(assemble_stream(raw))
     assert columns["response"] == "positive"
     assert columns["reasoning"] == "Let me think."
@@ -48,27 +54,43 @@ def test_content_reasoning_and_usage_are_put_together() -> None:
 def test_tool_call_deltas_merge_into_whole_calls() -> None:
     raw = sse(
         delta(role="assistant", content=None),
-        delta(tool_calls=[{"index": 0, "id": "call_a", "type": "function",
-                           "function": {"name": "get_weather", "arguments": ""}}]),
+        delta(
+            tool_calls=[
+                {
+                    "index": 0,
+                    "id": "call_a",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": ""},
+                }
+            ]
+        ),
         delta(tool_calls=[{"index": 0, "function": {"arguments": '{"city": '}}]),
         delta(tool_calls=[{"index": 1, "id": "call_b", "function": {"name": "get_time"}}]),
         delta(tool_calls=[{"index": 0, "function": {"arguments": '"Hangzhou"}'}}]),
         delta(tool_calls=[{"index": 1, "function": {"arguments": "{}"}}]),
         delta(finish="tool_calls"),
-    )  # fmt: skip
+    )
     columns = completion_columns(assemble_stream(raw))
     assert columns["finish_reason"] == "tool_calls"
     assert columns["response"] is None
     assert orjson.loads(columns["tool_calls"]) == [
-        {"id": "call_a", "type": "function",
-         "function": {"name": "get_weather", "arguments": '{"city": "Hangzhou"}'}},
+        {
+            "id": "call_a",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Hangzhou"}'},
+        },
         {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": "{}"}},
-    ]  # fmt: skip
+    ]
 
 
 def test_n_choices_are_kept_apart() -> None:
-    raw = sse(delta(0, content="a"), delta(1, content="b"), delta(1, content="b"),
-              delta(0, "stop"), delta(1, "length"))  # fmt: skip
+    raw = sse(
+        delta(0, content="a"),
+        delta(1, content="b"),
+        delta(1, content="b"),
+        delta(0, "stop"),
+        delta(1, "length"),
+    )
     columns = completion_columns(assemble_stream(raw))
     assert columns["response"] == "a"
     assert columns["choices"] == ["a", "bb"]
@@ -107,7 +129,7 @@ def test_a_tool_call_records_the_same_response_streamed_or_not(content: str | No
         delta(role="assistant", content=content),
         delta(tool_calls=[{"index": 0, **call}]),
         delta(finish="tool_calls"),
-    )  # fmt: skip
+    )
     plain, assembled = completion_columns(whole), completion_columns(assemble_stream(streamed))
     assert plain["response"] is None
     assert assembled["response"] is None
