@@ -6,12 +6,10 @@ uploading a file or creating a batch twice.
       │         │          │                  │           │
       └─────────┴──────────┴── batches.json ──┴───────────┘   (written atomically)
 
-The journal (``batches.json`` in the state folder) holds a token made once for the state
-folder, and an entry per file: its model and lines, the name it is uploaded as (the
-token and the file's key), ``uploading`` / ``file_id``, ``creating`` / ``batch_id``,
-the batch's last status and counts, what was downloaded, whether it was imported and
-cleaned up. An upload whose answer was lost (killed before the id was recorded) is found
-again by its name in ``GET /files``; a batch, by its metadata in ``GET /batches``.
+The journal (``journal.py``: ``batches.json`` in the state folder) says how far each
+file and its batch went. An upload whose answer was lost (killed before the id was
+recorded) is found again by its name in ``GET /files``; a batch, by its metadata in
+``GET /batches``.
 
 A round is one export of the pending rows. After it, what the batches did not finish
 (retryable failures, rows not reached before ``expired``) is sent live (``then="live"``,
@@ -20,24 +18,28 @@ by the caller), submitted as a new round (``"batch"``), or left pending (``"none
 
 from __future__ import annotations
 
-import secrets
 import signal
 import threading
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import anyio
-import orjson
 
 from batchq.batch.api import export_rows, read_into, row_index
+from batchq.batch.journal import (
+    TERMINAL,
+    Entry,
+    Journal,
+    endpoint_of,
+    progress_line,
+    take_batch,
+    unknown_batch,
+)
 from batchq.batch.rules import MODEL_STUDIO, OPENAI, BatchRules, window_hours
 from batchq.config import Job
 from batchq.errors import BatchqError, Interrupted, RunStopped, UsageError
 from batchq.events import Notice, Sink
-from batchq.files import write_atomic
 from batchq.io.preflight import InputInfo
 from batchq.state import StateDir
 
@@ -46,16 +48,7 @@ if TYPE_CHECKING:
 
     from batchq.batch.remote import Remote
 
-__all__ = [
-    "SIMULATOR",
-    "BatchPlan",
-    "Entry",
-    "Journal",
-    "collect_or_refuse",
-    "endpoint_of",
-    "rules_of",
-    "via_batch",
-]
+__all__ = ["BatchPlan", "collect_or_refuse", "rules_of", "via_batch"]
 
 
 class Selection(Protocol):
@@ -80,23 +73,11 @@ class StopSwitch(Protocol):
     async def pressed(self, times: int) -> None: ...
 
 
-TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 #: Rounds one command submits at most with ``then="batch"`` (rows failing in every round
 #: are left pending).
 MAX_ROUNDS = 3
 POLL_MAX_S = 60.0
 Then = Literal["live", "batch", "none"]
-#: The journal's endpoint when its batches went to the built-in simulator (``--simulate``).
-#: That simulator lives as long as its command: its batches are never looked up again,
-#: here or on a real endpoint, and a later command forgets those it left open.
-SIMULATOR = "the built-in simulator"
-#: An entry's status once forgotten: its rows are pending again.
-FORGOTTEN = "forgotten"
-
-
-def endpoint_of(job: Job) -> str:
-    """Where ``job``'s batches go: its endpoint, or SIMULATOR for a rehearsal."""
-    return SIMULATOR if job.request.simulated else job.request.url
 
 
 @dataclass(frozen=True)
@@ -111,111 +92,6 @@ class BatchPlan:
     poll_s: float = 5.0
     #: whether to submit the pending rows (False: only collect what is submitted)
     submit: bool = True
-
-
-@dataclass
-class Entry:
-    """One uploaded file and its batch, as far as they went."""
-
-    key: str  # r<round>-<number>: the file's name in the journal and on the provider
-    model: str
-    lines: int
-    path: str  # relative to the state folder's batch/ folder
-    uploading: bool = False
-    file_id: str | None = None
-    creating: bool = False
-    batch_id: str | None = None
-    status: str | None = None
-    counts: dict[str, int] = field(default_factory=dict)
-    created_at: int | None = None
-    expires_at: int | None = None
-    errors: list[dict[str, Any]] = field(default_factory=list)
-    output_file_id: str | None = None
-    error_file_id: str | None = None
-    downloaded: list[str] = field(default_factory=list)
-    imported: bool = False
-    cleaned: bool = False
-
-    @property
-    def done(self) -> bool:
-        """Nothing is left to do for it here (collected, forgotten, or never created)."""
-        return self.imported
-
-    @property
-    def collected(self) -> bool:
-        """Its batch finished and its results were read in."""
-        return self.imported and self.status in TERMINAL
-
-
-@dataclass
-class Journal:
-    """The state folder's ``batches.json``: what was done remotely, and what is next."""
-
-    token: str
-    window: str
-    rounds: int = 0
-    #: where the batches are (``endpoint_of``); None in a journal from before it was kept
-    endpoint: str | None = None
-    entries: list[Entry] = field(default_factory=list)
-    path: Path = Path()
-
-    @classmethod
-    def load(cls, state: StateDir) -> Journal | None:
-        try:
-            data = orjson.loads(state.batch_journal.read_bytes())
-        except FileNotFoundError:
-            return None
-        entries = [Entry(**e) for e in data.pop("entries")]
-        return cls(**data, entries=entries, path=state.batch_journal)
-
-    @classmethod
-    def begin(cls, state: StateDir, window: str, endpoint: str) -> Journal:
-        journal = cls(secrets.token_hex(8), window, endpoint=endpoint, path=state.batch_journal)
-        journal.save()
-        return journal
-
-    def save(self) -> None:
-        data = {
-            "token": self.token,
-            "window": self.window,
-            "rounds": self.rounds,
-            "endpoint": self.endpoint,
-            "entries": [asdict(e) for e in self.entries],
-        }
-        text = orjson.dumps(data, option=orjson.OPT_INDENT_2)
-        write_atomic(self.path, lambda f: f.write(text))
-
-    def open_entries(self) -> list[Entry]:
-        return [e for e in self.entries if not e.done]
-
-    @property
-    def simulated(self) -> bool:
-        """Whether the batches went to a built-in simulator, gone with its command."""
-        return self.endpoint == SIMULATOR
-
-    def url(self, job: Job) -> str:
-        """Where the batches are looked up: where they went (the job's endpoint for a
-        journal that did not keep it). A rehearsal's are this command's simulator's: an
-        earlier command's were forgotten before this one began (``collect_or_refuse``)."""
-        if self.simulated:
-            assert job.request.simulated, "a rehearsal's batches asked of a real endpoint"
-            return job.request.url
-        return self.endpoint or job.request.url
-
-    def forget(self, entries: list[Entry]) -> int:
-        """Give ``entries`` up (their batches are gone): their rows are pending again,
-        for the next run to send. The rows they held."""
-        for entry in entries:
-            entry.status, entry.imported, entry.cleaned = FORGOTTEN, True, True
-        self.save()
-        return sum(e.lines for e in entries)
-
-    def name(self, entry: Entry) -> str:
-        """The file's name on the provider: found again by it after a lost answer."""
-        return f"batchq-{self.token}-{entry.key}.jsonl"
-
-    def metadata(self, entry: Entry) -> dict[str, str]:
-        return {"batchq_run": self.token, "batchq_file": entry.key}
 
 
 def rules_of(job: Job) -> BatchRules:
@@ -397,7 +273,7 @@ class _Flow:
 
     def _seen(self, entry: Entry, batch: dict[str, Any]) -> bool:
         """Record what the provider says of ``entry``'s batch; whether it changed."""
-        changed = _take(entry, batch)
+        changed = take_batch(entry, batch)
         self.journal.save()
         return changed
 
@@ -410,9 +286,9 @@ class _Flow:
                 assert entry.batch_id is not None
                 batch = await self.remote.batch(entry.batch_id)
                 if batch is None:
-                    raise RunStopped(_unknown(entry))
+                    raise RunStopped(unknown_batch(entry))
                 if self._seen(entry, batch):
-                    self.sink(Notice(_progress(entry)))
+                    self.sink(Notice(progress_line(entry)))
             if all(e.status in TERMINAL for e in waiting):
                 return
             with anyio.move_on_after(delay):
@@ -485,191 +361,3 @@ class _Flow:
             return
         entry.cleaned = True
         self.journal.save()
-
-
-def _take(entry: Entry, batch: dict[str, Any]) -> bool:
-    """``entry`` as the provider's ``batch`` object says; whether its status or counts
-    changed."""
-    counts = {k: int(v or 0) for k, v in (batch.get("request_counts") or {}).items()}
-    before = (entry.status, entry.counts)
-    entry.batch_id = str(batch["id"])
-    entry.status = str(batch.get("status"))
-    entry.counts = counts
-    entry.created_at = batch.get("created_at")
-    entry.expires_at = batch.get("expires_at")
-    entry.output_file_id = batch.get("output_file_id")
-    entry.error_file_id = batch.get("error_file_id")
-    entry.errors = list((batch.get("errors") or {}).get("data") or [])
-    return before != (entry.status, entry.counts)
-
-
-def _unknown(entry: Entry) -> str:
-    return (
-        f"the provider no longer knows batch {entry.batch_id} ({entry.model}, "
-        f"{entry.lines:,} rows): `batchq batch forget JOB` forgets it, and the next run "
-        "sends its rows again"
-    )
-
-
-def _progress(entry: Entry) -> str:
-    counts = entry.counts
-    total = counts.get("total") or entry.lines
-    done, failed = counts.get("completed", 0), counts.get("failed", 0)
-    return (
-        f"batch {entry.batch_id} ({entry.model}): {entry.status}, {done:,}/{total:,} "
-        f"done, {failed:,} failed"
-    )
-
-
-def describe(entry: Entry) -> dict[str, Any]:
-    """An entry as ``batchq batch status`` shows it."""
-    return {
-        "batch_id": entry.batch_id,
-        "model": entry.model,
-        "key": entry.key,
-        "status": entry.status or ("uploading" if entry.file_id is None else "creating"),
-        "counts": entry.counts,
-        "created_at": entry.created_at,
-        "expires_at": entry.expires_at,
-        "collected": entry.collected,
-        "age_s": int(time.time() - entry.created_at) if entry.created_at else None,
-    }
-
-
-async def refreshed(
-    job: Job, api_key: Callable[[], str | None], *, ask: bool = True
-) -> list[Entry]:
-    """The job's batches, each as the provider says it is now (the journal unchanged);
-    as last recorded when not ``ask`` (``--simulate``: no key, no network), and for a
-    rehearsal's batches, which went with its simulator. ``api_key`` is called only when
-    the provider is asked."""
-    journal = Journal.load(StateDir.of(job.output))
-    if journal is None:
-        return []
-    open_ = [e for e in journal.open_entries() if e.batch_id]
-    if journal.simulated:
-        for entry in journal.open_entries():
-            entry.status = "gone with the rehearsal's simulator"
-        return journal.entries
-    if not ask or not open_:
-        return journal.entries
-    from batchq.batch.remote import Remote  # httpx: only a batch run loads it
-
-    async with Remote(journal.url(job), api_key=api_key()) as remote:
-        for entry in open_:
-            assert entry.batch_id is not None
-            batch = await remote.batch(entry.batch_id)
-            if batch is None:
-                entry.status = "unknown to the provider (`batchq batch forget JOB`)"
-            else:
-                _take(entry, batch)
-    return journal.entries
-
-
-@dataclass
-class Outcome:
-    """What ``cancel`` or ``forget`` did: the batches it cancelled or forgot, and a word
-    on each it left as it was."""
-
-    done: list[str] = field(default_factory=list)
-    rows: int = 0
-    notes: list[str] = field(default_factory=list)
-
-
-async def cancel(job: Job, api_key: Callable[[], str | None]) -> Outcome:
-    """Cancel the job's batches still running on the provider. A rehearsal's are gone
-    with its simulator: forgotten instead."""
-    state = StateDir.of(job.output)
-    journal = Journal.load(state)
-    outcome = Outcome()
-    if journal is None or not journal.open_entries():
-        return outcome
-    if journal.simulated:
-        return _forget_rehearsal(journal)
-    held = state.holder()[0]  # a run waits on them: it alone writes the journal
-    from batchq.batch.remote import Remote  # httpx: only a batch run loads it
-
-    async with Remote(journal.url(job), api_key=api_key()) as remote:
-        for entry in journal.open_entries():
-            if entry.batch_id is None and not held:
-                await _never_submit(journal, entry, remote)
-            if entry.batch_id is None:
-                continue
-            batch = await remote.batch(entry.batch_id)
-            if batch is None:
-                outcome.notes.append(_unknown(entry))
-            elif batch.get("status") not in TERMINAL:
-                await remote.cancel(entry.batch_id)
-                outcome.done.append(entry.batch_id)
-    return outcome
-
-
-async def forget(job: Job, api_key: Callable[[], str | None]) -> Outcome:
-    """Forget the job's batches the provider no longer knows (or that went with a
-    rehearsal's simulator): their rows are pending again. A batch the provider still
-    knows is kept: forgetting it could pay for its rows twice."""
-    state = StateDir.of(job.output)
-    if state.holder()[0]:
-        raise UsageError(
-            f"a run is using {state.path}: stop it (or let it end) first; "
-            "it collects its batches itself"
-        )
-    journal = Journal.load(state)
-    outcome = Outcome()
-    if journal is None or not journal.open_entries():
-        return outcome
-    if journal.simulated:
-        return _forget_rehearsal(journal)
-    from batchq.batch.remote import Remote  # httpx: only a batch run loads it
-
-    gone: list[Entry] = []
-    async with Remote(journal.url(job), api_key=api_key()) as remote:
-        for entry in journal.open_entries():
-            if entry.batch_id is None:
-                await _never_submit(journal, entry, remote)
-                if entry.batch_id is None:  # it never became a batch: dropped already
-                    outcome.done.append(entry.key)
-                    outcome.rows += entry.lines
-                    continue
-            batch = await remote.batch(entry.batch_id)
-            if batch is None:
-                gone.append(entry)
-                continue
-            status = batch.get("status")
-            then = (
-                "`batchq batch cancel JOB` cancels it"
-                if status not in TERMINAL
-                else "`batchq run JOB --via batch` collects it"
-            )
-            outcome.notes.append(
-                f"batch {entry.batch_id} is {status} on the provider: kept ({then})"
-            )
-    outcome.rows += journal.forget(gone)
-    outcome.done += [str(e.batch_id) for e in gone]
-    return outcome
-
-
-def _forget_rehearsal(journal: Journal) -> Outcome:
-    gone = journal.open_entries()
-    rows = journal.forget(gone)
-    return Outcome(
-        [e.batch_id or e.key for e in gone],
-        rows,
-        ["the rehearsal's batches went with its simulator"],
-    )
-
-
-async def _never_submit(journal: Journal, entry: Entry, remote: Remote) -> None:
-    """A file uploaded (or about to be) whose batch may not exist: the batch, if its
-    creation got through (to be cancelled); else the entry is dropped, its file deleted."""
-    found = await remote.find_batch(journal.metadata(entry)) if entry.creating else None
-    if found is not None:
-        _take(entry, found)
-    else:
-        if entry.file_id is None and entry.uploading:
-            found_file = await remote.find_file(journal.name(entry))
-            entry.file_id = str(found_file["id"]) if found_file else None
-        if entry.file_id is not None:
-            await remote.delete(entry.file_id)
-        entry.status, entry.imported, entry.cleaned = "not submitted", True, True
-    journal.save()

@@ -13,7 +13,8 @@ import click
 import orjson
 
 from batchq.batch import api as batch_api
-from batchq.batch import flow
+from batchq.batch import control, flow
+from batchq.batch.journal import Journal, describe
 from batchq.cli._common import PRICE_FILE, fail, job_from, job_options, say
 from batchq.cli.progress import money
 from batchq.config import Job, load_job, simulated
@@ -137,7 +138,7 @@ def _rehearsal(job: Job, simulate: bool) -> bool:
     """Whether the job's batches are a rehearsal's (the built-in simulator's): said by the
     journal, whatever the flag; ``--simulate`` for batches on a real endpoint is refused,
     as it could not reach them."""
-    journal = flow.Journal.load(StateDir.of(job.output))
+    journal = Journal.load(StateDir.of(job.output))
     if journal is None or journal.simulated:
         return simulate or journal is not None
     if simulate and journal.open_entries():
@@ -164,19 +165,19 @@ def batch_status(
     try:
         job = job_from(job_file, flags)
         ask = not _rehearsal(job, simulate)
-        entries = anyio.run(lambda: flow.refreshed(job, job.request.api_key, ask=ask))
+        entries = anyio.run(lambda: control.refreshed(job, job.request.api_key, ask=ask))
         collected = _collected(job, prices)
     except BatchqError as err:
         fail(err)
     if as_json:
         for entry in entries:
-            say(orjson.dumps(flow.describe(entry)).decode())
+            say(orjson.dumps(describe(entry)).decode())
         return
     if not entries:
         say(f"{job.output}: no batches submitted (batchq run JOB --via batch submits)")
         return
     for entry in entries:
-        d = flow.describe(entry)
+        d = describe(entry)
         counts = entry.counts
         total = counts.get("total") or entry.lines
         say(
@@ -209,7 +210,7 @@ def batch_cancel(job_file: str | None, simulate: bool, prices: Path | None, **fl
     try:
         job = job_from(job_file, flags)
         rehearsal = _rehearsal(job, simulate)
-        outcome = anyio.run(flow.cancel, job, job.request.api_key)
+        outcome = anyio.run(control.cancel, job, job.request.api_key)
         if rehearsal:
             say(
                 f"forgot {len(outcome.done)} batches: the rehearsal's went with its "
@@ -266,7 +267,7 @@ def batch_forget(job_file: str | None, simulate: bool, **flags: Any) -> None:
     try:
         job = job_from(job_file, flags)
         _rehearsal(job, simulate)
-        outcome = anyio.run(flow.forget, job, job.request.api_key)
+        outcome = anyio.run(control.forget, job, job.request.api_key)
     except BatchqError as err:
         fail(err)
     for note in outcome.notes:

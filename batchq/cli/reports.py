@@ -13,8 +13,8 @@ import anyio
 import click
 import orjson
 
-from batchq.batch.flow import Journal as BatchJournal
-from batchq.batch.flow import describe
+from batchq.batch.journal import Journal as BatchJournal
+from batchq.batch.journal import describe
 from batchq.cli._common import JOB_KEYS, PRICE_FILE, cost_text, fail, job_from, job_options, say
 from batchq.cli.progress import money
 from batchq.cli.run import run

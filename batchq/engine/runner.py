@@ -14,8 +14,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from batchq.batch.flow import Journal as BatchJournal
 from batchq.batch.flow import collect_or_refuse, via_batch
+from batchq.batch.journal import Journal as BatchJournal
 from batchq.config import Job
 from batchq.engine.context import Counts, RunContext, RunOptions
 from batchq.engine.dedupe import Dedupe

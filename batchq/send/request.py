@@ -47,7 +47,7 @@ REQUEST_FIELDS = frozenset(
 ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function"})
 
 #: The rules a row's request is held to. ``build_body`` raises a RowProblem naming the
-#: one a row breaks; the preflight's fast path (``io/fastcheck.py``) says how it applies
+#: one a row breaks; the preflight's fast path (``io/column_checks.py``) says how it applies
 #: each, and hands every input to the exact pass while a rule here is not one it knows.
 Rule = Literal["model", "messages", "template", "prompt", "message_shape", "model_studio"]
 RULES: dict[Rule, str] = {

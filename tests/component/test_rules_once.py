@@ -14,7 +14,8 @@ import pytest
 
 from batchq.config import load_job
 from batchq.errors import InputError
-from batchq.io.fastcheck import APPLIED, check_columns, unknown_rules
+from batchq.io.column_checks import APPLIED, unknown_rules
+from batchq.io.fastcheck import check_columns
 from batchq.io.preflight import exact_preflight
 from batchq.send.request import RULES, RowProblem, build_body, estimate_tokens
 
