@@ -261,6 +261,7 @@ class Sender:
         self._closed = self._stopping = self._done = False
         self._finished: list[int] = []  # rows answered, not in a shard yet
         self._saved: list[int] = []  # rows in a shard, not reported yet
+        self._told: list[Event] = []  # their RowFinished, until they are in a shard
         self._counts = Counts()
         self._reported = 0
         self._stopped: BatchqError | None = None
@@ -362,10 +363,12 @@ class Sender:
         self._events.append(event)
         if isinstance(event, Flushed):  # what finished before is in a shard now
             self._saved += self._finished
-            self._finished = []
+            self._events += self._told
+            self._finished, self._told = [], []
         if isinstance(event, Flushed):  # what finished before is in a shard now
             self._saved += self._finished
-            self._finished = []
+            self._events += self._told
+            self._finished, self._told = [], []
 
     def _keep(self, row: Any) -> None:
         self._journal.add(row)
@@ -385,8 +388,8 @@ class Sender:
             item = self._queue.popleft()
             row = await answer(item, channel, checker=checker)
             self._finished.append(row.row)
+            self._told.append(finished_event(row))  # shown once saved: a lost sender's
             self._journal.add(row)  # no await since the answer: a stop cannot lose it
-            self._emit(finished_event(row))
 
     async def _tick(self) -> None:
         while True:

@@ -73,6 +73,7 @@ class _Fleet:
         self.room = anyio.Event()
         self.stopped: BatchqError | None = None
         self.stopping = False
+        self.replanning = 0  # lost senders whose rows are being put to the others
 
     @classmethod
     def start(cls, ctx: RunContext, budget: Budget | None, *, todo: int) -> _Fleet:
@@ -138,7 +139,7 @@ class _Fleet:
                 tg.start_soon(self._relay_signals)
             tg.start_soon(self._watch_stop)
             await self._feed(items)
-            while any(self.held[i] for i in self.alive) and not self._ending:
+            while (any(self.held[i] for i in self.alive) or self.replanning) and not self._ending:
                 await self._wait_room()
             for i in sorted(self.alive):
                 self.senders[i].close.remote()
@@ -275,8 +276,12 @@ class _Fleet:
         if not self.alive or self._ending:
             self.held[i] = {item.row: item for item in again}  # reported as not sent
             return
-        for start in range(0, len(again), CHUNK_ROWS):
-            await self._put(again[start : start + CHUNK_ROWS])
+        self.replanning += 1  # no sender is closed while they are put
+        try:
+            for start in range(0, len(again), CHUNK_ROWS):
+                await self._put(again[start : start + CHUNK_ROWS])
+        finally:
+            self.replanning -= 1
 
     async def _pace_events(self) -> None:
         while True:
