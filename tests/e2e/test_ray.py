@@ -356,3 +356,36 @@ def test_batchq_run_over_a_frame_on_ray_gives_the_frame_back(
     )
     assert labeled["id"].to_list() == frame["id"].to_list()
     assert labeled["response"].to_list() == [f"echo: Say {i}" for i in range(120)]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray's own, in this process
+@pytest.mark.parametrize(
+    ("via", "dedupe", "answer", "n", "capped", "stream"),
+    [
+        ("live", True, True, 3, True, False),
+        ("batch", False, True, 1, True, True),
+        ("live", False, False, 3, False, True),
+        ("batch", True, True, 1, False, False),
+    ],
+)
+def test_money_and_counts_hold_where_ray_meets_the_spend_features(
+    cluster: str,
+    simulator: Callable[..., Any],
+    write_jsonl: Callable[..., Path],
+    cli: Any,
+    tmp_path: Path,
+    via: str,
+    dedupe: bool,
+    answer: bool,
+    n: int,
+    capped: bool,
+    stream: bool,
+) -> None:
+    """Cells of tests/e2e/test_spend_matrix.py on Ray: the cap, the cost column, status,
+    cost and the summary held to the simulator's ledger, with dedupe, re-asks, n choices,
+    the Batch API's rounds and streaming."""
+    from tests.e2e.test_spend_matrix import check_cell
+
+    extra = (*on_ray(cluster), *(["--param", "stream=true"] if stream else []))
+    check_cell(simulator, write_jsonl, cli, tmp_path, via, dedupe, answer, n, capped, extra)

@@ -81,6 +81,22 @@ def test_money_and_counts_hold_in_every_combination(
     n: int,
     capped: bool,
 ) -> None:
+    check_cell(simulator, write_jsonl, cli, tmp_path, via, dedupe, answer, n, capped)
+
+
+def check_cell(
+    simulator: Callable[..., Any],
+    write_jsonl: Callable[..., Path],
+    cli: Any,
+    tmp_path: Path,
+    via: str,
+    dedupe: bool,
+    answer: bool,
+    n: int,
+    capped: bool,
+    extra: tuple[str, ...] = (),
+) -> None:
+    """One cell of the matrix (``extra``: more flags, such as another engine's)."""
     sim = simulator(tokens_per_char=1.0, batch_seconds=0.1, latency_ms=20)
     prices = tmp_path / "prices.toml"
     prices.write_text(PRICES)
@@ -112,6 +128,7 @@ def test_money_and_counts_hold_in_every_combination(
     flags += ["--dedupe"] if dedupe else []
     flags += ["--labels", "positive,negative,neutral", "--reasks", "1"] if answer else []
     flags += ["--max-cost", str(CAP)] if capped else []
+    flags += list(extra)
     rows = inputs(dedupe, answer)
     result = cli(*flags, env=ENV)
     ledger = ledger_of(sim)
