@@ -30,7 +30,7 @@ from batchq.engine.context import Counts
 from batchq.engine.live import FLUSH_EVERY_S, Journal
 from batchq.engine.ray_actors import ChunkPacer, Pacing, SharedBudget
 from batchq.engine.ray_cluster import connect, default_workers, import_ray
-from batchq.engine.work import Channel, EndpointWatch, Item, QuotaWatch, answer
+from batchq.engine.work import Channel, EndpointWatch, Item, QuotaWatch, send_row
 from batchq.errors import UsageError
 from batchq.money.budget import Budget
 from batchq.money.pricing import Price, PriceTable, RowPricer, region_of
@@ -189,7 +189,7 @@ class _SendBlock:
 
         async def work() -> None:
             while queue:
-                row = await answer(queue.pop(), channel, checker=checker)
+                row = await send_row(queue.pop(), channel, checker=checker)
                 done.append(row)
                 if journal is not None:
                     journal.add(row)

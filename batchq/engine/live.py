@@ -24,7 +24,7 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from batchq.answer import Checker
 from batchq.engine.context import RunContext
 from batchq.engine.dedupe import Dedupe
-from batchq.engine.work import Channel, EndpointWatch, Item, QuotaWatch, answer
+from batchq.engine.work import Channel, EndpointWatch, Item, QuotaWatch, send_row
 from batchq.errors import BatchqError, Interrupted
 from batchq.events import Flushed, Notice, RowFinished, Sink, Tick
 from batchq.io.preflight import completion_cap, row_id
@@ -172,7 +172,7 @@ class _Pipeline:
             async for item in items:
                 if self.stopping:
                     return
-                row = await answer(item, self.channel, checker=self.checker)
+                row = await send_row(item, self.channel, checker=self.checker)
                 self.journal.add(row)  # no await since the answer: a stop cannot lose it
                 self.ctx.sink(finished_event(row))
 

@@ -35,7 +35,7 @@ from batchq.config import Job, Limits
 from batchq.engine.context import Counts
 from batchq.engine.live import ROWS_PER_SLOT, STOP_GRACE_S, Journal, finished_event
 from batchq.engine.ray_cluster import awaited
-from batchq.engine.work import Channel, EndpointWatch, Item, QuotaWatch, answer
+from batchq.engine.work import Channel, EndpointWatch, Item, QuotaWatch, send_row
 from batchq.errors import BatchqError, RunStopped
 from batchq.events import Event, Flushed
 from batchq.money.budget import Budget, Hold
@@ -386,7 +386,7 @@ class Sender:
             if self._stopping:
                 return
             item = self._queue.popleft()
-            row = await answer(item, channel, checker=checker)
+            row = await send_row(item, channel, checker=checker)
             self._finished.append(row.row)
             self._told.append(finished_event(row))  # shown once saved: a lost sender's
             self._journal.add(row)  # no await since the answer: a stop cannot lose it

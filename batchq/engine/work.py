@@ -23,7 +23,7 @@ from batchq.send.limiter import Pacer, Settled
 from batchq.send.request import choices, estimate_tokens, prompt_bytes
 from batchq.send.retry import backoff_delay
 
-__all__ = ["QUOTA_STOP_S", "Channel", "EndpointWatch", "Item", "QuotaWatch", "answer"]
+__all__ = ["QUOTA_STOP_S", "Channel", "EndpointWatch", "Item", "QuotaWatch", "send_row"]
 
 
 @dataclass(slots=True)
@@ -157,7 +157,7 @@ class Channel:
     counts: Counts = field(default_factory=Counts)
 
 
-async def answer(item: Item, channel: Channel, *, checker: Checker | None = None) -> Result:
+async def send_row(item: Item, channel: Channel, *, checker: Checker | None = None) -> Result:
     """The result row for ``item``. Raises RunStopped on a fatal answer (401/403, billing)
     or when the channel's quota watch says the token quota has been exhausted for a minute.
 

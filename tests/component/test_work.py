@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from batchq.answer import Checker
-from batchq.engine.work import QUOTA_STOP_S, Channel, Item, QuotaWatch, answer
+from batchq.engine.work import QUOTA_STOP_S, Channel, Item, QuotaWatch, send_row
 from batchq.errors import RunStopped
 from batchq.events import Event
 from batchq.send.client import Client
@@ -102,7 +102,7 @@ async def run(  # type: ignore[no-untyped-def]
             random.Random(0),
             quota or QuotaWatch(),
         )
-        row = await answer(item, channel, checker=checker)
+        row = await send_row(item, channel, checker=checker)
     return row, sleeps, events, pacer
 
 
