@@ -389,3 +389,35 @@ def test_money_and_counts_hold_where_ray_meets_the_spend_features(
 
     extra = (*on_ray(cluster), *(["--param", "stream=true"] if stream else []))
     check_cell(simulator, write_jsonl, cli, tmp_path, via, dedupe, answer, n, capped, extra)
+
+
+@pytest.mark.timeout(180)
+def test_sigint_stops_a_ray_run_with_130_its_rows_saved_and_a_rerun_finishes_it(
+    cluster: str,
+    simulator: Callable[..., Any],
+    write_jsonl: Callable[..., Path],
+    tmp_path: Path,
+) -> None:
+    n = 2000
+    path = write_jsonl(rows(n))
+    sim = simulator(latency_ms=20, seed=9)
+    out = tmp_path / "out.parquet"
+    args = [*command(sim, path, out, "--qps", "200"), *on_ray(cluster)]
+    driver = subprocess.Popen(
+        args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    wait_for(lambda: len(flushed_rows(out)) > 200)
+    driver.send_signal(signal.SIGINT)
+    stopped = time.monotonic()
+    _, stderr = driver.communicate(timeout=30)
+    assert driver.returncode == 130, stderr
+    assert time.monotonic() - stopped < 15, "the stop took longer than its grace"
+    time.sleep(0.5)
+    at_stop = sim.stats.requests
+    time.sleep(1.5)
+    assert sim.stats.requests == at_stop, "a worker went on sending after the run stopped"
+    saved = flushed_rows(out)
+    done = run(args)
+    assert done.returncode == 0, done.stderr
+    assert pl.read_parquet(out)["response"].to_list() == [reply(i) for i in range(n)]
+    assert all(sim.stats.by_prompt[reply(i)] == 1 for i in saved), "a saved row was sent again"
