@@ -43,6 +43,7 @@ __all__ = [
     "Journal",
     "fill_copies",
     "finished_event",
+    "first_batchq_error",
     "make_item",
     "pending_items",
     "send_live",
@@ -85,7 +86,7 @@ async def send_live(
     try:
         await pipeline.run()
     except BaseExceptionGroup as group:
-        raise _first_batchq_error(group) from None
+        raise first_batchq_error(group) from None
     finally:
         journal.flush()
     fill_copies(ctx, dedupe)
@@ -252,7 +253,8 @@ def resume_from(prior: dict[str, Any] | None) -> tuple[str | None, str] | None:
     return None
 
 
-def _first_batchq_error(group: BaseExceptionGroup[Any]) -> BaseException:
+def first_batchq_error(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The first BatchqError in ``group`` (a stop's reason), or ``group`` without one."""
     matched, _ = group.split(BatchqError)
     if matched is None:
         return group

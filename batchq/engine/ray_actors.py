@@ -33,7 +33,13 @@ import anyio
 from batchq.answer import Checker
 from batchq.config import Job, Limits
 from batchq.engine.context import Counts
-from batchq.engine.live import ROWS_PER_SLOT, STOP_GRACE_S, Journal, finished_event
+from batchq.engine.live import (
+    ROWS_PER_SLOT,
+    STOP_GRACE_S,
+    Journal,
+    finished_event,
+    first_batchq_error,
+)
 from batchq.engine.ray_cluster import awaited
 from batchq.engine.work import Channel, EndpointWatch, Item, QuotaWatch, send_row
 from batchq.errors import BatchqError, RunStopped
@@ -66,7 +72,6 @@ class Pacing:
         self._events: list[Event] = []
         self._pacer = RatePacer(limits, clock=time.time, emit=self._emit)
         self._budget = Budget(*budget) if budget is not None else None
-        self.booked = 0
 
     def _emit(self, event: Event) -> None:
         self._events.append(event)
@@ -75,7 +80,6 @@ class Pacing:
         """Up to ``count`` send times (wall clock) of ``tokens`` each, and the pacer's
         changes so far (a time booked before a later change is void)."""
         times = self._pacer.book(count, tokens, span_s=CHUNK_SPAN_S)
-        self.booked += len(times)
         return times, self._pacer.changes
 
     def learn(self, sent: list[float], outcomes: list[tuple[int, Settled]]) -> int:
@@ -111,9 +115,6 @@ class Pacing:
         """The pacer's events since the last call (slowdowns, speed-ups)."""
         events, self._events[:] = list(self._events), []
         return events
-
-    def stats(self) -> dict[str, float]:
-        return {"booked": self.booked}
 
 
 class ChunkPacer:
@@ -351,10 +352,10 @@ class Sender:
                         pool.start_soon(self._work, channel, checker)
                 tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            matched, _ = group.split(BatchqError)
-            if matched is None:
+            first = first_batchq_error(group)
+            if not isinstance(first, BatchqError):
                 raise
-            self._stopped = _first(matched)
+            self._stopped = first
         finally:
             self._journal.flush()
             self._done = True
@@ -432,11 +433,3 @@ def _node() -> str:
     import ray
 
     return str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call,unused-ignore]
-
-
-def _first(group: BaseExceptionGroup[Any]) -> BatchqError:
-    first: BaseException = group
-    while isinstance(first, BaseExceptionGroup):
-        first = first.exceptions[0]
-    assert isinstance(first, BatchqError)
-    return first
