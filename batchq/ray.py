@@ -145,10 +145,11 @@ class _SendBlock:
                 continue
             body = build_body(row, self._setup.job.request)
             items.append(Item(i, ident, body, estimate_tokens(body), completion_cap(body)))
-        for result in anyio.run(self._send, items) if items else []:
-            results[result.row] = (
-                shard_table([result]).select([f.name for f in self._result_fields]).to_pylist()[0]
-            )
+        sent = anyio.run(self._send, items) if items else []
+        if sent:  # one table for the block's answers, not one a row
+            names = [f.name for f in self._result_fields]
+            answered = shard_table(sent).select(names).to_pylist()
+            results.update((r.row, values) for r, values in zip(sent, answered, strict=True))
         table = pa.Table.from_pylist(
             [results[i] for i in range(block.num_rows)], schema=pa.schema(self._result_fields)
         )

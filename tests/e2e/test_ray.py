@@ -55,15 +55,15 @@ def cluster() -> Iterator[str]:
         "--disable-usage-stats",
         f"--temp-dir={temp}",
     ]
-    start(head, env)
+    ray_start(head, env)
     address = f"127.0.0.1:{port}"
-    start([RAY, "start", f"--address={address}", "--num-cpus=2"], env)
+    ray_start([RAY, "start", f"--address={address}", "--num-cpus=2"], env)
     yield address
     subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env, timeout=120)
     shutil.rmtree(temp, ignore_errors=True)
 
 
-def start(command: list[str], env: dict[str, str]) -> None:
+def ray_start(command: list[str], env: dict[str, str]) -> None:
     """``ray start``, up to three times (a port Ray picked may be taken meanwhile)."""
     for _ in range(3):
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
@@ -83,6 +83,22 @@ def on_ray(address: str, workers: int = 2) -> list[str]:
 
 def run(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def launch(args: list[str]) -> subprocess.Popen[str]:
+    """The CLI in the background, its output kept (read by ``communicate``)."""
+    return subprocess.Popen(
+        args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+
+
+def kill_once_saved(process: subprocess.Popen[str], out: Path, saved: int) -> float:
+    """``kill -9`` ``process`` once more than ``saved`` rows are in its shards; when."""
+    wait_for(lambda: len(flushed_rows(out)) > saved)
+    process.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    process.communicate(timeout=10)  # reaped, its pipe closed
+    return killed
 
 
 def wait_for(test: Callable[[], bool], within: float = 60) -> None:
@@ -160,13 +176,7 @@ def test_a_driver_kill_9_stops_every_worker_and_the_local_engine_finishes_the_ru
     sim = simulator(latency_ms=20, seed=4)
     out = tmp_path / "out.parquet"
     args = command(sim, path, out, "--qps", "200", "--quiet")
-    driver = subprocess.Popen(
-        [*args, *on_ray(cluster)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    wait_for(lambda: len(flushed_rows(out)) > 200)
-    driver.send_signal(signal.SIGKILL)
-    killed = time.monotonic()
-    driver.wait(timeout=10)
+    killed = kill_once_saved(launch([*args, *on_ray(cluster)]), out, 200)
     time.sleep(2.0 - (time.monotonic() - killed))
     at_two_s = sim.stats.requests
     time.sleep(2.0)
@@ -199,18 +209,9 @@ def test_a_killed_worker_s_rows_are_sent_by_the_other_and_the_local_run_is_resum
     out = tmp_path / "out.parquet"
     args = command(sim, path, out, "--qps", "400")
     # Started locally, stopped, then finished on Ray.
-    local = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: len(flushed_rows(out)) > 300)
-    local.send_signal(signal.SIGKILL)
-    local.wait(timeout=10)
+    kill_once_saved(launch(args), out, 300)
     before = len(flushed_rows(out))
-    driver = subprocess.Popen(
-        [*args, *on_ray(cluster)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    driver = launch([*args, *on_ray(cluster)])
     wait_for(lambda: len(flushed_rows(out)) > before + 500)
     senders = subprocess.run(["pgrep", "-f", "ray::Sender"], capture_output=True, text=True)
     pids = [int(p) for p in senders.stdout.split()]
@@ -403,9 +404,7 @@ def test_sigint_stops_a_ray_run_with_130_its_rows_saved_and_a_rerun_finishes_it(
     sim = simulator(latency_ms=20, seed=9)
     out = tmp_path / "out.parquet"
     args = [*command(sim, path, out, "--qps", "200"), *on_ray(cluster)]
-    driver = subprocess.Popen(
-        args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
+    driver = launch(args)
     wait_for(lambda: len(flushed_rows(out)) > 200)
     driver.send_signal(signal.SIGINT)
     stopped = time.monotonic()
