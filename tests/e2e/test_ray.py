@@ -145,7 +145,7 @@ def test_two_workers_share_one_limit(
     write_jsonl: Callable[..., Path],
     tmp_path: Path,
 ) -> None:
-    path = write_jsonl(rows(1000))
+    path = write_jsonl(rows(1200))
     sim = simulator(latency_ms=30, qps=100, seed=1)
     # Told three times the limit: the run finds it, one limit for both workers.
     done = run(command(sim, path, tmp_path / "over.parquet", "--qps", "300", *on_ray(cluster)))
